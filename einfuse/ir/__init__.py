@@ -1,0 +1,13 @@
+"""The einsum-cascade IR: nodes, text format, verifier, reference interpreter and analyses."""
+from .nodes import (Access, Call, Cascade, Cond, Const, Einsum, IAccess, IBin, IConst, Index, ISym,
+                    IVar, Loop, Populate, Rank, Reduce, TensorDecl, TensorRank)
+from .parser import parse
+from .text import to_text
+from .verify import verify
+from .interpret import interpret
+
+__all__ = [
+    "Access", "Call", "Cascade", "Cond", "Const", "Einsum", "IAccess", "IBin", "IConst", "Index",
+    "ISym", "IVar", "Loop", "Populate", "Rank", "Reduce", "TensorDecl", "TensorRank",
+    "interpret", "parse", "to_text", "verify",
+]

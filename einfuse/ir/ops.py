@@ -1,0 +1,177 @@
+"""The registered compute ops of the IR: what each op computes and its algebraic properties.
+
+Map expressions may only call ops that are registered here; the verifier refuses any other name.
+Each op carries the properties that rewrites consult (commutativity, associativity, identity)
+and a numpy implementation that the reference interpreter uses. Adding an op is one
+``register(...)`` line beside its peers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+#: Merge operators (EDGE occupancy): which points of the iteration space an action touches.
+#: cap = both operands present, cup = at least one, all = every point, lhs/rhs = that operand
+#: present, lhs_only/rhs_only = that operand present and the other absent.
+MERGES = ("cap", "cup", "all", "lhs", "rhs", "lhs_only", "rhs_only")
+
+DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i32", "i64", "bool")
+DTYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "i32": 4, "i64": 8, "bool": 1}
+FLOAT_DTYPES = ("f16", "bf16", "f32", "f64")
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One compute op: its arity, default merge, numpy kernel and algebraic properties."""
+
+    name: str
+    arity: int
+    fn: Callable[..., np.ndarray]
+    merge: str = "cup"
+    commutative: bool = False
+    associative: bool = False
+    identity: float | None = None
+    infix: str | None = None
+    flops: int = 1
+    result_dtype: str | None = None
+
+
+OPS: dict[str, Op] = {}
+INFIX: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    """Add ``op`` to the registry (and to the infix table if it has an infix spelling)."""
+    OPS[op.name] = op
+    if op.infix:
+        INFIX[op.infix] = op
+    return op
+
+
+def lookup(name: str) -> Op | None:
+    """The registered op called ``name``, or None."""
+    return OPS.get(name)
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    from math import erf
+    return 0.5 * x * (1.0 + np.vectorize(erf, otypes=[float])(x / math.sqrt(2.0)))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    from math import erf
+    return np.vectorize(erf, otypes=[float])(x)
+
+
+def _round_f16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float16).astype(np.float64)
+
+
+def _round_bf16(x: np.ndarray) -> np.ndarray:
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _to_int(bits: int) -> Callable[[np.ndarray], np.ndarray]:
+    def cast(x: np.ndarray) -> np.ndarray:
+        info = np.iinfo(f"int{bits}")
+        return np.clip(np.trunc(np.nan_to_num(x)), info.min, info.max)
+    return cast
+
+
+_UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "neg": np.negative,
+    "abs": np.abs,
+    "exp": np.exp,
+    "log": np.log,
+    "sqrt": np.sqrt,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x),
+    "tanh": np.tanh,
+    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "relu": lambda x: np.maximum(x, 0.0),
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": lambda x: x / (1.0 + np.exp(-x)),
+    "erf": _erf,
+    "sin": np.sin,
+    "cos": np.cos,
+    "recip": lambda x: 1.0 / x,
+    "floor": np.floor,
+    "ceil": np.ceil,
+    "sign": np.sign,
+    "not": lambda x: (x == 0).astype(np.float64),
+}
+for _name, _fn in _UNARY.items():
+    register(Op(_name, 1, _fn, result_dtype="bool" if _name == "not" else None))
+
+_CASTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "f16": _round_f16,
+    "bf16": _round_bf16,
+    "f32": lambda x: np.asarray(x, dtype=np.float32).astype(np.float64),
+    "f64": lambda x: np.asarray(x, dtype=np.float64),
+    "i8": _to_int(8),
+    "i32": _to_int(32),
+    "i64": _to_int(64),
+    "bool": lambda x: (x != 0).astype(np.float64),
+}
+for _name, _fn in _CASTS.items():
+    register(Op(_name, 1, _fn, flops=0, result_dtype=_name))
+
+register(Op("add", 2, np.add, "cup", True, True, 0.0, "+"))
+register(Op("sub", 2, np.subtract, "cup", infix="-"))
+register(Op("mul", 2, np.multiply, "cap", True, True, 1.0, "*"))
+register(Op("div", 2, np.divide, "rhs", infix="/"))
+register(Op("take_left", 2, lambda a, b: a, "cap", infix="<-", flops=0))
+register(Op("take_right", 2, lambda a, b: b, "cap", infix="->", flops=0))
+register(Op("max", 2, np.maximum, "cup", True, True, -math.inf))
+register(Op("min", 2, np.minimum, "cup", True, True, math.inf))
+register(Op("pow", 2, np.power, "cup"))
+register(Op("floordiv", 2, np.floor_divide, "cup"))
+register(Op("mod", 2, np.mod, "cup"))
+register(Op("and", 2, lambda a, b: ((a != 0) & (b != 0)).astype(np.float64), "cup", True, True,
+            result_dtype="bool"))
+register(Op("or", 2, lambda a, b: ((a != 0) | (b != 0)).astype(np.float64), "cup", True, True,
+            result_dtype="bool"))
+register(Op("xor", 2, lambda a, b: ((a != 0) ^ (b != 0)).astype(np.float64), "cup", True, True,
+            result_dtype="bool"))
+_COMPARISONS = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
+                "==": np.equal, "!=": np.not_equal}
+_CMP_NAMES = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+for _sym, _fn in _COMPARISONS.items():
+    register(Op(_CMP_NAMES[_sym], 2, (lambda f: lambda a, b: f(a, b).astype(np.float64))(_fn),
+                "cup", _sym in ("==", "!="), infix=_sym, result_dtype="bool"))
+register(Op("where", 3, lambda c, a, b: np.where(c != 0, a, b), "cup"))
+
+
+@dataclass(frozen=True, slots=True)
+class ReduceOp:
+    """A reduce action's compute: numpy reduction and identity."""
+
+    name: str
+    fn: Callable[..., np.ndarray]
+    identity: float
+
+
+REDUCE_OPS: dict[str, ReduceOp] = {
+    "+": ReduceOp("+", np.sum, 0.0),
+    "*": ReduceOp("*", np.prod, 1.0),
+    "max": ReduceOp("max", np.max, -math.inf),
+    "min": ReduceOp("min", np.min, math.inf),
+}
+
+#: Populate coordinate ops: which coordinates of a fiber the output keeps.
+#: name -> (keep largest?, takes k)
+POPULATE_OPS: dict[str, tuple[bool, bool]] = {
+    "topk": (True, True),
+    "bottomk": (False, True),
+    "argmax": (True, False),
+    "argmin": (False, False),
+}

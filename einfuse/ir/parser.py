@@ -1,0 +1,459 @@
+"""Parse the IR's text syntax into a :class:`Cascade`.
+
+The grammar (see ``docs/ir.md``) is line oriented: a ``cascade`` header, ``rank`` and ``tensor``
+declarations, one Einsum per line, and ``for v in R {`` ... ``}`` loops. Errors carry the line,
+column and offending text.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import sympy
+
+from ..errors import IRParseError
+from . import ops
+from .nodes import (ROLES, Access, Call, Cascade, Cond, Const, Einsum, Expr, IAccess, IBin,
+                    IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
+                    Stmt, TensorDecl, TensorRank)
+
+_TOKEN = re.compile(r"""
+    (?P<ws>\s+)
+  | (?P<comment>\#.*)
+  | (?P<string>"(?:[^"\\]|\\.)*")
+  | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<op>::|<-|->|<=|>=|==|!=|//|[-+*/%<>=()\[\]{},:@&])
+""", re.VERBOSE)
+
+_CMPS = ("<", "<=", ">", ">=", "==", "!=")
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    kind: str
+    text: str
+    col: int
+
+
+def tokenize(line: str, lineno: int) -> list[Token]:
+    """Split one line into tokens (comments dropped)."""
+    out, pos = [], 0
+    while pos < len(line):
+        m = _TOKEN.match(line, pos)
+        if m is None:
+            raise IRParseError(f"unexpected character {line[pos]!r}", lineno, pos + 1, line)
+        if m.lastgroup not in ("ws", "comment"):
+            out.append(Token(m.lastgroup or "", m.group(), pos + 1))
+        pos = m.end()
+    return out
+
+
+class _Line:
+    """A cursor over the tokens of one line."""
+
+    def __init__(self, text: str, lineno: int) -> None:
+        self.text, self.lineno = text, lineno
+        self.toks = tokenize(text, lineno)
+        self.i = 0
+
+    def peek(self, offset: int = 0) -> Token | None:
+        j = self.i + offset
+        return self.toks[j] if j < len(self.toks) else None
+
+    def keyword(self) -> str | None:
+        """The line's leading keyword, unless the line is a statement writing a tensor of that name."""
+        second = self.peek(1)
+        return None if second is not None and second.text == "[" else self.toks[0].text
+
+    def at(self, *texts: str) -> bool:
+        t = self.peek()
+        return t is not None and t.text in texts
+
+    def error(self, message: str, tok: Token | None = None) -> IRParseError:
+        tok = tok or self.peek()
+        col = tok.col if tok else len(self.text.rstrip()) + 1
+        return IRParseError(message, self.lineno, col, self.text)
+
+    def next(self, what: str) -> Token:
+        t = self.peek()
+        if t is None:
+            raise self.error(f"expected {what}, found end of line")
+        self.i += 1
+        return t
+
+    def expect(self, text: str, what: str = "") -> Token:
+        t = self.peek()
+        if t is None or t.text != text:
+            found = f"'{t.text}'" if t else "end of line"
+            raise self.error(f"expected '{text}'{what}, found {found}")
+        self.i += 1
+        return t
+
+    def name(self, what: str) -> Token:
+        t = self.next(what)
+        if t.kind != "name":
+            self.i -= 1
+            raise self.error(f"expected {what}, found '{t.text}'")
+        return t
+
+    def done(self) -> None:
+        if self.peek() is not None:
+            raise self.error(f"unexpected '{self.peek().text}' after the end of the statement")
+
+
+def parse(text: str) -> Cascade:
+    """Parse cascade text. Raises :class:`einfuse.errors.IRParseError` with line and column."""
+    return _Parser(text).cascade()
+
+
+class _Parser:
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+        self.name: str | None = None
+        self.ranks: list[Rank] = []
+        self.tensors: list[TensorDecl] = []
+
+    def cascade(self) -> Cascade:
+        stack: list[tuple[list[Stmt], str, int]] = [([], "", 0)]
+        for lineno, raw in enumerate(self.lines, 1):
+            ln = _Line(raw, lineno)
+            if not ln.toks:
+                continue
+            if self.name is None:
+                self.header(ln)
+            elif ln.keyword() == "}":
+                ln.next("}")
+                ln.done()
+                if len(stack) == 1:
+                    raise ln.error("'}' closes no 'for' loop", ln.toks[0])
+                body, rank, start = stack.pop()
+                if not body:
+                    raise IRParseError(f"loop 'for {rank.lower()} in {rank}' has an empty body", start, 1,
+                                       self.lines[start - 1])
+                stack[-1][0].append(Loop(rank, tuple(body), line=start))
+            elif ln.keyword() == "rank":
+                self.rank_line(ln)
+            elif ln.keyword() == "tensor":
+                self.tensor_line(ln)
+            elif ln.keyword() == "for":
+                stack.append(([], self.loop_head(ln), lineno))
+            else:
+                stack[-1][0].append(self.einsum(ln))
+        if self.name is None:
+            raise IRParseError("expected 'cascade NAME' as the first line", 1, 1,
+                               self.lines[0] if self.lines else "")
+        if len(stack) > 1:
+            _, rank, start = stack[-1]
+            raise IRParseError(f"loop 'for {rank.lower()} in {rank}' is never closed with '}}'", start, 1,
+                               self.lines[start - 1])
+        return Cascade(self.name, tuple(self.ranks), tuple(self.tensors), tuple(stack[0][0]))
+
+    # ---- declarations -------------------------------------------------------------------
+
+    def header(self, ln: _Line) -> None:
+        if not ln.at("cascade"):
+            raise ln.error("expected 'cascade NAME' as the first line")
+        ln.next("cascade")
+        self.name = ln.name("a cascade name").text
+        ln.done()
+
+    def rank_line(self, ln: _Line) -> None:
+        ln.next("rank")
+        while True:
+            tok = ln.name("a rank name")
+            if not tok.text[0].isupper():
+                raise ln.error(f"rank name '{tok.text}' must start with an upper-case letter", tok)
+            if any(r.name == tok.text for r in self.ranks):
+                raise ln.error(f"rank '{tok.text}' is declared twice", tok)
+            ln.expect("=", f" after rank '{tok.text}'")
+            self.ranks.append(Rank(tok.text, self.size(ln, tok.text)))
+            if ln.peek() is None:
+                return
+            ln.expect(",", " between rank declarations")
+
+    def size(self, ln: _Line, rank: str) -> Size:
+        start, depth = ln.peek(), 0
+        if start is None:
+            raise ln.error(f"expected a size for rank '{rank}'")
+        toks = []
+        while ln.peek() is not None and not (depth == 0 and ln.at(",")):
+            t = ln.next("size")
+            depth += {"(": 1, ")": -1}.get(t.text, 0)
+            toks.append(t)
+        return self.size_expr(ln, start, toks, rank)
+
+    def size_expr(self, ln: _Line, start: Token, toks: list[Token], rank: str) -> Size:
+        names: dict[str, object] = {"floor": sympy.floor, "ceiling": sympy.ceiling,
+                                    "Max": sympy.Max, "Min": sympy.Min}
+        for t in toks:
+            if t.kind == "name" and t.text not in names:
+                known = next((r for r in self.ranks if r.name == t.text), None)
+                names[t.text] = known.size if known else sympy.Symbol(t.text, integer=True, positive=True)
+            elif t.kind not in ("name", "number") and t.text not in "+-*/()," and t.text != "//":
+                raise ln.error(f"unexpected '{t.text}' in the size of rank '{rank}'", t)
+        source = " ".join(t.text for t in toks)
+        try:
+            value = sympy.sympify(source, locals=names, rational=True)
+        except (sympy.SympifyError, SyntaxError, TypeError) as exc:
+            raise ln.error(f"cannot read the size of rank '{rank}': {exc}", start) from None
+        if value.is_Integer:
+            if int(value) <= 0:
+                raise ln.error(f"rank '{rank}' has size {value}; sizes must be positive", start)
+            return int(value)
+        return value
+
+    def tensor_line(self, ln: _Line) -> None:
+        ln.next("tensor")
+        tok = ln.name("a tensor name")
+        if any(t.name == tok.text for t in self.tensors):
+            raise ln.error(f"tensor '{tok.text}' is declared twice", tok)
+        ln.expect("[", f" after tensor name '{tok.text}'")
+        ranks: list[TensorRank] = []
+        while not ln.at("]"):
+            r = ln.name(f"a rank name in the declaration of '{tok.text}'")
+            iterative = ln.at("+")
+            if iterative:
+                ln.next("+")
+            ranks.append(TensorRank(r.text, iterative))
+            if not ln.at("]"):
+                ln.expect(",", f" or ']' in the ranks of '{tok.text}'")
+        ln.expect("]")
+        role = "temp"
+        if ln.at(*ROLES):
+            role = ln.next("role").text
+        dt = ln.next(f"a dtype for tensor '{tok.text}' ({' '.join(ops.DTYPES)})")
+        if dt.text not in ops.DTYPES:
+            raise ln.error(f"unknown dtype '{dt.text}' for tensor '{tok.text}'; expected one of "
+                           f"{', '.join(ops.DTYPES)}" + (" (a role must come before the dtype)" if dt.text in ROLES else ""), dt)
+        empty = 0.0
+        if ln.at("empty"):
+            ln.next("empty")
+            ln.expect("=", " after 'empty'")
+            empty = self.number(ln, f"the empty value of '{tok.text}'")
+        ln.done()
+        self.tensors.append(TensorDecl(tok.text, tuple(ranks), role, dt.text, empty))
+
+    def number(self, ln: _Line, what: str) -> float:
+        sign = -1.0 if ln.at("-") else 1.0
+        if sign < 0:
+            ln.next("-")
+        t = ln.next(what)
+        if t.kind == "number" or t.text == "inf":
+            return sign * float(t.text)
+        raise ln.error(f"expected a number for {what}, found '{t.text}'", t)
+
+    def loop_head(self, ln: _Line) -> str:
+        ln.next("for")
+        var = ln.name("a loop variable")
+        ln.expect("in")
+        rank = ln.name("a rank name")
+        if var.text != rank.text.lower():
+            raise ln.error(f"loop variable '{var.text}' must be the lower-case name of its rank "
+                           f"'{rank.text}' (write 'for {rank.text.lower()} in {rank.text}')", var)
+        ln.expect("{", " to open the loop body")
+        ln.done()
+        return rank.text
+
+    # ---- statements -----------------------------------------------------------------------
+
+    def einsum(self, ln: _Line) -> Einsum:
+        first = ln.peek()
+        if first is None or first.kind != "name" or ln.peek(1) is None or ln.peek(1).text != "[":
+            raise ln.error("expected a statement 'TENSOR[indices] = expression', a declaration "
+                           "('rank', 'tensor') or a 'for' loop")
+        lhs = self.access(ln)
+        ln.expect("=", f" after the output access '{lhs.tensor}[...]'")
+        rhs = self.expr(ln)
+        reduce = populate = provenance = None
+        while ln.at("::"):
+            ln.next("::")
+            kw = ln.name("'reduce', 'populate' or 'from' after '::'")
+            if kw.text == "reduce" and reduce is None and populate is None and provenance is None:
+                reduce = self.reduce(ln)
+            elif kw.text == "populate" and populate is None and provenance is None:
+                populate = self.populate(ln)
+            elif kw.text == "from" and provenance is None:
+                s = ln.next("a quoted source location")
+                if s.kind != "string":
+                    raise ln.error("expected a quoted source location after 'from'", s)
+                provenance = re.sub(r"\\(.)", r"\1", s.text[1:-1])
+            else:
+                raise ln.error(f"unexpected ':: {kw.text}' (clauses are ':: reduce', then ':: populate', "
+                               "then ':: from', each at most once)", kw)
+        if not ln.at("::") and ln.peek() is not None:
+            raise ln.error(f"unexpected '{ln.peek().text}' after the expression")
+        return Einsum(lhs, rhs, reduce, populate, provenance, line=ln.lineno)
+
+    def reduce(self, ln: _Line) -> Reduce:
+        ln.expect("[", " after 'reduce'")
+        names = self.var_list(ln, "reduce")
+        t = ln.next("a reduce op (+ * max min)")
+        if t.text not in ops.REDUCE_OPS:
+            raise ln.error(f"unknown reduce op '{t.text}'; expected one of + * max min", t)
+        return Reduce(names, t.text, self.merge(ln))
+
+    def populate(self, ln: _Line) -> Populate:
+        ln.expect("[", " after 'populate'")
+        names = self.var_list(ln, "populate")
+        if len(names) != 1:
+            raise ln.error("populate takes exactly one variable")
+        t = ln.name("a populate op (topk bottomk argmax argmin)")
+        if t.text not in ops.POPULATE_OPS:
+            raise ln.error(f"unknown populate op '{t.text}'; expected one of "
+                           f"{', '.join(ops.POPULATE_OPS)}", t)
+        k = 1
+        if ops.POPULATE_OPS[t.text][1]:
+            ln.expect("(", f" after '{t.text}' (write {t.text}(K))")
+            kt = ln.next("an integer K")
+            if kt.kind != "number" or not kt.text.isdigit() or int(kt.text) < 1:
+                raise ln.error(f"{t.text} needs a positive integer K, found '{kt.text}'", kt)
+            k = int(kt.text)
+            ln.expect(")")
+        return Populate(names[0], t.text, k)
+
+    def var_list(self, ln: _Line, what: str) -> tuple[str, ...]:
+        names = []
+        while not ln.at("]"):
+            v = ln.name(f"a variable in {what}[...]")
+            if not v.text[0].islower():
+                raise ln.error(f"'{v.text}' is not a variable (variables are lower case)", v)
+            names.append(v.text)
+            if not ln.at("]"):
+                ln.expect(",", f" or ']' in {what}[...]")
+        ln.expect("]")
+        return tuple(names)
+
+    def merge(self, ln: _Line) -> str | None:
+        if not ln.at("@"):
+            return None
+        ln.next("@")
+        t = ln.name("a merge name")
+        if t.text not in ops.MERGES:
+            raise ln.error(f"unknown merge '{t.text}'; expected one of {', '.join(ops.MERGES)}", t)
+        return t.text
+
+    # ---- map expressions --------------------------------------------------------------------
+
+    def expr(self, ln: _Line) -> Expr:
+        left = self.binary(ln, 1)
+        if ln.at(*_CMPS):
+            op = ops.INFIX[ln.next("comparison").text]
+            merge = self.merge(ln)
+            left = Call(op.name, (left, self.binary(ln, 1)), merge)
+            if ln.at(*_CMPS):
+                raise ln.error("comparisons do not chain; add parentheses")
+        return left
+
+    _LEVELS = {1: ("<-", "->"), 2: ("+", "-"), 3: ("*", "/")}
+
+    def binary(self, ln: _Line, level: int) -> Expr:
+        if level > 3:
+            return self.unary(ln)
+        left = self.binary(ln, level + 1)
+        while ln.at(*self._LEVELS[level]):
+            op = ops.INFIX[ln.next("operator").text]
+            merge = self.merge(ln)
+            left = Call(op.name, (left, self.binary(ln, level + 1)), merge)
+        return left
+
+    def unary(self, ln: _Line) -> Expr:
+        if ln.at("-"):
+            ln.next("-")
+            t = ln.peek()
+            if t is not None and (t.kind == "number" or t.text == "inf"):
+                ln.next("number")
+                return Const(-float(t.text))
+            return Call("neg", (self.unary(ln),))
+        return self.primary(ln)
+
+    def primary(self, ln: _Line) -> Expr:
+        t = ln.next("an expression")
+        if t.kind == "number" or t.text == "inf":
+            return Const(float(t.text))
+        if t.text == "(":
+            inner = self.expr(ln)
+            ln.expect(")", " to close '('")
+            return inner
+        if t.kind != "name":
+            ln.i -= 1
+            raise ln.error(f"expected an expression, found '{t.text}'")
+        if ln.at("["):
+            ln.i -= 1
+            return self.access(ln)
+        merge = self.merge(ln)
+        if not ln.at("("):
+            raise ln.error(f"'{t.text}' is neither a tensor access ('{t.text}[...]') nor an op call "
+                           f"('{t.text}(...)')", t)
+        ln.next("(")
+        args = [self.expr(ln)]
+        while ln.at(","):
+            ln.next(",")
+            args.append(self.expr(ln))
+        ln.expect(")", f" to close the arguments of '{t.text}'")
+        return Call(t.text, tuple(args), merge)
+
+    # ---- accesses and indices -----------------------------------------------------------------
+
+    def access(self, ln: _Line) -> Access:
+        name = ln.name("a tensor name")
+        ln.expect("[")
+        indices: list[Index] = []
+        while not ln.at("]"):
+            indices.append(self.index(ln))
+            if not ln.at("]"):
+                ln.expect(",", f" or ']' in the indices of '{name.text}'")
+        ln.expect("]")
+        return Access(name.text, tuple(indices))
+
+    def index(self, ln: _Line) -> Index:
+        e = self.iexpr(ln)
+        conds: list[Cond] = []
+        if ln.at(":"):
+            ln.next(":")
+            conds.append(self.cond(ln))
+            while ln.at("&"):
+                ln.next("&")
+                conds.append(self.cond(ln))
+        return Index(e, tuple(conds))
+
+    def cond(self, ln: _Line) -> Cond:
+        lhs = self.iexpr(ln)
+        t = ln.next("a comparison (< <= > >= == !=) in the filter")
+        if t.text not in _CMPS:
+            raise ln.error(f"expected a comparison (< <= > >= == !=) in the filter, found '{t.text}'", t)
+        return Cond(lhs, t.text, self.iexpr(ln))
+
+    def iexpr(self, ln: _Line, level: int = 1) -> IndexExpr:
+        if level > 2:
+            return self.iatom(ln)
+        left = self.iexpr(ln, level + 1)
+        ops_here = ("+", "-") if level == 1 else ("*", "//", "%")
+        while ln.at(*ops_here):
+            op = ln.next("operator").text
+            left = IBin(op, left, self.iexpr(ln, level + 1))
+        return left
+
+    def iatom(self, ln: _Line) -> IndexExpr:
+        t = ln.next("an index")
+        if t.text == "-" and ln.peek() is not None and ln.peek().kind == "number":
+            return IConst(-self.int_token(ln, ln.next("an integer")))
+        if t.kind == "number":
+            ln.i -= 1
+            return IConst(self.int_token(ln, ln.next("an integer")))
+        if t.text == "(":
+            inner = self.iexpr(ln)
+            ln.expect(")", " to close '(' in an index")
+            return inner
+        if t.kind != "name":
+            ln.i -= 1
+            raise ln.error(f"expected an index (variable, rank size, integer or gather), found '{t.text}'")
+        if ln.at("["):
+            ln.i -= 1
+            return IAccess(self.access(ln))
+        return IVar(t.text) if t.text[0].islower() else ISym(t.text)
+
+    def int_token(self, ln: _Line, t: Token) -> int:
+        if not t.text.isdigit():
+            raise ln.error(f"indices are integers, found '{t.text}'", t)
+        return int(t.text)

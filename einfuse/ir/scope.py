@@ -1,0 +1,165 @@
+"""Name resolution over a cascade: which variables an Einsum iterates, which tensors it reads,
+and the declarations of temps that were written without a ``tensor`` line."""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..errors import VerificationError
+from . import ops
+from .nodes import (Access, Call, Cascade, Const, Einsum, Expr, IAccess, IBin, IConst, Index,
+                    IndexExpr, ISym, IVar, Loop, TensorDecl, TensorRank)
+
+
+def index_atoms(e: IndexExpr) -> Iterator[IndexExpr]:
+    """Every leaf of an index expression (variables, constants, symbols, gathers)."""
+    if isinstance(e, IBin):
+        yield from index_atoms(e.a)
+        yield from index_atoms(e.b)
+    else:
+        yield e
+
+
+def index_vars(ix: Index) -> list[str]:
+    """Variables an index position mentions, including its filter and any gather's indices."""
+    exprs = [ix.expr] + [x for c in ix.filter for x in (c.lhs, c.rhs)]
+    names: list[str] = []
+    for e in exprs:
+        for atom in index_atoms(e):
+            if isinstance(atom, IVar):
+                names.append(atom.name)
+            elif isinstance(atom, IAccess):
+                names.extend(access_vars(atom.access))
+    return _unique(names)
+
+
+def access_vars(a: Access) -> list[str]:
+    """Variables an access mentions, in order of first appearance."""
+    return _unique([v for ix in a.indices for v in index_vars(ix)])
+
+
+def expr_accesses(x: Expr) -> Iterator[Access]:
+    """Accesses at the top of a map expression (not those inside gather indices)."""
+    if isinstance(x, Access):
+        yield x
+    elif isinstance(x, Call):
+        for arg in x.args:
+            yield from expr_accesses(arg)
+
+
+def gathers(a: Access) -> Iterator[Access]:
+    """Accesses nested in the index expressions of ``a`` (data-dependent indices)."""
+    for ix in a.indices:
+        for e in [ix.expr] + [x for c in ix.filter for x in (c.lhs, c.rhs)]:
+            for atom in index_atoms(e):
+                if isinstance(atom, IAccess):
+                    yield atom.access
+                    yield from gathers(atom.access)
+
+
+def reads(e: Einsum) -> list[Access]:
+    """Every access an Einsum reads: RHS accesses, and gathers nested in any index."""
+    out: list[Access] = []
+    for a in expr_accesses(e.rhs):
+        out.append(a)
+        out.extend(gathers(a))
+    out.extend(gathers(e.lhs))
+    return out
+
+
+def expr_vars(x: Expr) -> list[str]:
+    """Variables a map expression mentions."""
+    return _unique([v for a in expr_accesses(x) for v in access_vars(a)])
+
+
+def lhs_vars(e: Einsum) -> list[str]:
+    """Variables of the output access."""
+    return access_vars(e.lhs)
+
+
+def reduced_vars(e: Einsum, bound: frozenset[str] = frozenset()) -> list[str]:
+    """Variables on the right but not on the left (nor bound by an enclosing loop)."""
+    left = set(lhs_vars(e)) | bound
+    return [v for v in expr_vars(e.rhs) if v not in left]
+
+
+def iteration_vars(e: Einsum, bound: frozenset[str] = frozenset()) -> list[str]:
+    """The Einsum's iteration space: output variables, then reduced ones (loop vars excluded)."""
+    return [v for v in lhs_vars(e) if v not in bound] + reduced_vars(e, bound)
+
+
+def loop_vars(loops: tuple[Loop, ...]) -> frozenset[str]:
+    """Variables bound by enclosing loops."""
+    return frozenset(lp.var for lp in loops)
+
+
+def var_ranks(c: Cascade) -> dict[str, str]:
+    """Map each rank variable to its rank name (``m1`` -> ``M1``)."""
+    return {r.var: r.name for r in c.ranks}
+
+
+def declarations(c: Cascade) -> dict[str, TensorDecl]:
+    """Every tensor's declaration: the explicit ones plus those inferred for undeclared temps.
+
+    A temp written without a ``tensor`` line takes its ranks from the first write whose indices
+    are plain variables (``GM[p]``) or ``v+1`` for a loop variable (``RM[m1+1,p]``, iterative),
+    dtype from its right-hand side, and empty value 0.
+    """
+    decls = {t.name: t for t in c.tensors}
+    ranks = var_ranks(c)
+    for e, loops in c.einsums():
+        name = e.lhs.tensor
+        if name in decls:
+            continue
+        inferred = _infer_ranks(e.lhs, ranks, loop_vars(loops))
+        if inferred is not None:
+            decls[name] = TensorDecl(name, inferred, "temp", expr_dtype(e.rhs, decls))
+    return decls
+
+
+def undeclarable(c: Cascade) -> list[str]:
+    """Names of written tensors whose ranks cannot be inferred (they need a ``tensor`` line)."""
+    decls = declarations(c)
+    return _unique([e.lhs.tensor for e, _ in c.einsums() if e.lhs.tensor not in decls])
+
+
+def expr_dtype(x: Expr, decls: dict[str, TensorDecl]) -> str:
+    """The dtype a map expression produces (f32 when nothing says otherwise)."""
+    if isinstance(x, Access):
+        return decls[x.tensor].dtype if x.tensor in decls else "f32"
+    if isinstance(x, Call):
+        op = ops.lookup(x.op)
+        if op is not None and op.result_dtype:
+            return op.result_dtype
+        typed = [a for a in x.args if not isinstance(a, Const)]
+        return expr_dtype(typed[-1 if x.op == "take_right" else 0], decls) if typed else "f32"
+    return "f32"
+
+
+def _infer_ranks(lhs: Access, ranks: dict[str, str], bound: frozenset[str]) -> tuple[TensorRank, ...] | None:
+    out = []
+    for ix in lhs.indices:
+        e = ix.expr
+        if isinstance(e, IVar) and e.name in ranks:
+            out.append(TensorRank(ranks[e.name], e.name in bound))
+        elif (isinstance(e, IBin) and e.op == "+" and isinstance(e.a, IVar) and e.a.name in bound
+              and e.b == IConst(1) and e.a.name in ranks):
+            out.append(TensorRank(ranks[e.a.name], True))
+        else:
+            return None
+    return tuple(out)
+
+
+def symbols_in(e: IndexExpr) -> list[str]:
+    """Rank-size symbols an index expression uses."""
+    return [a.rank for a in index_atoms(e) if isinstance(a, ISym)]
+
+
+def _unique(names: list[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+def require_decl(decls: dict[str, TensorDecl], name: str, where: str) -> TensorDecl:
+    """The declaration of ``name`` or a VerificationError naming ``where``."""
+    if name not in decls:
+        raise VerificationError(f"{where}: tensor '{name}' is not declared")
+    return decls[name]
