@@ -239,6 +239,11 @@ class _EinsumEval:
         for d, i in enumerate(idx):
             ok = ok & (i >= 0) & (i < values.shape[d])
         ok = np.broadcast_to(ok, shape)
+        if not idx:  # a 0-d output: every grid axis was reduced to size 1
+            value = float(x.value.item())
+            stored = bool(x.mask.item()) and value != empty
+            values[()], masks[()] = (value if stored else empty), stored
+            return
         where = tuple(np.broadcast_to(i, shape)[ok] for i in idx)
         value = np.broadcast_to(x.value, shape)[ok]
         stored = np.broadcast_to(x.mask, shape)[ok] & (value != empty)
