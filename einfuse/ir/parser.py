@@ -231,6 +231,9 @@ class _Parser:
             ln.next("empty")
             ln.expect("=", " after 'empty'")
             empty = self.number(ln, f"the empty value of '{tok.text}'")
+        if ln.at(*ROLES):
+            raise ln.error(f"the role of '{tok.text}' must come before its dtype "
+                           f"('tensor {tok.text}[...] {ln.peek().text} {dt.text}')")
         ln.done()
         self.tensors.append(TensorDecl(tok.text, tuple(ranks), role, dt.text, empty))
 
