@@ -208,11 +208,12 @@ class _EinsumEval:
             rhs, divisor = rhs.args
         factors = _product_factors(rhs)
         vals = [self.expr(f) for f in factors]
-        total = _einsum([np.where(v.mask, v.value, 0.0) for v in vals], len(self.vars), axes)
+        grid = tuple(self.env.sizes[self.env.ranks[v]] for v in self.vars)
+        total = _einsum([np.where(v.mask, v.value, 0.0) for v in vals], grid, axes)
         if all(bool(np.all(v.mask)) for v in vals):
             mask = np.ones(total.shape, dtype=bool)
         else:
-            mask = _einsum([np.asarray(v.mask, dtype=np.float64) for v in vals], len(self.vars), axes) > 0
+            mask = _einsum([np.asarray(v.mask, dtype=np.float64) for v in vals], grid, axes) > 0
         if divisor is not None:
             d = self.expr(divisor)
             mask = np.broadcast_to(d.mask, mask.shape)
@@ -235,7 +236,7 @@ class _EinsumEval:
         values, masks = self.env.storage(self.e.lhs.tensor)
         empty = self.env.decls[self.e.lhs.tensor].empty
         idx, ok = self.indices(self.e.lhs)
-        shape = x.value.shape
+        shape = tuple(1 if v in self.reduced else self.env.sizes[self.env.ranks[v]] for v in self.vars)
         for d, i in enumerate(idx):
             ok = ok & (i >= 0) & (i < values.shape[d])
         ok = np.broadcast_to(ok, shape)
@@ -274,8 +275,9 @@ def _product_factors(x: Expr) -> list[Expr]:
     return [x]
 
 
-def _einsum(arrays: list[np.ndarray], ndim: int, reduce_axes: tuple[int, ...]) -> np.ndarray:
+def _einsum(arrays: list[np.ndarray], grid: tuple[int, ...], reduce_axes: tuple[int, ...]) -> np.ndarray:
     """Multiply grid-broadcastable arrays and sum ``reduce_axes`` (kept as size 1) via einsum."""
+    ndim = len(grid)
     letters = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"[:ndim]
     operands, specs, present = [], [], set()
     for arr in arrays:
@@ -288,6 +290,9 @@ def _einsum(arrays: list[np.ndarray], ndim: int, reduce_axes: tuple[int, ...]) -
     out_axes = [d for d in range(ndim) if d not in reduce_axes and d in present]
     spec = ",".join(specs) + "->" + "".join(letters[d] for d in out_axes)
     total = np.einsum(spec, *operands, optimize=True)
+    for d in reduce_axes:  # a reduced variable no operand depends on repeats every term
+        if d not in present:
+            total = total * grid[d]
     shape = [1] * ndim
     for d, n in zip(out_axes, total.shape):
         shape[d] = n
