@@ -1,0 +1,63 @@
+"""The ``einfuse`` command and the shipped examples."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from einfuse.cli import main
+from einfuse.ir import interpret, parse
+
+from .conftest import rel_err
+from .ir.test_interpret import softmax_attention
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+def test_ir_prints_the_verified_cascade(capsys: pytest.CaptureFixture[str]) -> None:
+    path = EXAMPLES / "attention.ein"
+    assert main(["ir", str(path)]) == 0
+    assert capsys.readouterr().out == str(parse(path.read_text()))
+
+
+def test_ir_stats_reports_costs_and_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ir", str(EXAMPLES / "flash_attention.ein"), "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert "1   RM[0,p]          0" in out
+    assert "4   BQK[m1,m0,p]     192*S**2              4*S**2 + 512*S    48*S/(S + 128)" in out
+    assert "compulsory bytes (inputs, params, outputs): 1024*S" in out
+    passes = {line.split()[0]: line.split()[1] for line in out.splitlines()[-4:]}
+    assert passes == {"E": "1", "M1": "1", "M0": "2", "M1,M0": "1"}
+
+
+def test_ir_stats_on_three_pass_attention(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ir", str(EXAMPLES / "attention.ein"), "--stats"]) == 0
+    assert "M     3       QK (full fiber), SN (full fiber)" in capsys.readouterr().out
+
+
+def test_errors_exit_non_zero_with_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.ein"
+    bad.write_text("cascade c\nrank M=4\ntensor A[M] input f32\ntensor Z[M] output f32\nZ[m] = exq(A[m])\n")
+    assert main(["ir", str(bad)]) == 1
+    assert capsys.readouterr().err == f"einfuse: error: {bad}: line 5: einsum `Z[m] = exq(A[m])`: unknown op 'exq'\n"
+    assert main(["ir", str(tmp_path / "missing.ein")]) == 1
+    assert capsys.readouterr().err == f"einfuse: error: {tmp_path / 'missing.ein'}: no such file\n"
+
+
+def test_python_dash_m_runs_the_cli() -> None:
+    done = subprocess.run([sys.executable, "-m", "einfuse", "ir", str(EXAMPLES / "attention.ein")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout.startswith("cascade attention\n")
+
+
+@pytest.mark.parametrize("length", [64, 192])
+def test_examples_compute_causal_attention(length: int, rng: np.random.Generator) -> None:
+    x = {n: rng.standard_normal((64, length)) for n in "QKV"}
+    causal = np.arange(length)[:, None] <= np.arange(length)[None, :]
+    want = softmax_attention(x["Q"], x["K"], x["V"], causal, 0.125)
+    for name in ("attention", "flash_attention"):
+        got = interpret(parse((EXAMPLES / f"{name}.ein").read_text()), x)["AV"]
+        assert rel_err(got, want) < 1e-10, name
