@@ -14,7 +14,7 @@ import sympy
 
 from ..errors import VerificationError
 from . import ops
-from .nodes import Access, Call, Cascade, Einsum, Expr, IAccess, IndexExpr, Loop, TensorDecl
+from .nodes import Access, Call, Cascade, Einsum, Expr, IAccess, IVar, Loop, TensorDecl
 from .scope import (access_vars, declarations, index_atoms, iteration_vars, loop_vars, reads,
                     var_ranks)
 from .sizes import extent
@@ -96,7 +96,7 @@ def _footprint(a: Access, decl: TensorDecl, size: dict[str, sympy.Expr], ranks: 
     """Elements of ``a`` touched (per loop trip, times the trips it varies over) × dtype bytes."""
     per_trip, varies = sympy.Integer(1), False
     for ix, tr in zip(a.indices, decl.ranks):
-        names = [x.name for x in index_atoms(ix.expr) if hasattr(x, "name")]
+        names = [x.name for x in index_atoms(ix.expr) if isinstance(x, IVar)]
         free = [v for v in names if v not in bound]
         varies = varies or any(v in bound for v in names)
         if any(isinstance(x, IAccess) for x in index_atoms(ix.expr)):

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InterpretError
 from . import ops
-from .nodes import (Access, Call, Cascade, Const, Einsum, Expr, IAccess, IBin, IConst, IndexExpr,
+from .nodes import (Access, Call, Cascade, Const, Einsum, Expr, IAccess, IConst, IndexExpr,
                     ISym, IVar, Loop, Stmt, TensorDecl)
 from .scope import declarations, expr_vars, iteration_vars, reduced_vars, var_ranks
 from .sizes import bind_sizes

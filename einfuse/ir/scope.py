@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..errors import VerificationError
 from . import ops
 from .nodes import (Access, Call, Cascade, Const, Einsum, Expr, IAccess, IBin, IConst, Index,
-                    IndexExpr, ISym, IVar, Loop, TensorDecl, TensorRank)
+                    IndexExpr, IVar, Loop, TensorDecl, TensorRank)
 
 
 def index_atoms(e: IndexExpr) -> Iterator[IndexExpr]:
@@ -149,17 +148,6 @@ def _infer_ranks(lhs: Access, ranks: dict[str, str], bound: frozenset[str]) -> t
     return tuple(out)
 
 
-def symbols_in(e: IndexExpr) -> list[str]:
-    """Rank-size symbols an index expression uses."""
-    return [a.rank for a in index_atoms(e) if isinstance(a, ISym)]
-
-
 def _unique(names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
-
-def require_decl(decls: dict[str, TensorDecl], name: str, where: str) -> TensorDecl:
-    """The declaration of ``name`` or a VerificationError naming ``where``."""
-    if name not in decls:
-        raise VerificationError(f"{where}: tensor '{name}' is not declared")
-    return decls[name]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from . import ops
-from .nodes import (Access, Call, Cascade, Cond, Const, Einsum, Expr, IAccess, IBin, IConst,
+from .nodes import (Access, Cascade, Cond, Const, Einsum, Expr, IAccess, IConst,
                     Index, IndexExpr, ISym, IVar, Loop, Rank, Stmt, TensorDecl)
 
 # precedence of infix map operators, loosest first

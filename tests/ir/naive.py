@@ -7,7 +7,7 @@ import operator
 
 import numpy as np
 
-from einfuse.ir import Access, Call, Cascade, Const, IBin, IConst, ISym, IVar
+from einfuse.ir import Access, Cascade, Const, IBin, IConst, ISym, IVar
 from einfuse.ir import ops
 from einfuse.ir.scope import declarations, iteration_vars, lhs_vars
 

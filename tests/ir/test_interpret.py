@@ -6,7 +6,6 @@ import time
 import numpy as np
 import pytest
 
-from einfuse.errors import InterpretError
 from einfuse.ir import interpret, parse
 
 from ..conftest import load, rel_err
