@@ -5,9 +5,12 @@ from .parser import parse
 from .text import to_text
 from .verify import verify
 from .interpret import interpret
+from .analysis import analyze_passes, cascade_costs, count_passes, total_cost
+from .views import inline_views
 
 __all__ = [
     "Access", "Call", "Cascade", "Cond", "Const", "Einsum", "IAccess", "IBin", "IConst", "Index",
     "ISym", "IVar", "Loop", "Populate", "Rank", "Reduce", "TensorDecl", "TensorRank",
-    "interpret", "parse", "to_text", "verify",
+    "analyze_passes", "cascade_costs", "count_passes", "inline_views", "interpret", "parse", "to_text",
+    "total_cost", "verify",
 ]

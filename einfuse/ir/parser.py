@@ -442,8 +442,7 @@ class _Parser:
         if t.text == "-" and ln.peek() is not None and ln.peek().kind == "number":
             return IConst(-self.int_token(ln, ln.next("an integer")))
         if t.kind == "number":
-            ln.i -= 1
-            return IConst(self.int_token(ln, ln.next("an integer")))
+            return IConst(self.int_token(ln, t))
         if t.text == "(":
             inner = self.iexpr(ln)
             ln.expect(")", " to close '(' in an index")
