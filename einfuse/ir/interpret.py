@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import InterpretError
 from . import ops
-from .nodes import (Access, Call, Cascade, Const, Einsum, Expr, IAccess, IConst, IndexExpr,
+from .nodes import (Access, Call, Cascade, Const, Coord, Einsum, Expr, IAccess, IConst, IndexExpr,
                     ISym, IVar, Loop, Stmt, TensorDecl)
 from .scope import declarations, expr_vars, iteration_vars, reduced_vars, var_ranks
 from .sizes import bind_sizes
@@ -142,6 +142,9 @@ class _EinsumEval:
             return self.read(x)
         if isinstance(x, Const):
             return _Value(np.float64(x.value), np.True_)
+        if isinstance(x, Coord):
+            i, ok = self.index(x.expr)
+            return _Value(np.where(ok, i, 0).astype(np.float64), ok)
         op = ops.OPS[x.op]
         args = [self.expr(a) for a in x.args]
         mask = _merge(x.merge or op.merge, [a.mask for a in args])
@@ -224,6 +227,7 @@ class _EinsumEval:
         p = self.e.populate
         axis = self.vars.index(p.var)
         largest, _ = ops.POPULATE_OPS[p.op]
+        x = _Value(np.broadcast_to(x.value, self.out_shape()), np.broadcast_to(x.mask, self.out_shape()))
         key = np.where(x.mask, -x.value if largest else x.value, np.inf)
         order = np.argsort(key, axis=axis, kind="stable")
         rank = np.empty_like(order)
@@ -232,11 +236,15 @@ class _EinsumEval:
         mask = x.mask & (rank < p.k)
         return _Value(np.where(mask, x.value, 0.0), mask)
 
+    def out_shape(self) -> tuple[int, ...]:
+        """The grid with reduced axes collapsed to 1: one point per output coordinate."""
+        return tuple(1 if v in self.reduced else self.env.sizes[self.env.ranks[v]] for v in self.vars)
+
     def write(self, x: _Value) -> None:
         values, masks = self.env.storage(self.e.lhs.tensor)
         empty = self.env.decls[self.e.lhs.tensor].empty
         idx, ok = self.indices(self.e.lhs)
-        shape = tuple(1 if v in self.reduced else self.env.sizes[self.env.ranks[v]] for v in self.vars)
+        shape = self.out_shape()
         for d, i in enumerate(idx):
             ok = ok & (i >= 0) & (i < values.shape[d])
         ok = np.broadcast_to(ok, shape)

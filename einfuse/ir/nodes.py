@@ -136,7 +136,14 @@ class Call:
     merge: str | None = None
 
 
-Expr = Union[Access, Const, Call]
+@dataclass(frozen=True, slots=True)
+class Coord:
+    """A coordinate used as a value: ``idx(m1*M0+m0)`` is the integer that index takes (arange)."""
+
+    expr: IndexExpr
+
+
+Expr = Union[Access, Const, Call, Coord]
 
 
 # ---- actions and statements -------------------------------------------------------------------

@@ -13,7 +13,7 @@ import sympy
 
 from ..errors import IRParseError
 from . import ops
-from .nodes import (ROLES, Access, Call, Cascade, Cond, Const, Einsum, Expr, IAccess, IBin,
+from .nodes import (ROLES, Access, Call, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess, IBin,
                     IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
                     Stmt, TensorDecl, TensorRank)
 
@@ -384,6 +384,11 @@ class _Parser:
         if ln.at("["):
             ln.i -= 1
             return self.access(ln)
+        if t.text == "idx" and ln.at("("):
+            ln.next("(")
+            coord = Coord(self.iexpr(ln))
+            ln.expect(")", " to close 'idx('")
+            return coord
         merge = self.merge(ln)
         if not ln.at("("):
             raise ln.error(f"'{t.text}' is neither a tensor access ('{t.text}[...]') nor an op call "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from . import ops
-from .nodes import (Access, Call, Cascade, Const, Einsum, Expr, IAccess, IBin, IConst, Index,
+from .nodes import (Access, Call, Cascade, Const, Coord, Einsum, Expr, IAccess, IBin, IConst, Index,
                     IndexExpr, IVar, Loop, TensorDecl, TensorRank)
 
 
@@ -62,12 +62,23 @@ def reads(e: Einsum) -> list[Access]:
         out.append(a)
         out.extend(gathers(a))
     out.extend(gathers(e.lhs))
+    out.extend(gathers(Access("", tuple(Index(c.expr) for c in expr_coords(e.rhs)))))
     return out
+
+
+def expr_coords(x: Expr) -> Iterator[Coord]:
+    """Coordinate values (``idx(...)``) in a map expression."""
+    if isinstance(x, Coord):
+        yield x
+    elif isinstance(x, Call):
+        for arg in x.args:
+            yield from expr_coords(arg)
 
 
 def expr_vars(x: Expr) -> list[str]:
     """Variables a map expression mentions."""
-    return _unique([v for a in expr_accesses(x) for v in access_vars(a)])
+    return _unique([v for a in expr_accesses(x) for v in access_vars(a)]
+                   + [v for c in expr_coords(x) for v in index_vars(Index(c.expr))])
 
 
 def lhs_vars(e: Einsum) -> list[str]:
@@ -125,6 +136,8 @@ def expr_dtype(x: Expr, decls: dict[str, TensorDecl]) -> str:
     """The dtype a map expression produces (f32 when nothing says otherwise)."""
     if isinstance(x, Access):
         return decls[x.tensor].dtype if x.tensor in decls else "f32"
+    if isinstance(x, Coord):
+        return "i64"
     if isinstance(x, Call):
         op = ops.lookup(x.op)
         if op is not None and op.result_dtype:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from . import ops
-from .nodes import (Access, Cascade, Cond, Const, Einsum, Expr, IAccess, IConst,
+from .nodes import (Access, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess, IConst,
                     Index, IndexExpr, ISym, IVar, Loop, Rank, Stmt, TensorDecl)
 
 # precedence of infix map operators, loosest first
@@ -112,6 +112,8 @@ def expr_text(x: Expr, parent: int = 0, right: bool = False) -> str:
     """A map expression; infix for ops that have an infix spelling."""
     if isinstance(x, Access):
         return access_text(x)
+    if isinstance(x, Coord):
+        return f"idx({iexpr_text(x.expr)})"
     if isinstance(x, Const):
         text = number_text(x.value)
         return f"({text})" if x.value < 0 and parent >= _UNARY else text

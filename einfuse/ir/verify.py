@@ -8,7 +8,7 @@ import math
 
 from ..errors import VerificationError
 from . import ops
-from .nodes import (ROLES, Access, Call, Cascade, Einsum, Expr, IBin, IConst, IndexExpr, ISym, IVar,
+from .nodes import (ROLES, Access, Call, Cascade, Coord, Einsum, Expr, IBin, IConst, IndexExpr, ISym, IVar,
                     Loop, Stmt)
 from .scope import (declarations, gathers, index_atoms, iteration_vars, loop_vars, reads,
                     reduced_vars, undeclarable, var_ranks)
@@ -138,6 +138,8 @@ class _Checker:
                                     f"'for {var} in {rank}'; recurrences need a loop")
 
     def expr(self, x: Expr, where: str) -> None:
+        if isinstance(x, Coord):
+            self.index_names(x.expr, where)
         if not isinstance(x, Call):
             return
         op = ops.lookup(x.op)

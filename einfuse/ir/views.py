@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .nodes import (Access, Call, Cascade, Einsum, Expr, IAccess, IBin, Index, IndexExpr, IVar,
+from .nodes import (Access, Call, Cascade, Coord, Einsum, Expr, IAccess, IBin, Index, IndexExpr, IVar,
                     Loop, Stmt, walk)
 from .scope import access_vars, declarations, index_vars
 
@@ -75,6 +75,9 @@ def _substitute_expr(x: Expr, view: Einsum) -> Expr | None:
     if isinstance(x, Call):
         args = [_substitute_expr(a, view) for a in x.args]
         return None if any(a is None for a in args) else replace(x, args=tuple(args))
+    if isinstance(x, Coord):
+        expr = _substitute_index(x.expr, view)
+        return None if expr is None else Coord(expr)
     return x
 
 

@@ -7,7 +7,7 @@ import operator
 
 import numpy as np
 
-from einfuse.ir import Access, Cascade, Const, IBin, IConst, ISym, IVar
+from einfuse.ir import Access, Cascade, Const, Coord, IBin, IConst, ISym, IVar
 from einfuse.ir import ops
 from einfuse.ir.scope import declarations, iteration_vars, lhs_vars
 
@@ -72,6 +72,8 @@ def _index(a: Access, env, sizes) -> tuple | None:
 def _eval(x, env, store, decls, sizes) -> tuple[float, bool]:
     if isinstance(x, Const):
         return x.value, True
+    if isinstance(x, Coord):
+        return float(_ival(x.expr, env, sizes)), True
     if isinstance(x, Access):
         idx = _index(x, env, sizes)
         data = store.get(x.tensor, {})

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from einfuse.ir import (Access, Call, Cascade, Cond, Const, Einsum, IBin, IConst, Index, ISym, IVar,
+from einfuse.ir import (Access, Call, Cascade, Cond, Const, Coord, Einsum, IBin, IConst, Index, ISym, IVar,
                         Populate, Rank, Reduce, TensorDecl, TensorRank, interpret, parse, to_text, verify)
 from einfuse.ir.scope import index_vars
 from einfuse.ir.ops import MERGES, REDUCE_OPS
@@ -49,6 +49,7 @@ def test_fixture_round_trips(name: str) -> None:
     "Z[m] = A[m:m<=3&m>=1]",
     "Z[m] = A[(m+1)%M]",
     "Z[m] = A[M-1-m]",
+    "Z[m] = idx(m) * 2 + idx(M-1-m)",
     "Z[m] = A[m-(1-m)]",
     "Z[m] = A[m] :: from \"model.py:12 in \\\"forward\\\"\"",
     "Z[m] = A[m] :: populate[m] topk(2) :: from \"x.py:1\"",
@@ -117,6 +118,8 @@ def exprs(shapes: dict[str, list[str]], depth: int) -> st.SearchStrategy:
     leaves = st.one_of(
         st.sampled_from(sorted(shapes)).flatmap(lambda t: accesses(t, shapes[t])),
         st.sampled_from([0.0, 1.0, -2.5, 0.125, float("inf"), float("-inf"), 3e-7]).map(Const),
+        st.sampled_from(sorted({r for rs in shapes.values() for r in rs} or {"A"})).map(
+            lambda r: Coord(IBin("+", IVar(r.lower()), IConst(1)))),
     )
     if depth == 0:
         return leaves
@@ -147,6 +150,8 @@ def _vars(x) -> list[str]:
         return list(dict.fromkeys(v for ix in x.indices for v in index_vars(ix)))
     if isinstance(x, Call):
         return list(dict.fromkeys(v for a in x.args for v in _vars(a)))
+    if isinstance(x, Coord):
+        return index_vars(Index(x.expr))
     return []
 
 
