@@ -5,12 +5,13 @@ speed, but it is vectorized per Einsum (numpy broadcasting, and ``numpy.einsum``
 contractions) so transformer-sized cascades run in seconds.
 
 Semantics (docs/ir.md has the long form):
-* every point of a tensor is present or absent; an absent point reads as the tensor's ``empty``;
+* every point of a tensor is present or absent; an absent point reads as the tensor's ``empty``
+  (0 for a dense tensor, one without ``empty``);
 * a map op touches the points its merge selects (``*`` cap, ``+ - max min`` cup, ``/`` rhs, ...);
   the value of an absent intermediate is 0;
 * a reduce combines the present points of each fiber (identity where none); the output point is
   present if any input point was (cup) or all were (cap);
-* a write of a value equal to the output's ``empty`` is not stored;
+* a write of a value equal to the output's ``empty`` is not stored (dense outputs store all);
 * out-of-range indices (convolution padding) and false filters read as absent.
 """
 from __future__ import annotations
@@ -38,7 +39,8 @@ def interpret(c: Cascade, inputs: Mapping[str, Any], sizes: Mapping[str, int] | 
 
     ``param`` tensors come from ``c.params`` unless given in ``inputs``. ``sizes`` binds size
     symbols that no input shape determines. Returns every ``output`` tensor by name: float dtypes
-    as float64, integer dtypes as int64, bool as bool; absent points hold the tensor's empty value.
+    as float64, integer dtypes as int64, bool as bool; absent points hold the tensor's empty value
+    (0 for dense tensors).
     """
     verify(c)
     decls = declarations(c)
@@ -107,7 +109,7 @@ class _Env:
         if name not in self.values:
             d = self.decls[name]
             shape = tuple(self.sizes[r.rank] + int(r.iterative) for r in d.ranks)
-            self.values[name] = np.full(shape, d.empty, dtype=np.float64)
+            self.values[name] = np.full(shape, d.fill, dtype=np.float64)
             self.masks[name] = np.zeros(shape, dtype=bool)
         return self.values[name], self.masks[name]
 
@@ -159,7 +161,7 @@ class _EinsumEval:
             ok = ok & (i >= 0) & (i < values.shape[d])
         clipped = tuple(np.clip(i, 0, values.shape[d] - 1) for d, i in enumerate(idx))
         mask = masks[clipped] & ok
-        return _Value(np.where(mask, values[clipped], decl.empty), mask)
+        return _Value(np.where(mask, values[clipped], decl.fill), mask)
 
     def indices(self, a: Access) -> tuple[list[Any], Any]:
         """Integer index arrays per dimension of ``a`` and the points where its filters hold."""
@@ -242,7 +244,7 @@ class _EinsumEval:
 
     def write(self, x: _Value) -> None:
         values, masks = self.env.storage(self.e.lhs.tensor)
-        empty = self.env.decls[self.e.lhs.tensor].empty
+        decl = self.env.decls[self.e.lhs.tensor]
         idx, ok = self.indices(self.e.lhs)
         shape = self.out_shape()
         for d, i in enumerate(idx):
@@ -250,13 +252,15 @@ class _EinsumEval:
         ok = np.broadcast_to(ok, shape)
         if not idx:  # a 0-d output: every grid axis was reduced to size 1
             value = float(x.value.item())
-            stored = bool(x.mask.item()) and value != empty
-            values[()], masks[()] = (value if stored else empty), stored
+            stored = bool(x.mask.item()) and value != decl.empty
+            values[()], masks[()] = (value if stored else decl.fill), stored
             return
         where = tuple(np.broadcast_to(i, shape)[ok] for i in idx)
         value = np.broadcast_to(x.value, shape)[ok]
-        stored = np.broadcast_to(x.mask, shape)[ok] & (value != empty)
-        values[where] = np.where(stored, value, empty)
+        stored = np.broadcast_to(x.mask, shape)[ok]
+        if decl.empty is not None:
+            stored = stored & (value != decl.empty)
+        values[where] = np.where(stored, value, decl.fill)
         masks[where] = stored
 
 

@@ -39,13 +39,23 @@ class TensorRank:
 
 @dataclass(frozen=True, slots=True)
 class TensorDecl:
-    """A tensor: its ranks, role, dtype and EDGE ``empty`` value (what absent points read as)."""
+    """A tensor: its ranks, role, dtype and EDGE ``empty`` value.
+
+    With an ``empty`` value (fibertree convention) absent points read as it and a write of that
+    value is not stored. Without one (None, the default) the tensor is dense: every written point
+    is stored, and points never written, filtered out or out of range read as 0.
+    """
 
     name: str
     ranks: tuple[TensorRank, ...]
     role: str = "temp"
     dtype: str = "f32"
-    empty: float = 0.0
+    empty: float | None = None
+
+    @property
+    def fill(self) -> float:
+        """What an absent point reads as: the empty value, or 0 for a dense tensor."""
+        return 0.0 if self.empty is None else self.empty
 
 
 # ---- index expressions ----------------------------------------------------------------------

@@ -226,7 +226,7 @@ class _Parser:
         if dt.text not in ops.DTYPES:
             raise ln.error(f"unknown dtype '{dt.text}' for tensor '{tok.text}'; expected one of "
                            f"{', '.join(ops.DTYPES)}" + (" (a role must come before the dtype)" if dt.text in ROLES else ""), dt)
-        empty = 0.0
+        empty = None
         if ln.at("empty"):
             ln.next("empty")
             ln.expect("=", " after 'empty'")

@@ -112,7 +112,7 @@ def declarations(c: Cascade) -> dict[str, TensorDecl]:
 
     A temp written without a ``tensor`` line takes its ranks from the first write whose indices
     are plain variables (``GM[p]``) or ``v+1`` for a loop variable (``RM[m1+1,p]``, iterative),
-    dtype from its right-hand side, and empty value 0.
+    dtype from its right-hand side, and no empty value (dense).
     """
     decls = {t.name: t for t in c.tensors}
     ranks = var_ranks(c)

@@ -41,13 +41,13 @@ def number_text(v: float) -> str:
 
 
 def decl_text(t: TensorDecl) -> str:
-    """``tensor RM[M1+,P] f32 empty=-inf`` (role omitted for temps, empty for 0)."""
+    """``tensor RM[M1+,P] f32 empty=-inf`` (role omitted for temps, empty for dense tensors)."""
     ranks = ",".join(r.rank + ("+" if r.iterative else "") for r in t.ranks)
     parts = [f"tensor {t.name}[{ranks}]"]
     if t.role != "temp":
         parts.append(t.role)
     parts.append(t.dtype)
-    if t.empty != 0.0:
+    if t.empty is not None:
         parts.append(f"empty={number_text(t.empty)}")
     return " ".join(parts)
 

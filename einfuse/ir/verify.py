@@ -49,7 +49,7 @@ def _check_declarations(c: Cascade) -> None:
             raise VerificationError(f"tensor '{t.name}' has unknown role '{t.role}'")
         if t.dtype not in ops.DTYPES:
             raise VerificationError(f"tensor '{t.name}' has unknown dtype '{t.dtype}'")
-        if math.isnan(t.empty):
+        if t.empty is not None and math.isnan(t.empty):
             raise VerificationError(f"tensor '{t.name}' has empty=nan; empty must be a number or ±inf")
 
 

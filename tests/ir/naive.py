@@ -36,14 +36,14 @@ def naive_interpret(c: Cascade, inputs: dict[str, np.ndarray]) -> dict[str, np.n
         shape = [sizes[r.rank] for r in decls[e.lhs.tensor].ranks]
         for idx, (value, present) in results.items():
             if all(0 <= i < n for i, n in zip(idx, shape)):
-                if present and value != decls[e.lhs.tensor].empty:
+                if present and value != decls[e.lhs.tensor].empty:  # None (dense) never equals
                     target[idx] = value
                 else:
                     target.pop(idx, None)
     outs = {}
     for t in c.tensors:
         if t.role == "output":
-            arr = np.full([sizes[r.rank] for r in t.ranks], t.empty)
+            arr = np.full([sizes[r.rank] for r in t.ranks], t.fill)
             for idx, v in store.get(t.name, {}).items():
                 arr[idx] = v
             outs[t.name] = arr
@@ -79,7 +79,7 @@ def _eval(x, env, store, decls, sizes) -> tuple[float, bool]:
         data = store.get(x.tensor, {})
         if idx is not None and idx in data:
             return data[idx], True
-        return decls[x.tensor].empty, False
+        return decls[x.tensor].fill, False
     op = ops.OPS[x.op]
     args = [_eval(a, env, store, decls, sizes) for a in x.args]
     present = _merge(x.merge or op.merge, [p for _, p in args])

@@ -110,7 +110,7 @@ def cascades(draw: st.DrawFn) -> Cascade:
         shapes[name] = out_ranks
     last = stmts[-1].lhs.tensor
     decls.append(TensorDecl(last, tuple(TensorRank(r) for r in shapes[last]), "output", "f32",
-                            draw(st.sampled_from([0.0, float("-inf"), 1.5]))))
+                            draw(st.sampled_from([None, 0.0, float("-inf"), 1.5]))))
     return Cascade("random", ranks, tuple(decls), tuple(stmts))
 
 
