@@ -28,3 +28,19 @@ class VerificationError(EinfuseError):
 
 class InterpretError(EinfuseError):
     """The reference interpreter cannot evaluate a cascade on the inputs it was given."""
+
+
+class CaptureError(EinfuseError):
+    """A model could not be captured: bad arguments, or torch.export failed."""
+
+
+class UnsupportedOperatorError(CaptureError):
+    """The captured graph uses ops with no translation rule; ``.ops`` lists each with its source."""
+
+    def __init__(self, ops: list[tuple[str, str]]) -> None:
+        self.ops = ops
+        names = sorted({op for op, _ in ops})
+        lines = [f"{len(names)} unsupported operator(s): {', '.join(names)}"]
+        lines += [f"  {op} at {where}" for op, where in ops]
+        lines.append("register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)")
+        super().__init__("\n".join(lines))

@@ -105,6 +105,7 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "cos": np.cos,
     "recip": lambda x: 1.0 / x,
     "floor": np.floor,
+    "trunc": np.trunc,
     "ceil": np.ceil,
     "sign": np.sign,
     "not": lambda x: (x == 0).astype(np.float64),

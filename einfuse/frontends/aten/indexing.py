@@ -1,0 +1,105 @@
+"""Tensor factories and indexing: arange, full, advanced indexing, gather, top-k."""
+from __future__ import annotations
+
+import sympy
+
+from ...ir import Const, Coord, IConst
+from ...ir.nodes import IndexExpr
+from ..builder import Ref, ibin, index_of, placeholder
+from . import Ctx, RuleError, norm_dim, rule
+
+
+@rule("aten.arange.start_step", "aten.arange.default", "aten.arange.start")
+def arange(ctx: Ctx) -> Ref:
+    """``idx(start + step*i)``: a coordinate value, no tensor at all."""
+    if ctx.op == "aten.arange.default":
+        start, step = 0, 1
+    else:
+        start, step = ctx.arg(0), ctx.arg(2, "step", 1)
+    if not all(float(v).is_integer() for v in (start, step) if isinstance(v, (int, float))):
+        raise RuleError("arange with a fractional start or step")
+    value = ibin("+", ctx.b.size_index(sympy.sympify(start)), ibin("*", IConst(int(step)), placeholder(0)))
+    return Ref(Coord(value), tuple(ctx.shape), ctx.dtype)
+
+
+@rule("aten.full.default", "aten.full_like.default", "aten.scalar_tensor.default", "aten.zeros.default",
+      "aten.ones.default", "aten.zeros_like.default", "aten.ones_like.default", "aten.new_ones.default",
+      "aten.new_zeros.default")
+def full(ctx: Ctx) -> Ref:
+    """A constant: no tensor, just the number wherever it is read."""
+    name = ctx.op.split(".")[1]
+    value = {"zeros": 0, "zeros_like": 0, "new_zeros": 0, "ones": 1, "ones_like": 1, "new_ones": 1}.get(name)
+    if value is None:
+        value = ctx.arg(0) if name == "scalar_tensor" else ctx.arg(1, "fill_value")
+    return Ref(Const(float(value)), tuple(ctx.shape), ctx.dtype)
+
+
+@rule("aten.index.Tensor")
+def index(ctx: Ctx) -> Ref:
+    """``x[i0, i1, ...]`` with index tensors (None keeps a dimension): gathers through the index
+    values broadcast together, placed as numpy places them (where the indexed dimensions were if
+    they are adjacent, else in front)."""
+    x, indices = ctx.arg(0), list(ctx.arg(1))
+    indices += [None] * (len(x.shape) - len(indices))
+    used = [d for d, i in enumerate(indices) if i is not None]
+    bshape = tuple(sympy.sympify(s) for s in _broadcast_shape([indices[d].shape for d in used]))
+    front = used[0] if used == list(range(used[0], used[-1] + 1)) else 0
+    bvars = [placeholder(front + k) for k in range(len(bshape))]
+    kept = iter(range(len(ctx.shape)))
+    positions = [next(kept) for _ in range(front)]  # dimensions before the broadcast block
+    for _ in bshape:
+        next(kept)
+    index_exprs: list[IndexExpr] = []
+    for d, ix in enumerate(indices):
+        if ix is not None:
+            index_exprs.append(_index_value(ctx, ix, bshape, bvars))
+        elif d < front:
+            index_exprs.append(placeholder(positions[d]))
+        else:
+            index_exprs.append(placeholder(next(kept)))
+    return x.reindex(ctx.shape, index_exprs)
+
+
+def _index_value(ctx: Ctx, ix: Ref, bshape: tuple, bvars: list[IndexExpr]) -> IndexExpr:
+    """An index tensor read at the broadcast variables, as an index expression (a gather)."""
+    offset = len(bshape) - len(ix.shape)
+    at = [IConst(0) if s == 1 and bshape[offset + d] != 1 else bvars[offset + d] for d, s in enumerate(ix.shape)]
+    value = index_of(ix.at(at))
+    if value is None:
+        ix = ctx.map("i64", ix, shape=ix.shape, dtype="i64", hint=f"{ctx.name}_index")
+        value = index_of(ix.at(at))
+    return value
+
+
+def _broadcast_shape(shapes: list[tuple]) -> tuple:
+    n = max(len(s) for s in shapes)
+    out = []
+    for d in range(n):
+        sizes = {s[d - n + len(s)] for s in shapes if d - n + len(s) >= 0} - {1}
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
+
+
+@rule("aten.gather.default")
+def gather(ctx: Ctx) -> Ref:
+    """``Y[.., i, ..] = X[.., IDX[.., i, ..], ..]`` along ``dim``."""
+    x, dim, ix = ctx.arg(0), norm_dim(ctx.arg(1), len(ctx.arg(0).shape)), ctx.arg(2)
+    out = [placeholder(d) for d in range(len(ctx.shape))]
+    value = index_of(ix.at(out))
+    if value is None:
+        ix = ctx.map("i64", ix, dtype="i64", hint=f"{ctx.name}_index")
+        value = index_of(ix.at(out))
+    index_exprs = list(out)
+    index_exprs[dim] = value
+    return x.reindex(ctx.shape, index_exprs)
+
+
+@rule("aten.index_select.default")
+def index_select(ctx: Ctx) -> Ref:
+    x, dim, ix = ctx.arg(0), norm_dim(ctx.arg(1), len(ctx.arg(0).shape)), ctx.arg(2)
+    value = index_of(ix.at([placeholder(dim)]))
+    if value is None:
+        raise RuleError("index_select with a computed index")
+    index_exprs = [placeholder(d) for d in range(len(x.shape))]
+    index_exprs[dim] = value
+    return x.reindex(ctx.shape, index_exprs)

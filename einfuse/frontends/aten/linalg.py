@@ -1,0 +1,130 @@
+"""Contractions: matrix products, convolution, pooling."""
+from __future__ import annotations
+
+import sympy
+
+from ...ir import Call, IConst
+from ...ir.nodes import Expr, IndexExpr
+from ..builder import Ref, ibin, placeholder
+from . import Ctx, RuleError, rule
+
+
+def matmul(ctx: Ctx, a: Ref, b: Ref, hint: str | None = None) -> Ref:
+    """``Z[..., i, j] = A[..., i, k] * B[..., k, j]`` (leading dims are batch dims)."""
+    shape = tuple(a.shape[:-1]) + (b.shape[-1],)
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        return Call("mul", (a.at(out[:-1] + red), b.at(out[:-2] + red + out[-1:])))
+    return ctx.b.emit(hint or ctx.name, shape, ctx.dtype, rhs, reduce=[a.shape[-1]])
+
+
+@rule("aten.mm.default", "aten.bmm.default")
+def mm(ctx: Ctx) -> Ref:
+    return matmul(ctx, ctx.arg(0), ctx.arg(1))
+
+
+@rule("aten.addmm.default")
+def addmm(ctx: Ctx) -> Ref:
+    """``beta * bias + alpha * (A @ B)``: the product, then the bias add (MLP_BLOCK's form)."""
+    bias, a, b = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    beta, alpha = ctx.arg(3, "beta", 1), ctx.arg(4, "alpha", 1)
+    product = matmul(ctx, a, b, hint=f"{ctx.name}_mm")
+    if alpha != 1:
+        product = ctx.map("mul", product, alpha, hint=f"{ctx.name}_alpha")
+    if beta == 0:
+        return product
+    if beta != 1:
+        bias = ctx.map("mul", bias, beta, shape=bias.shape, hint=f"{ctx.name}_beta")
+    return ctx.map("add", product, bias)
+
+
+@rule("aten.convolution.default")
+def convolution(ctx: Ctx) -> Ref:
+    """``O[n,o,y..] = I[n, g*C+c, s*y+d*r-p ..] * W[o, c, r..]`` with ``g = o // (O/groups)``;
+    out-of-range input points are absent, which is zero padding."""
+    x, w, bias = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    stride, padding, dilation = ctx.arg(3), ctx.arg(4), ctx.arg(5)
+    if ctx.arg(6):
+        raise RuleError("transposed convolution")
+    groups = ctx.arg(8)
+    spatial = len(x.shape) - 2
+    cin, cout = w.shape[1], w.shape[0]
+    per_group = sympy.sympify(cout) / groups
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        c, window = red[0], red[1:]
+        o = out[1]
+        channel = c if groups == 1 else ibin("+", ibin("*", ibin("//", o, IConst(int(per_group))), IConst(int(cin))), c)
+        pos = [ibin("-", ibin("+", ibin("*", IConst(stride[i]), out[2 + i]), ibin("*", IConst(dilation[i]), window[i])),
+                    IConst(padding[i])) for i in range(spatial)]
+        return Call("mul", (x.at([out[0], channel] + pos), w.at([o, c] + window)))
+    conv = ctx.b.emit(f"{ctx.name}_conv" if bias is not None else ctx.name, ctx.shape, ctx.dtype, rhs,
+                      reduce=[cin] + list(w.shape[2:]))
+    if bias is None:
+        return conv
+    return ctx.map("add", conv, _channel_bias(bias, spatial))
+
+
+def _channel_bias(bias: Ref, spatial: int) -> Ref:
+    """A per-channel bias ``[C]`` seen as ``[C, 1, 1]`` so it broadcasts over an NCHW result."""
+    return bias.reindex([bias.shape[0]] + [sympy.Integer(1)] * spatial, [placeholder(0)])
+
+
+def _window(ctx: Ctx, x: Ref, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int],
+            op: str) -> Ref:
+    """``O[n,c,y..] = I[n,c,s*y+d*r-p ..] :: reduce[r..] op`` (absent padding is skipped)."""
+    spatial = len(kernel)
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        pos = [ibin("-", ibin("+", ibin("*", IConst(stride[i]), out[-spatial + i]), ibin("*", IConst(dilation[i]), red[i])),
+                    IConst(padding[i])) for i in range(spatial)]
+        return x.at(list(out[:-spatial]) + pos)
+    return ctx.b.emit(f"{ctx.name}_window" if op == "+" else ctx.name, ctx.shape, ctx.dtype, rhs,
+                      reduce=[sympy.Integer(k) for k in kernel], op=op)
+
+
+def _pair(v: object, n: int) -> list[int]:
+    return list(v) * (n if len(v) == 1 else 1) if isinstance(v, (list, tuple)) else [int(v)] * n
+
+
+@rule("aten.max_pool2d_with_indices.default", "aten.max_pool2d.default")
+def max_pool2d(ctx: Ctx) -> object:
+    x = ctx.arg(0)
+    kernel = _pair(ctx.arg(1), 2)
+    stride = _pair(ctx.arg(2) or kernel, 2)
+    padding, dilation = _pair(ctx.arg(3, "padding", 0), 2), _pair(ctx.arg(4, "dilation", 1), 2)
+    if ctx.arg(5, "ceil_mode", False):
+        raise RuleError("max_pool2d with ceil_mode=True")
+    shape = ctx.shape[0] if "with_indices" in ctx.op else ctx.shape
+    ctx.shape = shape
+    out = _window(ctx, x, kernel, stride, padding, dilation, "max")
+    return (out, None) if "with_indices" in ctx.op else out
+
+
+@rule("aten.avg_pool2d.default")
+def avg_pool2d(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    kernel = _pair(ctx.arg(1), 2)
+    stride = _pair(ctx.arg(2) or kernel, 2)
+    padding = _pair(ctx.arg(3, "padding", 0), 2)
+    if ctx.arg(4, "ceil_mode", False) or ctx.arg(6, "divisor_override") is not None:
+        raise RuleError("avg_pool2d with ceil_mode or divisor_override")
+    if any(padding) and not ctx.arg(5, "count_include_pad", True):
+        raise RuleError("avg_pool2d with count_include_pad=False")
+    total = _window(ctx, x, kernel, stride, padding, [1, 1], "+")
+    return ctx.map("div", total, kernel[0] * kernel[1])
+
+
+@rule("aten._adaptive_avg_pool2d.default", "aten.adaptive_avg_pool2d.default")
+def adaptive_avg_pool2d(ctx: Ctx) -> Ref:
+    """Adaptive pooling whose input size is a multiple of the output size: an average pool with
+    window and stride H/O (uneven windows are refused)."""
+    x = ctx.arg(0)
+    sizes = [int(s) for s in x.shape[-2:]]
+    outs = [int(s) for s in ctx.shape[-2:]]
+    if any(h % o for h, o in zip(sizes, outs)):
+        raise RuleError(f"adaptive pooling from {sizes} to {outs} with uneven windows")
+    kernel = [h // o for h, o in zip(sizes, outs)]
+    total = _window(ctx, x, kernel, kernel, [0, 0], [1, 1], "+")
+    return ctx.map("div", total, kernel[0] * kernel[1])
+

@@ -1,0 +1,110 @@
+"""Reductions (sum, mean, amax, any, ...), softmax as FuseMax's 3-pass cascade, cumsum as a filter."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import sympy
+
+from ...ir import Access, Call, Cond, Const, Coord, Index
+from ...ir.nodes import Expr, IndexExpr
+from ..builder import Builder, Ref
+from . import Ctx, norm_dim, rule
+
+
+def reduce_ref(b: Builder, hint: str, x: Ref, dims: Sequence[int], keepdim: bool, op: str, dtype: str) -> Ref:
+    """Reduce ``x`` over ``dims`` with ``op`` (``+ max min *``) into a new tensor."""
+    dims = sorted({norm_dim(d, len(x.shape)) for d in dims})
+    kept = [d for d in range(len(x.shape)) if d not in dims]
+    shape = [sympy.Integer(1) if d in dims else s for d, s in enumerate(x.shape)] if keepdim \
+        else [x.shape[d] for d in kept]
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        index: list[IndexExpr] = [None] * len(x.shape)  # type: ignore[list-item]
+        for d, r in zip(dims, red):
+            index[d] = r
+        for k, d in enumerate(kept):
+            index[d] = out[d] if keepdim else out[k]
+        return x.at(index)
+    return b.emit(hint, shape, dtype, rhs, reduce=[x.shape[d] for d in dims], op=op)
+
+
+def _dims(ctx: Ctx, x: Ref) -> list[int]:
+    dims = ctx.arg(1, "dim")
+    if dims is None or dims == []:
+        return list(range(len(x.shape)))
+    return [dims] if isinstance(dims, int) else list(dims)
+
+
+@rule("aten.sum.dim_IntList", "aten.sum.default")
+def sum_(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    return reduce_ref(ctx.b, ctx.name, x, _dims(ctx, x), ctx.arg(2, "keepdim", False), "+", ctx.dtype)
+
+
+@rule("aten.mean.dim", "aten.mean.default")
+def mean(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    dims = _dims(ctx, x)
+    count = sympy.Mul(*[x.shape[norm_dim(d, len(x.shape))] for d in dims])
+    total = reduce_ref(ctx.b, f"{ctx.name}_sum", x, dims, ctx.arg(2, "keepdim", False), "+", ctx.dtype)
+    return ctx.map("div", total, _number(ctx, count))
+
+
+def _number(ctx: Ctx, size: sympy.Expr) -> object:
+    """A size as an operand: a Python number, or a ref holding the symbolic size."""
+    return int(size) if size.is_Integer else Ref(Coord(ctx.b.size_index(size)), (), "i64")
+
+
+@rule("aten.amax.default", "aten.amin.default")
+def amax(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    return reduce_ref(ctx.b, ctx.name, x, _dims(ctx, x), ctx.arg(2, "keepdim", False),
+                      "max" if "amax" in ctx.op else "min", ctx.dtype)
+
+
+@rule("aten.any.dim", "aten.any.dims", "aten.any.default", "aten.all.dim", "aten.all.default")
+def any_all(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    nonzero = ctx.map("ne", x, 0, shape=x.shape, hint=f"{ctx.name}_nz") if x.dtype != "bool" else x
+    return reduce_ref(ctx.b, ctx.name, nonzero, _dims(ctx, x), ctx.arg(2, "keepdim", False),
+                      "max" if ".any." in ctx.op else "min", "bool")
+
+
+@rule("aten._softmax.default", "aten._log_softmax.default")
+def softmax(ctx: Ctx) -> Ref:
+    """FuseMax Cascade 4's softmax: GM = max, SN = exp(x - GM), SD = sum SN, A = SN / SD."""
+    x, dim = ctx.arg(0), norm_dim(ctx.arg(1), len(ctx.arg(0).shape))
+    gm = reduce_ref(ctx.b, f"{ctx.name}_max", x, [dim], True, "max", ctx.dtype)
+    sn = ctx.map("exp", ctx.map("sub", x, gm, hint=f"{ctx.name}_shift"), hint=f"{ctx.name}_exp")
+    sd = reduce_ref(ctx.b, f"{ctx.name}_sum", sn, [dim], True, "+", ctx.dtype)
+    if "log_softmax" in ctx.op:
+        return ctx.map("sub", ctx.map("sub", x, gm, hint=f"{ctx.name}_shifted"), ctx.map("log", sd, shape=sd.shape,
+                                                                                       hint=f"{ctx.name}_logsum"))
+    return ctx.map("div", sn, sd)
+
+
+@rule("aten.cumsum.default")
+def cumsum(ctx: Ctx) -> Ref:
+    """``Y[..i..] = X[..j:j<=i..]``: a prefix sum is a filtered reduction (FuseMax §II-C3)."""
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(1), len(x.shape))
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        index = list(out)
+        index[dim] = red[0]
+        read = x.at(index)
+        return _filtered(read, dim, Cond(red[0], "<=", out[dim]))
+    return ctx.emit(rhs, reduce=[x.shape[dim]])
+
+
+def _filtered(e: Expr, dim: int, cond: Cond) -> Expr:
+    """``e`` with ``cond`` as a filter on its index ``dim`` when it is an access; any other
+    expression is wrapped in ``where`` on the coordinates."""
+    if isinstance(e, Access):
+        indices = list(e.indices)
+        indices[dim] = Index(indices[dim].expr, indices[dim].filter + (cond,))
+        return Access(e.tensor, tuple(indices))
+    return Call("where", (Call(_CMP[cond.cmp], (Coord(cond.lhs), Coord(cond.rhs))), e, Const(0.0)))
+
+
+_CMP = {"<=": "le", "<": "lt", ">=": "ge", ">": "gt"}

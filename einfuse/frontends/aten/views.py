@@ -1,0 +1,197 @@
+"""Views: reshape, permute, expand, slice, select, split, squeeze, copies. Each is index renaming
+of the ref it reads (no Einsum); only ``cat`` and dtype casts compute."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import sympy
+
+from ...ir import Access, Cond, Index, IConst, IVar
+from ...ir.nodes import IndexExpr
+from ..builder import Builder, Ref, ibin, placeholder
+from . import Ctx, RuleError, norm_dim, rule
+
+
+@rule("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
+def view(ctx: Ctx) -> Ref:
+    return reshape(ctx.b, ctx.arg(0), ctx.shape)
+
+
+def reshape(b: Builder, x: Ref, shape: Sequence[sympy.Expr]) -> Ref:
+    """``x`` seen with ``shape`` (same elements, row-major): groups of dimensions with equal
+    products map to each other through ``//`` and ``%`` (a split is ``h*E+e``)."""
+    shape = tuple(sympy.sympify(s) for s in shape)
+    old_dims = [d for d, s in enumerate(x.shape) if s != 1]
+    new_dims = [d for d, s in enumerate(shape) if s != 1]
+    index: list[IndexExpr] = [IConst(0)] * len(x.shape)
+    i = j = 0
+    while i < len(old_dims) and j < len(new_dims):
+        go, gn = [old_dims[i]], [new_dims[j]]
+        i, j = i + 1, j + 1
+        while _product(x.shape, go) != _product(shape, gn):
+            if _grow_old(_product(x.shape, go), _product(shape, gn)) and i < len(old_dims):
+                go.append(old_dims[i])
+                i += 1
+            elif j < len(new_dims):
+                gn.append(new_dims[j])
+                j += 1
+            else:
+                raise RuleError(f"cannot reshape {tuple(x.shape)} to {shape}")
+        flat: IndexExpr = IConst(0)
+        for k, d in enumerate(gn):
+            flat = ibin("+", flat, ibin("*", placeholder(d), b.size_index(_product(shape, gn[k + 1:]))))
+        for k, d in enumerate(go):
+            stride = b.size_index(_product(x.shape, go[k + 1:]))
+            part = ibin("//", flat, stride) if k < len(go) - 1 else flat
+            index[d] = ibin("%", part, b.size_index(x.shape[d])) if k > 0 else part
+    if i < len(old_dims) or j < len(new_dims):
+        raise RuleError(f"cannot reshape {tuple(x.shape)} to {shape}")
+    return x.reindex(shape, index)
+
+
+def _product(shape: Sequence[sympy.Expr], dims: Sequence[int]) -> sympy.Expr:
+    return sympy.Mul(*[shape[d] for d in dims]) if dims else sympy.Integer(1)
+
+
+def _grow_old(old: sympy.Expr, new: sympy.Expr) -> bool:
+    """True when the old group's product is the smaller one (it must take another dimension)."""
+    ratio = sympy.simplify(new / old)
+    if ratio.is_number:
+        return bool(ratio > 1)
+    num, den = sympy.fraction(ratio)
+    return den.is_number
+
+
+@rule("aten.permute.default")
+def permute(ctx: Ctx) -> Ref:
+    x, dims = ctx.arg(0), [norm_dim(d, len(ctx.arg(0).shape)) for d in ctx.arg(1)]
+    index: list[IndexExpr] = [IConst(0)] * len(dims)
+    for k, d in enumerate(dims):
+        index[d] = placeholder(k)
+    return x.reindex(ctx.shape, index)
+
+
+@rule("aten.transpose.int", "aten.t.default")
+def transpose(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    n = len(x.shape)
+    a, c = (norm_dim(ctx.arg(1, "dim0", 0), n), norm_dim(ctx.arg(2, "dim1", 1), n)) if n > 1 else (0, 0)
+    order = list(range(n))
+    order[a], order[c] = order[c], order[a]
+    return x.reindex(ctx.shape, [placeholder(order[d]) for d in range(n)])
+
+
+@rule("aten.expand.default", "aten.expand_as.default")
+def expand(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    offset = len(ctx.shape) - len(x.shape)
+    return x.reindex(ctx.shape, [IConst(0) if s == 1 and ctx.shape[offset + d] != 1 else placeholder(offset + d)
+                                 for d, s in enumerate(x.shape)])
+
+
+@rule("aten.unsqueeze.default")
+def unsqueeze(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(1), len(x.shape) + 1)
+    return x.reindex(ctx.shape, [placeholder(d if d < dim else d + 1) for d in range(len(x.shape))])
+
+
+@rule("aten.squeeze.dim", "aten.squeeze.dims", "aten.squeeze.default")
+def squeeze(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    dims = ctx.arg(1)
+    dims = range(len(x.shape)) if dims is None else [dims] if isinstance(dims, int) else dims
+    gone = {norm_dim(d, len(x.shape)) for d in dims if x.shape[norm_dim(d, len(x.shape))] == 1}
+    index, k = [], 0
+    for d in range(len(x.shape)):
+        index.append(IConst(0) if d in gone else placeholder(k))
+        k += d not in gone
+    return x.reindex(ctx.shape, index)
+
+
+@rule("aten.slice.Tensor")
+def slice_(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    return slice_ref(ctx.b, x, norm_dim(ctx.arg(1, "dim", 0), len(x.shape)), ctx.arg(2, "start"),
+                     ctx.arg(4, "step", 1), ctx.shape)
+
+
+def slice_ref(b: Builder, x: Ref, dim: int, start: object, step: int, shape: Sequence[sympy.Expr]) -> Ref:
+    """Elements ``start, start+step, ...`` of dimension ``dim``."""
+    start = sympy.sympify(0 if start is None else start)
+    if start.is_number and start < 0:
+        start = sympy.Max(start + x.shape[dim], 0)
+    if start.is_number and x.shape[dim].is_number:
+        start = sympy.Min(start, x.shape[dim])
+    index = [placeholder(d) for d in range(len(x.shape))]
+    index[dim] = ibin("+", b.size_index(start), ibin("*", IConst(int(step)), placeholder(dim)))
+    return x.reindex(shape, index)
+
+
+@rule("aten.select.int")
+def select(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(1), len(x.shape))
+    i = ctx.arg(2)
+    i = i + x.shape[dim] if isinstance(i, int) and i < 0 else i
+    index = [placeholder(d if d < dim else d - 1) for d in range(len(x.shape))]
+    index[dim] = ctx.b.size_index(i)
+    return x.reindex(ctx.shape, index)
+
+
+@rule("aten.split_with_sizes.default", "aten.split.Tensor")
+def split(ctx: Ctx) -> list[Ref]:
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(2, "dim", 0), len(x.shape))
+    out, start = [], sympy.Integer(0)
+    for shape in ctx.shape:
+        out.append(slice_ref(ctx.b, x, dim, start, 1, shape))
+        start += shape[dim]
+    return out
+
+
+@rule("aten.unbind.int")
+def unbind(ctx: Ctx) -> list[Ref]:
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(x.shape))
+    out = []
+    for k, shape in enumerate(ctx.shape):
+        index = [placeholder(d if d < dim else d - 1) for d in range(len(x.shape))]
+        index[dim] = IConst(k)
+        out.append(x.reindex(shape, index))
+    return out
+
+
+@rule("aten.clone.default", "aten.alias.default", "aten.detach.default", "aten.lift_fresh_copy.default",
+      "aten.contiguous.default", "aten.dropout.default")
+def identity(ctx: Ctx) -> Ref:
+    return ctx.arg(0)
+
+
+@rule("aten._to_copy.default", "aten.to.dtype")
+def to_copy(ctx: Ctx) -> Ref:
+    x = ctx.arg(0)
+    return x if ctx.dtype == x.dtype else ctx.map(ctx.dtype, x)
+
+
+@rule("aten.cat.default")
+def cat(ctx: Ctx) -> Ref:
+    """Concatenation writes each piece into its slab of one tensor (an Einsum per piece, with a
+    filter on the concatenated dimension)."""
+    pieces = [p for p in ctx.arg(0) if all(s != 0 for s in p.shape)]
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(ctx.shape))
+    b = ctx.b
+    name = b.name(ctx.name)
+    out = b.declare(name, ctx.shape, "temp", ctx.dtype)
+    vars_ = [IVar(r.rank.lower()) for r in b.tensors[-1].ranks]
+    start = sympy.Integer(0)
+    for piece in pieces:
+        end = start + piece.shape[dim]
+        lo, hi = b.size_index(start), b.size_index(end)
+        index = list(vars_)
+        index[dim] = ibin("-", vars_[dim], lo)
+        conds = (Cond(vars_[dim], ">=", lo), Cond(vars_[dim], "<", hi))
+        lhs = Access(name, tuple(Index(v, conds if d == dim else ()) for d, v in enumerate(vars_)))
+        b.add_einsum(lhs, piece.at(index))
+        start = end
+    return out

@@ -1,0 +1,225 @@
+"""Capture a PyTorch model into a cascade: ``torch.export`` (non-strict) -> core ATen -> one rule
+per op (``einfuse/frontends/aten``).
+
+Views are index renaming, weights and buffers become ``param`` tensors whose data the cascade
+carries, inputs keep forward()'s argument names, outputs are ``out0, out1, ...``, and a
+``torch.export.Dim`` becomes a symbolic rank size. ``scaled_dot_product_attention`` is kept whole
+and translated to FuseMax's attention cascade.
+"""
+from __future__ import annotations
+
+import operator
+import os
+import re
+from typing import Any, Mapping
+
+import sympy
+import torch
+
+from ..errors import CaptureError, UnsupportedOperatorError
+from ..ir import Cascade
+from .aten import RULES, Ctx, RuleError
+from .builder import Builder, Ref
+
+DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64",
+          torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "bool"}
+
+#: ops that only assert metadata: they produce nothing the cascade needs
+IGNORED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
+           "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg",
+           "aten.sym_constrain_range.default"}
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | None = None,
+            dynamic_shapes: Any = None, *, rank_names: Mapping[Any, str] | None = None) -> Cascade:
+    """Capture ``model(*args, **kwargs)`` as a cascade.
+
+    ``dynamic_shapes`` is passed to ``torch.export.export``; each ``Dim`` becomes a size symbol of
+    that name. ``rank_names`` names ranks by size (``{64: "D", "seq": "S"}``); other ranks are
+    named ``N<size>`` or after their symbol. Raises :class:`~einfuse.errors.CaptureError` for bad
+    arguments or a failed export, and :class:`~einfuse.errors.UnsupportedOperatorError` listing
+    every op that has no rule.
+    """
+    _check_arguments(model, args, kwargs)
+    exported = _export(model, tuple(args), dict(kwargs or {}), dynamic_shapes)
+    missing = unsupported_ops(exported.graph)
+    if missing:
+        raise UnsupportedOperatorError(missing)
+    symbols = _symbol_names(exported, dynamic_shapes)
+    name = re.sub(r"\W", "_", type(model).__name__.lower())
+    return _Translator(exported, Builder(rank_names), symbols).run(name)
+
+
+def _check_arguments(model: Any, args: Any, kwargs: Any) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"capture: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(args, (tuple, list)):
+        raise CaptureError(f"capture: args must be a tuple of example inputs, got {type(args).__name__} "
+                           "(write (x,) for a single input)")
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        raise CaptureError(f"capture: kwargs must be a dict, got {type(kwargs).__name__}")
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    try:
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    except Exception as exc:  # torch.export raises many unrelated types; all mean "could not export"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+                           f"{first}") from exc
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+    return exported.run_decompositions(table)
+
+
+def unsupported_ops(graph: torch.fx.Graph) -> list[tuple[str, str]]:
+    """Every call in ``graph`` with no rule, with its source location, in graph order."""
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem or _is_size(node):
+            continue
+        op = str(node.target)
+        if op not in RULES and op not in IGNORED:
+            out.append((op, source_location(node, code=True)))
+    return out
+
+
+def _is_size(node: torch.fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def source_location(node: torch.fx.Node, code: bool = False) -> str:
+    """``file.py:LINE`` of the user code that made ``node`` (with the line's text if ``code``)."""
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
+    if not frames:
+        return f"node {node.name} (no source location)"
+    path, line, fn, text = frames[-1]
+    if not code:
+        return f"{os.path.basename(path)}:{line}"
+    return f"{path}:{line} in {fn}: {text.strip()}"
+
+
+def _symbol_names(exported: torch.export.ExportedProgram, dynamic_shapes: Any) -> dict[sympy.Symbol, sympy.Symbol]:
+    """torch's shape symbols (``s70``) -> size symbols named after the ``Dim`` (``seq``)."""
+    user = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    specs = dict(zip(user, dynamic_shapes)) if isinstance(dynamic_shapes, (tuple, list)) else dict(dynamic_shapes or {})
+    nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    names: dict[sympy.Symbol, sympy.Symbol] = {}
+    for arg, spec in specs.items():
+        dims = spec.items() if isinstance(spec, Mapping) else enumerate(spec or ())
+        val = nodes[arg].meta.get("val") if arg in nodes else None
+        for d, dim in dims:
+            size = val.shape[d] if val is not None else None
+            if isinstance(size, torch.SymInt) and getattr(dim, "__name__", None) and size.node.expr.is_Symbol:
+                names[size.node.expr] = sympy.Symbol(dim.__name__, integer=True, positive=True)
+    return names
+
+
+class _Translator:
+    """Walks the exported graph in order, keeping each node's value (a Ref, a size or a tuple)."""
+
+    def __init__(self, exported: torch.export.ExportedProgram, builder: Builder,
+                 symbols: dict[sympy.Symbol, sympy.Symbol]) -> None:
+        self.ep, self.b, self.symbols = exported, builder, symbols
+        self.env: dict[str, Any] = {}
+
+    def run(self, name: str) -> Cascade:
+        for node in self.ep.graph.nodes:
+            self.b.provenance = source_location(node) if node.op == "call_function" and node.meta.get("stack_trace") else None
+            if node.op == "placeholder":
+                self.env[node.name] = self.placeholder(node)
+            elif node.op == "call_function":
+                self.env[node.name] = self.call(node)
+            elif node.op == "output":
+                self.outputs(node)
+        return self.b.cascade(name)
+
+    # ---- graph values -------------------------------------------------------------------------
+
+    def size(self, d: Any) -> sympy.Expr:
+        if isinstance(d, torch.SymInt):
+            return sympy.sympify(d.node.expr).xreplace(self.symbols)
+        return sympy.Integer(int(d))
+
+    def shape_of(self, val: Any) -> Any:
+        if isinstance(val, torch.Tensor):
+            return tuple(self.size(d) for d in val.shape)
+        if isinstance(val, (tuple, list)):
+            return [self.shape_of(v) for v in val]
+        return None
+
+    def dtype_of(self, val: Any) -> Any:
+        if isinstance(val, torch.Tensor):
+            if val.dtype not in DTYPES:
+                raise CaptureError(f"tensors of dtype {val.dtype} are not supported")
+            return DTYPES[val.dtype]
+        if isinstance(val, (tuple, list)):
+            return [self.dtype_of(v) for v in val]
+        return None
+
+    def resolve(self, a: Any) -> Any:
+        if isinstance(a, torch.fx.Node):
+            return self.env[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.resolve(x) for x in a)
+        if isinstance(a, torch.dtype):
+            return DTYPES.get(a, str(a))
+        if isinstance(a, torch.SymInt):
+            return self.size(a)
+        return a
+
+    # ---- nodes -------------------------------------------------------------------------------------
+
+    def placeholder(self, node: torch.fx.Node) -> Ref:
+        spec = next(s for s in self.ep.graph_signature.input_specs if s.arg.name == node.name)
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise CaptureError(f"input '{node.name}' is a {type(val).__name__}; only tensor inputs are supported")
+        shape, dtype = self.shape_of(val), self.dtype_of(val)
+        if spec.kind.name == "USER_INPUT":
+            return self.b.declare(self.b.name(node.name), shape, "input", dtype)
+        data = self.ep.state_dict.get(spec.target)
+        if data is None:
+            data = self.ep.constants[spec.target]
+        name = self.b.name(_param_name(spec.target, self.ep))
+        self.b.params[name] = data.detach().to(torch.float64 if data.is_floating_point() else torch.int64).numpy()
+        return self.b.declare(name, shape, "param", dtype)
+
+    def call(self, node: torch.fx.Node) -> Any:
+        if node.target is operator.getitem:
+            return self.resolve(node.args[0])[node.args[1]]
+        val = node.meta.get("val")
+        if _is_size(node):
+            return self.size(val) if isinstance(val, (int, torch.SymInt)) else val
+        op = str(node.target)
+        if op in IGNORED:
+            return None
+        ctx = Ctx(self.b, op, node.name, list(self.resolve(node.args)), self.resolve(dict(node.kwargs)),
+                  self.shape_of(val), self.dtype_of(val))
+        try:
+            return RULES[op](ctx)
+        except RuleError as exc:
+            raise UnsupportedOperatorError([(f"{op} ({exc})", source_location(node, code=True))]) from None
+
+    def outputs(self, node: torch.fx.Node) -> None:
+        user = [s for s in self.ep.graph_signature.output_specs if s.kind.name == "USER_OUTPUT"]
+        values = dict(zip([s.arg.name for s in self.ep.graph_signature.output_specs], node.args[0]))
+        for i, spec in enumerate(user):
+            ref = self.resolve(values[spec.arg.name])
+            if not isinstance(ref, Ref):
+                raise CaptureError(f"output {i} is a {type(ref).__name__}; only tensor outputs are supported")
+            self.b.provenance = None
+            self.b.emit(f"out{i}", ref.shape, ref.dtype, lambda o, _, r=ref: r.at(o), role="output",
+                        name=self.b.name(f"out{i}"))
+
+
+def _param_name(target: str, exported: torch.export.ExportedProgram) -> str:
+    """A readable tensor name for a parameter or buffer: its state-dict key with the wrapper's
+    common first component dropped (``model.h.0.attn.c_attn.weight`` -> ``h_0_attn_c_attn_weight``)."""
+    keys = [s.target for s in exported.graph_signature.input_specs if s.target]
+    heads = {k.split(".")[0] for k in keys}
+    if len(heads) == 1 and all("." in k for k in keys):
+        target = target.split(".", 1)[1]
+    return target.replace(".", "_")
+
