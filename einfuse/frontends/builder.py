@@ -17,7 +17,7 @@ import numpy as np
 import sympy
 
 from ..ir import (Access, Call, Cascade, Cond, Const, Coord, Einsum, IAccess, IBin, IConst, Index,
-                  ISym, IVar, Rank, Reduce, TensorDecl, TensorRank)
+                  ISym, IVar, Populate, Rank, Reduce, TensorDecl, TensorRank)
 from ..ir.nodes import Expr, IndexExpr
 from ..ir.scope import expr_vars
 
@@ -189,11 +189,12 @@ class Builder:
              rhs: Callable[[list[IndexExpr], list[IndexExpr]], Expr], *,
              reduce: Sequence[Size] = (), op: str = "+", empty: float | None = None,
              where: Callable[[list[IndexExpr]], tuple[Cond, ...]] | None = None,
-             role: str = "temp", name: str | None = None) -> Ref:
+             populate: tuple[str, int, int] | None = None, role: str = "temp", name: str | None = None) -> Ref:
         """One Einsum ``NAME[out] = rhs(out, red) :: reduce[red] op`` into a new tensor.
 
         ``reduce`` gives the sizes of the reduced dimensions; ``where`` a filter on the output
-        (points where it is false are not computed). Returns a ref to the new tensor.
+        (points where it is false are not computed); ``populate`` = ``(op, dim, k)`` keeps only the
+        chosen coordinates of output dimension ``dim``. Returns a ref to the new tensor.
         """
         name = name or self.name(hint)
         out = self.declare(name, shape, role, dtype, empty)
@@ -210,7 +211,8 @@ class Builder:
         filt = where(out_vars) if where else ()
         lhs = Access(name, tuple(Index(v, filt if i == 0 else ()) for i, v in enumerate(out_vars)))
         action = Reduce(tuple(kept), op) if kept and op != "+" else None
-        self.stmts.append(Einsum(lhs, body, action, None, self.provenance))
+        chosen = Populate(out_vars[populate[1]].name, populate[0], populate[2]) if populate else None
+        self.stmts.append(Einsum(lhs, body, action, chosen, self.provenance))
         return out
 
     def _cover_reduced(self, body: Expr, red_vars: list[IVar], sizes: Sequence[Size], op: str) -> Expr:

@@ -17,12 +17,17 @@ import sympy
 import torch
 
 from ..errors import CaptureError, UnsupportedOperatorError
-from ..ir import Cascade
+from ..ir import Cascade, verify
 from .aten import RULES, Ctx, RuleError
 from .builder import Builder, Ref
 
 DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64",
           torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "bool"}
+
+#: shorter tensor names for nodes named after long op names
+SHORT_NAMES = {"native_layer_norm": "layernorm", "scaled_dot_product_attention": "attn",
+               "_native_batch_norm_legit_no_training": "batchnorm", "_softmax": "softmax",
+               "max_pool2d_with_indices": "maxpool", "_adaptive_avg_pool2d": "avgpool", "convolution": "conv"}
 
 #: ops that only assert metadata: they produce nothing the cascade needs
 IGNORED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
@@ -36,7 +41,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | Non
 
     ``dynamic_shapes`` is passed to ``torch.export.export``; each ``Dim`` becomes a size symbol of
     that name. ``rank_names`` names ranks by size (``{64: "D", "seq": "S"}``); other ranks are
-    named ``N<size>`` or after their symbol. Raises :class:`~einfuse.errors.CaptureError` for bad
+    named ``N<size>`` or after their symbol (a model may carry its own as ``einfuse_rank_names``). Raises :class:`~einfuse.errors.CaptureError` for bad
     arguments or a failed export, and :class:`~einfuse.errors.UnsupportedOperatorError` listing
     every op that has no rule.
     """
@@ -47,7 +52,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | Non
         raise UnsupportedOperatorError(missing)
     symbols = _symbol_names(exported, dynamic_shapes)
     name = re.sub(r"\W", "_", type(model).__name__.lower())
-    return _Translator(exported, Builder(rank_names), symbols).run(name)
+    names = rank_names if rank_names is not None else getattr(model, "einfuse_rank_names", None)
+    return verify(_Translator(exported, Builder(names), symbols).run(name))
 
 
 def _check_arguments(model: Any, args: Any, kwargs: Any) -> None:
@@ -195,7 +201,8 @@ class _Translator:
         op = str(node.target)
         if op in IGNORED:
             return None
-        ctx = Ctx(self.b, op, node.name, list(self.resolve(node.args)), self.resolve(dict(node.kwargs)),
+        name = next((node.name.replace(k, v, 1) for k, v in SHORT_NAMES.items() if node.name.startswith(k)), node.name)
+        ctx = Ctx(self.b, op, name, list(self.resolve(node.args)), self.resolve(dict(node.kwargs)),
                   self.shape_of(val), self.dtype_of(val))
         try:
             return RULES[op](ctx)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sympy
 
-from ...ir import Const, Coord, IConst
+from ...ir import Access, Call, Const, Coord, IConst, Index, IVar
 from ...ir.nodes import IndexExpr
 from ..builder import Ref, ibin, index_of, placeholder
 from . import Ctx, RuleError, norm_dim, rule
@@ -103,3 +103,34 @@ def index_select(ctx: Ctx) -> Ref:
     index_exprs = [placeholder(d) for d in range(len(x.shape))]
     index_exprs[dim] = value
     return x.reindex(ctx.shape, index_exprs)
+
+
+@rule("aten.topk.default")
+def topk(ctx: Ctx) -> tuple[Ref, Ref]:
+    """The j-th largest of a fiber, for j < k, with populates (EINSUM_CASCADES.md MOE_TOPK):
+    ``TOP_j = X :: populate[e] topk(j+1)`` keeps the j+1 largest, ``PICK_j = TOP_j :: populate[e]
+    argmin`` keeps the smallest of those, and ``VALUES[.., j] = PICK_j[.., e]``,
+    ``INDICES[.., j] = PICK_j[.., e] -> idx(e)`` read it out (one present point per fiber)."""
+    x, k = ctx.arg(0), int(ctx.arg(1))
+    dim = norm_dim(ctx.arg(2, "dim", -1), len(x.shape))
+    largest = ctx.arg(3, "largest", True)
+    b = ctx.b
+    (vshape, ishape), (vdtype, idtype) = ctx.shape, ctx.dtype
+    values = b.declare(b.name(f"{ctx.name}_values"), vshape, "temp", vdtype)
+    indices = b.declare(b.name(f"{ctx.name}_indices"), ishape, "temp", idtype)
+    out_vars = [IVar(r.rank.lower()) for r in b.tensors[-1].ranks]
+    e = IVar(b.rank_for(x.shape[dim], {r.rank for r in b.tensors[-1].ranks}).lower())
+    for j in range(k):
+        top = b.emit(f"{ctx.name}_top{j + 1}", x.shape, x.dtype, lambda o, _: x.at(o),
+                     populate=("topk" if largest else "bottomk", dim, j + 1))
+        pick = b.emit(f"{ctx.name}_pick{j + 1}", x.shape, x.dtype, lambda o, _, t=top: t.at(o),
+                      populate=("argmin" if largest else "argmax", dim, 1))
+        read = list(out_vars)
+        read[dim] = e
+        slot = list(out_vars)
+        slot[dim] = IConst(j)
+        picked = pick.at(read)
+        b.add_einsum(Access(values.expr.tensor, tuple(Index(i) for i in slot)), picked)
+        b.add_einsum(Access(indices.expr.tensor, tuple(Index(i) for i in slot)),
+                     Call("take_right", (picked, Coord(e))))
+    return values, indices

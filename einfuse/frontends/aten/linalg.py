@@ -95,8 +95,8 @@ def max_pool2d(ctx: Ctx) -> object:
     padding, dilation = _pair(ctx.arg(3, "padding", 0), 2), _pair(ctx.arg(4, "dilation", 1), 2)
     if ctx.arg(5, "ceil_mode", False):
         raise RuleError("max_pool2d with ceil_mode=True")
-    shape = ctx.shape[0] if "with_indices" in ctx.op else ctx.shape
-    ctx.shape = shape
+    if "with_indices" in ctx.op:
+        ctx.shape, ctx.dtype = ctx.shape[0], ctx.dtype[0]
     out = _window(ctx, x, kernel, stride, padding, dilation, "max")
     return (out, None) if "with_indices" in ctx.op else out
 

@@ -9,7 +9,7 @@ from ...ir import Call, Cond, IBin, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, index_of, placeholder
 from . import Ctx, RuleError, rule
-from .reductions import reduce_ref
+from .reductions import keepdims, reduce_ref
 
 
 @rule("aten.native_layer_norm.default")
@@ -18,21 +18,22 @@ def layer_norm(ctx: Ctx) -> tuple[Ref, Ref, Ref]:
     x, normalized, weight, bias, eps = (ctx.arg(i) for i in range(5))
     dims = list(range(len(x.shape) - len(normalized), len(x.shape)))
     count = int(sympy.Mul(*[x.shape[d] for d in dims]))
-    stat_shape, ctx.dtype = ctx.shape[1], ctx.dtype[0]
-    mu = ctx.map("div", reduce_ref(ctx.b, f"{ctx.name}_sum", x, dims, True, "+", x.dtype), count,
-                 shape=stat_shape, dtype=x.dtype, hint=f"{ctx.name}_mean")
-    xc = ctx.map("sub", x, mu, shape=x.shape, dtype=x.dtype, hint=f"{ctx.name}_centred")
-    sq = ctx.map("mul", xc, xc, shape=x.shape, dtype=x.dtype, hint=f"{ctx.name}_sq")
-    var = ctx.map("div", reduce_ref(ctx.b, f"{ctx.name}_sqsum", sq, dims, True, "+", x.dtype), count,
-                  shape=stat_shape, dtype=x.dtype, hint=f"{ctx.name}_var")
-    rstd = ctx.map("rsqrt", ctx.map("add", var, eps, shape=stat_shape, dtype=x.dtype, hint=f"{ctx.name}_vareps"),
-                   shape=stat_shape, dtype=x.dtype, hint=f"{ctx.name}_rstd")
-    y = ctx.map("mul", xc, rstd, shape=x.shape, hint=f"{ctx.name}_norm" if weight is not None or bias is not None else None)
+    ctx.dtype = ctx.dtype[0]
+    total = reduce_ref(ctx.b, f"{ctx.name}_sum", x, dims, False, "+", x.dtype)
+    mu = ctx.map("div", total, count, shape=total.shape, hint=f"{ctx.name}_mean")
+    xc = ctx.map("sub", x, keepdims(mu, x.shape, dims), shape=x.shape, hint=f"{ctx.name}_centred")
+    sq = ctx.map("mul", xc, xc, shape=x.shape, hint=f"{ctx.name}_sq")
+    var = ctx.map("div", reduce_ref(ctx.b, f"{ctx.name}_sqsum", sq, dims, False, "+", x.dtype), count,
+                  shape=total.shape, hint=f"{ctx.name}_var")
+    rstd = ctx.map("rsqrt", ctx.map("add", var, eps, shape=total.shape, hint=f"{ctx.name}_vareps"),
+                   shape=total.shape, hint=f"{ctx.name}_rstd")
+    rstd_k = keepdims(rstd, x.shape, dims)
+    y = ctx.map("mul", xc, rstd_k, shape=x.shape, hint=f"{ctx.name}_norm" if weight is not None or bias is not None else None)
     if weight is not None:
         y = ctx.map("mul", y, weight, shape=x.shape, hint=f"{ctx.name}_scaled" if bias is not None else None)
     if bias is not None:
         y = ctx.map("add", y, bias, shape=x.shape)
-    return y, mu, rstd
+    return y, keepdims(mu, x.shape, dims), rstd_k
 
 
 @rule("aten._native_batch_norm_legit_no_training.default")

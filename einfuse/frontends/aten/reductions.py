@@ -7,25 +7,32 @@ import sympy
 
 from ...ir import Access, Call, Cond, Const, Coord, Index
 from ...ir.nodes import Expr, IndexExpr
-from ..builder import Builder, Ref
+from ..builder import Builder, Ref, placeholder
 from . import Ctx, norm_dim, rule
 
 
 def reduce_ref(b: Builder, hint: str, x: Ref, dims: Sequence[int], keepdim: bool, op: str, dtype: str) -> Ref:
-    """Reduce ``x`` over ``dims`` with ``op`` (``+ max min *``) into a new tensor."""
+    """Reduce ``x`` over ``dims`` with ``op`` (``+ max min *``) into a new tensor; ``keepdim`` is
+    a view of it with size-1 dimensions put back."""
     dims = sorted({norm_dim(d, len(x.shape)) for d in dims})
     kept = [d for d in range(len(x.shape)) if d not in dims]
-    shape = [sympy.Integer(1) if d in dims else s for d, s in enumerate(x.shape)] if keepdim \
-        else [x.shape[d] for d in kept]
 
     def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
         index: list[IndexExpr] = [None] * len(x.shape)  # type: ignore[list-item]
         for d, r in zip(dims, red):
             index[d] = r
         for k, d in enumerate(kept):
-            index[d] = out[d] if keepdim else out[k]
+            index[d] = out[k]
         return x.at(index)
-    return b.emit(hint, shape, dtype, rhs, reduce=[x.shape[d] for d in dims], op=op)
+    out = b.emit(hint, [x.shape[d] for d in kept], dtype, rhs, reduce=[x.shape[d] for d in dims], op=op)
+    return keepdims(out, x.shape, dims) if keepdim else out
+
+
+def keepdims(reduced: Ref, shape: Sequence[sympy.Expr], dims: Sequence[int]) -> Ref:
+    """A reduction's result seen with size-1 dimensions where ``dims`` were (to broadcast back)."""
+    kept = [d for d in range(len(shape)) if d not in dims]
+    return reduced.reindex([sympy.Integer(1) if d in dims else s for d, s in enumerate(shape)],
+                           [placeholder(d) for d in kept])
 
 
 def _dims(ctx: Ctx, x: Ref) -> list[int]:
