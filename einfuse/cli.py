@@ -1,4 +1,8 @@
-"""The ``einfuse`` command. Subcommands: ``ir`` (print, verify and analyse a cascade)."""
+"""The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, print and analyse it).
+
+MODEL is a ``.ein`` file, ``zoo:NAME`` (a model of :mod:`einfuse.zoo`) or ``path/to/file.py:function``
+(a function returning ``(model, example_args)``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -20,8 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``einfuse`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="einfuse", description="einfuse: an einsum-cascade compiler for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
-    ir = sub.add_parser("ir", help="print the verified IR of a cascade (.ein file)")
-    ir.add_argument("model", help="a .ein cascade file")
+    ir = sub.add_parser("ir", help="print the verified IR of a model or cascade")
+    ir.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     ir.add_argument("--stats", action="store_true", help="add FLOPs, bytes, intensity and pass counts")
     args = parser.parse_args(argv)
     try:
@@ -32,15 +36,44 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ir(args: argparse.Namespace) -> int:
-    path = Path(args.model)
-    if not path.is_file():
-        raise EinfuseError("no such file")
-    cascade = verify(parse(path.read_text()))
+    cascade = load_model(args.model)
     print(cascade, end="")
     if args.stats:
         print()
         print(stats_text(cascade))
     return 0
+
+
+def load_model(spec: str) -> Cascade:
+    """The cascade MODEL names: parsed from a .ein file, or captured from a zoo or user model."""
+    if spec.startswith("zoo:"):
+        from . import zoo
+        return _capture(*zoo.build(spec[4:]))
+    path, function = spec.rsplit(":", 1) if ".py:" in spec else (spec, "")
+    if not Path(path).is_file():
+        raise EinfuseError("no such file")
+    if path.endswith(".py"):
+        return _capture(*_call_builder(Path(path), function))
+    return verify(parse(Path(path).read_text()))
+
+
+def _capture(model: object, example_args: tuple) -> Cascade:
+    from .frontends import capture
+    return capture(model, example_args)  # type: ignore[arg-type]
+
+
+def _call_builder(path: Path, function: str) -> tuple:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    builder = getattr(module, function, None)
+    if not callable(builder):
+        raise EinfuseError(f"{path} has no function '{function}' (MODEL is path/to/file.py:function)")
+    built = builder()
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise EinfuseError(f"{path}:{function} must return (model, example_args)")
+    return built
 
 
 def stats_text(c: Cascade) -> str:

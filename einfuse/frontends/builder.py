@@ -152,7 +152,8 @@ class Builder:
             return self.rank_names.get(int(size), f"N{int(size)}")
         if size.is_Symbol:
             return self.rank_names.get(str(size), str(size).upper())
-        return "R"
+        symbols = sorted(size.free_symbols, key=str)
+        return self._rank_base(symbols[0]) + "X" if symbols else "R"
 
     def size_index(self, size: Size) -> IndexExpr:
         """A size as an index expression: integers stay integers, symbols become rank sizes."""
@@ -209,7 +210,7 @@ class Builder:
         used = set(expr_vars(body))
         kept = [v.name for v in red_vars if v.name in used]
         filt = where(out_vars) if where else ()
-        lhs = Access(name, tuple(Index(v, filt if i == 0 else ()) for i, v in enumerate(out_vars)))
+        lhs = Access(name, tuple(Index(v, filt if i == len(out_vars) - 1 else ()) for i, v in enumerate(out_vars)))
         action = Reduce(tuple(kept), op) if kept and op != "+" else None
         chosen = Populate(out_vars[populate[1]].name, populate[0], populate[2]) if populate else None
         self.stmts.append(Einsum(lhs, body, action, chosen, self.provenance))
