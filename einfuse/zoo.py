@@ -162,4 +162,6 @@ def build(name: str, **options: Any) -> Built:
     if name not in BUILDERS:
         raise EinfuseError(f"unknown zoo model '{name}'; the zoo has {', '.join(BUILDERS)}")
     torch.manual_seed(0)
-    return BUILDERS[name](**options)
+    model, args = BUILDERS[name](**options)
+    model.einfuse_name = name  # type: ignore[assignment]
+    return model, args

@@ -53,6 +53,24 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert done.returncode == 0 and done.stdout.startswith("cascade attention\n")
 
 
+def test_ir_captures_zoo_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ir", "zoo:gpt2", "--stats"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("cascade gpt2\nrank V=96, D=64, P=512, D3=192, D_2=64, F=256, B=1, S=24")
+    assert "attn_probs[b,h,s,s_2] = attn_exp[b,h,s,s_2] / attn_sum[b,h,s]" in out
+    assert "\nS_2   7       " in out  # passes over the key rank, across both layers and the mask building
+
+
+def test_ir_captures_a_model_from_a_python_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ir", f"{EXAMPLES / 'custom_model.py'}:build"]) == 0
+    assert "attn_qk[n1,n16,n16_2:n16_2<=n16] = addmm[n16,n32] * addmm[n16_2,32+n32]" in capsys.readouterr().out
+    assert main(["ir", f"{EXAMPLES / 'custom_model.py'}:nope"]) == 1
+    assert capsys.readouterr().err.endswith("custom_model.py has no function 'nope' (MODEL is path/to/file.py:function)\n")
+    assert main(["ir", "zoo:nope"]) == 1
+    assert capsys.readouterr().err == ("einfuse: error: zoo:nope: unknown zoo model 'nope'; the zoo has mlp, convnet, "
+                                       "gpt2, llama, bert, vit, mixtral\n")
+
+
 @pytest.mark.parametrize("length", [64, 192])
 def test_examples_compute_causal_attention(length: int, rng: np.random.Generator) -> None:
     x = {n: rng.standard_normal((64, length)) for n in "QKV"}

@@ -41,7 +41,8 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | Non
 
     ``dynamic_shapes`` is passed to ``torch.export.export``; each ``Dim`` becomes a size symbol of
     that name. ``rank_names`` names ranks by size (``{64: "D", "seq": "S"}``); other ranks are
-    named ``N<size>`` or after their symbol (a model may carry its own as ``einfuse_rank_names``). Raises :class:`~einfuse.errors.CaptureError` for bad
+    named ``N<size>`` or after their symbol (a model may carry its own as ``einfuse_rank_names``).
+    The cascade is named after the model's class (or its ``einfuse_name``). Raises :class:`~einfuse.errors.CaptureError` for bad
     arguments or a failed export, and :class:`~einfuse.errors.UnsupportedOperatorError` listing
     every op that has no rule.
     """
@@ -51,7 +52,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | Non
     if missing:
         raise UnsupportedOperatorError(missing)
     symbols = _symbol_names(exported, dynamic_shapes)
-    name = re.sub(r"\W", "_", type(model).__name__.lower())
+    name = re.sub(r"\W", "_", getattr(model, "einfuse_name", type(model).__name__).lower()).strip("_") or "model"
     names = rank_names if rank_names is not None else getattr(model, "einfuse_rank_names", None)
     return verify(_Translator(exported, Builder(names), symbols).run(name))
 
@@ -207,7 +208,7 @@ class _Translator:
         try:
             return RULES[op](ctx)
         except RuleError as exc:
-            raise UnsupportedOperatorError([(f"{op} ({exc})", source_location(node, code=True))]) from None
+            raise UnsupportedOperatorError([(op, f"{source_location(node, code=True)}\n    not supported: {exc}")]) from None
 
     def outputs(self, node: torch.fx.Node) -> None:
         user = [s for s in self.ep.graph_signature.output_specs if s.kind.name == "USER_OUTPUT"]
@@ -222,11 +223,10 @@ class _Translator:
 
 
 def _param_name(target: str, exported: torch.export.ExportedProgram) -> str:
-    """A readable tensor name for a parameter or buffer: its state-dict key with the wrapper's
-    common first component dropped (``model.h.0.attn.c_attn.weight`` -> ``h_0_attn_c_attn_weight``)."""
+    """A readable tensor name for a parameter or buffer: its state-dict key, without the ``model.``
+    that wraps every key of a wrapped model (``model.h.0.attn.c_attn.weight`` -> ``h_0_attn_c_attn_weight``)."""
     keys = [s.target for s in exported.graph_signature.input_specs if s.target]
-    heads = {k.split(".")[0] for k in keys}
-    if len(heads) == 1 and all("." in k for k in keys):
-        target = target.split(".", 1)[1]
+    if all(k.startswith("model.") for k in keys):
+        target = target[len("model."):]
     return target.replace(".", "_")
 

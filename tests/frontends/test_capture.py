@@ -1,0 +1,214 @@
+"""Capturing PyTorch models: every zoo model against torch eager, dynamic shapes, views, errors."""
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from einfuse import zoo
+from einfuse.errors import CaptureError, UnsupportedOperatorError
+from einfuse.frontends import capture
+from einfuse.ir import interpret, to_text
+
+from ..conftest import rel_err
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def fresh_inputs(name: str, example: tuple, rng: np.random.Generator) -> tuple:
+    """New random inputs shaped like the example ones (token ids below the zoo's vocabulary 96)."""
+    out = []
+    for i, x in enumerate(example):
+        if x.is_floating_point():
+            out.append(torch.from_numpy(rng.standard_normal(tuple(x.shape)).astype(np.float32)))
+        elif name == "bert" and i > 0:  # attention mask (keep the first token) and token types
+            bits = rng.integers(0, 2, tuple(x.shape))
+            bits[:, 0] = 1
+            out.append(torch.from_numpy(bits))
+        else:
+            out.append(torch.from_numpy(rng.integers(0, 96, tuple(x.shape))))
+    return tuple(out)
+
+
+def run(c, args: tuple) -> np.ndarray:
+    names = [t.name for t in c.tensors if t.role == "input"]
+    return interpret(c, dict(zip(names, args)))["out0"]
+
+
+@pytest.mark.parametrize("name", list(zoo.BUILDERS))
+def test_zoo_model_matches_eager(name: str, rng: np.random.Generator) -> None:
+    model, example = zoo.build(name)
+    cascade = capture(model, example)
+    args = fresh_inputs(name, example, rng)
+    with torch.no_grad():
+        want = model(*args).double().numpy()
+    assert rel_err(run(cascade, args), want) <= 1e-4
+
+
+def test_dynamic_sequence_llama_serves_two_lengths(rng: np.random.Generator) -> None:
+    model, example = zoo.build("llama")
+    seq = torch.export.Dim("seq", min=2, max=256)
+    cascade = capture(model, example, dynamic_shapes={"input_ids": {1: seq}})
+    assert str(cascade.rank("S").size) == "seq"
+    for length in (9, 40):
+        ids = torch.from_numpy(rng.integers(0, 96, (1, length)))
+        with torch.no_grad():
+            want = model(ids).double().numpy()
+        assert rel_err(run(cascade, (ids,)), want) <= 1e-4
+
+
+def test_params_travel_with_the_cascade_and_inputs_keep_their_names() -> None:
+    class TwoOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, tokens: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lin(tokens) * scale, tokens.sum(-1)
+
+    c = capture(TwoOut(), (torch.randn(2, 4), torch.randn(3)))
+    roles = {t.name: t.role for t in c.tensors if t.role != "temp"}
+    assert roles == {"lin_weight": "param", "lin_bias": "param", "tokens": "input", "scale": "input",
+                     "out0": "output", "out1": "output"}
+    assert set(c.params) == {"lin_weight", "lin_bias"}
+
+
+def test_views_are_index_renaming(rng: np.random.Generator) -> None:
+    class Views(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = x.view(2, 3, 4, 5).permute(0, 2, 1, 3).transpose(1, 3)[:, 1:4, :, ::2]
+            y = y.unsqueeze(0).expand(2, -1, -1, -1, -1)[1:].squeeze(0).select(0, 1)
+            a, b = y.split([1, 2], dim=0)
+            return torch.flatten((b.contiguous() + 0.0).clone(), 1)[..., None].reshape(-1)
+
+    x = torch.from_numpy(rng.standard_normal((6, 20)).astype(np.float32))
+    c = capture(Views(), (x,))
+    assert [e.lhs.tensor for e, _ in c.einsums()] == ["add", "out0"]  # only the +0.0 computes
+    assert rel_err(run(c, (x,)), Views()(x).double().numpy()) == 0.0
+
+
+class SdpaAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class EagerAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (1 / math.sqrt(q.shape[-1])) + mask
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def shape_signature(c) -> list[tuple]:
+    """What each Einsum computes, without names: ops, reduce op, number of reduced variables."""
+    from einfuse.ir.scope import reduced_vars
+
+    def ops(x) -> list[str]:
+        return [x.op] + [o for a in x.args for o in ops(a)] if hasattr(x, "op") else []
+    return [(tuple(sorted(ops(e.rhs))), e.reduce.op if e.reduce else "+", len(reduced_vars(e))) for e, _ in c.einsums()]
+
+
+def test_sdpa_and_eager_attention_give_the_same_cascade(rng: np.random.Generator) -> None:
+    q, k, v = (torch.from_numpy(rng.standard_normal((2, 4, 10, 8)).astype(np.float32)) for _ in range(3))
+    mask = torch.from_numpy(np.where(rng.random((10, 10)) < 0.2, -np.inf, 0.0).astype(np.float32))
+    mask.fill_diagonal_(0.0)
+    sdpa, eager = capture(SdpaAttention(), (q, k, v, mask)), capture(EagerAttention(), (q, k, v, mask))
+    assert shape_signature(sdpa) == shape_signature(eager)
+    assert shape_signature(sdpa)[:3] == [(("mul",), "+", 1), (("mul",), "+", 0), (("add",), "+", 0)]
+    want = SdpaAttention()(q, k, v, mask).double().numpy()
+    assert rel_err(run(sdpa, (q, k, v, mask)), want) < 1e-5
+    assert rel_err(run(eager, (q, k, v, mask)), want) < 1e-5
+
+
+def test_causal_gqa_sdpa_uses_a_filter_and_head_groups(rng: np.random.Generator) -> None:
+    class Gqa(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    q = torch.from_numpy(rng.standard_normal((1, 6, 12, 8)).astype(np.float32))
+    k, v = (torch.from_numpy(rng.standard_normal((1, 2, 12, 8)).astype(np.float32)) for _ in range(2))
+    c = capture(Gqa(), (q, k, v), rank_names={1: "B", 6: "H", 2: "G", 12: "S", 8: "E"})
+    text = to_text(c)
+    assert "attn_qk[b,h,s,s_2:s_2<=s] = q[b,h,s,e] * k[b,h//3,s_2,e] :: from" in text
+    assert "attn[b,h,s,e] = attn_probs[b,h,s,s_2] * v[b,h//3,s_2,e] :: from" in text
+    assert rel_err(run(c, (q, k, v)), Gqa()(q, k, v).double().numpy()) < 1e-5
+
+
+def test_hf_eager_attention_captures_too(rng: np.random.Generator) -> None:
+    import transformers
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = zoo._LastHidden(transformers.GPT2Model(cfg)).eval()
+    ids = torch.from_numpy(rng.integers(0, 50, (1, 12)))
+    with torch.no_grad():
+        want = model(ids).double().numpy()
+    assert rel_err(run(capture(model, (ids,)), (ids,)), want) <= 1e-4
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+
+class Odd(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sort(x, dim=-1).values
+        return torch.cumprod(y, dim=-1) + torch.atan2(x, y)
+
+
+def test_unsupported_ops_are_listed_all_at_once_with_their_lines() -> None:
+    with pytest.raises(UnsupportedOperatorError) as info:
+        capture(Odd(), (torch.randn(3, 4),))
+    first = inspect.getsourcelines(Odd.forward)[1]
+    where = f"{__file__}:{{}} in forward: {{}}"
+    assert str(info.value) == "\n".join([
+        "3 unsupported operator(s): aten.atan2.default, aten.cumprod.default, aten.sort.default",
+        "  aten.sort.default at " + where.format(first + 1, "y = torch.sort(x, dim=-1).values"),
+        "  aten.cumprod.default at " + where.format(first + 2, "return torch.cumprod(y, dim=-1) + torch.atan2(x, y)"),
+        "  aten.atan2.default at " + where.format(first + 2, "return torch.cumprod(y, dim=-1) + torch.atan2(x, y)"),
+        "register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)",
+    ])
+    assert [op for op, _ in info.value.ops] == ["aten.sort.default", "aten.cumprod.default", "aten.atan2.default"]
+
+
+class IntBits(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bitwise_and(x, 3)
+
+
+def test_an_unsupported_use_of_a_known_op_names_the_reason() -> None:
+    with pytest.raises(UnsupportedOperatorError) as info:
+        capture(IntBits(), (torch.arange(4),))
+    line = inspect.getsourcelines(IntBits.forward)[1] + 1
+    assert str(info.value) == "\n".join([
+        "1 unsupported operator(s): aten.bitwise_and.Scalar",
+        f"  aten.bitwise_and.Scalar at {__file__}:{line} in forward: return torch.bitwise_and(x, 3)",
+        "    not supported: bitwise ops on i64 (only bool masks are supported)",
+        "register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)",
+    ])
+
+
+@pytest.mark.parametrize("model,args,kwargs,message", [
+    (42, (torch.ones(1),), None, "capture: model must be a torch.nn.Module, got int"),
+    (torch.nn.ReLU(), torch.ones(1), None,
+     "capture: args must be a tuple of example inputs, got Tensor (write (x,) for a single input)"),
+    (torch.nn.ReLU(), (torch.ones(1),), [1], "capture: kwargs must be a dict, got list"),
+])
+def test_bad_arguments(model: object, args: object, kwargs: object, message: str) -> None:
+    with pytest.raises(CaptureError) as info:
+        capture(model, args, kwargs)  # type: ignore[arg-type]
+    assert str(info.value) == message
+
+
+class Branchy(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_export_failure_is_a_capture_error() -> None:
+    with pytest.raises(CaptureError) as info:
+        capture(Branchy(), (torch.randn(3),))
+    assert str(info.value).startswith("torch.export could not capture Branchy: GuardOnDataDependentSymNode: "
+                                      "Could not guard on data-dependent expression")
+    assert isinstance(info.value.__cause__, Exception)
