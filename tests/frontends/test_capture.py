@@ -212,3 +212,19 @@ def test_export_failure_is_a_capture_error() -> None:
     assert str(info.value).startswith("torch.export could not capture Branchy: GuardOnDataDependentSymNode: "
                                       "Could not guard on data-dependent expression")
     assert isinstance(info.value.__cause__, Exception)
+
+
+class Elementwise(torch.nn.Module):
+    """Ops beyond the zoo's: erfc, rounding division, clamp, where with scalars, remainder, log-softmax."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        a = torch.special.erfc(x) + torch.div(x * 7, y, rounding_mode="floor") + x.clamp(-0.5, 0.5)
+        b = torch.where(x > y, 1.0, y) + torch.remainder(x * 5, 3.0) + torch.log_softmax(x, dim=-1)
+        return a * b + torch.cumsum(x, dim=0) - x.amax(-1, keepdim=True) + x.mean() + (x > 0).any(-1, keepdim=True)
+
+
+def test_more_elementwise_and_reduction_rules(rng: np.random.Generator) -> None:
+    x, y = (torch.from_numpy(rng.standard_normal((4, 6)).astype(np.float32)) for _ in range(2))
+    y = y.abs() + 0.5
+    c = capture(Elementwise(), (x, y))
+    assert rel_err(run(c, (x, y)), Elementwise()(x, y).double().numpy()) < 1e-5

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..builder import Ref
-from . import Ctx, RuleError, rule
+from . import Ctx, RuleError, overloads, rule
 
 _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh",
@@ -20,8 +20,7 @@ _BINARY = {
     "floor_divide": "floordiv",
 }
 for _aten, _op in _BINARY.items():
-    rule(*(f"aten.{_aten}.{v}" for v in ("Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor",
-                                         "default")))(
+    rule(*overloads(_aten, "Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor"))(
         (lambda op: lambda ctx: ctx.map(op, ctx.arg(0), ctx.arg(1)))(_op))
 
 
@@ -81,6 +80,12 @@ def clamp(ctx: Ctx) -> Ref:
     if lo is not None:
         x = ctx.map("max", x, lo, hint=f"{ctx.name}_lo") if hi is not None else ctx.map("max", x, lo)
     return ctx.map("min", x, hi) if hi is not None else x
+
+
+@rule("aten.erfc.default")
+def erfc(ctx: Ctx) -> Ref:
+    erf = ctx.map("erf", ctx.arg(0), hint=f"{ctx.name}_erf")
+    return ctx.map("sub", 1.0, erf)
 
 
 @rule("aten.gelu.default")
