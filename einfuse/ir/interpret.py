@@ -221,8 +221,8 @@ class _EinsumEval:
             mask = _einsum([np.asarray(v.mask, dtype=np.float64) for v in vals], grid, axes) > 0
         if divisor is not None:
             d = self.expr(divisor)
-            mask = np.broadcast_to(d.mask, mask.shape)
-            total = total / d.value
+            total, mask, divide_by = np.broadcast_arrays(total, d.mask, d.value)
+            total = total / divide_by
         return _Value(np.where(mask, total, 0.0), mask)
 
     def populate(self, x: _Value) -> _Value:
@@ -230,7 +230,7 @@ class _EinsumEval:
         axis = self.vars.index(p.var)
         largest, _ = ops.POPULATE_OPS[p.op]
         x = _Value(np.broadcast_to(x.value, self.out_shape()), np.broadcast_to(x.mask, self.out_shape()))
-        key = np.where(x.mask, -x.value if largest else x.value, np.inf)
+        key = np.where(x.mask, -x.value if largest else x.value, np.nan)  # absent sorts after even ±inf
         order = np.argsort(key, axis=axis, kind="stable")
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(key.shape[axis]).reshape(
