@@ -36,13 +36,17 @@ def access_vars(a: Access) -> list[str]:
     return _unique([v for ix in a.indices for v in index_vars(ix)])
 
 
-def expr_accesses(x: Expr) -> Iterator[Access]:
-    """Accesses at the top of a map expression (not those inside gather indices)."""
-    if isinstance(x, Access):
+def _leaves(x: Expr, kind: type) -> Iterator:
+    if isinstance(x, kind):
         yield x
     elif isinstance(x, Call):
         for arg in x.args:
-            yield from expr_accesses(arg)
+            yield from _leaves(arg, kind)
+
+
+def expr_accesses(x: Expr) -> Iterator[Access]:
+    """Accesses at the top of a map expression (not those inside gather indices)."""
+    return _leaves(x, Access)
 
 
 def gathers(a: Access) -> Iterator[Access]:
@@ -68,11 +72,7 @@ def reads(e: Einsum) -> list[Access]:
 
 def expr_coords(x: Expr) -> Iterator[Coord]:
     """Coordinate values (``idx(...)``) in a map expression."""
-    if isinstance(x, Coord):
-        yield x
-    elif isinstance(x, Call):
-        for arg in x.args:
-            yield from expr_coords(arg)
+    return _leaves(x, Coord)
 
 
 def expr_vars(x: Expr) -> list[str]:
