@@ -49,6 +49,11 @@ def test_zoo_model_matches_eager(name: str, rng: np.random.Generator) -> None:
     assert rel_err(run(cascade, args), want) <= 1e-4
 
 
+def test_capture_is_the_public_entry_point() -> None:
+    import einfuse
+    assert einfuse.capture is capture
+
+
 def test_dynamic_sequence_llama_serves_two_lengths(rng: np.random.Generator) -> None:
     model, example = zoo.build("llama")
     seq = torch.export.Dim("seq", min=2, max=256)
