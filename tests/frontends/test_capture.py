@@ -14,24 +14,11 @@ from einfuse.errors import CaptureError, UnsupportedOperatorError
 from einfuse.frontends import capture
 from einfuse.ir import interpret, to_text
 
+from benchmarks.capture_zoo import fresh as fresh_inputs
+
 from ..conftest import rel_err
 
 warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def fresh_inputs(name: str, example: tuple, rng: np.random.Generator) -> tuple:
-    """New random inputs shaped like the example ones (token ids below the zoo's vocabulary 96)."""
-    out = []
-    for i, x in enumerate(example):
-        if x.is_floating_point():
-            out.append(torch.from_numpy(rng.standard_normal(tuple(x.shape)).astype(np.float32)))
-        elif name == "bert" and i > 0:  # attention mask (keep the first token) and token types
-            bits = rng.integers(0, 2, tuple(x.shape))
-            bits[:, 0] = 1
-            out.append(torch.from_numpy(bits))
-        else:
-            out.append(torch.from_numpy(rng.integers(0, 96, tuple(x.shape))))
-    return tuple(out)
 
 
 def run(c, args: tuple) -> np.ndarray:
