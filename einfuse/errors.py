@@ -30,6 +30,15 @@ class InterpretError(EinfuseError):
     """The reference interpreter cannot evaluate a cascade on the inputs it was given."""
 
 
+class CompileError(EinfuseError):
+    """Code generation or TVM failed; the message names the kernel and ``.reproducer`` is a file
+    holding the kernel's IR text."""
+
+    def __init__(self, message: str, reproducer: str | None = None) -> None:
+        self.reproducer = reproducer
+        super().__init__(message + (f" (reproducer: {reproducer})" if reproducer else ""))
+
+
 class CaptureError(EinfuseError):
     """A model could not be captured: bad arguments, or torch.export failed."""
 

@@ -1,10 +1,12 @@
 """Tensor factories and indexing: arange, full, advanced indexing, gather, top-k."""
 from __future__ import annotations
 
+from typing import Callable
+
 import sympy
 
-from ...ir import Access, Call, Const, Coord, IConst, Index, IVar
-from ...ir.nodes import IndexExpr
+from ...ir import Call, Const, Coord, IConst
+from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, ibin, index_of, placeholder
 from . import Ctx, RuleError, norm_dim, rule
 
@@ -107,30 +109,30 @@ def index_select(ctx: Ctx) -> Ref:
 
 @rule("aten.topk.default")
 def topk(ctx: Ctx) -> tuple[Ref, Ref]:
-    """The j-th largest of a fiber, for j < k, with populates (EINSUM_CASCADES.md MOE_TOPK):
-    ``TOP_j = X :: populate[e] topk(j+1)`` keeps the j+1 largest, ``PICK_j = TOP_j :: populate[e]
-    argmin`` keeps the smallest of those, and ``VALUES[.., j] = PICK_j[.., e]``,
-    ``INDICES[.., j] = PICK_j[.., e] -> idx(e)`` read it out (one present point per fiber)."""
-    x, k = ctx.arg(0), int(ctx.arg(1))
+    """Top-k by rank, dense and lowerable anywhere: ``RANK[.., e]`` counts the elements of the
+    fiber that come before ``e`` (larger, or equal at a lower coordinate); then
+    ``VALUES[.., j] = X[.., e] * (RANK[.., e] == j)`` and ``INDICES[.., j] = idx(e) * (...)``
+    summed over ``e``. (Selection as a sparse ``populate`` is the routing pass's business.)"""
+    x = ctx.arg(0)  # k is in the output shapes
     dim = norm_dim(ctx.arg(2, "dim", -1), len(x.shape))
-    largest = ctx.arg(3, "largest", True)
-    b = ctx.b
+    before = "gt" if ctx.arg(3, "largest", True) else "lt"
     (vshape, ishape), (vdtype, idtype) = ctx.shape, ctx.dtype
-    values = b.declare(b.name(f"{ctx.name}_values"), vshape, "temp", vdtype)
-    indices = b.declare(b.name(f"{ctx.name}_indices"), ishape, "temp", idtype)
-    out_vars = [IVar(r.rank.lower()) for r in b.tensors[-1].ranks]
-    e = IVar(b.rank_for(x.shape[dim], {r.rank for r in b.tensors[-1].ranks}).lower())
-    for j in range(k):
-        top = b.emit(f"{ctx.name}_top{j + 1}", x.shape, x.dtype, lambda o, _: x.at(o),
-                     populate=("topk" if largest else "bottomk", dim, j + 1))
-        pick = b.emit(f"{ctx.name}_pick{j + 1}", x.shape, x.dtype, lambda o, _, t=top: t.at(o),
-                      populate=("argmin" if largest else "argmax", dim, 1))
-        read = list(out_vars)
-        read[dim] = e
-        slot = list(out_vars)
-        slot[dim] = IConst(j)
-        picked = pick.at(read)
-        b.add_einsum(Access(values.expr.tensor, tuple(Index(i) for i in slot)), picked)
-        b.add_einsum(Access(indices.expr.tensor, tuple(Index(i) for i in slot)),
-                     Call("take_right", (picked, Coord(e))))
+
+    def at(out: list[IndexExpr], i: IndexExpr) -> list[IndexExpr]:
+        index = list(out)
+        index[dim] = i
+        return index
+
+    def rank(out: list[IndexExpr], red: list[IndexExpr]) -> Call:
+        mine, other = x.at(out), x.at(at(out, red[0]))
+        tie = Call("and", (Call("eq", (other, mine)), Call("lt", (Coord(red[0]), Coord(out[dim])))))
+        return Call("or", (Call(before, (other, mine)), tie))
+    order = ctx.b.emit(f"{ctx.name}_rank", x.shape, "i64", rank, reduce=[x.shape[dim]])
+
+    def pick(value: Callable[[list[IndexExpr], IndexExpr], Expr]) -> Callable[..., Call]:
+        return lambda out, red: Call("mul", (value(out, red[0]),
+                                             Call("eq", (order.at(at(out, red[0])), Coord(out[dim])))))
+    values = ctx.b.emit(f"{ctx.name}_values", vshape, vdtype, pick(lambda o, e: x.at(at(o, e))),
+                        reduce=[x.shape[dim]])
+    indices = ctx.b.emit(f"{ctx.name}_indices", ishape, idtype, pick(lambda o, e: Coord(e)), reduce=[x.shape[dim]])
     return values, indices

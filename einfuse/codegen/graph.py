@@ -1,0 +1,56 @@
+"""The whole cascade as one Relax module: a ``call_tir`` per kernel, weights as constants,
+intermediates allocated and reused by the VM's memory planner."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import relax
+
+from ..ir import Cascade
+from ..ir.scope import declarations
+from .fusion import Kernel
+from .lower import DTYPES, KernelBuilder, SizeVars
+
+
+@dataclass
+class Graph:
+    """A Relax IRModule and what the runtime needs to call it."""
+
+    module: object
+    inputs: list[str]
+    outputs: list[str]
+    kernels: list[Kernel]
+
+
+def build_graph(c: Cascade, kernels: list[Kernel], schedule: object) -> Graph:
+    """Lower every kernel (scheduled by ``schedule(prim_func, kernel)``) and wire them in Relax."""
+    decls = declarations(c)
+    sizes = SizeVars()
+    rank_size = {r.name: r.size for r in c.ranks}
+
+    def tensor_type(name: str) -> relax.TensorType:
+        d = decls[name]
+        return relax.TensorType([sizes.expr(rank_size[r.rank] + int(r.iterative)) for r in d.ranks], DTYPES[d.dtype])
+
+    bb = relax.BlockBuilder()
+    functions = {}
+    for k in kernels:
+        func = KernelBuilder(c, k, sizes).prim_func()
+        functions[k.name] = bb.add_func(schedule(func, k), k.name)
+    inputs = [t.name for t in c.tensors if t.role == "input"]
+    outputs = [t.name for t in c.tensors if t.role == "output"]
+    params = {t.name: relax.Var(t.name, tensor_type(t.name)) for t in c.tensors if t.role == "input"}
+    with bb.function("main", list(params.values())):
+        with bb.dataflow():
+            values: dict[str, object] = dict(params)
+            for t in c.tensors:
+                if t.role == "param":
+                    data = np.asarray(c.params[t.name]).astype(DTYPES[t.dtype])
+                    values[t.name] = relax.const(data, DTYPES[t.dtype])
+            for k in kernels:
+                args = [values[name] for name in k.inputs]
+                values[k.output] = bb.emit(relax.call_tir(functions[k.name], args, tensor_type(k.output)))
+            result = bb.emit_output(relax.Tuple([values[o] for o in outputs]))
+        bb.emit_func_output(result)
+    return Graph(bb.finalize(), inputs, outputs, kernels)

@@ -1,0 +1,343 @@
+"""Lower a kernel (a group of Einsums) to a TIR PrimFunc through TE.
+
+Each Einsum becomes a ``te.compute``: its map expression is the body, its reduce a top-level
+``te.sum``/``te.max``/``te.min`` (or a product ``comm_reducer``), affine and gather indices pass
+through. Sizes stay symbolic (``te.var``), so one kernel serves every length.
+
+Generated code computes values only: an absent point reads as its tensor's fill (empty value, or
+0 for dense tensors). Reads that may fall outside a tensor (padding, slabs of a concatenation,
+gathers) and filtered reads are guarded; for ``max``/``min`` reductions over a product of reads
+the guard also removes the point from the reduction, as the interpreter's occupancy rule does.
+Partial writes (filtered or constant output indices, a tensor written by several Einsums)
+select between the new value and what the tensor held.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import sympy
+from tvm import te, tirx
+
+from ..errors import CompileError
+from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IBin, IConst, ISym, IVar, TensorDecl
+from ..ir.nodes import Expr, IndexExpr
+from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
+from .fusion import Kernel
+
+DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i8": "int8",
+          "i32": "int32", "i64": "int64", "bool": "bool"}
+
+
+class SizeVars:
+    """Size symbols as TIR variables, shared by every kernel and the Relax graph."""
+
+    def __init__(self) -> None:
+        self.vars: dict[str, tirx.Var] = {}
+
+    def expr(self, size: Any) -> Any:
+        """A sympy size as a TIR int64 expression."""
+        size = sympy.sympify(size)
+        if size.is_Integer:
+            return tirx.const(int(size), "int64")
+        if size.is_Symbol:
+            return self.vars.setdefault(str(size), tirx.Var(str(size), "int64"))
+        if size.is_Add:
+            return _fold(lambda a, b: a + b, [self.expr(a) for a in size.args])
+        if size.is_Mul:
+            num, den = sympy.fraction(size)
+            if den != 1:
+                return tirx.floordiv(self.expr(num), self.expr(den))
+            return _fold(lambda a, b: a * b, [self.expr(a) for a in size.args])
+        raise CompileError(f"cannot generate code for the size {size}")
+
+
+def _fold(fn: Callable[[Any, Any], Any], items: list[Any]) -> Any:
+    out = items[0]
+    for x in items[1:]:
+        out = fn(out, x)
+    return out
+
+
+class KernelBuilder:
+    """Builds the TE tensors of one kernel and turns them into a PrimFunc."""
+
+    def __init__(self, c: Cascade, kernel: Kernel, sizes: SizeVars) -> None:
+        self.c, self.k, self.sizes = c, kernel, sizes
+        self.decls = declarations(c)
+        self.ranks = var_ranks(c)
+        self.rank_size = {r.name: r.size for r in c.ranks}
+        self.tensors: dict[str, te.Tensor] = {}
+        self.written: dict[str, list[Einsum]] = {}
+
+    def shape(self, d: TensorDecl) -> list[Any]:
+        return [self.sizes.expr(self.rank_size[r.rank] + int(r.iterative)) for r in d.ranks]
+
+    def prim_func(self) -> tirx.PrimFunc:
+        """The kernel as a PrimFunc with parameters (inputs..., output)."""
+        params = [self.placeholder(name) for name in self.k.inputs]
+        for name in self.k.inlined:
+            (w,) = [e for e, _ in self.c.einsums() if e.lhs.tensor == name]
+            self.tensors[name] = self.einsum(w, None)
+        out = None
+        for w in self.k.writes:
+            out = self.einsum(w, out)
+        self.tensors[self.k.output] = out
+        return te.create_prim_func(params + [out]).with_attr("global_symbol", self.k.name)
+
+    def placeholder(self, name: str) -> te.Tensor:
+        d = self.decls[name]
+        self.tensors[name] = te.placeholder(self.shape(d), DTYPES[d.dtype], name=name)
+        return self.tensors[name]
+
+    # ---- one Einsum ----------------------------------------------------------------------------
+
+    def einsum(self, e: Einsum, previous: te.Tensor | None) -> te.Tensor:
+        if e.populate is not None:
+            raise CompileError(f"kernel {self.k.name}: populate ({e.populate.op}) has no CPU code generation yet")
+        d = self.decls[e.lhs.tensor]
+        dtype = DTYPES[d.dtype]
+        work = _work_dtype(d.dtype, [self.decls[a.tensor].dtype for a in expr_accesses(e.rhs)])
+        red = reduced_vars(e)
+        partial = previous is not None or any(ix.filter for ix in e.lhs.indices) \
+            or not all(isinstance(ix.expr, IVar) for ix in e.lhs.indices)
+        second = bool(red) and (partial or work != dtype)  # a reduction must stay top level
+        name = e.lhs.tensor + ("_value" if second else "")
+
+        def body(*coords: Any) -> Any:
+            env, conds = self.bind_outputs(e, coords)
+            axes = [te.reduce_axis((0, self.sizes.expr(self.rank_size[self.ranks[v]])), name=v) for v in red]
+            env.update({v: ax.var for v, ax in zip(red, axes)})
+            value = self.reduce(e, env, axes, work)
+            if second:
+                return value
+            if partial:
+                value = self.partial(d, e, value, conds, previous, coords, dtype)
+            return _cast(value, dtype)
+        shape = self.shape(d)
+        result = te.compute(shape, body, name=name)
+        if second:
+            def select(*coords: Any) -> Any:
+                _, conds = self.bind_outputs(e, coords)
+                return self.partial(d, e, result[tuple(coords)].asobject(), conds, previous, coords, dtype)
+            result = te.compute(shape, select, name=e.lhs.tensor)
+        return result
+
+    def bind_outputs(self, e: Einsum, coords: tuple) -> tuple[dict[str, Any], list[Any]]:
+        """Output variables bound to coordinates, and the conditions for this point to be written."""
+        env: dict[str, Any] = {}
+        conds = []
+        for ix, coord in zip(e.lhs.indices, coords):
+            if isinstance(ix.expr, IVar) and ix.expr.name not in env:
+                env[ix.expr.name] = coord
+            else:
+                conds.append(tirx.EQ(coord, self.index(ix.expr, env)[0]))
+        for ix in e.lhs.indices:
+            conds += [self.cond(c, env) for c in ix.filter]
+        return env, conds
+
+    def partial(self, d: TensorDecl, e: Einsum, value: Any, conds: list[Any], previous: te.Tensor | None,
+                coords: tuple, dtype: str) -> Any:
+        if not conds:
+            return _cast(value, dtype)
+        other = previous[tuple(coords)].asobject() if previous is not None else _const(d.fill, dtype)
+        return tirx.Select(_fold(tirx.And, conds), _cast(value, dtype), _cast(other, dtype))
+
+    def reduce(self, e: Einsum, env: dict[str, Any], axes: list[Any], work: str) -> Any:
+        value, valid = self.expr(e.rhs, env, work)
+        if not axes:
+            return value
+        op = e.reduce.op if e.reduce else "+"
+        identity = {"+": 0.0, "*": 1.0, "max": -math.inf, "min": math.inf}[op]
+        if valid is not None and op in ("max", "min"):
+            value = tirx.Select(valid, value, _const(identity, work))
+        if op == "+":
+            return te.sum(value, axis=axes)
+        if op == "max":
+            return te.max(value, axis=axes)
+        if op == "min":
+            return te.min(value, axis=axes)
+        product = te.comm_reducer(lambda x, y: x * y, lambda t: tirx.const(1, t), name="product")
+        return product(value, axis=axes)
+
+    # ---- expressions ----------------------------------------------------------------------------
+
+    def expr(self, x: Expr, env: dict[str, Any], work: str) -> tuple[Any, Any]:
+        """The value of ``x`` in ``work`` dtype, and when it is a product of reads, where all are valid."""
+        if isinstance(x, Const):
+            return _const(x.value, work), None
+        if isinstance(x, Coord):
+            return _cast(self.index(x.expr, env)[0], work), None
+        if isinstance(x, Access):
+            return self.read(x, env, work)
+        args = [self.expr(a, env, work) for a in x.args]
+        value = _apply(x.op, [a for a, _ in args], work)
+        valid = None
+        if x.op == "mul":
+            conds = [v for _, v in args if v is not None]
+            valid = _fold(tirx.And, conds) if conds else None
+        return value, valid
+
+    def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
+        d = self.decls[a.tensor]
+        tensor = self.tensors[a.tensor]
+        idx, checks = [], []
+        for ix, tr, extent in zip(a.indices, d.ranks, tensor.shape):
+            i, ok = self.index(ix.expr, env)
+            if ok is not None:
+                checks.append(ok)
+            if not self.in_range(ix.expr, self.rank_size[tr.rank] + int(tr.iterative)):
+                checks.append(tirx.And(i >= 0, i < extent))
+                i = tirx.max(tirx.min(i, extent - 1), tirx.const(0, "int64"))
+            idx.append(i)
+            checks += [self.cond(c, env) for c in ix.filter]
+        value = _cast(tensor[tuple(idx)].asobject(), work)
+        if not checks:
+            return value, None
+        valid = _fold(tirx.And, checks)
+        return tirx.Select(valid, value, _const(d.fill, work)), valid
+
+    def index(self, e: IndexExpr, env: dict[str, Any]) -> tuple[Any, Any]:
+        """An index expression as int64, and (for gathers) when the gathered value is valid."""
+        if isinstance(e, IVar):
+            return tirx.Cast("int64", env[e.name]), None
+        if isinstance(e, IConst):
+            return tirx.const(e.value, "int64"), None
+        if isinstance(e, ISym):
+            return self.sizes.expr(self.rank_size[e.rank]), None
+        if isinstance(e, IAccess):
+            value, valid = self.read(e.access, env, "int64")
+            return value, valid
+        (a, av), (b, bv) = self.index(e.a, env), self.index(e.b, env)
+        value = {"+": a + b, "-": a - b, "*": a * b, "//": tirx.floordiv(a, b) if e.op == "//" else None,
+                 "%": tirx.floormod(a, b) if e.op == "%" else None}[e.op]
+        valid = tirx.And(av, bv) if av is not None and bv is not None else av if av is not None else bv
+        return value, valid
+
+    def cond(self, c: Any, env: dict[str, Any]) -> Any:
+        a, b = self.index(c.lhs, env)[0], self.index(c.rhs, env)[0]
+        return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": tirx.EQ(a, b), "!=": tirx.NE(a, b)}[c.cmp]
+
+    def in_range(self, e: IndexExpr, extent: Any) -> bool:
+        """True when ``e`` provably stays within ``[0, extent)`` for every value of its variables."""
+        bounds = self.bounds(e)
+        if bounds is None:
+            return False
+        lo, hi = bounds
+        return bool(sympy.sympify(lo).is_nonnegative) and bool(sympy.sympify(extent - 1 - hi).is_nonnegative)
+
+    def bounds(self, e: IndexExpr) -> tuple[Any, Any] | None:
+        if isinstance(e, IVar):
+            return sympy.Integer(0), sympy.sympify(self.rank_size[self.ranks[e.name]]) - 1
+        if isinstance(e, IConst):
+            return sympy.Integer(e.value), sympy.Integer(e.value)
+        if isinstance(e, ISym):
+            size = sympy.sympify(self.rank_size[e.rank])
+            return size, size
+        if isinstance(e, IBin) and e.op in ("+", "-", "*"):
+            a, b = self.bounds(e.a), self.bounds(e.b)
+            if a is None or b is None:
+                return None
+            if e.op == "+":
+                return a[0] + b[0], a[1] + b[1]
+            if e.op == "-":
+                return a[0] - b[1], a[1] - b[0]
+            if all(sympy.sympify(v).is_nonnegative for v in (*a, *b)):
+                return a[0] * b[0], a[1] * b[1]
+        if isinstance(e, IBin) and e.op == "%" and isinstance(e.b, (IConst, ISym)):
+            b = self.bounds(e.b)
+            return sympy.Integer(0), b[1] - 1
+        if isinstance(e, IBin) and e.op == "//" and isinstance(e.b, IConst) and e.b.value > 0:
+            a = self.bounds(e.a)
+            return None if a is None else (sympy.floor(a[0] / e.b.value), sympy.floor(a[1] / e.b.value))
+        return None
+
+
+def _work_dtype(out: str, operands: list[str]) -> str:
+    """The dtype an Einsum computes in: its output's if float, else float32 when it reads floats."""
+    if out in ("f16", "bf16", "f32", "f64"):
+        return DTYPES[out]
+    return "float32" if any(o in ("f16", "bf16", "f32", "f64") for o in operands) else "int64"
+
+
+def _const(v: float, dtype: str) -> Any:
+    if dtype.startswith("int") and not math.isfinite(v):
+        v = -(2 ** 62) if v < 0 else 2 ** 62
+    if dtype == "bool":
+        return tirx.const(bool(v), "bool")
+    return tirx.const(int(v) if dtype.startswith("int") else v, dtype)
+
+
+def _dtype(x: Any) -> str:
+    """The dtype of a TIR expression (this TVM spells it ``.ty``)."""
+    return str(x.ty)
+
+
+def _cast(x: Any, dtype: str) -> Any:
+    if _dtype(x) == dtype:
+        return x
+    if dtype == "bool":
+        return tirx.NE(x, tirx.const(0, _dtype(x)))
+    return tirx.Cast(dtype, x)
+
+
+def _apply(op: str, args: list[Any], work: str) -> Any:
+    """A registered IR op on TIR values of dtype ``work``."""
+    one, zero = _const(1.0, work), _const(0.0, work)
+    flag = lambda c: _cast(c, work)  # noqa: E731  (a bool as 1/0)
+    if op in _UNARY:
+        return _UNARY[op](args[0], one, zero, flag)
+    if op in DTYPES.values() or op in DTYPES:
+        return _cast(_cast(args[0], DTYPES.get(op, op)), work)
+    a = args[0]
+    b = args[1] if len(args) > 1 else None
+    table: dict[str, Callable[[], Any]] = {
+        "add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "div": lambda: a / b,
+        "max": lambda: tirx.max(a, b), "min": lambda: tirx.min(a, b), "pow": lambda: tirx.power(a, b),
+        "floordiv": lambda: tirx.floor(a / b) if work.startswith("float") else tirx.floordiv(a, b),
+        "mod": lambda: a - tirx.floor(a / b) * b if work.startswith("float") else tirx.floormod(a, b),
+        "take_left": lambda: a, "take_right": lambda: b,
+        "lt": lambda: flag(a < b), "le": lambda: flag(a <= b), "gt": lambda: flag(a > b),
+        "ge": lambda: flag(a >= b), "eq": lambda: flag(tirx.EQ(a, b)), "ne": lambda: flag(tirx.NE(a, b)),
+        "and": lambda: flag(tirx.And(tirx.NE(a, zero), tirx.NE(b, zero))),
+        "or": lambda: flag(tirx.Or(tirx.NE(a, zero), tirx.NE(b, zero))),
+        "xor": lambda: flag(tirx.NE(tirx.NE(a, zero), tirx.NE(b, zero))),
+        "where": lambda: tirx.Select(tirx.NE(a, zero), b, args[2]),
+    }
+    if op not in table:
+        raise CompileError(f"no code generation for op '{op}'")
+    return table[op]()
+
+
+def _gelu(x: Any, one: Any, zero: Any, flag: Any) -> Any:
+    return x * _const(0.5, _dtype(x)) * (one + tirx.erf(x * _const(1 / math.sqrt(2.0), _dtype(x))))
+
+
+def _gelu_tanh(x: Any, one: Any, zero: Any, flag: Any) -> Any:
+    inner = _const(math.sqrt(2 / math.pi), _dtype(x)) * (x + _const(0.044715, _dtype(x)) * x * x * x)
+    return _const(0.5, _dtype(x)) * x * (one + tirx.tanh(inner))
+
+
+_UNARY: dict[str, Callable[..., Any]] = {
+    "neg": lambda x, one, zero, flag: zero - x,
+    "abs": lambda x, one, zero, flag: tirx.abs(x),
+    "exp": lambda x, one, zero, flag: tirx.exp(x),
+    "log": lambda x, one, zero, flag: tirx.log(x),
+    "sqrt": lambda x, one, zero, flag: tirx.sqrt(x),
+    "rsqrt": lambda x, one, zero, flag: tirx.rsqrt(x),
+    "tanh": lambda x, one, zero, flag: tirx.tanh(x),
+    "sigmoid": lambda x, one, zero, flag: tirx.sigmoid(x),
+    "relu": lambda x, one, zero, flag: tirx.max(x, zero),
+    "gelu": _gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": lambda x, one, zero, flag: x * tirx.sigmoid(x),
+    "erf": lambda x, one, zero, flag: tirx.erf(x),
+    "sin": lambda x, one, zero, flag: tirx.sin(x),
+    "cos": lambda x, one, zero, flag: tirx.cos(x),
+    "recip": lambda x, one, zero, flag: one / x,
+    "floor": lambda x, one, zero, flag: tirx.floor(x),
+    "ceil": lambda x, one, zero, flag: tirx.ceil(x),
+    "trunc": lambda x, one, zero, flag: tirx.trunc(x),
+    "sign": lambda x, one, zero, flag: flag(x > zero) - flag(x < zero),
+    "not": lambda x, one, zero, flag: flag(tirx.EQ(x, zero)),
+}

@@ -1,0 +1,58 @@
+"""Targets: a TVM target plus the hardware numbers the schedules and cost model use.
+
+``Target.cpu()`` detects the host: LLVM's name for its CPU (so AVX2 / AVX-512 code is generated;
+``mcpu: native`` is silently ignored by this TVM, TVM_0.27_NOTES.md §1), the vector width and the
+core count.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from ..errors import EinfuseError
+
+_AVX512 = ("avx512", "skylake-avx512", "icelake", "sapphirerapids", "emeraldrapids", "graniterapids",
+           "cascadelake", "cooperlake", "tigerlake", "rocketlake", "znver4", "znver5", "x86-64-v4")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compilation target: its name, the TVM target dict, and the numbers schedules need."""
+
+    name: str
+    tvm: dict[str, Any] = field(hash=False)
+    cores: int = 1
+    vector_bytes: int = 16
+    registers: int = 16
+
+    @property
+    def vector_lanes(self) -> int:
+        """float32 lanes in one vector register."""
+        return self.vector_bytes // 4
+
+    def tvm_target(self) -> Any:
+        """The ``tvm.target.Target`` (TVM is imported here, not at module load)."""
+        from tvm.target import Target as TVMTarget
+        return TVMTarget(self.tvm)
+
+    @staticmethod
+    def parse(spec: "str | Target") -> "Target":
+        """``"cpu"`` (the host) or a Target."""
+        if isinstance(spec, Target):
+            return spec
+        if spec in ("cpu", "llvm"):
+            return host_cpu()
+        raise EinfuseError(f"unknown target '{spec}'; available: cpu")
+
+
+@lru_cache(maxsize=1)
+def host_cpu() -> Target:
+    """The machine this runs on, with its real ISA in the LLVM target."""
+    import tvm
+    mcpu = str(tvm.get_global_func("target.llvm_get_system_cpu")())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    wide = any(mcpu.startswith(p) for p in _AVX512)
+    return Target("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, cores,
+                  64 if wide else 32, 32 if wide else 16)
