@@ -1,13 +1,14 @@
 """einfuse: a compiler for PyTorch models over an extended-Einsum cascade IR.
 
-``einfuse.capture(model, args)`` captures a torch model (imported on first use, so that working
-with ``.ein`` files does not load torch); ``einfuse.ir`` is the IR; ``einfuse.errors`` the errors.
+``einfuse.compile(model, args)`` compiles a torch model and ``einfuse.load(dir)`` loads an exported
+one; ``einfuse.capture(model, args)`` only captures it (all imported on first use, so that working
+with ``.ein`` files loads neither torch nor TVM); ``einfuse.ir`` is the IR; ``einfuse.errors`` the errors.
 """
 from typing import Any
 
 from . import errors, ir
 
-__all__ = ["capture", "errors", "ir"]
+__all__ = ["capture", "compile", "errors", "ir", "load"]
 __version__ = "0.1.0"
 
 
@@ -15,4 +16,10 @@ def __getattr__(name: str) -> Any:
     if name == "capture":
         from .frontends import capture
         return capture
+    if name == "compile":
+        from .api import compile
+        return compile
+    if name == "load":
+        from .codegen.runtime import load
+        return load
     raise AttributeError(f"module 'einfuse' has no attribute '{name}'")

@@ -11,11 +11,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import sympy
-
 from .errors import EinfuseError
 from .ir import Cascade, parse, verify
-from .ir.analysis import analyze_passes, cascade_costs, compulsory_bytes, total_cost
+from .ir.analysis import analyze_passes, cascade_costs, compulsory_bytes, format_number, total_cost
 from .ir.scope import loop_vars, reduced_vars
 from .ir.text import access_text
 
@@ -78,12 +76,12 @@ def _call_builder(path: Path, function: str) -> tuple:
 
 def stats_text(c: Cascade) -> str:
     """The ``--stats`` report: a cost table per Einsum and pass counts per reduced rank."""
-    rows = [(str(i), access_text(e.lhs), _num(k.flops), _num(k.bytes), _num(k.intensity))
+    rows = [(str(i), access_text(e.lhs), format_number(k.flops), format_number(k.bytes), format_number(k.intensity))
             for i, (e, k) in enumerate(cascade_costs(c), 1)]
     total = total_cost(c)
-    rows.append(("", "total (unfused)", _num(total.flops), _num(total.bytes), _num(total.intensity)))
+    rows.append(("", "total (unfused)", format_number(total.flops), format_number(total.bytes), format_number(total.intensity)))
     lines = _table(("#", "einsum", "FLOPs", "bytes", "FLOP/byte"), rows)
-    lines.append(f"compulsory bytes (inputs, params, outputs): {_num(compulsory_bytes(c))}")
+    lines.append(f"compulsory bytes (inputs, params, outputs): {format_number(compulsory_bytes(c))}")
     lines.append("")
     pass_rows = []
     for group in pass_rank_groups(c):
@@ -111,15 +109,6 @@ def pass_rank_groups(c: Cascade) -> list[list[str]]:
         if len(parts) > 1 and any(p in singles for p in parts):
             groups.append(sorted(parts, key=lambda p: -int(re.search(r"\d+$", p).group())))
     return groups
-
-
-def _num(x: sympy.Expr) -> str:
-    x = sympy.sympify(x)
-    if x.is_Integer:
-        return f"{int(x):,}"
-    if x.is_number:
-        return f"{float(x):.3g}"
-    return str(sympy.nsimplify(x) if x.is_rational_function() else x)
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:

@@ -55,6 +55,16 @@ def einsum_cost(c: Cascade, e: Einsum, loops: tuple[Loop, ...] = ()) -> Cost:
     return Cost(sympy.expand(points * work), sympy.expand(moved))
 
 
+def format_number(x: sympy.Expr) -> str:
+    """A count for people: ``1,048,576``, ``0.125``, or the symbolic expression ``4*S**2``."""
+    x = sympy.sympify(x)
+    if x.is_Integer:
+        return f"{int(x):,}"
+    if x.is_number:
+        return f"{float(x):.3g}"
+    return str(sympy.nsimplify(x) if x.is_rational_function() else x)
+
+
 def cascade_costs(c: Cascade) -> list[tuple[Einsum, Cost]]:
     """Every Einsum's cost, in program order."""
     return [(e, einsum_cost(c, e, loops)) for e, loops in c.einsums()]

@@ -1,0 +1,158 @@
+"""``CompiledModel``: a compiled cascade that takes and returns torch tensors.
+
+Inputs travel to TVM through DLPack without a copy when they are contiguous and 64-byte aligned
+(what generated code assumes); anything else is copied into an aligned buffer first, never passed
+as is (an unaligned view would crash TVM, TVM_0.27_NOTES.md §8.7). Outputs come back as torch
+tensors sharing TVM's memory.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from ..errors import EinfuseError, InterpretError
+from ..ir import Cascade, parse, to_text
+from ..ir.analysis import einsum_cost, format_number
+from ..ir.scope import declarations
+from ..ir.sizes import bind_sizes
+from .fusion import Kernel, group_kernels
+
+TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
+                "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+
+
+class InputError(EinfuseError):
+    """The tensors given to a compiled model do not match what it was compiled for."""
+
+
+class CompiledModel:
+    """A compiled model: call it with torch tensors (positionally, in the cascade's input order)."""
+
+    def __init__(self, cascade: Cascade, executable: Any, kernels: list[Kernel], target: str,
+                 compile_seconds: float, sources: dict[str, str] | None = None) -> None:
+        self.ir = cascade
+        self.executable = executable
+        self.kernels = kernels
+        self.target = target
+        self.compile_seconds = compile_seconds
+        self._sources = sources or {}
+        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._decls = declarations(cascade)
+        self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
+        self.outputs = [t.name for t in cascade.tensors if t.role == "output"]
+
+    def __call__(self, *args: Any) -> Any:
+        """Run on torch tensors; one output comes back as a tensor, several as a tuple."""
+        values = self._run(self.to_tvm(args))
+        outs = tuple(torch.from_dlpack(v) for v in values)
+        return outs[0] if len(outs) == 1 else outs
+
+    def _run(self, args: list[Any]) -> list[Any]:
+        result = self._vm["main"](*args)
+        return [result[i] for i in range(len(self.outputs))]
+
+    def to_tvm(self, args: tuple) -> list[Any]:
+        """Check ``args`` against the inputs and hand them to TVM (copying only when needed)."""
+        if len(args) != len(self.inputs):
+            raise InputError(f"expected {len(self.inputs)} input(s) ({', '.join(self.inputs)}), got {len(args)}")
+        out, shapes = [], {}
+        for name, x in zip(self.inputs, args):
+            decl = self._decls[name]
+            if not isinstance(x, torch.Tensor):
+                x = torch.as_tensor(np.asarray(x))
+            if x.dtype != TORCH_DTYPES[decl.dtype]:
+                raise InputError(f"input '{name}' has dtype {x.dtype}; the model was compiled for "
+                                 f"{TORCH_DTYPES[decl.dtype]}")
+            shapes[name] = tuple(x.shape)
+            if x.device.type != "cpu":
+                x = x.cpu()
+            if not x.is_contiguous() or x.data_ptr() % 64 or x.requires_grad:
+                x = _aligned_copy(x.detach())
+            out.append(tvm.runtime.from_dlpack(x))
+        try:
+            bind_sizes(self.ir, self._decls, shapes)
+        except InterpretError as exc:
+            raise InputError(str(exc)) from None
+        return out
+
+    # ---- inspection --------------------------------------------------------------------------
+
+    def source(self, stage: str = "tir") -> str:
+        """Generated code: ``"tir"`` (scheduled TIR of every kernel), ``"llvm"`` or ``"asm"``."""
+        if stage == "tir":
+            return self._sources.get("tir", "")
+        host = self.executable.mod.imports[0] if self.executable.mod.imports else self.executable.mod
+        if stage in ("llvm", "ll"):
+            return host.inspect_source("ll")
+        if stage in ("asm", "s"):
+            return host.inspect_source("asm")
+        raise EinfuseError(f"unknown source stage '{stage}'; use tir, llvm or asm")
+
+    def report(self, args: tuple | None = None) -> str:
+        """A table per kernel: the Einsums it computes, FLOPs, bytes, and (given inputs) the
+        measured time of the whole model."""
+        rows = [("kernel", "einsums", "FLOPs", "bytes")]
+        for k in self.kernels:
+            costs = [einsum_cost(self.ir, e) for e in k.writes]
+            rows.append((k.name, str(len(k.writes) + len(k.inlined)), format_number(sum(c.flops for c in costs)),
+                         format_number(sum(c.bytes for c in costs))))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append(f"{len(self.kernels)} kernels, compiled for {self.target} in {self.compile_seconds:.1f} s")
+        if args is not None:
+            lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
+        return "\n".join(lines)
+
+    def time(self, args: tuple, number: int = 10, repeat: int = 5) -> float:
+        """Median seconds per call on ``args``."""
+        tvm_args = self.to_tvm(args)
+        samples = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            for _ in range(number):
+                self._run(tvm_args)
+            samples.append((time.perf_counter() - start) / number)
+        return float(np.median(samples))
+
+    # ---- persistence ---------------------------------------------------------------------------
+
+    def export(self, path: str | Path) -> Path:
+        """Write ``model.so`` (kernels, graph and weights) and ``model.json`` into directory ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(path / "model.so"))
+        meta = {"cascade": to_text(self.ir), "target": self.target, "compile_seconds": self.compile_seconds}
+        (path / "model.json").write_text(json.dumps(meta))
+        (path / "kernels.tir").write_text(self.source("tir"))
+        return path
+
+
+def load(path: str | Path) -> CompiledModel:
+    """A model written by :meth:`CompiledModel.export`."""
+    path = Path(path)
+    if not (path / "model.so").is_file() or not (path / "model.json").is_file():
+        raise EinfuseError(f"{path} does not hold an exported einfuse model (model.so, model.json)")
+    meta = json.loads((path / "model.json").read_text())
+    executable = tvm.runtime.load_module(str(path / "model.so"))
+    cascade = parse(meta["cascade"])
+    kernels = group_kernels(cascade)
+    tir = (path / "kernels.tir").read_text() if (path / "kernels.tir").is_file() else ""
+    return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir})
+
+
+def _aligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` whose data starts on a 64-byte boundary."""
+    nbytes = x.numel() * x.element_size()
+    raw = torch.empty(nbytes + 64, dtype=torch.uint8)
+    offset = (-raw.data_ptr()) % 64
+    out = raw[offset:offset + nbytes].view(x.dtype).view(x.shape)
+    out.copy_(x)
+    return out
+

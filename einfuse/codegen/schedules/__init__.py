@@ -1,0 +1,1 @@
+"""Schedules per target: rules that pick a loop structure per kernel kind."""
