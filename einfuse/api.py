@@ -62,15 +62,16 @@ def build(cascade: Cascade, target: Any) -> Any:
 
     from .codegen.fusion import group_kernels
     from .codegen.graph import build_graph
+    from .codegen.lower import KernelBuilder
     from .codegen.runtime import CompiledModel
     from .codegen.schedules.cpu import schedule
     start = time.perf_counter()
     kernels = group_kernels(cascade)
     scheduled: list[str] = []
 
-    def lower(func: Any, kernel: Any) -> Any:
+    def lower(kernel: Any, sizes: Any) -> Any:
         try:
-            out = schedule(func, kernel, target)
+            out = schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
             raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}",
                                reproducer(cascade, kernel)) from exc

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import CompileError
-from ..ir import Cascade, Einsum, IVar, Loop
-from ..ir.scope import declarations, iteration_vars, reads
+from ..ir import Cascade, Einsum, IAccess, IVar, Loop
+from ..ir.scope import declarations, index_atoms, iteration_vars, reads
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class Kernel:
     writes: tuple[Einsum, ...]
     inlined: tuple[str, ...]
     inputs: tuple[str, ...]
+    gathers: bool = False
 
 
 def group_kernels(c: Cascade) -> list[Kernel]:
@@ -50,12 +51,13 @@ def group_kernels(c: Cascade) -> list[Kernel]:
             continue
         done.add(t)
         members = _inlined_into(writes[t], writes, inline)
-        external = []
+        external, gathers = [], False
         for w in list(writes[t]) + [writes[m][0] for m in members]:
             for a in reads(w):
+                gathers = gathers or any(isinstance(atom, IAccess) for ix in a.indices for atom in index_atoms(ix.expr))
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
-        kernels.append(Kernel(f"k{len(kernels)}_{t}", t, tuple(writes[t]), tuple(members), tuple(external)))
+        kernels.append(Kernel(f"k{len(kernels)}_{t}", t, tuple(writes[t]), tuple(members), tuple(external), gathers))
     return kernels
 
 

@@ -3,6 +3,7 @@ intermediates allocated and reused by the VM's memory planner."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from tvm import relax
@@ -10,7 +11,7 @@ from tvm import relax
 from ..ir import Cascade
 from ..ir.scope import declarations
 from .fusion import Kernel
-from .lower import DTYPES, KernelBuilder, SizeVars
+from .lower import DTYPES, SizeVars
 
 
 @dataclass
@@ -23,8 +24,8 @@ class Graph:
     kernels: list[Kernel]
 
 
-def build_graph(c: Cascade, kernels: list[Kernel], schedule: object) -> Graph:
-    """Lower every kernel (scheduled by ``schedule(prim_func, kernel)``) and wire them in Relax."""
+def build_graph(c: Cascade, kernels: list[Kernel], make: Callable[[Kernel, SizeVars], object]) -> Graph:
+    """Wire the kernels (``make(kernel, sizes)`` returns each one's scheduled PrimFunc) in Relax."""
     decls = declarations(c)
     sizes = SizeVars()
     rank_size = {r.name: r.size for r in c.ranks}
@@ -36,8 +37,7 @@ def build_graph(c: Cascade, kernels: list[Kernel], schedule: object) -> Graph:
     bb = relax.BlockBuilder()
     functions = {}
     for k in kernels:
-        func = KernelBuilder(c, k, sizes).prim_func()
-        functions[k.name] = bb.add_func(schedule(func, k), k.name)
+        functions[k.name] = bb.add_func(make(k, sizes), k.name)
     inputs = [t.name for t in c.tensors if t.role == "input"]
     outputs = [t.name for t in c.tensors if t.role == "output"]
     params = {t.name: relax.Var(t.name, tensor_type(t.name)) for t in c.tensors if t.role == "input"}

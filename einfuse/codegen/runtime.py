@@ -8,6 +8,7 @@ tensors sharing TVM's memory.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,14 @@ class CompiledModel:
     """A compiled model: call it with torch tensors (positionally, in the cascade's input order)."""
 
     def __init__(self, cascade: Cascade, executable: Any, kernels: list[Kernel], target: str,
-                 compile_seconds: float, sources: dict[str, str] | None = None) -> None:
+                 compile_seconds: float, sources: dict[str, str] | None = None, library: Path | None = None) -> None:
         self.ir = cascade
         self.executable = executable
         self.kernels = kernels
         self.target = target
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
+        self._library = library  # the .so this model was loaded from (a loaded module cannot be re-exported)
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
         self._decls = declarations(cascade)
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
@@ -88,12 +90,15 @@ class CompiledModel:
         """Generated code: ``"tir"`` (scheduled TIR of every kernel), ``"llvm"`` or ``"asm"``."""
         if stage == "tir":
             return self._sources.get("tir", "")
-        host = self.executable.mod.imports[0] if self.executable.mod.imports else self.executable.mod
+        if stage not in ("llvm", "ll", "asm", "s"):
+            raise EinfuseError(f"unknown source stage '{stage}'; use tir, llvm or asm")
+        if self._library is not None:
+            raise EinfuseError(f"a loaded model keeps no {stage} source; compile the model to see it")
+        mod = self.executable.mod
+        host = mod.imports[0] if mod.imports else mod
         if stage in ("llvm", "ll"):
             return host.inspect_source("ll")
-        if stage in ("asm", "s"):
-            return host.inspect_source("asm")
-        raise EinfuseError(f"unknown source stage '{stage}'; use tir, llvm or asm")
+        return host.inspect_source("asm")
 
     def report(self, args: tuple | None = None) -> str:
         """A table per kernel: the Einsums it computes, FLOPs, bytes, and (given inputs) the
@@ -127,7 +132,10 @@ class CompiledModel:
         """Write ``model.so`` (kernels, graph and weights) and ``model.json`` into directory ``path``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.executable.export_library(str(path / "model.so"))
+        if self._library is not None:
+            shutil.copyfile(self._library, path / "model.so")
+        else:
+            self.executable.export_library(str(path / "model.so"))
         meta = {"cascade": to_text(self.ir), "target": self.target, "compile_seconds": self.compile_seconds}
         (path / "model.json").write_text(json.dumps(meta))
         (path / "kernels.tir").write_text(self.source("tir"))
@@ -144,7 +152,8 @@ def load(path: str | Path) -> CompiledModel:
     cascade = parse(meta["cascade"])
     kernels = group_kernels(cascade)
     tir = (path / "kernels.tir").read_text() if (path / "kernels.tir").is_file() else ""
-    return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir})
+    return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir},
+                         path / "model.so")
 
 
 def _aligned_copy(x: torch.Tensor) -> torch.Tensor:

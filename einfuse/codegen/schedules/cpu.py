@@ -1,12 +1,15 @@
 """Rule-based CPU schedules, chosen per kernel kind, with sizes from the target.
 
-* every block but the kernel's output block is inlined (the fused element-wise producers);
+* every block but the kernel's output block is inlined (the fused element-wise producers), unless
+  the kernel gathers (nested data-dependent selects make TVM's simplifier take minutes);
 * **contraction** (a reduction over a product of reads, one of which ignores the innermost output
   dimension: GEMM, batched GEMM, convolution, attention's QK and AV): a register tile of
   ``MR`` rows x ``NR`` lanes accumulated in a local buffer (so in vector registers), the reduction
   inside, parallel outer loops (TVM_0.27_NOTES.md §2);
 * **reduction** (row sums, maxima): parallel over the output points, the reduction serial inside;
-* **element-wise**: all loops fused, split by the vector width, parallel outside, vectorized inside.
+* **element-wise**: the innermost loop split by the vector width and vectorized (unless the
+  kernel gathers), the rest fused and parallel (fusing everything would put ``//`` and ``%`` by symbolic sizes in every index,
+  which LLVM takes minutes over).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFu
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     for b in blocks[:-1]:
-        if not _is_reduction(sch, b):
+        if not _is_reduction(sch, b) and not kernel.gathers:  # inlined gathers: TVM takes minutes
             sch.compute_inline(b)
     out = sch.get_child_blocks(sch.get_sblock("root"))
     for b in out:
@@ -34,7 +37,7 @@ def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFu
         elif _is_reduction(sch, b):
             _reduction_schedule(sch, b, target)
         else:
-            _elementwise_schedule(sch, b, target)
+            _elementwise_schedule(sch, b, target, vectorize=not kernel.gathers)
     return sch.mod["main"].with_attr("global_symbol", kernel.name)
 
 
@@ -85,11 +88,13 @@ def _reduction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None
         sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
 
 
-def _elementwise_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None:
+def _elementwise_schedule(sch: s_tir.Schedule, block: Any, target: Target, vectorize: bool) -> None:
     loops = sch.get_loops(block)
     if not loops:
         return
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-    outer, inner = sch.split(fused, [None, target.vector_lanes])
-    sch.parallel(outer)
+    if not vectorize:  # data-dependent loads do not vectorize, and LLVM takes minutes trying
+        sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        return
+    outer, inner = sch.split(loops[-1], [None, target.vector_lanes])
+    sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
     sch.vectorize(inner)
