@@ -1,4 +1,5 @@
-"""The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, print and analyse it).
+"""The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, print and analyse it) and
+``compile`` (compile it for a target, write the library and print the report).
 
 MODEL is a ``.ein`` file, ``zoo:NAME`` (a model of :mod:`einfuse.zoo`) or ``path/to/file.py:function``
 (a function returning ``(model, example_args)``).
@@ -25,9 +26,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ir = sub.add_parser("ir", help="print the verified IR of a model or cascade")
     ir.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     ir.add_argument("--stats", action="store_true", help="add FLOPs, bytes, intensity and pass counts")
+    comp = sub.add_parser("compile", help="compile a model: write its library and print its report")
+    comp.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
+    comp.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
+    comp.add_argument("-o", "--output", required=True, help="directory for model.so, model.json and report.txt")
+    comp.add_argument("--no-cache", action="store_true", help="compile even if the cache has this model")
     args = parser.parse_args(argv)
     try:
-        return _ir(args)
+        return _ir(args) if args.command == "ir" else _compile(args)
     except EinfuseError as err:
         print(f"einfuse: error: {args.model}: {err}", file=sys.stderr)
         return 1
@@ -42,17 +48,38 @@ def _ir(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(spec: str) -> Cascade:
-    """The cascade MODEL names: parsed from a .ein file, or captured from a zoo or user model."""
+def _compile(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .api import compile as compile_cascade
+    model, example = load_torch_model(args.model)
+    with tempfile.TemporaryDirectory() as scratch:
+        compiled = compile_cascade(model, example, target=args.target, cache_dir=scratch if args.no_cache else None)
+    out = compiled.export(args.output)
+    report = compiled.report(example if not isinstance(model, Cascade) else None)
+    (out / "report.txt").write_text(report + "\n")
+    print(report)
+    print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
+    return 0
+
+
+def load_torch_model(spec: str) -> tuple:
+    """``(model, example_args)`` for zoo:NAME or file.py:function, ``(cascade, None)`` for .ein."""
     if spec.startswith("zoo:"):
         from . import zoo
-        return _capture(*zoo.build(spec[4:]))
+        return zoo.build(spec[4:])
     path, function = spec.rsplit(":", 1) if ".py:" in spec else (spec, "")
     if not Path(path).is_file():
         raise EinfuseError("no such file")
     if path.endswith(".py"):
-        return _capture(*_call_builder(Path(path), function))
-    return verify(parse(Path(path).read_text()))
+        return _call_builder(Path(path), function)
+    return verify(parse(Path(path).read_text())), None
+
+
+def load_model(spec: str) -> Cascade:
+    """The cascade MODEL names: parsed from a .ein file, or captured from a zoo or user model."""
+    model, example = load_torch_model(spec)
+    return model if isinstance(model, Cascade) else _capture(model, example)
 
 
 def _capture(model: object, example_args: tuple) -> Cascade:
