@@ -66,16 +66,21 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> No
     spatial = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
     reduce = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.CommReduce]
     nr = target.vector_lanes * (4 if target.registers >= 32 else 2)
+    streamed = [i for i, r in enumerate(blk.reads) if uses_var(r, blk.iter_vars[len(spatial) - 1].var)]
     local = sch.cache_write(block, 0, "local")
     i0, i1 = sch.split(spatial[-2], [None, MR])
     j0, j1 = sch.split(spatial[-1], [None, nr])
     outer = spatial[:-2]
-    sch.reorder(*outer, i0, j0, *reduce, i1, j1)
-    sch.reverse_compute_at(local, j0)
+    sch.reorder(*outer, j0, i0, *reduce, i1, j1)
+    if len(streamed) == 1:  # pack the reduction x NR panel it streams, once per j0, reused by every i0
+        packed = sch.cache_read(block, streamed[0], "global")
+        sch.compute_at(packed, j0)
+        sch.vectorize(sch.get_loops(packed)[-1])
+    sch.reverse_compute_at(local, i0)
     sch.vectorize(sch.get_loops(local)[-1])
     sch.unroll(i1)
     sch.vectorize(j1)
-    sch.parallel(sch.fuse(*outer, i0) if outer else i0)
+    sch.parallel(sch.fuse(*outer, j0) if outer else j0)
     init = sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
 

@@ -1,0 +1,158 @@
+"""einfuse against its peers, side by side in one process, on the zoo and a 1024^3 matmul.
+
+    python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,einfuse]
+                             [--threads 2] [--repeat 20]
+
+Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
+pipeline (from_exported_program + the default pipeline), and einfuse. Prints the median latency
+of each, each peer's time relative to einfuse (> 1 means einfuse is faster), and compile times.
+A peer that fails on a model is shown as failed with its error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+WORKLOADS: dict[str, Callable[[], tuple[torch.nn.Module, tuple]]] = {}
+
+
+def workload(name: str) -> Callable:
+    def register(fn: Callable) -> Callable:
+        WORKLOADS[name] = fn
+        return fn
+    return register
+
+
+class MatMul(torch.nn.Module):
+    def __init__(self, n: int = 1024) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(n, n) / n ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+@workload("matmul1024")
+def _matmul() -> tuple:
+    torch.manual_seed(0)
+    return MatMul().eval(), (torch.randn(1024, 1024),)
+
+
+def _zoo(name: str, **options: Any) -> Callable[[], tuple]:
+    def build() -> tuple:
+        from einfuse import zoo
+        return zoo.build(name, **options)
+    return build
+
+
+for _name, _opts in {"mlp": {"batch": 64}, "gpt2": {"seq": 256}, "llama": {"seq": 256}, "bert": {"seq": 256},
+                     "vit": {"image": 224}}.items():
+    workload(_name)(_zoo(_name, **_opts))
+
+
+def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def peer_eager(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    return (lambda: model(*args)), 0.0
+
+
+def peer_inductor(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    compiled(*args)
+    return (lambda: compiled(*args)), time.perf_counter() - start
+
+
+def peer_ort(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    import onnxruntime as ort
+    start = time.perf_counter()
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    torch.onnx.export(model, args, path, dynamo=True, optimize=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    session.run(None, feeds)
+    return (lambda: session.run(None, feeds)), time.perf_counter() - start
+
+
+def peer_relax(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from einfuse.targets import host_cpu
+    start = time.perf_counter()
+    mod = from_exported_program(torch.export.export(model, args))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=host_cpu().tvm_target()), tvm.cpu())
+    inputs = [tvm.runtime.tensor(a.numpy()) for a in args]
+    return (lambda: vm["main"](*inputs)), time.perf_counter() - start
+
+
+def peer_einfuse(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    import einfuse
+    start = time.perf_counter()
+    compiled = einfuse.compile(model, args, cache_dir=tempfile.mkdtemp())
+    tvm_args = compiled.to_tvm(args)
+    return (lambda: compiled._run(tvm_args)), time.perf_counter() - start
+
+
+PEERS = {"eager": peer_eager, "inductor": peer_inductor, "ort": peer_ort, "relax": peer_relax, "einfuse": peer_einfuse}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(WORKLOADS))
+    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=20)
+    opts = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(opts.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(opts.threads))
+    peers = opts.peers.split(",")
+    print(f"threads={opts.threads} repeat={opts.repeat} torch={torch.__version__}")
+    print(f"{'workload':11} {'peer':9} {'median ms':>10} {'vs einfuse':>10} {'compile s':>9}")
+    for name in opts.models.split(","):
+        model, args = WORKLOADS[name]()
+        results: dict[str, Any] = {}
+        with torch.no_grad():
+            for peer in peers:
+                try:
+                    run, compile_s = PEERS[peer](model, args)
+                    repeat = opts.repeat if peer != "relax" else max(3, opts.repeat // 10)
+                    results[peer] = (median_seconds(run, repeat), compile_s)
+                except Exception as exc:  # a failing peer is reported, not fatal
+                    results[peer] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:90]}"
+        ours = results.get("einfuse")
+        for peer, r in results.items():
+            if isinstance(r, str):
+                print(f"{name:11} {peer:9} {r}")
+                continue
+            ratio = f"{r[0] / ours[0]:.2f}x" if isinstance(ours, tuple) else "-"
+            print(f"{name:11} {peer:9} {r[0] * 1e3:10.3f} {ratio:>10} {r[1]:9.1f}")
+        if name == "matmul1024" and isinstance(ours, tuple):
+            print(f"{'':11} einfuse GFLOP/s: {2 * 1024 ** 3 / ours[0] / 1e9:.0f}" +
+                  (f", ort GFLOP/s: {2 * 1024 ** 3 / results['ort'][0] / 1e9:.0f}"
+                   if isinstance(results.get("ort"), tuple) else ""))
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()
