@@ -111,6 +111,8 @@ def _cache_key(cascade: Cascade, target: Any) -> str:
     digest = hashlib.sha256()
     for part in (to_text(cascade), repr(sorted(target.tvm.items())), tvm.__version__, __version__):
         digest.update(part.encode())
+    for source in sorted((Path(__file__).parent / "codegen").rglob("*.py")):  # a changed compiler recompiles
+        digest.update(source.read_bytes())
     for name in sorted(cascade.params):
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(cascade.params[name]).tobytes())

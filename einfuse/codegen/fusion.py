@@ -1,8 +1,8 @@
 """The first kernel grouping: which Einsums become one kernel.
 
 A tensor is *inlined* into its reader when it is a temp written once by an element-wise Einsum
-(no reduction, no filter, plain output indices), read by exactly one Einsum, and that reader does
-not iterate more points than the tensor has (so inlining recomputes nothing). Every other tensor
+(no reduction, no filter, plain output indices), read by exactly one Einsum, and every variable
+that reader iterates indexes the tensor (so inlining recomputes nothing). Every other tensor
 is a kernel's output; a kernel computes it from its writes and the Einsums inlined into them.
 So a bias add and the GELU after it are one kernel, the square inside a variance's sum is computed
 inside the reduction, and a GEMM keeps its own kernel.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
-from ..ir.scope import declarations, index_atoms, iteration_vars, reads
+from ..ir.scope import access_vars, declarations, index_atoms, iteration_vars, reads
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ def group_kernels(c: Cascade) -> list[Kernel]:
     einsums = [e for e, _ in c.einsums()]
     inline = {t for t, ws in writes.items()
               if decls[t].role == "temp" and len(ws) == 1 and _elementwise(ws[0])
-              and len(readers.get(t, ())) == 1
-              and len(iteration_vars(einsums[next(iter(readers[t]))])) <= len(decls[t].ranks)}
+              and len(readers.get(t, ())) == 1 and _reads_each_once(einsums[next(iter(readers[t]))], t)}
     kernels, done = [], set()
     for e in einsums:
         t = e.lhs.tensor
@@ -59,6 +58,13 @@ def group_kernels(c: Cascade) -> list[Kernel]:
                     external.append(a.tensor)
         kernels.append(Kernel(f"k{len(kernels)}_{t}", t, tuple(writes[t]), tuple(members), tuple(external), gathers))
     return kernels
+
+
+def _reads_each_once(reader: Einsum, tensor: str) -> bool:
+    """Whether every iteration variable of ``reader`` indexes its reads of ``tensor`` (so inlining
+    the tensor's computation into the reader recomputes nothing; a GEMM operand fails this)."""
+    used = {v for a in reads(reader) if a.tensor == tensor for v in access_vars(a)}
+    return set(iteration_vars(reader)) <= used
 
 
 def _elementwise(e: Einsum) -> bool:

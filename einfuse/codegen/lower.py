@@ -293,7 +293,7 @@ def _apply(op: str, args: list[Any], work: str) -> Any:
     b = args[1] if len(args) > 1 else None
     table: dict[str, Callable[[], Any]] = {
         "add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "div": lambda: a / b,
-        "max": lambda: tirx.max(a, b), "min": lambda: tirx.min(a, b), "pow": lambda: tirx.power(a, b),
+        "max": lambda: tirx.max(a, b), "min": lambda: tirx.min(a, b), "pow": lambda: _pow(a, b),
         "floordiv": lambda: tirx.floor(a / b) if work.startswith("float") else tirx.floordiv(a, b),
         "mod": lambda: a - tirx.floor(a / b) * b if work.startswith("float") else tirx.floormod(a, b),
         "take_left": lambda: a, "take_right": lambda: b,
@@ -309,28 +309,64 @@ def _apply(op: str, args: list[Any], work: str) -> Any:
     return table[op]()
 
 
+def _exp(x: Any) -> Any:
+    """``exp`` without a libm call per vector lane (TVM_0.27_NOTES.md §6, pitfall 17): 2^round(t)
+    times a degree-6 polynomial of the fraction, t = x*log2(e); relative error ~2e-7 (float32).
+    Below 2^-125 (masked scores, exp(-inf)) it is exactly 0: tiny results would turn into
+    denormals downstream, which x86 computes two orders of magnitude slower."""
+    if _dtype(x) != "float32":
+        return tirx.exp(x)
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+    raw = x * f32(1.4426950408889634)
+    t = tirx.min(tirx.max(raw, f32(-125.0)), f32(127.0))
+    whole = tirx.nearbyint(t)
+    frac = t - whole
+    poly = f32(1.0)
+    for k in range(6, 0, -1):
+        poly = f32(1.0) + frac * f32(math.log(2) / k) * poly
+    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", whole) + tirx.const(127, "int32"),
+                                                        tirx.const(23, "int32")))
+    return tirx.Select(raw < f32(-125.0), f32(0.0), poly * scale)
+
+
+def _pow(a: Any, b: Any) -> Any:
+    """Small integer powers as products (``x**3`` in GELU); others through ``power``."""
+    if isinstance(b, tirx.FloatImm) and float(b.value) in (1.0, 2.0, 3.0, 4.0):
+        return _fold(lambda p, q: p * q, [a] * int(b.value))
+    return tirx.power(a, b)
+
+
 def _gelu(x: Any, one: Any, zero: Any, flag: Any) -> Any:
     return x * _const(0.5, _dtype(x)) * (one + tirx.erf(x * _const(1 / math.sqrt(2.0), _dtype(x))))
 
 
 def _gelu_tanh(x: Any, one: Any, zero: Any, flag: Any) -> Any:
     inner = _const(math.sqrt(2 / math.pi), _dtype(x)) * (x + _const(0.044715, _dtype(x)) * x * x * x)
-    return _const(0.5, _dtype(x)) * x * (one + tirx.tanh(inner))
+    return _const(0.5, _dtype(x)) * x * (one + _tanh(inner, one))
+
+
+def _tanh(x: Any, one: Any) -> Any:
+    """tanh through the polynomial exp: 1 - 2 / (exp(2x) + 1)."""
+    return one - _const(2.0, _dtype(x)) / (_exp(x + x) + one)
+
+
+def _sigmoid(x: Any, one: Any) -> Any:
+    return one / (one + _exp(-x))
 
 
 _UNARY: dict[str, Callable[..., Any]] = {
     "neg": lambda x, one, zero, flag: zero - x,
     "abs": lambda x, one, zero, flag: tirx.abs(x),
-    "exp": lambda x, one, zero, flag: tirx.exp(x),
+    "exp": lambda x, one, zero, flag: _exp(x),
     "log": lambda x, one, zero, flag: tirx.log(x),
     "sqrt": lambda x, one, zero, flag: tirx.sqrt(x),
     "rsqrt": lambda x, one, zero, flag: tirx.rsqrt(x),
-    "tanh": lambda x, one, zero, flag: tirx.tanh(x),
-    "sigmoid": lambda x, one, zero, flag: tirx.sigmoid(x),
+    "tanh": lambda x, one, zero, flag: _tanh(x, one),
+    "sigmoid": lambda x, one, zero, flag: _sigmoid(x, one),
     "relu": lambda x, one, zero, flag: tirx.max(x, zero),
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
-    "silu": lambda x, one, zero, flag: x * tirx.sigmoid(x),
+    "silu": lambda x, one, zero, flag: x * _sigmoid(x, one),
     "erf": lambda x, one, zero, flag: tirx.erf(x),
     "sin": lambda x, one, zero, flag: tirx.sin(x),
     "cos": lambda x, one, zero, flag: tirx.cos(x),

@@ -45,7 +45,7 @@ class CompiledModel:
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
         self._library = library  # the .so this model was loaded from (a loaded module cannot be re-exported)
-        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._vm = relax.VirtualMachine(executable, tvm.cpu(), memory_cfg="pooled")  # no page faults per call
         self._decls = declarations(cascade)
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
         self.outputs = [t.name for t in cascade.tensors if t.role == "output"]
@@ -101,14 +101,23 @@ class CompiledModel:
         return host.inspect_source("asm")
 
     def report(self, args: tuple | None = None) -> str:
-        """A table per kernel: the Einsums it computes, FLOPs, bytes, and (given inputs) the
-        measured time of the whole model."""
-        rows = [("kernel", "einsums", "FLOPs", "bytes")]
+        """A table per kernel: the Einsums it computes, FLOPs, bytes and, given inputs, each
+        kernel's measured time alone and the whole model's time per call."""
+        times: dict[str, float] = {}
+        if args is not None:
+            from ..targets import Target
+            from .profile import kernel_seconds
+            sizes = bind_sizes(self.ir, self._decls, {n: tuple(a.shape) for n, a in zip(self.inputs, args)})
+            times = kernel_seconds(self.ir, self.kernels, Target.parse(self.target), sizes)
+        rows = [("kernel", "einsums", "FLOPs", "bytes", "ms", "share")]
+        total = sum(times.values()) or 1.0
         for k in self.kernels:
             costs = [einsum_cost(self.ir, e) for e in k.writes]
+            t = times.get(k.name)
             rows.append((k.name, str(len(k.writes) + len(k.inlined)), format_number(sum(c.flops for c in costs)),
-                         format_number(sum(c.bytes for c in costs))))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+                         format_number(sum(c.bytes for c in costs)), f"{t * 1e3:.3f}" if t is not None else "-",
+                         f"{t / total:.0%}" if t is not None else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.append(f"{len(self.kernels)} kernels, compiled for {self.target} in {self.compile_seconds:.1f} s")
         if args is not None:

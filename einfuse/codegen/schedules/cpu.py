@@ -46,17 +46,54 @@ def _is_reduction(sch: s_tir.Schedule, block: Any) -> bool:
 
 
 def _contraction(sch: s_tir.Schedule, block: Any) -> bool:
-    """A product of reads of which one ignores the innermost output variable."""
+    """A product of loads of which one ignores the innermost output variable."""
     blk = sch.get(block)
     spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    if len(spatial) < 2 or len(blk.reads) < 2:
+    loads = [ld for ld in _loads(blk.body.value) if not _source(ld).same_as(blk.body.buffer)]
+    if len(spatial) < 2 or len(loads) < 2:
         return False
-    return not all(uses_var(r, spatial[-1]) for r in blk.reads)
+    return not all(any(_mentions(i, spatial[-1]) for i in ld.indices) for ld in loads)
+
+
+def _loads(e: Any) -> list[Any]:
+    """Every buffer load in an expression tree."""
+    if type(e).__name__ in ("BufferLoad", "TensorLoad"):  # this TVM's name for a buffer load
+        return [e]
+    out = []
+    for field in ("a", "b", "value", "condition", "true_value", "false_value"):
+        if hasattr(e, field):
+            out += _loads(getattr(e, field))
+    for arg in getattr(e, "args", ()):
+        out += _loads(arg)
+    return out
+
+
+def _source(node: Any) -> Any:
+    """The buffer a load or a read region refers to (field names vary across TVM versions)."""
+    for field in ("buffer", "source", "tensor"):
+        found = getattr(node, field, None)
+        if found is not None:
+            return found
+    raise AttributeError(f"no buffer on {type(node).__name__}")
+
+
+def _mentions(e: Any, var: Any) -> bool:
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(e, []))
 
 
 def uses_var(region: Any, var: Any) -> bool:
     """Whether a buffer region's indices mention ``var``."""
-    return any(v.same_as(var) for rng in region.region for v in tirx.analysis.undefined_vars(rng.min, []))
+    return any(uses_var_range(rng, var) for rng in region.region)
+
+
+def uses_var_range(rng: Any, var: Any) -> bool:
+    """Whether one dimension of a region mentions ``var``."""
+    return any(v.same_as(var) for v in tirx.analysis.undefined_vars(rng.min, []))
+
+
+def _innermost_last(uses: list[bool]) -> list[int]:
+    """Dimension order putting the dimensions indexed by the vectorized variable last."""
+    return [d for d, u in enumerate(uses) if not u] + [d for d, u in enumerate(uses) if u]
 
 
 def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None:
@@ -66,16 +103,22 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> No
     spatial = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
     reduce = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.CommReduce]
     nr = target.vector_lanes * (4 if target.registers >= 32 else 2)
-    streamed = [i for i, r in enumerate(blk.reads) if uses_var(r, blk.iter_vars[len(spatial) - 1].var)]
+    inner = blk.iter_vars[len(spatial) - 1].var
+    streamed = [i for i, r in enumerate(blk.reads) if uses_var(r, inner)]
     local = sch.cache_write(block, 0, "local")
     i0, i1 = sch.split(spatial[-2], [None, MR])
     j0, j1 = sch.split(spatial[-1], [None, nr])
     outer = spatial[:-2]
     sch.reorder(*outer, j0, i0, *reduce, i1, j1)
-    if len(streamed) == 1:  # pack the reduction x NR panel it streams, once per j0, reused by every i0
+    loads = _loads(blk.body.value)
+    if len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1:
+        # pack the reduction x NR panel the streamed operand reads, once per j0, reused by every i0
+        region = blk.reads[streamed[0]].region
         packed = sch.cache_read(block, streamed[0], "global")
+        order = _innermost_last([uses_var_range(r, inner) for r in region])
+        if order != list(range(len(region))):  # the panel's NR lanes must be contiguous
+            sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
         sch.compute_at(packed, j0)
-        sch.vectorize(sch.get_loops(packed)[-1])
     sch.reverse_compute_at(local, i0)
     sch.vectorize(sch.get_loops(local)[-1])
     sch.unroll(i1)

@@ -1,0 +1,34 @@
+"""Time every kernel of a compiled model on its own, at the sizes of given inputs."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import tvm
+
+from ..ir import Cascade
+from ..ir.scope import declarations
+from .fusion import Kernel
+from .lower import DTYPES, KernelBuilder, SizeVars
+from .schedules.cpu import schedule
+
+
+def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: Mapping[str, int],
+                   repeat: int = 5) -> dict[str, float]:
+    """Median seconds of each kernel, rebuilt alone and run on random data of the model's sizes."""
+    decls = declarations(c)
+    rng = np.random.default_rng(0)
+    out = {}
+    for k in kernels:
+        func = schedule(KernelBuilder(c, k, SizeVars()).prim_func(), k, target)
+        lib = tvm.compile(func, target=target.tvm_target())
+        args = []
+        for name in list(k.inputs) + [k.output]:
+            d = decls[name]
+            shape = [rank_sizes[r.rank] + int(r.iterative) for r in d.ranks]
+            data = rng.standard_normal(shape) if d.dtype.startswith(("f", "b")) and d.dtype != "bool" \
+                else np.zeros(shape)
+            args.append(tvm.runtime.tensor(data.astype(DTYPES[d.dtype])))
+        timer = lib.mod.time_evaluator(k.name, tvm.cpu(), number=3, repeat=repeat)
+        out[k.name] = float(timer(*args).median)
+    return out
