@@ -20,7 +20,8 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
 
     Returns a :class:`~einfuse.codegen.runtime.CompiledModel`. A compiled library is cached under
     ``cache_dir`` (default ``$EINFUSE_CACHE`` or ``~/.cache/einfuse``), keyed by the cascade, its
-    weights, the target and the versions, so compiling the same model again only loads it.
+    weights, the target, the versions and the code generator's source, so compiling the same
+    model again only loads it.
     """
     if pipeline not in PIPELINES:
         raise EinfuseError(f"unknown pipeline '{pipeline}'; available: {', '.join(PIPELINES)}")
