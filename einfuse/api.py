@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -50,8 +51,8 @@ def _compile_cascade(cascade: Cascade, target_name: str, cache: Path) -> Any:
     if (entry / "model.so").is_file():
         try:
             return load(entry)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            pass
+        except Exception:  # a damaged cache entry is removed and rebuilt, never trusted
+            shutil.rmtree(entry, ignore_errors=True)
     model = build(cascade, target)
     model.export(entry)
     return model

@@ -119,3 +119,14 @@ def test_sources_and_report(tmp_path: Path) -> None:
     assert "k0_addmm_mm" in compiled.source("llvm")
     assert "zmm" in compiled.source("asm") or "ymm" in compiled.source("asm")
     assert compiled.report((torch.zeros(64, 256),)).splitlines()[-1].startswith("measured: ")
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path, rng: np.random.Generator) -> None:
+    model, example = zoo.build("mlp")
+    einfuse.compile(model, example, cache_dir=tmp_path)
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (entry / "model.so").write_bytes(b"not a library")
+    rebuilt = einfuse.compile(model, example, cache_dir=tmp_path)
+    x = torch.from_numpy(rng.standard_normal((64, 256)).astype(np.float32))
+    with torch.no_grad():
+        assert rel(rebuilt(x), model(x)) <= 1e-4
