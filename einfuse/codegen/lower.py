@@ -329,6 +329,21 @@ def _exp(x: Any) -> Any:
     return tirx.Select(raw < f32(-125.0), f32(0.0), poly * scale)
 
 
+def _erf(x: Any) -> Any:
+    """``erf`` as Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7) over the polynomial exp,
+    instead of a libm call per vector lane (it made BERT's and the MLP's GELU 20x slower)."""
+    if _dtype(x) != "float32":
+        return tirx.erf(x)
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+    ax = tirx.abs(x)
+    t = f32(1.0) / (f32(1.0) + f32(0.3275911) * ax)
+    poly = f32(0.0)
+    for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = (poly + f32(a)) * t
+    magnitude = f32(1.0) - poly * _exp(f32(0.0) - ax * ax)
+    return tirx.Select(x < f32(0.0), f32(0.0) - magnitude, magnitude)
+
+
 def _pow(a: Any, b: Any) -> Any:
     """Small integer powers as products (``x**3`` in GELU); others through ``power``."""
     if isinstance(b, tirx.FloatImm) and float(b.value) in (1.0, 2.0, 3.0, 4.0):
@@ -337,7 +352,7 @@ def _pow(a: Any, b: Any) -> Any:
 
 
 def _gelu(x: Any, one: Any, zero: Any, flag: Any) -> Any:
-    return x * _const(0.5, _dtype(x)) * (one + tirx.erf(x * _const(1 / math.sqrt(2.0), _dtype(x))))
+    return x * _const(0.5, _dtype(x)) * (one + _erf(x * _const(1 / math.sqrt(2.0), _dtype(x))))
 
 
 def _gelu_tanh(x: Any, one: Any, zero: Any, flag: Any) -> Any:
@@ -367,7 +382,7 @@ _UNARY: dict[str, Callable[..., Any]] = {
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
     "silu": lambda x, one, zero, flag: x * _sigmoid(x, one),
-    "erf": lambda x, one, zero, flag: tirx.erf(x),
+    "erf": lambda x, one, zero, flag: _erf(x),
     "sin": lambda x, one, zero, flag: tirx.sin(x),
     "cos": lambda x, one, zero, flag: tirx.cos(x),
     "recip": lambda x, one, zero, flag: one / x,
