@@ -56,3 +56,51 @@ def host_cpu() -> Target:
     wide = any(mcpu.startswith(p) for p in _AVX512)
     return Target("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, cores,
                   64 if wide else 32, 32 if wide else 16)
+
+
+@dataclass(frozen=True)
+class Peaks:
+    """What the host sustains: float32 FLOP/s (a large GEMM) and memory bytes/s (a large copy)."""
+
+    flops: float
+    bandwidth: float
+
+    def roofline_seconds(self, flops: float, moved: float) -> float:
+        """The roofline estimate: the slower of computing and moving."""
+        return max(flops / self.flops, moved / self.bandwidth)
+
+
+def host_peaks(cache_dir: "str | os.PathLike[str] | None" = None) -> Peaks:
+    """The host's peaks, measured once by a micro-benchmark (about a second) and cached per CPU."""
+    import json
+    from pathlib import Path
+    target = host_cpu()
+    base = Path(cache_dir or os.environ.get("EINFUSE_CACHE", Path.home() / ".cache" / "einfuse"))
+    path = base / f"peaks-{target.tvm['mcpu']}-{target.cores}.json"
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return Peaks(data["flops"], data["bandwidth"])
+    peaks = _measure_peaks()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"flops": peaks.flops, "bandwidth": peaks.bandwidth}))
+    return peaks
+
+
+def _measure_peaks() -> Peaks:
+    import time
+
+    import numpy as np
+    n = 1024
+    a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
+    src, dst = np.random.rand(1 << 24).astype(np.float32), np.empty(1 << 24, np.float32)
+
+    def best(fn: object, reps: int = 5) -> float:
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()  # type: ignore[operator]
+            times.append(time.perf_counter() - start)
+        return min(times)
+    gemm = best(lambda: a @ b)
+    copy = best(lambda: np.copyto(dst, src))
+    return Peaks(2 * n ** 3 / gemm, 2 * src.nbytes / copy)

@@ -118,7 +118,9 @@ def test_sources_and_report(tmp_path: Path) -> None:
     assert "def k0_addmm_mm(" in compiled.source("tir")
     assert "k0_addmm_mm" in compiled.source("llvm")
     assert "zmm" in compiled.source("asm") or "ymm" in compiled.source("asm")
-    assert compiled.report((torch.zeros(64, 256),)).splitlines()[-1].startswith("measured: ")
+    report = compiled.report((torch.zeros(64, 256),)).splitlines()
+    assert report[0].split() == ["kernel", "einsums", "FLOPs", "bytes", "predicted", "ms", "ms", "share"]
+    assert report[-1].startswith("measured: ")
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path, rng: np.random.Generator) -> None:
