@@ -209,8 +209,7 @@ class KernelBuilder:
             value, valid = self.read(e.access, env, "int64")
             return value, valid
         (a, av), (b, bv) = self.index(e.a, env), self.index(e.b, env)
-        value = {"+": a + b, "-": a - b, "*": a * b, "//": tirx.floordiv(a, b) if e.op == "//" else None,
-                 "%": tirx.floormod(a, b) if e.op == "%" else None}[e.op]
+        value = _INDEX_OPS[e.op](a, b)
         valid = tirx.And(av, bv) if av is not None and bv is not None else av if av is not None else bv
         return value, valid
 
@@ -251,6 +250,12 @@ class KernelBuilder:
             a = self.bounds(e.a)
             return None if a is None else (sympy.floor(a[0] / e.b.value), sympy.floor(a[1] / e.b.value))
         return None
+
+
+_INDEX_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
+    "//": tirx.floordiv, "%": tirx.floormod,
+}
 
 
 def _work_dtype(out: str, operands: list[str]) -> str:
