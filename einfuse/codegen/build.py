@@ -1,0 +1,79 @@
+"""Build a cascade into a CompiledModel: kernels, lowering, schedules, Relax, ``tvm.compile``.
+
+Errors from TVM become a :class:`~einfuse.errors.CompileError` naming the kernel, with a
+reproducer file holding the cascade text.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+
+from ..errors import CompileError
+from ..ir import Cascade, to_text
+from .fusion import group_kernels
+from .graph import build_graph
+from .lower import KernelBuilder
+from .runtime import CompiledModel
+from .schedules.cpu import schedule
+
+
+def build(cascade: Cascade, target: Any) -> Any:
+    """Lower, schedule and compile ``cascade``; errors name the kernel and leave a reproducer."""
+    start = time.perf_counter()
+    kernels = group_kernels(cascade)
+    scheduled: list[str] = []
+
+    def lower(kernel: Any, sizes: Any) -> Any:
+        try:
+            out = schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
+        except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
+            raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}",
+                               reproducer(cascade, kernel)) from exc
+        scheduled.append(out.script())
+        return out
+    try:
+        graph = build_graph(cascade, kernels, lower)
+        executable = tvm.compile(graph.module, target=target.tvm_target())
+    except CompileError:
+        raise
+    except Exception as exc:
+        raise CompileError(f"TVM could not compile the model: {type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None)) from exc
+    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start,
+                         {"tir": "\n\n".join(scheduled)})
+
+
+def reproducer(cascade: Cascade, kernel: Any) -> str:
+    """Write the cascade (naming the failing kernel's Einsums) to a file; return its path."""
+    from ..ir.text import einsum_text
+    header = ""
+    if kernel is not None:
+        lines = [einsum_text(e) for e in kernel.writes]
+        header = f"# einfuse could not compile kernel {kernel.name}, which computes:\n" + \
+            "".join(f"#   {line}\n" for line in lines)
+    fd, path = tempfile.mkstemp(prefix=f"einfuse_repro_{kernel.name if kernel else 'model'}_", suffix=".ein")
+    with os.fdopen(fd, "w") as f:
+        f.write(header + to_text(cascade))
+    return path
+
+
+def cache_key(cascade: Cascade, target: Any) -> str:
+    """A digest of everything a compiled library depends on: the cascade, its weights, the target,
+    the versions and the code generator's own source (a changed compiler recompiles)."""
+    from .. import __version__
+    digest = hashlib.sha256()
+    for part in (to_text(cascade), repr(sorted(target.tvm.items())), tvm.__version__, __version__):
+        digest.update(part.encode())
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
+    for name in sorted(cascade.params):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(cascade.params[name]).tobytes())
+    return digest.hexdigest()[:24]
