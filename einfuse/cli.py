@@ -14,7 +14,7 @@ from typing import Sequence
 
 from .errors import EinfuseError
 from .ir import Cascade, parse, verify
-from .ir.analysis import analyze_passes, cascade_costs, compulsory_bytes, format_number, total_cost
+from .ir.analysis import analyze_passes, cascade_costs, compulsory_bytes, format_number, format_table, total_cost
 from .ir.scope import loop_vars, reduced_vars
 from .ir.text import access_text
 
@@ -107,7 +107,7 @@ def stats_text(c: Cascade) -> str:
             for i, (e, k) in enumerate(cascade_costs(c), 1)]
     total = total_cost(c)
     rows.append(("", "total (unfused)", format_number(total.flops), format_number(total.bytes), format_number(total.intensity)))
-    lines = _table(("#", "einsum", "FLOPs", "bytes", "FLOP/byte"), rows)
+    lines = format_table(("#", "einsum", "FLOPs", "bytes", "FLOP/byte"), rows)
     lines.append(f"compulsory bytes (inputs, params, outputs): {format_number(compulsory_bytes(c))}")
     lines.append("")
     pass_rows = []
@@ -115,7 +115,7 @@ def stats_text(c: Cascade) -> str:
         report = analyze_passes(c, group)
         live = ", ".join(t.name + (" (full fiber)" if t.full_fiber else "") for t in report.live) or "-"
         pass_rows.append((",".join(group), str(report.passes), live))
-    lines += _table(("rank", "passes", "live across passes"), pass_rows)
+    lines += format_table(("rank", "passes", "live across passes"), pass_rows)
     return "\n".join(lines)
 
 
@@ -136,9 +136,3 @@ def pass_rank_groups(c: Cascade) -> list[list[str]]:
         if len(parts) > 1 and any(p in singles for p in parts):
             groups.append(sorted(parts, key=lambda p: -int(re.search(r"\d+$", p).group())))
     return groups
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    fmt = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()  # noqa: E731
-    return [fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(r) for r in rows]

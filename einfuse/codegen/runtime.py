@@ -14,22 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sympy
 import torch
 import tvm
 from tvm import relax
 
-import sympy
-
 from ..errors import EinfuseError, InterpretError
-from ..targets import host_peaks
+from ..frontends.torch_export import DTYPES
 from ..ir import Cascade, parse, to_text
-from ..ir.analysis import einsum_cost, format_number
+from ..ir.analysis import einsum_cost, format_number, format_table
 from ..ir.scope import declarations
 from ..ir.sizes import bind_sizes
+from ..targets import host_peaks
 from .fusion import Kernel, group_kernels
 
-TORCH_DTYPES = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32, "f64": torch.float64,
-                "i8": torch.int8, "i32": torch.int32, "i64": torch.int64, "bool": torch.bool}
+TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
 
 
 class InputError(EinfuseError):
@@ -108,39 +107,30 @@ class CompiledModel:
         prediction (the host's measured peaks), each kernel's measured time alone and its share,
         and the whole model's time per call."""
         times: dict[str, float] = {}
+        at: dict[sympy.Symbol, int] = {}
         if args is not None:
             from ..targets import Target
             from .profile import kernel_seconds
             sizes = bind_sizes(self.ir, self._decls, {n: tuple(a.shape) for n, a in zip(self.inputs, args)})
             times = kernel_seconds(self.ir, self.kernels, Target.parse(self.target), sizes)
-        rows = [("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share")]
-        total = sum(times.values()) or 1.0
+            at = {r.size: sizes[r.name] for r in self.ir.ranks if isinstance(r.size, sympy.Symbol)}
         peaks = host_peaks() if times else None
+        total = sum(times.values()) or 1.0
+        rows = []
         for k in self.kernels:
             costs = [einsum_cost(self.ir, e) for e in k.writes]
             flops, moved = sum(c.flops for c in costs), sum(c.bytes for c in costs)
             t = times.get(k.name)
-            predicted = "-"
-            if peaks is not None:
-                at = {sympy.Symbol(s, integer=True, positive=True): v for s, v in self._symbols(args).items()}
-                predicted = f"{peaks.roofline_seconds(float(sympy.sympify(flops).subs(at)), float(sympy.sympify(moved).subs(at))) * 1e3:.3f}"
+            predicted = "-" if peaks is None else \
+                f"{peaks.roofline_seconds(float(sympy.sympify(flops).subs(at)), float(sympy.sympify(moved).subs(at))) * 1e3:.3f}"
             rows.append((k.name, str(len(k.writes) + len(k.inlined)), format_number(flops), format_number(moved),
                          predicted, f"{t * 1e3:.3f}" if t is not None else "-",
                          f"{t / total:.0%}" if t is not None else "-"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share"), rows, ruler=False)
         lines.append(f"{len(self.kernels)} kernels, compiled for {self.target} in {self.compile_seconds:.1f} s")
         if args is not None:
             lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
         return "\n".join(lines)
-
-    def _symbols(self, args: tuple | None) -> dict[str, int]:
-        """Values of the size symbols at these inputs' shapes."""
-        if args is None:
-            return {}
-        shapes = {n: tuple(a.shape) for n, a in zip(self.inputs, args)}
-        sizes = bind_sizes(self.ir, self._decls, shapes)
-        return {str(r.size): sizes[r.name] for r in self.ir.ranks if getattr(r.size, "is_Symbol", False)}
 
     def time(self, args: tuple, number: int = 10, repeat: int = 5) -> float:
         """Median seconds per call on ``args``."""

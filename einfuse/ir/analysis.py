@@ -65,6 +65,15 @@ def format_number(x: sympy.Expr) -> str:
     return str(sympy.nsimplify(x) if x.is_rational_function() else x)
 
 
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], ruler: bool = True) -> list[str]:
+    """Left-aligned columns two spaces apart, optionally with a dashed ruler under the header."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+    return [line(header)] + ([line(tuple("-" * w for w in widths))] if ruler else []) + [line(r) for r in rows]
+
+
 def cascade_costs(c: Cascade) -> list[tuple[Einsum, Cost]]:
     """Every Einsum's cost, in program order."""
     return [(e, einsum_cost(c, e, loops)) for e, loops in c.einsums()]

@@ -75,7 +75,8 @@ def host_peaks(cache_dir: "str | os.PathLike[str] | None" = None) -> Peaks:
     import json
     from pathlib import Path
     target = host_cpu()
-    base = Path(cache_dir or os.environ.get("EINFUSE_CACHE", Path.home() / ".cache" / "einfuse"))
+    from ..api import default_cache_dir
+    base = Path(cache_dir) if cache_dir else default_cache_dir()
     path = base / f"peaks-{target.tvm['mcpu']}-{target.cores}.json"
     if path.is_file():
         data = json.loads(path.read_text())
