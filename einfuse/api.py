@@ -40,11 +40,12 @@ def default_cache_dir() -> Path:
 
 def _compile_cascade(cascade: Cascade, target_name: str, cache: Path) -> Any:
     from .codegen.build import build, cache_key
-    from .codegen.layout import transpose_weights
+    from .codegen.layout import materialize_operands, transpose_weights
     from .codegen.runtime import load
+    from .codegen.schedules.cpu import ragged
     from .targets import Target
     target = Target.parse(target_name)
-    cascade = transpose_weights(cascade)
+    cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
     entry = cache / cache_key(cascade, target)
     if (entry / "model.so").is_file():
         try:

@@ -1,16 +1,23 @@
-"""Weight layouts chosen at compile time: a contraction vectorizes along its innermost output
-dimension, so a weight read there should have that dimension innermost. PyTorch's ``Linear``
-stores ``W[out, in]``; the GEMM ``Y[m,n] = X[m,k] * W[n,k]`` wants ``W[k,n]``. Weights are
-constants, so the transposed copy is made once, at compile time, and the Einsum reads it."""
+"""Operand layouts chosen at compile time.
+
+* A contraction vectorizes along its innermost output dimension, so a weight read there should
+  have that dimension innermost. PyTorch's ``Linear`` stores ``W[out, in]``; the GEMM
+  ``Y[m,n] = X[m,k] * W[n,k]`` wants ``W[k,n]``. Weights are constants, so the transposed copy is
+  made once, at compile time, and the Einsum reads it (:func:`transpose_weights`).
+* A contraction whose output the register tile does not divide (ViT's 785 tokens) is padded to
+  whole tiles, which needs operands indexed by plain variables; a head-split view such as
+  ``addmm[b*785+s, h*16+e]`` is first copied to ``qk_addmm[b,s,h,e]`` (:func:`materialize_operands`).
+"""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import numpy as np
 
 from ..ir import Access, Call, Cascade, Einsum, Index, IVar, TensorDecl
 from ..ir.nodes import Expr
-from ..ir.scope import declarations, reduced_vars
+from ..ir.scope import access_vars, declarations, gathers, lhs_vars, reduced_vars, var_ranks
 
 
 def transpose_weights(c: Cascade) -> Cascade:
@@ -48,3 +55,39 @@ def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made
         params[name] = np.ascontiguousarray(np.transpose(params[x.tensor], order))
         made[key] = name
     return Access(made[key], tuple(Index(exprs[i]) for i in order))
+
+
+def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Cascade:
+    """``c`` with each non-plain read of a contraction copied out first, for the contractions
+    whose two innermost output sizes are static and ``ragged(rows, cols)``."""
+    size = {r.name: r.size for r in c.ranks}
+    ranks = var_ranks(c)
+    stmts: list = []
+    for s in c.stmts:
+        if isinstance(s, Einsum) and reduced_vars(s) and _ragged_output(s, ranks, size, ragged):
+            s = replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance))
+        stmts.append(s)
+    return replace(c, stmts=tuple(stmts))
+
+
+def _ragged_output(e: Einsum, ranks: dict[str, str], size: dict, ragged: Callable[[int, int], bool]) -> bool:
+    out = lhs_vars(e)
+    if len(out) < 2 or len(out) != len(e.lhs.indices):
+        return False
+    rows, cols = (size[ranks[v]] for v in out[-2:])
+    return isinstance(rows, int) and isinstance(cols, int) and ragged(rows, cols)
+
+
+def _copy_reads(x: Expr, owner: str, stmts: list, provenance: str | None) -> Expr:
+    """``x`` reading plain copies of its non-plain accesses; the copying Einsums go to ``stmts``."""
+    if isinstance(x, Call):
+        return replace(x, args=tuple(_copy_reads(a, owner, stmts, provenance) for a in x.args))
+    if not isinstance(x, Access) or all(isinstance(ix.expr, IVar) for ix in x.indices) \
+            or any(ix.filter for ix in x.indices) or any(True for _ in gathers(x)):
+        return x
+    name = f"{owner}_{x.tensor}"
+    while any(isinstance(s, Einsum) and s.lhs.tensor == name for s in stmts):
+        name += "_"
+    copy = Access(name, tuple(Index(IVar(v)) for v in dict.fromkeys(access_vars(x))))  # a reshape, no transpose
+    stmts.append(Einsum(copy, x, provenance=provenance))
+    return copy

@@ -4,7 +4,7 @@
   the kernel gathers (nested data-dependent selects make TVM's simplifier take minutes);
 * **contraction** (a reduction over a product of reads, one of which ignores the innermost output
   dimension: GEMM, batched GEMM, convolution, attention's QK and AV): a register tile of
-  ``MR`` rows x ``NR`` lanes accumulated in a local buffer (so in vector registers), the reduction
+  rows x lanes (:func:`register_tile`) accumulated in a local buffer (so in vector registers), the reduction
   inside, parallel outer loops (TVM_0.27_NOTES.md §2);
 * **reduction** (row sums, maxima): parallel over the output points, the reduction serial inside;
 * **element-wise**: the innermost loop split by the vector width and vectorized (unless the
@@ -20,7 +20,24 @@ from tvm import s_tir, tirx
 from ...targets import Target
 from ..fusion import Kernel
 
-MR = 4  # register-tile rows
+WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
+
+
+def register_tile(target: Target, cols: int | None = None) -> tuple[int, int]:
+    """A contraction's register tile, (rows, lanes): half the vector registers hold accumulators,
+    up to 4 vectors wide, narrower when the output is (a 16-wide attention head takes 1 x 16)."""
+    lanes = target.vector_lanes
+    vectors = 4 if target.registers >= 32 else 2
+    if cols is not None:
+        vectors = max(1, min(vectors, -(-cols // lanes)))
+    return max(1, target.registers // 2 // vectors), vectors * lanes
+
+
+def ragged(target: Target, rows: int, cols: int) -> bool:
+    """Whether the register tile leaves a remainder on a ``rows x cols`` output (then the
+    contraction is padded, which needs operands indexed by plain variables)."""
+    mr, nr = register_tile(target, cols)
+    return rows % mr != 0 or cols % nr != 0
 
 
 def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFunc:
@@ -97,21 +114,30 @@ def _innermost_last(uses: list[bool]) -> list[int]:
 
 
 def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None:
+    extent = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1].dom.extent
+    mr, nr = register_tile(target, int(extent) if isinstance(extent, tirx.IntImm) else None)
+    before = sch.get_producers(block)
+    padded = _pad_ragged(sch, block, mr, nr)
+    block = sch.get_sblock(sch.get(block).name_hint) if padded else block
     loops = sch.get_loops(block)
     blk = sch.get(block)
     kinds = [iv.iter_type for iv in blk.iter_vars]
     spatial = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
     reduce = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.CommReduce]
-    nr = target.vector_lanes * (4 if target.registers >= 32 else 2)
     inner = blk.iter_vars[len(spatial) - 1].var
     streamed = [i for i, r in enumerate(blk.reads) if uses_var(r, inner)]
-    local = sch.cache_write(block, 0, "local")
-    i0, i1 = sch.split(spatial[-2], [None, MR])
+    if padded:  # the padded result lives in registers; the copy out of it is the write-back
+        (writeback,) = sch.get_consumers(block)
+        sch.set_scope(block, 0, "local")
+    else:
+        writeback = sch.cache_write(block, 0, "local")
+    i0, i1 = sch.split(spatial[-2], [None, mr])
     j0, j1 = sch.split(spatial[-1], [None, nr])
     outer = spatial[:-2]
     sch.reorder(*outer, j0, i0, *reduce, i1, j1)
     loads = _loads(blk.body.value)
-    if len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1:
+    packs = len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1
+    if packs:
         # pack the reduction x NR panel the streamed operand reads, once per j0, reused by every i0
         region = blk.reads[streamed[0]].region
         packed = sch.cache_read(block, streamed[0], "global")
@@ -119,13 +145,38 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> No
         if order != list(range(len(region))):  # the panel's NR lanes must be contiguous
             sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
         sch.compute_at(packed, j0)
-    sch.reverse_compute_at(local, i0)
-    sch.vectorize(sch.get_loops(local)[-1])
+    if padded:  # the operands' zero padding is computed where they are read
+        keep = {sch.get(b).name_hint for b in before + [block, writeback] + ([packed] if packs else [])}
+        for pad in sch.get_child_blocks(sch.get_sblock("root")):
+            if sch.get(pad).name_hint not in keep:
+                sch.compute_inline(pad)
+    sch.reverse_compute_at(writeback, i0)
+    sch.vectorize(sch.get_loops(writeback)[-1])
     sch.unroll(i1)
     sch.vectorize(j1)
     sch.parallel(sch.fuse(*outer, j0) if outer else j0)
     init = sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _pad_ragged(sch: s_tir.Schedule, block: Any, mr: int, nr: int) -> bool:
+    """Pad a static register-tile dimension that the tile does not divide (785 tokens): the tile
+    then computes on zeros instead of under a predicate that makes LLVM scalarize the loop; only
+    the copy out of the register tile keeps the bounds check. Whether it padded."""
+    blk = sch.get(block)
+    kinds = [iv.iter_type for iv in blk.iter_vars]
+    extents = [iv.dom.extent for iv in blk.iter_vars]
+    spatial = [d for d, k in enumerate(kinds) if k == tirx.IterVar.DataPar]
+    padding = [1] * len(kinds)
+    padding[spatial[-2]], padding[spatial[-1]] = mr, nr
+    if not all(isinstance(x, tirx.IntImm) for x in extents) or \
+            all(int(extents[d]) % padding[d] == 0 for d in range(len(kinds))):
+        return False
+    try:
+        sch.pad_einsum(block, padding)
+    except s_tir.ScheduleError:  # not a plain Einsum (a convolution's i + k index): keep the predicate
+        return False
+    return True
 
 
 def _reduction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None:
@@ -142,6 +193,15 @@ def _elementwise_schedule(sch: s_tir.Schedule, block: Any, target: Target, vecto
         return
     if not vectorize:  # data-dependent loads do not vectorize, and LLVM takes minutes trying
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+        return
+    extent = sch.get(loops[-1]).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) % target.vector_lanes and int(extent) <= WHOLE_VECTOR:
+        # a ragged static row (785 tokens) is one long vector: LLVM splits it into whole registers
+        # and one masked tail; a split by the register width would put a predicate in the loop,
+        # and a predicated loop is scalarized (4x slower)
+        if len(loops) > 1:
+            sch.parallel(sch.fuse(*loops[:-1]))
+        sch.vectorize(loops[-1])
         return
     outer, inner = sch.split(loops[-1], [None, target.vector_lanes])
     sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)

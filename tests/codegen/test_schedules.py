@@ -1,0 +1,93 @@
+"""CPU schedules on shapes the register tile and the vector width do not divide, checked against
+the float64 interpreter, and the layout rewrite that makes padding possible."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import einfuse
+from einfuse.codegen.layout import materialize_operands
+from einfuse.codegen.schedules.cpu import ragged, register_tile
+from einfuse.ir import interpret, parse, to_text
+from einfuse.targets import Target
+from tests.conftest import rel_err
+
+# ViT-style attention scores: a head-split view of a [tokens, heads*16] projection, 37 tokens.
+HEAD_SPLIT = """cascade scores
+rank B=1, S=37, S_2=37, H=2, E=16, F=16
+tensor X[B,S,H,E] input f32
+tensor Y[B,S_2,H,F] input f32
+tensor P[B,H,S,S_2] output f32
+tensor O[B,H,S,F] output f32
+P[b,h,s,s_2] = X[b,s,h,e] * Y[b,s_2,h,e]
+O[b,h,s,f] = P[b,h,s,s_2] * Y[b,s_2,h,f]
+"""
+
+
+def cpu() -> Target:
+    return Target.parse("cpu")
+
+
+def test_register_tile_narrows_to_the_output() -> None:
+    t = Target("t", {}, vector_bytes=64, registers=32)
+    assert register_tile(t) == (4, 64)
+    assert register_tile(t, 16) == (16, 16)     # a 16-wide head: 1 vector, 16 rows
+    assert register_tile(t, 40) == (5, 48) and not ragged(t, 8, 64) and ragged(t, 785, 64)
+
+
+def test_materialize_copies_view_reads_of_ragged_contractions_only() -> None:
+    c = parse("""cascade views
+rank M=37, N=48, K=64, M2=64
+tensor A[M2,K] input f32
+tensor W[K,N] input f32
+tensor Y[M,N] output f32
+tensor Z[M2,N] output f32
+Y[m,n] = A[m+3,k] * W[k,n]
+Z[m2,n] = A[m2,k] * W[k,n]
+""")
+    out = materialize_operands(c, lambda rows, cols: rows % 4 != 0)
+    text = to_text(out)
+    assert "Y_A[m,k] = A[m+3,k]" in text and "Y[m,n] = Y_A[m,k] * W[k,n]" in text
+    assert "Z[m2,n] = A[m2,k] * W[k,n]" in text          # 64 rows: not ragged, untouched
+
+
+@pytest.mark.parametrize("tokens", [37, 64])
+def test_attention_contractions_on_ragged_token_counts(tokens: int, tmp_path: Path, rng: np.random.Generator) -> None:
+    c = parse(HEAD_SPLIT.replace("=37", f"={tokens}"))
+    compiled = einfuse.compile(c, cache_dir=tmp_path)
+    x = rng.standard_normal((1, tokens, 2, 16)).astype(np.float32)
+    y = rng.standard_normal((1, tokens, 2, 16)).astype(np.float32)
+    want = interpret(c, {"X": x, "Y": y})
+    got = compiled(torch.from_numpy(x), torch.from_numpy(y))
+    for name, value in zip(("P", "O"), got):
+        assert rel_err(value.numpy(), want[name]) <= 1e-5
+
+
+def test_view_reads_of_a_ragged_contraction_compile_padded(tmp_path: Path, rng: np.random.Generator) -> None:
+    c = parse("""cascade heads
+rank B=1, S=37, S_2=37, H=2, E=16, T=37, C=32
+tensor A[T,C] input f32
+tensor P[B,H,S,S_2] output f32
+P[b,h,s,s_2] = A[b*37+s,h*16+e] * A[b*37+s_2,h*16+e] * 0.25
+""")
+    compiled = einfuse.compile(c, cache_dir=tmp_path)
+    assert "_pad" in compiled.source("tir")            # padded to whole register tiles
+    a = rng.standard_normal((37, 32)).astype(np.float32)
+    assert rel_err(compiled(torch.from_numpy(a)).numpy(), interpret(c, {"A": a})["P"]) <= 1e-5
+
+
+def test_ragged_rows_of_an_element_wise_kernel(tmp_path: Path, rng: np.random.Generator) -> None:
+    c = parse("""cascade rows
+rank P=5, M=785
+tensor A[P,M] input f32
+tensor G[P] input f32
+tensor B[P,M] output f32
+B[p,m] = exp(A[p,m] - G[p])
+""")
+    compiled = einfuse.compile(c, cache_dir=tmp_path)
+    a, g = rng.standard_normal((5, 785)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    got = compiled(torch.from_numpy(a), torch.from_numpy(g)).numpy()
+    assert rel_err(got, interpret(c, {"A": a, "G": g})["B"]) <= 1e-5
