@@ -4,16 +4,26 @@ A tensor is *inlined* into its reader when it is a temp written once by an eleme
 (no reduction, no filter, plain output indices), read by exactly one Einsum, and every variable
 that reader iterates indexes the tensor (so inlining recomputes nothing). Every other tensor
 is a kernel's output; a kernel computes it from its writes and the Einsums inlined into them.
-So a bias add and the GELU after it are one kernel, the square inside a variance's sum is computed
-inside the reduction, and a GEMM keeps its own kernel.
+So a bias add and the GELU after it are one kernel, and the square inside a variance's sum is
+computed inside the reduction.
+
+Then a kernel is *absorbed* into the one kernel that reads its output, as a stage computed in the
+same loop nest, when the two fit one:
+
+* **epilogue**: a contraction ``T[m,n] = X[m,k] * W[k,n]`` whose only reader is element-wise over
+  the same ``[m,n]`` (bias, GELU, residual add): the epilogue runs on the register tile before it
+  is stored, and ``T`` is never written to memory;
+* **row group**: kernels over the same rows that reduce or map along the same innermost variable
+  (softmax's max, exp, sum and division; LayerNorm's mean, variance and normalization) become one
+  kernel, parallel over rows, each stage computing one row before the next stage reads it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
-from ..ir.scope import access_vars, declarations, index_atoms, iteration_vars, reads
+from ..ir.scope import access_vars, declarations, index_atoms, iteration_vars, lhs_vars, reads, reduced_vars
 
 
 @dataclass(frozen=True)
@@ -23,9 +33,16 @@ class Kernel:
     name: str
     output: str
     writes: tuple[Einsum, ...]
-    inlined: tuple[str, ...]
+    internal: tuple[str, ...]
     inputs: tuple[str, ...]
     gathers: bool = False
+    stages: tuple[str, ...] = ()   # the internal tensors kept as loop nests (the others are inlined)
+    epilogue: bool = False         # stages[0] is a contraction and the output its element-wise epilogue
+
+    def einsums(self, c: Cascade) -> list[Einsum]:
+        """Every Einsum the kernel computes, in order."""
+        inside = set(self.internal)
+        return [e for e, _ in c.einsums() if e.lhs.tensor in inside] + list(self.writes)
 
 
 def group_kernels(c: Cascade) -> list[Kernel]:
@@ -56,8 +73,79 @@ def group_kernels(c: Cascade) -> list[Kernel]:
                 gathers = gathers or any(isinstance(atom, IAccess) for ix in a.indices for atom in index_atoms(ix.expr))
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
-        kernels.append(Kernel(f"k{len(kernels)}_{t}", t, tuple(writes[t]), tuple(members), tuple(external), gathers))
+        kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
+    kernels = _absorb(kernels, {t: decls[t].role for t in writes}, writes)
+    return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
+
+
+def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list[Einsum]]) -> list[Kernel]:
+    """Merge kernels into the one kernel reading their output, while one fits (module docstring)."""
+    merged = True
+    while merged:
+        merged = False
+        for a in kernels:
+            readers = [k for k in kernels if a.output in k.inputs]
+            if roles[a.output] != "temp" or len(readers) != 1:
+                continue
+            b = readers[0]
+            epilogue = _epilogue(a, b, writes)
+            if not epilogue and not _same_rows(a, b, writes):
+                continue
+            inputs = tuple(dict.fromkeys(t for t in a.inputs + b.inputs if t != a.output))
+            kernels[kernels.index(b)] = replace(
+                b, internal=a.internal + (a.output,) + b.internal, inputs=inputs, epilogue=epilogue,
+                stages=a.stages + (a.output,) + b.stages)
+            kernels.remove(a)
+            merged = True
+            break
     return kernels
+
+
+def _single(k: Kernel) -> Einsum | None:
+    """The kernel's one write, if it has one with plain, unfiltered output indices."""
+    if len(k.writes) != 1 or k.gathers or k.epilogue:
+        return None
+    e = k.writes[0]
+    plain = all(isinstance(ix.expr, IVar) and not ix.filter for ix in e.lhs.indices)
+    return e if plain and not e.populate else None
+
+
+def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bool:
+    """Whether every read of ``tensor`` in ``k`` uses the indices ``tensor`` is written with."""
+    (w,) = writes[tensor]
+    members = list(k.writes) + [writes[t][0] for t in k.internal]
+    return all(a.indices == w.lhs.indices for e in members for a in reads(e) if a.tensor == tensor)
+
+
+def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
+    ea, eb = _single(a), _single(b)
+    return (ea is not None and eb is not None and not a.stages and not b.stages and _contraction(ea)
+            and not eb.reduce and lhs_vars(ea) == lhs_vars(eb)
+            and _read_plainly(a.output, b, writes))
+
+
+def _rows(e: Einsum) -> tuple[list[str], list[str]] | None:
+    """(row variables, the variable along the row) of an element-wise map or a one-variable reduction."""
+    out, red = lhs_vars(e), reduced_vars(e)
+    if len(out) != len(e.lhs.indices) or not out:
+        return None
+    if not red:
+        return out[:-1], out[-1:]
+    return (out, red) if len(red) == 1 else None
+
+
+def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
+    ea, eb = _single(a), _single(b)
+    if ea is None or eb is None or _contraction(ea) or _contraction(eb):
+        return False
+    ra, rb = _rows(ea), _rows(eb)
+    return ra is not None and ra == rb and bool(ra[0]) and _read_plainly(a.output, b, writes)
+
+
+def _contraction(e: Einsum) -> bool:
+    """A reduction with a read that some output variable does not index (reused across it: a GEMM)."""
+    out = set(lhs_vars(e))
+    return bool(reduced_vars(e)) and any(out - set(access_vars(a)) for a in reads(e))
 
 
 def _reads_each_once(reader: Einsum, tensor: str) -> bool:

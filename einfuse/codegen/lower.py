@@ -76,7 +76,7 @@ class KernelBuilder:
     def prim_func(self) -> tirx.PrimFunc:
         """The kernel as a PrimFunc with parameters (inputs..., output)."""
         params = [self.placeholder(name) for name in self.k.inputs]
-        for name in self.k.inlined:
+        for name in self.k.internal:
             (w,) = [e for e, _ in self.c.einsums() if e.lhs.tensor == name]
             self.tensors[name] = self.einsum(w, None)
         out = None

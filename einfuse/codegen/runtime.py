@@ -22,7 +22,7 @@ from tvm import relax
 from ..errors import EinfuseError, InterpretError
 from ..frontends.torch_export import DTYPES
 from ..ir import Cascade, parse, to_text
-from ..ir.analysis import einsum_cost, format_number, format_table
+from ..ir.analysis import einsum_cost, format_number, format_table, tensors_bytes
 from ..ir.scope import declarations
 from ..ir.sizes import bind_sizes
 from ..targets import host_peaks
@@ -118,12 +118,12 @@ class CompiledModel:
         total = sum(times.values()) or 1.0
         rows = []
         for k in self.kernels:
-            costs = [einsum_cost(self.ir, e) for e in k.writes]
-            flops, moved = sum(c.flops for c in costs), sum(c.bytes for c in costs)
+            flops = sum(einsum_cost(self.ir, e).flops for e in k.einsums(self.ir))
+            moved = tensors_bytes(self.ir, k.inputs + (k.output,))
             t = times.get(k.name)
             predicted = "-" if peaks is None else \
                 f"{peaks.roofline_seconds(float(sympy.sympify(flops).subs(at)), float(sympy.sympify(moved).subs(at))) * 1e3:.3f}"
-            rows.append((k.name, str(len(k.writes) + len(k.inlined)), format_number(flops), format_number(moved),
+            rows.append((k.name, str(len(k.einsums(self.ir))), format_number(flops), format_number(moved),
                          predicted, f"{t * 1e3:.3f}" if t is not None else "-",
                          f"{t / total:.0%}" if t is not None else "-"))
         lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share"), rows, ruler=False)

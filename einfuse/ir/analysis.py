@@ -96,6 +96,13 @@ def compulsory_bytes(c: Cascade) -> sympy.Expr:
     return sympy.expand(total)
 
 
+def tensors_bytes(c: Cascade, names: Iterable[str]) -> sympy.Expr:
+    """Bytes of the named tensors (declared or inferred), each counted once."""
+    size = {r.name: sympy.sympify(r.size) for r in c.ranks}
+    decls = declarations(c)
+    return sympy.expand(sum((_tensor_bytes(decls[n], size) for n in dict.fromkeys(names)), sympy.Integer(0)))
+
+
 def _tensor_bytes(t: TensorDecl, size: dict[str, sympy.Expr]) -> sympy.Expr:
     return sympy.Mul(*[extent(size[r.rank], r.iterative) for r in t.ranks]) * ops.DTYPE_BYTES[t.dtype]
 

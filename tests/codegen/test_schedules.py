@@ -91,3 +91,48 @@ B[p,m] = exp(A[p,m] - G[p])
     a, g = rng.standard_normal((5, 785)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
     got = compiled(torch.from_numpy(a), torch.from_numpy(g)).numpy()
     assert rel_err(got, interpret(c, {"A": a, "G": g})["B"]) <= 1e-5
+
+
+SOFTMAX = """cascade softmax
+rank R=6, K=37
+tensor X[R,K] input f32
+tensor Y[R,K] output f32
+M[r] = X[r,k] :: reduce[k] max
+E[r,k] = exp(X[r,k] - M[r])
+S[r] = E[r,k]
+Y[r,k] = E[r,k] / S[r]
+"""
+
+LAYERNORM = """cascade layernorm
+rank R=6, K=64
+tensor X[R,K] input f32
+tensor G[K] input f32
+tensor Y[R,K] output f32
+MU[r] = X[r,k] * 0.015625
+D[r,k] = X[r,k] - MU[r]
+V[r] = D[r,k] * D[r,k] * 0.015625
+Y[r,k] = D[r,k] / sqrt(V[r] + 0.00001) * G[k]
+"""
+
+GEMM_GELU = """cascade dense
+rank M=8, N=48, K=32
+tensor X[M,K] input f32
+tensor W[K,N] input f32
+tensor B[N] input f32
+tensor Y[M,N] output f32
+T[m,n] = X[m,k] * W[k,n]
+U[m,n] = T[m,n] + B[n]
+Y[m,n] = U[m,n] * 0.5 * (1 + erf(U[m,n] * 0.7071067811865476))
+"""
+
+
+@pytest.mark.parametrize("text", [SOFTMAX, LAYERNORM, GEMM_GELU])
+def test_row_groups_and_epilogues_are_one_kernel(text: str, tmp_path: Path, rng: np.random.Generator) -> None:
+    c = parse(text)
+    compiled = einfuse.compile(c, cache_dir=tmp_path)
+    assert [k.name for k in compiled.kernels] == ["k0_Y"]
+    size = {r.name: int(r.size) for r in c.ranks}
+    inputs = {t.name: rng.standard_normal([size[r.rank] for r in t.ranks]).astype(np.float32)
+              for t in c.tensors if t.role == "input"}
+    got = compiled(*[torch.from_numpy(inputs[t.name]) for t in c.tensors if t.role == "input"])
+    assert rel_err(got.numpy(), interpret(c, inputs)["Y"]) <= 1e-5

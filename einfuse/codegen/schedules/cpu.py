@@ -44,17 +44,23 @@ def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFu
     """``func`` scheduled for ``target``; the unscheduled function if a rule does not apply."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    stages = set(kernel.stages)
     for b in blocks[:-1]:
-        if not _is_reduction(sch, b) and not kernel.gathers:  # inlined gathers: TVM takes minutes
-            sch.compute_inline(b)
+        if sch.get(b).name_hint not in stages and not _is_reduction(sch, b) and not kernel.gathers:
+            sch.compute_inline(b)  # (inlined gathers: TVM takes minutes)
     out = sch.get_child_blocks(sch.get_sblock("root"))
-    for b in out:
-        if _is_reduction(sch, b) and _contraction(sch, b):
-            _contraction_schedule(sch, b, target)
-        elif _is_reduction(sch, b):
-            _reduction_schedule(sch, b, target)
-        else:
-            _elementwise_schedule(sch, b, target, vectorize=not kernel.gathers)
+    if kernel.epilogue:
+        _contraction_schedule(sch, out[0], target, epilogue=True)
+    elif kernel.stages:
+        _row_schedule(sch, out, target)
+    else:
+        for b in out:
+            if _is_reduction(sch, b) and _contraction(sch, b):
+                _contraction_schedule(sch, b, target)
+            elif _is_reduction(sch, b):
+                _reduction_schedule(sch, b, target)
+            else:
+                _elementwise_schedule(sch, b, target, vectorize=not kernel.gathers)
     return sch.mod["main"].with_attr("global_symbol", kernel.name)
 
 
@@ -113,7 +119,7 @@ def _innermost_last(uses: list[bool]) -> list[int]:
     return [d for d, u in enumerate(uses) if not u] + [d for d, u in enumerate(uses) if u]
 
 
-def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None:
+def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False) -> None:
     extent = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1].dom.extent
     mr, nr = register_tile(target, int(extent) if isinstance(extent, tirx.IntImm) else None)
     before = sch.get_producers(block)
@@ -131,6 +137,9 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> No
         sch.set_scope(block, 0, "local")
     else:
         writeback = sch.cache_write(block, 0, "local")
+    if epilogue:  # the element-wise consumer runs on the register tile as it is stored
+        (consumer,) = sch.get_consumers(writeback)
+        sch.reverse_compute_inline(consumer)
     i0, i1 = sch.split(spatial[-2], [None, mr])
     j0, j1 = sch.split(spatial[-1], [None, nr])
     outer = spatial[:-2]
@@ -187,6 +196,22 @@ def _reduction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None
         sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
 
 
+def _row_schedule(sch: s_tir.Schedule, blocks: list[Any], target: Target) -> None:
+    """A row group: parallel over the output's rows, every stage computed for one row at a time."""
+    out = blocks[-1]
+    kinds = [iv.iter_type for iv in sch.get(out).iter_vars]
+    rows = [lp for lp, k in zip(sch.get_loops(out), kinds) if k == tirx.IterVar.DataPar]
+    if not _is_reduction(sch, out):
+        rows = rows[:-1]
+    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
+    sch.parallel(row)
+    for stage in reversed(blocks[:-1]):
+        sch.compute_at(stage, row)
+    for b in blocks:
+        if not _is_reduction(sch, b):
+            _vectorize_inner(sch, sch.get_loops(b)[-1], target)
+
+
 def _elementwise_schedule(sch: s_tir.Schedule, block: Any, target: Target, vectorize: bool) -> None:
     loops = sch.get_loops(block)
     if not loops:
@@ -194,15 +219,21 @@ def _elementwise_schedule(sch: s_tir.Schedule, block: Any, target: Target, vecto
     if not vectorize:  # data-dependent loads do not vectorize, and LLVM takes minutes trying
         sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
         return
-    extent = sch.get(loops[-1]).extent
+    split = _vectorize_inner(sch, loops[-1], target)
+    outer = list(loops[:-1]) + ([split] if split is not None else [])
+    if outer:
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+
+
+def _vectorize_inner(sch: s_tir.Schedule, loop: Any, target: Target) -> Any:
+    """Vectorize an innermost loop; the outer part of its split, if it was split."""
+    extent = sch.get(loop).extent
     if isinstance(extent, tirx.IntImm) and int(extent) % target.vector_lanes and int(extent) <= WHOLE_VECTOR:
         # a ragged static row (785 tokens) is one long vector: LLVM splits it into whole registers
         # and one masked tail; a split by the register width would put a predicate in the loop,
         # and a predicated loop is scalarized (4x slower)
-        if len(loops) > 1:
-            sch.parallel(sch.fuse(*loops[:-1]))
-        sch.vectorize(loops[-1])
-        return
-    outer, inner = sch.split(loops[-1], [None, target.vector_lanes])
-    sch.parallel(sch.fuse(*loops[:-1], outer) if len(loops) > 1 else outer)
+        sch.vectorize(loop)
+        return None
+    outer, inner = sch.split(loop, [None, target.vector_lanes])
     sch.vectorize(inner)
+    return outer
