@@ -58,7 +58,7 @@ def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFu
             if _is_reduction(sch, b) and _contraction(sch, b):
                 _contraction_schedule(sch, b, target)
             elif _is_reduction(sch, b):
-                _reduction_schedule(sch, b, target)
+                _row_schedule(sch, [b], target)
             else:
                 _elementwise_schedule(sch, b, target, vectorize=not kernel.gathers)
     return sch.mod["main"].with_attr("global_symbol", kernel.name)
@@ -188,28 +188,42 @@ def _pad_ragged(sch: s_tir.Schedule, block: Any, mr: int, nr: int) -> bool:
     return True
 
 
-def _reduction_schedule(sch: s_tir.Schedule, block: Any, target: Target) -> None:
-    loops = sch.get_loops(block)
-    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-    spatial = [lp for lp, k in zip(loops, kinds) if k == tirx.IterVar.DataPar]
-    if spatial:
-        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
-
-
 def _row_schedule(sch: s_tir.Schedule, blocks: list[Any], target: Target) -> None:
-    """A row group: parallel over the output's rows, every stage computed for one row at a time."""
+    """A row group (or a lone row reduction): parallel over the output's rows, every stage
+    computed for one row at a time, reductions in vector-wide partial results."""
     out = blocks[-1]
     kinds = [iv.iter_type for iv in sch.get(out).iter_vars]
     rows = [lp for lp, k in zip(sch.get_loops(out), kinds) if k == tirx.IterVar.DataPar]
     if not _is_reduction(sch, out):
         rows = rows[:-1]
+    partials = [_partial_reduction(sch, b, target) for b in blocks if _is_reduction(sch, b)]
+    if not rows:
+        return
     row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
     sch.parallel(row)
-    for stage in reversed(blocks[:-1]):
+    for stage in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
         sch.compute_at(stage, row)
-    for b in blocks:
+    for b in sch.get_child_blocks(row):
         if not _is_reduction(sch, b):
             _vectorize_inner(sch, sch.get_loops(b)[-1], target)
+    for p in partials:
+        if p is not None:  # under the row: the lanes, then the reduction; the lanes go innermost
+            _, lanes, *reduce = sch.get_loops(p)
+            sch.reorder(*reduce, lanes)
+            sch.vectorize(lanes)
+
+
+def _partial_reduction(sch: s_tir.Schedule, block: Any, target: Target) -> Any:
+    """Split a row reduction into vector-wide partial results (``rfactor``) reduced serially
+    after: a serial sum is one dependent add per element, 4 cycles each. The partial block, or
+    None where the vector width does not divide the row (it stays serial)."""
+    loop = sch.get_loops(block)[-1]
+    extent = sch.get(loop).extent
+    lanes = target.vector_lanes
+    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes or int(extent) < 2 * lanes:
+        return None
+    _, inner = sch.split(loop, [None, lanes])
+    return sch.rfactor(inner, factor_axis=len(_source(sch.get(block).writes[0]).shape))  # lanes innermost
 
 
 def _elementwise_schedule(sch: s_tir.Schedule, block: Any, target: Target, vectorize: bool) -> None:
