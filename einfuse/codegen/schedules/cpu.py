@@ -122,8 +122,9 @@ def _innermost_last(uses: list[bool]) -> list[int]:
 def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False) -> None:
     extent = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1].dom.extent
     mr, nr = register_tile(target, int(extent) if isinstance(extent, tirx.IntImm) else None)
+    row = _row_dim(sch.get(block))
     before = sch.get_producers(block)
-    padded = _pad_ragged(sch, block, mr, nr)
+    padded = _pad_ragged(sch, block, row, mr, nr)
     block = sch.get_sblock(sch.get(block).name_hint) if padded else block
     loops = sch.get_loops(block)
     blk = sch.get(block)
@@ -140,9 +141,9 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
     if epilogue:  # the element-wise consumer runs on the register tile as it is stored
         (consumer,) = sch.get_consumers(writeback)
         sch.reverse_compute_inline(consumer)
-    i0, i1 = sch.split(spatial[-2], [None, mr])
+    i0, i1 = sch.split(spatial[row], [None, mr])
     j0, j1 = sch.split(spatial[-1], [None, nr])
-    outer = spatial[:-2]
+    outer = [lp for d, lp in enumerate(spatial[:-1]) if d != row]
     sch.reorder(*outer, j0, i0, *reduce, i1, j1)
     loads = _loads(blk.body.value)
     packs = len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1
@@ -168,7 +169,17 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
     sch.vectorize(sch.get_loops(init)[-1])
 
 
-def _pad_ragged(sch: s_tir.Schedule, block: Any, mr: int, nr: int) -> bool:
+def _row_dim(blk: Any) -> int:
+    """The register tile's row dimension: the innermost output dimension besides the vectorized
+    one that the streamed operand does not read (a GEMM's ``m``, a convolution's output channel),
+    so the packed panel is reused by every row tile."""
+    spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    streamed = [r for r in blk.reads if uses_var(r, spatial[-1])]
+    free = [d for d in range(len(spatial) - 1) if not any(uses_var(r, spatial[d]) for r in streamed)]
+    return free[-1] if free else len(spatial) - 2
+
+
+def _pad_ragged(sch: s_tir.Schedule, block: Any, row: int, mr: int, nr: int) -> bool:
     """Pad a static register-tile dimension that the tile does not divide (785 tokens): the tile
     then computes on zeros instead of under a predicate that makes LLVM scalarize the loop; only
     the copy out of the register tile keeps the bounds check. Whether it padded."""
@@ -177,7 +188,7 @@ def _pad_ragged(sch: s_tir.Schedule, block: Any, mr: int, nr: int) -> bool:
     extents = [iv.dom.extent for iv in blk.iter_vars]
     spatial = [d for d, k in enumerate(kinds) if k == tirx.IterVar.DataPar]
     padding = [1] * len(kinds)
-    padding[spatial[-2]], padding[spatial[-1]] = mr, nr
+    padding[spatial[row]], padding[spatial[-1]] = mr, nr
     if not all(isinstance(x, tirx.IntImm) for x in extents) or \
             all(int(extents[d]) % padding[d] == 0 for d in range(len(kinds))):
         return False
