@@ -54,8 +54,10 @@ def host_cpu() -> Target:
     mcpu = str(tvm.get_global_func("target.llvm_get_system_cpu")())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wide = any(mcpu.startswith(p) for p in _AVX512)
-    return Target("cpu", {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}, cores,
-                  64 if wide else 32, 32 if wide else 16)
+    tvm_target: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
+    if wide:  # LLVM splits 512-bit vectors in two on these CPUs unless told not to; tiles assume 512
+        tvm_target["mattr"] = ["-prefer-256-bit"]
+    return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16)
 
 
 @dataclass(frozen=True)
