@@ -37,7 +37,7 @@ class Kernel:
     inputs: tuple[str, ...]
     gathers: bool = False
     stages: tuple[str, ...] = ()   # the internal tensors kept as loop nests (the others are inlined)
-    epilogue: bool = False         # stages[0] is a contraction and the output its element-wise epilogue
+    kind: str = ""                 # "epilogue", "rows" or "attention" once kernels were absorbed
 
     def einsums(self, c: Cascade) -> list[Einsum]:
         """Every Einsum the kernel computes, in order."""
@@ -74,7 +74,7 @@ def group_kernels(c: Cascade) -> list[Kernel]:
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
-    kernels = _absorb(kernels, {t: decls[t].role for t in writes}, writes)
+    kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
 
 
@@ -88,12 +88,12 @@ def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list
             if roles[a.output] != "temp" or len(readers) != 1:
                 continue
             b = readers[0]
-            epilogue = _epilogue(a, b, writes)
-            if not epilogue and not _same_rows(a, b, writes):
+            kind = _merged_kind(a, b, writes, roles)
+            if kind is None:
                 continue
             inputs = tuple(dict.fromkeys(t for t in a.inputs + b.inputs if t != a.output))
             kernels[kernels.index(b)] = replace(
-                b, internal=a.internal + (a.output,) + b.internal, inputs=inputs, epilogue=epilogue,
+                b, internal=a.internal + (a.output,) + b.internal, inputs=inputs, kind=kind,
                 stages=a.stages + (a.output,) + b.stages)
             kernels.remove(a)
             merged = True
@@ -101,9 +101,23 @@ def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list
     return kernels
 
 
+def _merged_kind(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> str | None:
+    """The kind of kernel ``a`` absorbed into its reader ``b`` makes, or None if they do not fit.
+    A contraction joins a row group only if it reads no weights (attention's ``Q K``): a GEMM
+    computed one row block at a time would stream its whole weight once per block."""
+    if not a.kind and not b.kind and _epilogue(a, b, writes):
+        return "epilogue"
+    activations = a.kind != "epilogue" or all(roles[t] != "param" for t in a.inputs)
+    if a.kind in ("", "rows", "epilogue") and b.kind in ("", "rows") and activations and _same_rows(a, b, writes):
+        return "rows"
+    if a.kind == "rows" and not b.kind and _attention(a, b, writes):
+        return "attention"
+    return None
+
+
 def _single(k: Kernel) -> Einsum | None:
     """The kernel's one write, if it has one with plain, unfiltered output indices."""
-    if len(k.writes) != 1 or k.gathers or k.epilogue:
+    if len(k.writes) != 1 or k.gathers:
         return None
     e = k.writes[0]
     plain = all(isinstance(ix.expr, IVar) and not ix.filter for ix in e.lhs.indices)
@@ -119,8 +133,17 @@ def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bo
 
 def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
     ea, eb = _single(a), _single(b)
-    return (ea is not None and eb is not None and not a.stages and not b.stages and _contraction(ea)
-            and not eb.reduce and lhs_vars(ea) == lhs_vars(eb)
+    return (ea is not None and eb is not None and _contraction(ea) and not eb.reduce
+            and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
+
+
+def _attention(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
+    """A row group (softmax) read by a contraction over its rows' variable (``P[s,t] * V[t,f]``)."""
+    ea, eb = _single(a), _single(b)
+    if ea is None or eb is None or not _contraction(eb) or _rows(ea) is None:
+        return False
+    rows, along = _rows(ea)
+    return (lhs_vars(eb)[:-1] == rows and reduced_vars(eb) == along and bool(rows)
             and _read_plainly(a.output, b, writes))
 
 
@@ -136,7 +159,7 @@ def _rows(e: Einsum) -> tuple[list[str], list[str]] | None:
 
 def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
     ea, eb = _single(a), _single(b)
-    if ea is None or eb is None or _contraction(ea) or _contraction(eb):
+    if ea is None or eb is None or _contraction(eb) or (_contraction(ea) and a.kind != "epilogue"):
         return False
     ra, rb = _rows(ea), _rows(eb)
     return ra is not None and ra == rb and bool(ra[0]) and _read_plainly(a.output, b, writes)

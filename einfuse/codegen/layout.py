@@ -17,7 +17,7 @@ import numpy as np
 
 from ..ir import Access, Call, Cascade, Einsum, Index, IVar, TensorDecl
 from ..ir.nodes import Expr
-from ..ir.scope import access_vars, declarations, gathers, lhs_vars, reduced_vars, var_ranks
+from ..ir.scope import access_vars, declarations, gathers, lhs_vars, reads, reduced_vars, var_ranks
 
 
 def transpose_weights(c: Cascade) -> Cascade:
@@ -59,15 +59,23 @@ def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made
 
 def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Cascade:
     """``c`` with each non-plain read of a contraction copied out first, for the contractions
-    whose two innermost output sizes are static and ``ragged(rows, cols)``."""
+    whose two innermost output sizes are static and ``ragged(rows, cols)`` and those whose
+    operands are views of one tensor."""
     size = {r.name: r.size for r in c.ranks}
     ranks = var_ranks(c)
     stmts: list = []
     for s in c.stmts:
-        if isinstance(s, Einsum) and reduced_vars(s) and _ragged_output(s, ranks, size, ragged):
+        if isinstance(s, Einsum) and reduced_vars(s) and (_ragged_output(s, ranks, size, ragged) or _self_product(s)):
             s = replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance))
         stmts.append(s)
     return replace(c, stmts=tuple(stmts))
+
+
+def _self_product(e: Einsum) -> bool:
+    """Whether two operands are views of one tensor (GPT-2's ``Q K`` both slice the QKV projection):
+    packing one operand must not repack the other."""
+    names = [a.tensor for a in reads(e)]
+    return len(set(names)) < len(names)
 
 
 def _ragged_output(e: Einsum, ranks: dict[str, str], size: dict, ragged: Callable[[int, int], bool]) -> bool:

@@ -49,10 +49,10 @@ def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFu
         if sch.get(b).name_hint not in stages and not _is_reduction(sch, b) and not kernel.gathers:
             sch.compute_inline(b)  # (inlined gathers: TVM takes minutes)
     out = sch.get_child_blocks(sch.get_sblock("root"))
-    if kernel.epilogue:
+    if kernel.kind == "epilogue":
         _contraction_schedule(sch, out[0], target, epilogue=True)
-    elif kernel.stages:
-        _row_schedule(sch, out, target)
+    elif kernel.kind in ("rows", "attention"):
+        _row_schedule(sch, out, target, attention=kernel.kind == "attention")
     else:
         for b in out:
             if _is_reduction(sch, b) and _contraction(sch, b):
@@ -199,29 +199,90 @@ def _pad_ragged(sch: s_tir.Schedule, block: Any, row: int, mr: int, nr: int) -> 
     return True
 
 
-def _row_schedule(sch: s_tir.Schedule, blocks: list[Any], target: Target) -> None:
+def _row_schedule(sch: s_tir.Schedule, blocks: list[Any], target: Target, attention: bool = False) -> None:
     """A row group (or a lone row reduction): parallel over the output's rows, every stage
-    computed for one row at a time, reductions in vector-wide partial results."""
+    computed for one row at a time, reductions in vector-wide partial results. In an attention
+    kernel the output is ``P V`` computed for a block of query rows, and the stages (the scores
+    ``Q K``, the softmax) for that block only: the S x S scores never reach memory."""
     out = blocks[-1]
     kinds = [iv.iter_type for iv in sch.get(out).iter_vars]
     rows = [lp for lp, k in zip(sch.get_loops(out), kinds) if k == tirx.IterVar.DataPar]
-    if not _is_reduction(sch, out):
-        rows = rows[:-1]
-    partials = [_partial_reduction(sch, b, target) for b in blocks if _is_reduction(sch, b)]
-    if not rows:
-        return
-    row = sch.fuse(*rows) if len(rows) > 1 else rows[0]
-    sch.parallel(row)
-    for stage in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
+    rows = rows if _is_reduction(sch, out) else rows[:-1]
+    partials = [_partial_reduction(sch, b, target) for b in blocks[:len(blocks) - attention]
+                if _is_reduction(sch, b) and not _contraction(sch, b)]
+    if attention:
+        row, finish = _attention_output(sch, out, target)
+    else:
+        if not rows:
+            return
+        row, finish = sch.fuse(*rows) if len(rows) > 1 else rows[0], None
+        sch.parallel(row)
+    before = sch.get_child_blocks(sch.get_sblock("root"))
+    names = [sch.get(b).name_hint for b in before]
+    for stage in reversed(before[:names.index(sch.get(out).name_hint)]):
         sch.compute_at(stage, row)
     for b in sch.get_child_blocks(row):
-        if not _is_reduction(sch, b):
+        if _is_reduction(sch, b) and _contraction(sch, b) and not sch.get(b).same_as(sch.get(out)):
+            _stage_contraction(sch, b, row, target)
+        elif not _is_reduction(sch, b) and not sch.get(b).same_as(sch.get(out)):
             _vectorize_inner(sch, sch.get_loops(b)[-1], target)
     for p in partials:
         if p is not None:  # under the row: the lanes, then the reduction; the lanes go innermost
             _, lanes, *reduce = sch.get_loops(p)
             sch.reorder(*reduce, lanes)
             sch.vectorize(lanes)
+    if finish is not None:
+        init = sch.decompose_reduction(out, finish)
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _attention_output(sch: s_tir.Schedule, out: Any, target: Target) -> tuple[Any, Any]:
+    """``O[.., s, f] = P[.., s, t] * V[.., t, f]`` on a register tile of query rows x ``f``; the
+    parallel loop over (batch, head, query block) and the reduction loop."""
+    loops = sch.get_loops(out)
+    blk = sch.get(out)
+    spatial = [lp for lp, iv in zip(loops, blk.iter_vars) if iv.iter_type == tirx.IterVar.DataPar]
+    reduce = [lp for lp, iv in zip(loops, blk.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
+    width = blk.iter_vars[len(spatial) - 1].dom.extent
+    mr, nr = register_tile(target, int(width) if isinstance(width, tirx.IntImm) else None)
+    writeback = sch.cache_write(out, 0, "local")
+    s0, s1 = sch.split(spatial[-2], [None, mr])
+    f0, f1 = sch.split(spatial[-1], [None, nr])
+    sch.reorder(*spatial[:-2], s0, f0, *reduce, s1, f1)
+    row = sch.fuse(*spatial[:-2], s0)
+    sch.parallel(row)
+    sch.reverse_compute_at(writeback, f0)
+    sch.vectorize(sch.get_loops(writeback)[-1])
+    sch.unroll(s1)
+    sch.vectorize(f1)
+    return row, reduce[0]
+
+
+def _stage_contraction(sch: s_tir.Schedule, block: Any, row: Any, target: Target) -> None:
+    """The scores ``S[s, t] = Q[s, e] * K[t, e]`` of one query block: ``K`` packed once per block
+    with ``t`` innermost, the ``t`` lanes vectorized, the query rows unrolled."""
+    blk = sch.get(block)
+    spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    (streamed,) = [n for n, r in enumerate(blk.reads) if uses_var(r, spatial[-1])]
+    region = blk.reads[streamed].region
+    packed = sch.cache_read(block, streamed, "global", consumer_blocks=[block])
+    order = _innermost_last([uses_var_range(r, spatial[-1]) for r in region])
+    if order != list(range(len(region))):
+        sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
+    sch.compute_at(packed, row)
+    i, j, k = sch.get_loops(block)[-3:]
+    extent = sch.get(j).extent
+    lanes = target.vector_lanes
+    if isinstance(extent, tirx.IntImm) and int(extent) % lanes:
+        sch.reorder(k, i, j)  # a ragged row: one whole vector
+        sch.vectorize(j)
+        top = k
+    else:
+        top, j1 = sch.split(j, [None, lanes])
+        sch.reorder(top, k, i, j1)
+        sch.vectorize(j1)
+    init = sch.decompose_reduction(block, top)
+    sch.vectorize(sch.get_loops(init)[-1])
 
 
 def _partial_reduction(sch: s_tir.Schedule, block: Any, target: Target) -> Any:
