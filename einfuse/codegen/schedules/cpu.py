@@ -291,8 +291,10 @@ def _partial_reduction(sch: s_tir.Schedule, block: Any, target: Target) -> Any:
     None where the vector width does not divide the row (it stays serial)."""
     loop = sch.get_loops(block)[-1]
     extent = sch.get(loop).extent
-    lanes = target.vector_lanes
-    if not isinstance(extent, tirx.IntImm) or int(extent) % lanes or int(extent) < 2 * lanes:
+    if not isinstance(extent, tirx.IntImm) or int(extent) < 2 * target.vector_lanes:
+        return None
+    lanes = max(d for d in range(1, target.vector_lanes + 1) if int(extent) % d == 0)
+    if lanes < 4:  # (785 = 5 x 157 takes 5 partial results)
         return None
     _, inner = sch.split(loop, [None, lanes])
     return sch.rfactor(inner, factor_axis=len(_source(sch.get(block).writes[0]).shape))  # lanes innermost
