@@ -136,3 +136,32 @@ def test_row_groups_and_epilogues_are_one_kernel(text: str, tmp_path: Path, rng:
               for t in c.tensors if t.role == "input"}
     got = compiled(*[torch.from_numpy(inputs[t.name]) for t in c.tensors if t.role == "input"])
     assert rel_err(got.numpy(), interpret(c, inputs)["Y"]) <= 1e-5
+
+
+ATTENTION = """cascade attention
+rank B=1, H=4, S=SEQ, S_2=SEQ, E=16, T=SEQ, C=192
+tensor X[T,C] input f32
+tensor MASK[S,S_2] input f32
+tensor O[B,H,S,E] output f32
+QK[b,h,s,s_2] = X[s,h*16+e] * X[s_2,64+(h*16+e)]
+SC[b,h,s,s_2] = QK[b,h,s,s_2] * 0.25
+MK[b,h,s,s_2] = SC[b,h,s,s_2] + MASK[s,s_2]
+MX[b,h,s] = MK[b,h,s,s_2] :: reduce[s_2] max
+SH[b,h,s,s_2] = MK[b,h,s,s_2] - MX[b,h,s]
+EX[b,h,s,s_2] = exp(SH[b,h,s,s_2])
+SM[b,h,s] = EX[b,h,s,s_2]
+PR[b,h,s,s_2] = EX[b,h,s,s_2] / SM[b,h,s]
+O[b,h,s,e] = PR[b,h,s,s_2] * X[s_2,128+(h*16+e)]
+"""
+
+
+@pytest.mark.parametrize("seq", [64, 37])
+def test_attention_is_one_kernel_over_query_blocks(seq: int, tmp_path: Path, rng: np.random.Generator) -> None:
+    c = parse(ATTENTION.replace("SEQ", str(seq)))
+    compiled = einfuse.compile(c, cache_dir=tmp_path)
+    (attention,) = [k for k in compiled.kernels if k.kind == "attention"]
+    assert attention.output == "O" and {"QK", "MX", "EX", "SM", "PR"} <= set(attention.stages)
+    x = rng.standard_normal((seq, 192)).astype(np.float32)
+    mask = np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, -np.inf).astype(np.float32)   # causal
+    got = compiled(torch.from_numpy(x), torch.from_numpy(mask)).numpy()
+    assert rel_err(got, interpret(c, {"X": x, "MASK": mask})["O"]) <= 1e-5
