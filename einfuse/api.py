@@ -9,20 +9,20 @@ from typing import Any
 from .errors import EinfuseError
 from .ir import Cascade, verify
 
-PIPELINES = ("default", "none")
-
 
 def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, cache_dir: str | Path | None = None) -> Any:
     """Compile a torch model (with example ``args``) or a :class:`~einfuse.ir.Cascade` for ``target``.
 
-    Returns a :class:`~einfuse.codegen.runtime.CompiledModel`. A compiled library is cached under
-    ``cache_dir`` (default ``$EINFUSE_CACHE`` or ``~/.cache/einfuse``), keyed by the cascade, its
+    ``pipeline`` is ``"default"``, ``"none"`` or pipeline text (``"canonicalize"``; see
+    docs/inspect.md). Returns a :class:`~einfuse.codegen.runtime.CompiledModel`. A compiled
+    library is cached under ``cache_dir`` (default ``$EINFUSE_CACHE`` or ``~/.cache/einfuse``), keyed by the cascade, its
     weights, the target, the versions and the code generator's source, so compiling the same
     model again only loads it.
     """
-    if pipeline not in PIPELINES:
-        raise EinfuseError(f"unknown pipeline '{pipeline}'; available: {', '.join(PIPELINES)}")
+    from .passes import PassManager
+    from .passes import pipeline as named_pipeline
+    passes = named_pipeline(pipeline)  # a named pipeline or pipeline text; bad text fails before capture
     if isinstance(model, Cascade):
         cascade = verify(model)
     else:
@@ -30,6 +30,7 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
             raise EinfuseError("compile: a torch model needs example args, e.g. einfuse.compile(model, (x,))")
         from .frontends import capture
         cascade = capture(model, args, dynamic_shapes=dynamic_shapes)
+    cascade = PassManager(passes).run(cascade)
     return _compile_cascade(cascade, target, Path(cache_dir) if cache_dir else default_cache_dir())
 
 

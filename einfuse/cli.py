@@ -1,4 +1,5 @@
-"""The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, print and analyse it) and
+"""The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, run passes over it with
+IR-inspection instruments, print and analyse it) and
 ``compile`` (compile it for a target, write the library and print the report).
 
 MODEL is a ``.ein`` file, ``zoo:NAME`` (a model of :mod:`einfuse.zoo`) or ``path/to/file.py:function``
@@ -26,6 +27,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ir = sub.add_parser("ir", help="print the verified IR of a model or cascade")
     ir.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     ir.add_argument("--stats", action="store_true", help="add FLOPs, bytes, intensity and pass counts")
+    ir.add_argument("-p", "--pipeline", default="none",
+                    help="passes to run: a named pipeline (default, none) or text such as 'canonicalize'")
+    ir.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
+    ir.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                    help="print the IR after the named pass (repeatable)")
+    ir.add_argument("--print-ir-after-change", action="store_true", help="print the IR after passes that changed it")
+    ir.add_argument("--dump-ir-to", metavar="DIR", help="write NNN_<pass>.ein after every pass")
+    ir.add_argument("--time-passes", action="store_true", help="print each pass's time and pattern counts")
+    ir.add_argument("--disable-pass", action="append", default=[], metavar="PASS", help="skip a pass by name")
     comp = sub.add_parser("compile", help="compile a model: write its library and print its report")
     comp.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     comp.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
@@ -40,10 +50,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ir(args: argparse.Namespace) -> int:
-    cascade = load_model(args.model)
+    from .passes import Instruments, PassManager, pipeline
+    before = load_model(args.model)
+    instruments = Instruments(
+        verify_each=True, print_after_all=args.print_ir_after_all, print_after=frozenset(args.print_ir_after),
+        print_after_change=args.print_ir_after_change, dump_dir=Path(args.dump_ir_to) if args.dump_ir_to else None,
+        time_passes=args.time_passes or args.stats, disabled=frozenset(args.disable_pass))
+    manager = PassManager(pipeline(args.pipeline), instruments, lambda text: print(text, file=sys.stderr))
+    cascade = manager.run(before)
     print(cascade, end="")
     if args.stats:
         print()
+        if manager.records:
+            print("before the pipeline:")
+            print(stats_text(before))
+            print("\nafter the pipeline:")
         print(stats_text(cascade))
     return 0
 
