@@ -89,3 +89,22 @@ def test_compile_writes_library_and_report(tmp_path: Path, capsys: pytest.Captur
                                                                       "report.txt"]
     assert main(["compile", str(EXAMPLES / "attention.ein"), "-o", str(tmp_path / "attn")]) == 0
     assert "k0_QK" in capsys.readouterr().out
+
+
+def test_ir_runs_a_pipeline_with_inspection_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from .passes.test_manager import AFTER, BEFORE
+    path = tmp_path / "ex.ein"
+    path.write_text(BEFORE)
+    dump = tmp_path / "dump"
+    assert main(["ir", str(path), "-p", "canonicalize", "--print-ir-after-all", "--time-passes",
+                 "--dump-ir-to", str(dump)]) == 0
+    out, err = capsys.readouterr()
+    assert out == AFTER
+    assert err.startswith("// ----- IR after canonicalize -----\n" + AFTER)
+    assert "cse=1, dead-einsum=1, inline-view=1" in err
+    assert sorted(p.name for p in dump.iterdir()) == ["000_input.ein", "001_canonicalize.ein"]
+
+
+def test_ir_with_an_unknown_pass_lists_the_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["ir", str(EXAMPLES / "attention.ein"), "-p", "fuse-everything"]) == 1
+    assert "unknown pass 'fuse-everything'; available: canonicalize" in capsys.readouterr().err
