@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from abc import ABC, abstractmethod
 import tempfile
 import time
 from collections import Counter
@@ -30,13 +31,14 @@ class PassError(EinfuseError):
 
 
 @dataclass(frozen=True)
-class Pass:
+class Pass(ABC):
     """A cascade-to-cascade rewrite. Subclasses set ``name`` and implement :meth:`run`."""
 
     name: ClassVar[str] = ""
 
+    @abstractmethod
     def run(self, c: Cascade, stats: Counter) -> Cascade:
-        raise NotImplementedError
+        """The rewritten cascade; each rewrite counted in ``stats`` by pattern name."""
 
     def spelled(self) -> str:
         """The pass as pipeline text, with the options that differ from their defaults."""
