@@ -1,15 +1,22 @@
 """Rule-based CPU schedules, chosen per kernel kind, with sizes from the target.
 
-* every block but the kernel's output block is inlined (the fused element-wise producers), unless
-  the kernel gathers (nested data-dependent selects make TVM's simplifier take minutes);
+* every block but the kernel's output block and its stages is inlined (the fused element-wise
+  producers), unless the kernel gathers (nested data-dependent selects make TVM's simplifier
+  take minutes);
 * **contraction** (a reduction over a product of reads, one of which ignores the innermost output
   dimension: GEMM, batched GEMM, convolution, attention's QK and AV): a register tile of
-  rows x lanes (:func:`register_tile`) accumulated in a local buffer (so in vector registers), the reduction
-  inside, parallel outer loops (TVM_0.27_NOTES.md §2);
-* **reduction** (row sums, maxima): parallel over the output points, the reduction serial inside;
-* **element-wise**: the innermost loop split by the vector width and vectorized (unless the
-  kernel gathers), the rest fused and parallel (fusing everything would put ``//`` and ``%`` by symbolic sizes in every index,
-  which LLVM takes minutes over).
+  rows x lanes (:func:`register_tile`) accumulated in a local buffer (so in vector registers),
+  the reduction inside, the streamed operand packed per panel, parallel outer loops
+  (TVM_0.27_NOTES.md §2); padded to whole tiles when the tile does not divide a static output;
+  an ``epilogue`` kernel applies its element-wise consumer to the tile as it is stored;
+* **row groups** and lone reductions: parallel over rows, every stage computed one row at a time,
+  reductions in vector-wide partial results (``rfactor``);
+* **attention**: the ``P V`` contraction over blocks of query rows, with the scores and softmax
+  of each block as stages computed inside the block loop;
+* **element-wise**: the innermost loop split by the vector width and vectorized (a ragged static
+  row vectorized whole; nothing vectorized if the kernel gathers), the rest fused and parallel
+  (fusing everything would put ``//`` and ``%`` by symbolic sizes in every index, which LLVM
+  takes minutes over).
 """
 from __future__ import annotations
 
