@@ -141,7 +141,8 @@ def stats_text(c: Cascade) -> str:
 
 
 def pass_rank_groups(c: Cascade) -> list[list[str]]:
-    """Ranks worth a pass count: each reduced or iterated rank, and split ranks together (M1,M0)."""
+    """Ranks worth a pass count: each reduced or iterated rank, and split ranks together (M1,M0;
+    fuse-attention's key tiles S_2T,S_2I)."""
     var_rank = {r.var: r.name for r in c.ranks}
     names: list[str] = []
     for e, loops in c.einsums():
@@ -156,4 +157,5 @@ def pass_rank_groups(c: Cascade) -> list[list[str]]:
     for parts in stems.values():
         if len(parts) > 1 and any(p in singles for p in parts):
             groups.append(sorted(parts, key=lambda p: -int(re.search(r"\d+$", p).group())))
+    groups += [[r, r[:-1] + "I"] for r in singles if r.endswith("T") and r[:-1] + "I" in singles]  # fuse-attention's tiles
     return groups

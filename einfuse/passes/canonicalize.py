@@ -50,7 +50,7 @@ class Canonicalize(Pass):
 def _merge_common(c: Cascade, stats: Counter) -> Cascade:
     """Later temps computed exactly like an earlier temp read the earlier one instead."""
     roles = {name: d.role for name, d in declarations(c).items()}
-    written = Counter(s.lhs.tensor for s in c.stmts if isinstance(s, Einsum))
+    written = Counter(e.lhs.tensor for e, _ in c.einsums())  # writes inside loops count too
     seen: dict[tuple, str] = {}
     stmts: list[Any] = []
     renames: dict[str, str] = {}

@@ -1,0 +1,107 @@
+"""fuse-attention: every zoo transformer's attention becomes the 1-pass cascade, with the same
+values as before (float64 interpreter) and one pass over the keys instead of three."""
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.capture_zoo import fresh
+from einfuse import capture, zoo
+from einfuse.ir import count_passes, interpret, parse
+from einfuse.passes import FuseAttention, Instruments, PassManager, parse_pipeline
+from tests.conftest import rel_err
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+PIPELINE = "canonicalize,fuse-attention{tile=8},canonicalize"
+
+
+def run(c, text: str = PIPELINE):  # type: ignore[no-untyped-def]
+    manager = PassManager(parse_pipeline(text), Instruments(verify_each=True))
+    return manager.run(c), sum((r.stats for r in manager.records), Counter())
+
+
+@pytest.mark.parametrize("name, layers", [("gpt2", 2), ("llama", 2), ("bert", 2), ("vit", 2), ("mixtral", 1)])
+def test_every_zoo_attention_is_fused_with_the_same_values(name: str, layers: int, rng: np.random.Generator) -> None:
+    model, example = zoo.build(name)
+    c = capture(model, example)
+    fused, stats = run(c)
+    assert stats["attention"] == layers
+    names = {r.name for r in fused.ranks}
+    tiles = [n for n in names if n.endswith("T") and n[:-1] + "I" in names]
+    assert len(tiles) == layers and all(count_passes(fused, [t, t[:-1] + "I"]) == 1 for t in tiles)
+    inputs = {t.name: x.numpy() for t, x in zip([t for t in c.tensors if t.role == "input"], fresh(name, example, rng))}
+    assert rel_err(interpret(fused, inputs)["out0"], interpret(c, inputs)["out0"]) <= 1e-10
+
+
+class Attention(torch.nn.Module):
+    """Attention as users write it: scores, a causal mask as -inf, softmax, values."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = q @ k.transpose(-1, -2) / 8.0
+        n = s.shape[-1]
+        s = s + torch.triu(torch.full((n, n), float("-inf")), 1)
+        return torch.softmax(s, dim=-1) @ v
+
+
+@pytest.mark.parametrize("seq", [32, 27])
+def test_three_passes_become_one(seq: int, rng: np.random.Generator) -> None:
+    args = tuple(torch.from_numpy(rng.standard_normal((1, 2, seq, 64)).astype(np.float32)) for _ in range(3))
+    c = capture(Attention(), args)
+    keys = [r.name for r in c.ranks if r.size == seq]
+    fused, stats = run(c)
+    assert stats["attention"] == 1
+    assert count_passes(c, keys[-1:]) == 3
+    assert count_passes(fused, [r.name for r in fused.ranks if r.name.endswith(("T", "I"))]) == 1
+    inputs = {"q": args[0].numpy(), "k": args[1].numpy(), "v": args[2].numpy()}
+    want = torch.nn.functional.scaled_dot_product_attention(*args, is_causal=True).double().numpy()
+    assert rel_err(interpret(fused, inputs)["out0"], want) <= 1e-6
+
+
+SOFTMAX_ONLY = """cascade softmax
+rank R=4, K=16
+tensor X[R,K] input f32
+tensor Y[R,K] output f32
+MX[r] = X[r,k] :: reduce[k] max
+EX[r,k] = exp(X[r,k] - MX[r])
+SM[r] = EX[r,k]
+Y[r,k] = EX[r,k] / SM[r]
+"""
+
+PROBS_ALSO_OUTPUT = """cascade attention
+rank P=8, M=8, E=4, F=4
+tensor Q[P,E] input f32
+tensor K[M,E] input f32
+tensor V[M,F] input f32
+tensor PR[P,M] output f32
+tensor O[P,F] output f32
+QK[p,m] = Q[p,e] * K[m,e]
+MX[p] = QK[p,m] :: reduce[m] max
+EX[p,m] = exp(QK[p,m] - MX[p])
+SM[p] = EX[p,m]
+PR[p,m] = EX[p,m] / SM[p]
+O[p,f] = PR[p,m] * V[m,f]
+"""
+
+
+def test_does_not_fire_without_attention_or_when_the_probabilities_are_used_elsewhere() -> None:
+    c = parse(SOFTMAX_ONLY)
+    assert run(c, "fuse-attention") == (c, Counter())
+    c = parse(PROBS_ALSO_OUTPUT)
+    out, stats = run(c, "fuse-attention")
+    assert out == c and stats == Counter({"not-fused:intermediate-read-elsewhere": 1})
+
+
+def test_symbolic_key_lengths_are_left_alone_and_say_why() -> None:
+    model, example = zoo.build("llama")
+    seq = torch.export.Dim("seq", min=2, max=64)
+    c = capture(model, example, dynamic_shapes={"input_ids": {1: seq}})
+    out, stats = run(c, "fuse-attention")
+    assert out == c and stats["not-fused:symbolic-key-length"] == 2
+
+
+def test_tile_is_an_option() -> None:
+    assert parse_pipeline("fuse-attention{tile=128}") == [FuseAttention(tile=128)]
