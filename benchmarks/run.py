@@ -3,6 +3,10 @@
     python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,einfuse]
                              [--threads 2] [--repeat 20]
 
+Workloads: the zoo's models, a 1024^3 matmul, and (by name only) attention alone, B=1, H=8, D=64:
+``attn1024``, ``attn4096``, ``attn16384``, with a ``c`` suffix for causal (eager is then torch's
+fused ``scaled_dot_product_attention``).
+
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
 pipeline (from_exported_program + the default pipeline), and einfuse. Prints the median latency
 of each, each peer's time relative to einfuse (> 1 means einfuse is faster), and compile times.
@@ -56,6 +60,30 @@ def _zoo(name: str, **options: Any) -> Callable[[], tuple]:
 for _name, _opts in {"mlp": {"batch": 64}, "gpt2": {"seq": 256}, "llama": {"seq": 256}, "bert": {"seq": 256},
                      "vit": {"image": 224}}.items():
     workload(_name)(_zoo(_name, **_opts))
+DEFAULT = list(WORKLOADS)  # attention alone is run by name: --models attn1024,attn4096c,...
+
+
+class Attention(torch.nn.Module):
+    """Attention alone, as torch's fused ``scaled_dot_product_attention`` computes it."""
+
+    def __init__(self, causal: bool) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+def _attention(n: int, causal: bool) -> Callable[[], tuple]:
+    def build() -> tuple:
+        torch.manual_seed(0)
+        return Attention(causal).eval(), tuple(torch.randn(1, 8, n, 64) for _ in range(3))
+    return build
+
+
+for _n in (1024, 4096, 16384):
+    workload(f"attn{_n}")(_attention(_n, False))
+    workload(f"attn{_n}c")(_attention(_n, True))
 
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
@@ -118,7 +146,7 @@ PEERS = {"eager": peer_eager, "inductor": peer_inductor, "ort": peer_ort, "relax
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(WORKLOADS))
+    parser.add_argument("--models", default=",".join(DEFAULT))
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)

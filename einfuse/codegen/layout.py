@@ -58,17 +58,29 @@ def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made
 
 
 def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Cascade:
-    """``c`` with each non-plain read of a contraction copied out first, for the contractions
-    whose two innermost output sizes are static and ``ragged(rows, cols)`` and those whose
-    operands are views of one tensor."""
+    """``c`` with reads of contractions copied out first where the schedule needs them plain:
+    non-plain reads of the contractions whose two innermost output sizes are static and
+    ``ragged(rows, cols)`` or whose operands are views of one tensor; and, in every contraction,
+    an activation read along the output's innermost variable with that variable not innermost
+    (attention's ``K[t,e]`` in ``S[s,t] = Q[s,e] * K[t,e]`` becomes ``K'[e,t]``: the scores are
+    vectorized along ``t``, and packing ``K`` per block of queries was the kernel's main cost)."""
     size = {r.name: r.size for r in c.ranks}
     ranks = var_ranks(c)
+    decls = declarations(c)
     stmts: list = []
     for s in c.stmts:
-        if isinstance(s, Einsum) and reduced_vars(s) and (_ragged_output(s, ranks, size, ragged) or _self_product(s)):
-            s = replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance))
+        if isinstance(s, Einsum) and reduced_vars(s) and lhs_vars(s):
+            views = _ragged_output(s, ranks, size, ragged) or _self_product(s)
+            inner = lhs_vars(s)[-1]
+            wanted = lambda a: (views and not _plain(a)) or (decls[a.tensor].role != "param"  # noqa: E731
+                                                            and inner in access_vars(a) and access_vars(a)[-1] != inner)
+            s = replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance, wanted, inner))
         stmts.append(s)
     return replace(c, stmts=tuple(stmts))
+
+
+def _plain(a: Access) -> bool:
+    return all(isinstance(ix.expr, IVar) for ix in a.indices)
 
 
 def _self_product(e: Einsum) -> bool:
@@ -86,16 +98,19 @@ def _ragged_output(e: Einsum, ranks: dict[str, str], size: dict, ragged: Callabl
     return isinstance(rows, int) and isinstance(cols, int) and ragged(rows, cols)
 
 
-def _copy_reads(x: Expr, owner: str, stmts: list, provenance: str | None) -> Expr:
-    """``x`` reading plain copies of its non-plain accesses; the copying Einsums go to ``stmts``."""
+def _copy_reads(x: Expr, owner: str, stmts: list, provenance: str | None, wanted: Callable[[Access], bool],
+                inner: str) -> Expr:
+    """``x`` reading copies of the accesses ``wanted`` picks (indexed by their variables in order,
+    ``inner`` last); the copying Einsums go to ``stmts``."""
     if isinstance(x, Call):
-        return replace(x, args=tuple(_copy_reads(a, owner, stmts, provenance) for a in x.args))
-    if not isinstance(x, Access) or all(isinstance(ix.expr, IVar) for ix in x.indices) \
-            or any(ix.filter for ix in x.indices) or any(True for _ in gathers(x)):
+        return replace(x, args=tuple(_copy_reads(a, owner, stmts, provenance, wanted, inner) for a in x.args))
+    if not isinstance(x, Access) or any(ix.filter for ix in x.indices) or any(True for _ in gathers(x)) \
+            or not wanted(x):
         return x
     name = f"{owner}_{x.tensor}"
     while any(isinstance(s, Einsum) and s.lhs.tensor == name for s in stmts):
         name += "_"
-    copy = Access(name, tuple(Index(IVar(v)) for v in dict.fromkeys(access_vars(x))))  # a reshape, no transpose
+    order = sorted(dict.fromkeys(access_vars(x)), key=lambda v: v == inner)  # stable: only inner moves
+    copy = Access(name, tuple(Index(IVar(v)) for v in order))
     stmts.append(Einsum(copy, x, provenance=provenance))
     return copy

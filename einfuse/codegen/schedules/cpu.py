@@ -266,17 +266,18 @@ def _attention_output(sch: s_tir.Schedule, out: Any, target: Target) -> tuple[An
 
 
 def _stage_contraction(sch: s_tir.Schedule, block: Any, row: Any, target: Target) -> None:
-    """The scores ``S[s, t] = Q[s, e] * K[t, e]`` of one query block: ``K`` packed once per block
-    with ``t`` innermost, the ``t`` lanes vectorized, the query rows unrolled."""
+    """The scores ``S[s, t] = Q[s, e] * K[t, e]`` of one query block: ``K`` read with ``t``
+    innermost (packed per block if it is not stored so), the ``t`` lanes vectorized, the query
+    rows unrolled."""
     blk = sch.get(block)
     spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     (streamed,) = [n for n, r in enumerate(blk.reads) if uses_var(r, spatial[-1])]
     region = blk.reads[streamed].region
-    packed = sch.cache_read(block, streamed, "global", consumer_blocks=[block])
     order = _innermost_last([uses_var_range(r, spatial[-1]) for r in region])
-    if order != list(range(len(region))):
+    if order != list(range(len(region))):  # (the layout rewrite usually stored it so already)
+        packed = sch.cache_read(block, streamed, "global", consumer_blocks=[block])
         sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
-    sch.compute_at(packed, row)
+        sch.compute_at(packed, row)
     i, j, k = sch.get_loops(block)[-3:]
     extent = sch.get(j).extent
     lanes = target.vector_lanes
