@@ -120,15 +120,18 @@ def _single(k: Kernel) -> Einsum | None:
     if len(k.writes) != 1 or k.gathers:
         return None
     e = k.writes[0]
-    plain = all(isinstance(ix.expr, IVar) and not ix.filter for ix in e.lhs.indices)
-    return e if plain and not e.populate else None
+    plain = all(isinstance(ix.expr, IVar) for ix in e.lhs.indices)
+    filtered = any(ix.filter for ix in e.lhs.indices)  # allowed on a contraction: causal scores
+    return e if plain and not e.populate and (not filtered or _contraction(e)) else None
 
 
 def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bool:
     """Whether every read of ``tensor`` in ``k`` uses the indices ``tensor`` is written with."""
     (w,) = writes[tensor]
     members = list(k.writes) + [writes[t][0] for t in k.internal]
-    return all(a.indices == w.lhs.indices for e in members for a in reads(e) if a.tensor == tensor)
+    written = [ix.expr for ix in w.lhs.indices]
+    return all([ix.expr for ix in a.indices] == written and not any(ix.filter for ix in a.indices)
+               for e in members for a in reads(e) if a.tensor == tensor)
 
 
 def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
