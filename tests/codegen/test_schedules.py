@@ -54,6 +54,22 @@ Z[m2,n] = A[m2,k] * W[k,n]
     assert "Z[m2,n] = A[m2,k] * W[k,n]" in text          # 64 rows: not ragged, untouched
 
 
+def test_activations_read_along_the_vector_are_stored_transposed_weights_are_not() -> None:
+    c = parse("""cascade scores
+rank S=8, T=8, E=4, F=4
+tensor Q[S,E] input f32
+tensor K[T,E] input f32
+tensor W[F,E] param f32
+tensor P[S,T] output f32
+tensor Y[S,F] output f32
+P[s,t] = Q[s,e] * K[t,e]
+Y[s,f] = Q[s,e] * W[f,e]
+""")
+    text = to_text(materialize_operands(c, lambda rows, cols: False))
+    assert "P_K[e,t] = K[t,e]" in text and "P[s,t] = Q[s,e] * P_K[e,t]" in text
+    assert "Y[s,f] = Q[s,e] * W[f,e]" in text           # weights are transposed at compile time instead
+
+
 @pytest.mark.parametrize("tokens", [37, 64])
 def test_attention_contractions_on_ragged_token_counts(tokens: int, tmp_path: Path, rng: np.random.Generator) -> None:
     c = parse(HEAD_SPLIT.replace("=37", f"={tokens}"))
