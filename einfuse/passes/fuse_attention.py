@@ -41,6 +41,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
+import sympy
+
 from ..ir import Access, Call, Cascade, Const, Einsum, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Cond, IBin, IConst, ISym, Reduce, TensorRank
 from ..ir.scope import access_vars, declarations, lhs_vars, reads, reduced_vars, var_ranks
@@ -120,10 +122,6 @@ def _match(c: Cascade, o: Einsum, writers: dict, readers: Counter, stats: Counte
         if any(readers[t] > _uses_inside(t, group | {o.lhs.tensor}, writers) or roles[t] != "temp" for t in group):
             stats["not-fused:intermediate-read-elsewhere"] += 1
             return None
-        n = c.rank(var_ranks(c)[key]).size
-        if not isinstance(n, int):
-            stats["not-fused:symbolic-key-length"] += 1
-            return None
         return _Match(o, key, rows, qk, score, v, group)
     return None
 
@@ -185,7 +183,8 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     """``c`` with the attention's output computed by the 1-pass cascade (old Einsums left dead)."""
     key_rank = var_ranks(c)[m.key]
     n = c.rank(key_rank).size
-    tile = min(tile, n)
+    static = isinstance(n, int)
+    tile = min(tile, n) if static else tile
     tiles, inner = _fresh_ranks(c, key_rank)
     t, i = tiles.lower(), inner.lower()
     out = m.out.lhs.tensor
@@ -202,7 +201,7 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
         return Access(names[name], tuple(first + rows + (extra or [])))
     vf = [Index(IVar(v)) for v in value_vars]
     qk_lhs = acc("qk", [Index(IVar(t)), Index(IVar(i))])
-    keep = (Cond(at, "<", IConst(n)),) if n % tile else ()
+    keep = (Cond(at, "<", IConst(n) if static else ISym(key_rank)),) if not static or n % tile else ()
     bqk_lhs = Access(names["bqk"], (Index(IVar(t)), Index(IVar(i), keep), *rows))
     decls = [TensorDecl(names["bqk"], (TensorRank(tiles), TensorRank(inner), *row_ranks), "temp", "f32", float("-inf")),
              TensorDecl(names["lm"], (TensorRank(tiles), *row_ranks), "temp", "f32", float("-inf")),
@@ -234,7 +233,7 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     stmts: list = []
     for s in c.stmts:
         stmts += [*init, Loop(tiles, body), final] if s is m.out else [s]
-    new_ranks = (Rank(tiles, -(-n // tile)), Rank(inner, tile))
+    new_ranks = (Rank(tiles, -(-n // tile) if static else sympy.ceiling(n / tile)), Rank(inner, tile))
     return replace(c, ranks=c.ranks + new_ranks, tensors=c.tensors + tuple(decls), stmts=tuple(stmts))
 
 

@@ -95,12 +95,16 @@ def test_does_not_fire_without_attention_or_when_the_probabilities_are_used_else
     assert out == c and stats == Counter({"not-fused:intermediate-read-elsewhere": 1})
 
 
-def test_symbolic_key_lengths_are_left_alone_and_say_why() -> None:
+@pytest.mark.parametrize("length", [9, 21])
+def test_a_dynamic_sequence_is_fused_with_a_ceiling_of_tiles(length: int, rng: np.random.Generator) -> None:
     model, example = zoo.build("llama")
     seq = torch.export.Dim("seq", min=2, max=64)
     c = capture(model, example, dynamic_shapes={"input_ids": {1: seq}})
-    out, stats = run(c, "fuse-attention")
-    assert out == c and stats["not-fused:symbolic-key-length"] == 2
+    fused, stats = run(c)
+    assert stats["attention"] == 2
+    assert "S_2T=ceiling(seq/8)" in str(fused).splitlines()[1].replace(" ", "")
+    ids = rng.integers(0, 96, (1, length))
+    assert rel_err(interpret(fused, {"input_ids": ids})["out0"], interpret(c, {"input_ids": ids})["out0"]) <= 1e-10
 
 
 def test_tile_is_an_option() -> None:
