@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import einfuse
 from benchmarks.capture_zoo import fresh
 from einfuse import capture, zoo
-from einfuse.ir import count_passes, interpret, parse
+from einfuse.errors import CompileError
+from einfuse.ir import Cascade, count_passes, interpret, parse
 from einfuse.passes import FuseAttention, Instruments, PassManager, parse_pipeline
 from tests.conftest import rel_err
 
@@ -19,7 +22,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 PIPELINE = "canonicalize,fuse-attention{tile=8},canonicalize"
 
 
-def run(c, text: str = PIPELINE):  # type: ignore[no-untyped-def]
+def run(c: Cascade, text: str = PIPELINE) -> tuple[Cascade, Counter]:
     manager = PassManager(parse_pipeline(text), Instruments(verify_each=True))
     return manager.run(c), sum((r.stats for r in manager.records), Counter())
 
@@ -109,3 +112,9 @@ def test_a_dynamic_sequence_is_fused_with_a_ceiling_of_tiles(length: int, rng: n
 
 def test_tile_is_an_option() -> None:
     assert parse_pipeline("fuse-attention{tile=128}") == [FuseAttention(tile=128)]
+
+
+def test_compiling_the_fused_cascade_says_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(CompileError, match="does not handle 'for' loops yet"):
+        einfuse.compile(parse(PROBS_ALSO_OUTPUT.replace("tensor PR[P,M] output f32\n", "")),
+                        pipeline="fuse-attention", cache_dir=tmp_path)
