@@ -15,7 +15,10 @@ same loop nest, when the two fit one:
   is stored, and ``T`` is never written to memory;
 * **row group**: kernels over the same rows that reduce or map along the same innermost variable
   (softmax's max, exp, sum and division; LayerNorm's mean, variance and normalization) become one
-  kernel, parallel over rows, each stage computing one row before the next stage reads it.
+  kernel, parallel over rows, each stage computing one row before the next stage reads it; an
+  epilogue kernel joins a row group only if its contraction reads no weights (attention's scores);
+* **attention**: a row group read by a contraction over its rows' variable (``P[s,t] * V[t,f]``)
+  becomes a stage of that contraction, computed one block of query rows at a time.
 """
 from __future__ import annotations
 
