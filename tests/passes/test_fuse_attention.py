@@ -16,6 +16,7 @@ from einfuse import capture, zoo
 from einfuse.errors import CompileError
 from einfuse.ir import Cascade, count_passes, interpret, parse
 from einfuse.passes import FuseAttention, Instruments, PassManager, parse_pipeline
+from tests.codegen.test_schedules import SOFTMAX
 from tests.conftest import rel_err
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -64,16 +65,6 @@ def test_three_passes_become_one(seq: int, rng: np.random.Generator) -> None:
     assert rel_err(interpret(fused, inputs)["out0"], want) <= 1e-6
 
 
-SOFTMAX_ONLY = """cascade softmax
-rank R=4, K=16
-tensor X[R,K] input f32
-tensor Y[R,K] output f32
-MX[r] = X[r,k] :: reduce[k] max
-EX[r,k] = exp(X[r,k] - MX[r])
-SM[r] = EX[r,k]
-Y[r,k] = EX[r,k] / SM[r]
-"""
-
 PROBS_ALSO_OUTPUT = """cascade attention
 rank P=8, M=8, E=4, F=4
 tensor Q[P,E] input f32
@@ -91,7 +82,7 @@ O[p,f] = PR[p,m] * V[m,f]
 
 
 def test_does_not_fire_without_attention_or_when_the_probabilities_are_used_elsewhere() -> None:
-    c = parse(SOFTMAX_ONLY)
+    c = parse(SOFTMAX)
     assert run(c, "fuse-attention") == (c, Counter())
     c = parse(PROBS_ALSO_OUTPUT)
     out, stats = run(c, "fuse-attention")
