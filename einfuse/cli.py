@@ -41,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
     comp.add_argument("-o", "--output", required=True, help="directory for model.so, model.json and report.txt")
     comp.add_argument("--no-cache", action="store_true", help="compile even if the cache has this model")
+    comp.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     args = parser.parse_args(argv)
     try:
         return _ir(args) if args.command == "ir" else _compile(args)
@@ -75,7 +76,8 @@ def _compile(args: argparse.Namespace) -> int:
     from .api import compile as compile_cascade
     model, example = load_torch_model(args.model)
     with tempfile.TemporaryDirectory() as scratch:
-        compiled = compile_cascade(model, example, target=args.target, cache_dir=scratch if args.no_cache else None)
+        compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
+                                   cache_dir=scratch if args.no_cache else None)
     out = compiled.export(args.output)
     report = compiled.report(example if not isinstance(model, Cascade) else None)
     (out / "report.txt").write_text(report + "\n")

@@ -108,3 +108,10 @@ def test_ir_runs_a_pipeline_with_inspection_flags(tmp_path: Path, capsys: pytest
 def test_ir_with_an_unknown_pass_lists_the_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ir", str(EXAMPLES / "attention.ein"), "-p", "fuse-everything"]) == 1
     assert "unknown pass 'fuse-everything'; available: canonicalize" in capsys.readouterr().err
+
+
+def test_compile_takes_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", str(EXAMPLES / "attention_3pass.ein"), "-p", "none", "-o", str(tmp_path / "a")]) == 0
+    assert "kernels, compiled for cpu" in capsys.readouterr().out
+    assert main(["compile", str(EXAMPLES / "attention_3pass.ein"), "-p", "fuse-attention", "-o", str(tmp_path / "b")]) == 1
+    assert "does not handle 'for' loops yet" in capsys.readouterr().err
