@@ -6,8 +6,9 @@ See ``docs/ir.md`` for the text syntax and semantics.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Union
 
 import numpy as np
 import sympy
@@ -248,3 +249,15 @@ def walk(stmts: tuple[Stmt, ...], loops: tuple[Loop, ...] = ()) -> Iterator[tupl
         else:
             yield s, loops
 
+
+
+def rewrite(node: Any, fn: Callable[[Any], Any]) -> Any:
+    """``node`` rebuilt bottom-up with ``fn`` applied to every node (tuples walked; a statement's
+    line and provenance kept as they are). ``fn`` returns its argument for nodes it leaves alone."""
+    if isinstance(node, tuple):
+        return tuple(rewrite(x, fn) for x in node)
+    if dataclasses.is_dataclass(node) and not isinstance(node, type) and not isinstance(node, Cascade):
+        changes = {f.name: rewrite(getattr(node, f.name), fn) for f in dataclasses.fields(node)
+                   if f.name not in ("line", "provenance")}
+        node = dataclasses.replace(node, **changes)
+    return fn(node)

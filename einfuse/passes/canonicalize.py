@@ -21,12 +21,12 @@ Patterns counted: ``inline-view``, ``cse``, ``dead-einsum``.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..ir import Access, Cascade, Einsum
+from ..ir.nodes import rewrite
 from ..ir.scope import declarations, reads
 from ..ir.views import inline_views
 from .manager import Pass, register
@@ -88,12 +88,5 @@ def _rename(node: Any, renames: dict[str, str]) -> Any:
     """``node`` with every access to a renamed tensor pointing at its new name."""
     if not renames:
         return node
-    if isinstance(node, tuple):
-        return tuple(_rename(x, renames) for x in node)
-    if not dataclasses.is_dataclass(node) or isinstance(node, type):
-        return node
-    changes = {f.name: _rename(getattr(node, f.name), renames) for f in dataclasses.fields(node)
-               if f.name not in ("params", "line", "provenance")}
-    if isinstance(node, Access) and node.tensor in renames:
-        changes["tensor"] = renames[node.tensor]
-    return replace(node, **changes)
+    return rewrite(node, lambda x: replace(x, tensor=renames[x.tensor])
+                   if isinstance(x, Access) and x.tensor in renames else x)

@@ -36,7 +36,6 @@ removes them. A row whose every key is masked gives NaN here as in the original 
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
@@ -44,7 +43,7 @@ from typing import Any
 import sympy
 
 from ..ir import Access, Call, Cascade, Const, Einsum, Index, IVar, Loop, Rank, TensorDecl
-from ..ir.nodes import Cond, IBin, IConst, ISym, Reduce, TensorRank
+from ..ir.nodes import Cond, IBin, IConst, ISym, Reduce, TensorRank, rewrite
 from ..ir.scope import access_vars, declarations, lhs_vars, reads, reduced_vars, var_ranks
 from .manager import Pass, register
 
@@ -278,14 +277,7 @@ def _substitute(x: Any, old: Access, new: Any) -> Any:
 
 def _at_key(node: Any, key: str, at: Any) -> Any:
     """``node`` with the key variable replaced by the index expression ``at`` everywhere."""
-    if isinstance(node, IVar):
-        return at if node.name == key else node
-    if isinstance(node, tuple):
-        return tuple(_at_key(x, key, at) for x in node)
-    if not dataclasses.is_dataclass(node) or isinstance(node, type):
-        return node
-    return replace(node, **{f.name: _at_key(getattr(node, f.name), key, at) for f in dataclasses.fields(node)
-                            if f.name not in ("line", "provenance")})
+    return rewrite(node, lambda x: at if isinstance(x, IVar) and x.name == key else x)
 
 
 def _fresh_ranks(c: Cascade, key: str) -> tuple[str, str]:
