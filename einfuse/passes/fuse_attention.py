@@ -18,10 +18,10 @@ and rewrites it to FuseMax Cascade 5 (EINSUM_CASCADES.md §2.4): the keys split 
 
     RM[0,r] = -inf;  RD[0,r] = 0;  RNV[0,r,f] = 0
     for t in T {
-      BQK[t,i:t*T+i<N,r] = (Q * K[..t*T+i..]) * c + BIAS[..t*T+i..]     (keys past N are absent)
-      LM[t,r] = BQK[t,i,r] :: reduce[i] max;   RM[t+1,r] = max(RM[t,r], LM[t,r])
-      SLN[t,i,r] = exp(BQK[t,i,r] - RM[t+1,r]);   SLD[t,r] = SLN[t,i,r]
-      SLNV[t,r,f] = SLN[t,i,r] * V[..t*T+i..f..];   PRM[t,r] = exp(RM[t,r] - RM[t+1,r])
+      BQK[t,r,i:t*T+i<N] = (Q * K[..t*T+i..]) * c + BIAS[..t*T+i..]     (keys past N are absent)
+      LM[t,r] = BQK[t,r,i] :: reduce[i] max;   RM[t+1,r] = max(RM[t,r], LM[t,r])
+      SLN[t,r,i] = exp(BQK[t,r,i] - RM[t+1,r]);   SLD[t,r] = SLN[t,r,i]
+      SLNV[t,r,f] = SLN[t,r,i] * V[..t*T+i..f..];   PRM[t,r] = exp(RM[t,r] - RM[t+1,r])
       RD[t+1,r] = SLD[t,r] + RD[t,r] * PRM[t,r];   RNV[t+1,r,f] = SLNV[t,r,f] + RNV[t,r,f] * PRM[t,r]
     }
     O[r,f] = RNV[T,r,f] / RD[T,r]
@@ -199,10 +199,10 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     def acc(name: str, first: list[Index], extra: list[Index] | None = None) -> Access:
         return Access(names[name], tuple(first + rows + (extra or [])))
     vf = [Index(IVar(v)) for v in value_vars]
-    qk_lhs = acc("qk", [Index(IVar(t)), Index(IVar(i))])
+    qk_lhs = acc("qk", [Index(IVar(t))], [Index(IVar(i))])
     keep = (Cond(at, "<", IConst(n) if static else ISym(key_rank)),) if not static or n % tile else ()
-    bqk_lhs = Access(names["bqk"], (Index(IVar(t)), Index(IVar(i), keep), *rows))
-    decls = [TensorDecl(names["bqk"], (TensorRank(tiles), TensorRank(inner), *row_ranks), "temp", "f32", float("-inf")),
+    bqk_lhs = Access(names["bqk"], (Index(IVar(t)), *rows, Index(IVar(i), keep)))
+    decls = [TensorDecl(names["bqk"], (TensorRank(tiles), *row_ranks, TensorRank(inner)), "temp", "f32", float("-inf")),
              TensorDecl(names["lm"], (TensorRank(tiles), *row_ranks), "temp", "f32", float("-inf")),
              TensorDecl(names["rm"], (TensorRank(tiles, True), *row_ranks), "temp", "f32", float("-inf")),
              TensorDecl(names["rd"], (TensorRank(tiles, True), *row_ranks), "temp", "f32"),
@@ -211,15 +211,15 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     exp, mul, add, sub = (lambda *a, op=op: Call(op, tuple(a)) for op in ("exp", "mul", "add", "sub"))
     rm_t, rm_next = Access(names["rm"], (prev, *rows)), Access(names["rm"], (Index(step), *rows))
     rd_t, rnv_t = Access(names["rd"], (prev, *rows)), Access(names["rnv"], (prev, *rows, *vf))
-    bqk = acc("bqk", [Index(IVar(t)), Index(IVar(i))])
+    bqk = acc("bqk", [Index(IVar(t))], [Index(IVar(i))])
     body = (
         Einsum(qk_lhs, _at_key(m.qk.rhs, m.key, at), provenance=m.qk.provenance),
         Einsum(bqk_lhs, _at_key(_substitute(m.score, m.qk.lhs, qk_lhs), m.key, at)),
         Einsum(acc("lm", [prev]), bqk, Reduce((i,), "max")),
         Einsum(rm_next, Call("max", (rm_t, acc("lm", [prev])))),
-        Einsum(acc("sln", [prev, Index(IVar(i))]), exp(sub(bqk, rm_next))),
-        Einsum(acc("sld", [prev]), acc("sln", [prev, Index(IVar(i))])),
-        Einsum(acc("slnv", [prev], vf), mul(acc("sln", [prev, Index(IVar(i))]), _at_key(m.value, m.key, at))),
+        Einsum(acc("sln", [prev], [Index(IVar(i))]), exp(sub(bqk, rm_next))),
+        Einsum(acc("sld", [prev]), acc("sln", [prev], [Index(IVar(i))])),
+        Einsum(acc("slnv", [prev], vf), mul(acc("sln", [prev], [Index(IVar(i))]), _at_key(m.value, m.key, at))),
         Einsum(acc("prm", [prev]), exp(sub(rm_t, rm_next))),
         Einsum(Access(names["rd"], (Index(step), *rows)), add(acc("sld", [prev]), mul(rd_t, acc("prm", [prev])))),
         Einsum(Access(names["rnv"], (Index(step), *rows, *vf)), add(acc("slnv", [prev], vf), mul(rnv_t, acc("prm", [prev])))),
