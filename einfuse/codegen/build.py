@@ -19,6 +19,7 @@ from ..errors import CompileError
 from ..ir import Cascade, to_text
 from .fusion import group_kernels
 from .graph import build_graph
+from .loop import LoopBuilder
 from .lower import KernelBuilder
 from .runtime import CompiledModel
 from .schedules.cpu import schedule
@@ -32,7 +33,10 @@ def build(cascade: Cascade, target: Any) -> Any:
 
     def lower(kernel: Any, sizes: Any) -> Any:
         try:
-            out = schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
+            if kernel.kind == "loop":
+                out = LoopBuilder(cascade, kernel, sizes, target).prim_func()
+            else:
+                out = schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
             raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}",
                                reproducer(cascade, kernel)) from exc

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
+from ..ir.nodes import walk
 from ..ir.scope import access_vars, declarations, index_atoms, iteration_vars, lhs_vars, reads, reduced_vars
 
 
@@ -50,9 +51,9 @@ class Kernel:
 
 def group_kernels(c: Cascade) -> list[Kernel]:
     """Kernels in execution order."""
-    if any(isinstance(s, Loop) for s in c.stmts):
-        raise CompileError("the CPU code generator does not handle 'for' loops yet")
     decls = declarations(c)
+    loops = {k.output: k for k in (_loop_kernel(c, s, decls) for s in c.stmts if isinstance(s, Loop))}
+    in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}
     writes: dict[str, list[Einsum]] = {}
     readers: dict[str, set[int]] = {}
     for i, (e, _) in enumerate(c.einsums()):
@@ -63,10 +64,14 @@ def group_kernels(c: Cascade) -> list[Kernel]:
     inline = {t for t, ws in writes.items()
               if decls[t].role == "temp" and len(ws) == 1 and _elementwise(ws[0])
               and len(readers.get(t, ())) == 1 and _reads_each_once(einsums[next(iter(readers[t]))], t)}
+    inline -= in_loops | {a.tensor for e in einsums if e.lhs.tensor in in_loops for a in reads(e)}
     kernels, done = [], set()
     for e in einsums:
         t = e.lhs.tensor
-        if t in inline or t in done:
+        if t in loops and t not in done:
+            kernels.append(loops[t])
+            done.add(t)
+        if t in inline or t in done or t in in_loops:
             continue
         done.add(t)
         members = _inlined_into(writes[t], writes, inline)
@@ -79,6 +84,24 @@ def group_kernels(c: Cascade) -> list[Kernel]:
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
     kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
+
+
+def _loop_kernel(c: Cascade, loop: Loop, decls: dict) -> Kernel:
+    """A ``for`` loop as one kernel: the Einsums initialising its running tensors (those with an
+    iterative rank), its body, and the one Einsum after it that reads its results (its output)."""
+    body = [e.lhs.tensor for e, _ in walk(loop.body)]
+    running = {t for t in body if any(r.iterative for r in decls[t].ranks)}
+    outside = [s for s in c.stmts if isinstance(s, Einsum)]
+    init = [e for e in outside if e.lhs.tensor in running]
+    finals = [e for e in outside if any(a.tensor in body for a in reads(e))]
+    if len(finals) != 1 or sum(e.lhs.tensor == finals[0].lhs.tensor for e in outside) != 1:
+        raise CompileError(f"the loop over {loop.rank}: its results must be read by one Einsum, the only "
+                           f"writer of its output (read by {len(finals)})")
+    internal = tuple(dict.fromkeys([e.lhs.tensor for e in init] + body))
+    members = init + [e for e, _ in walk(loop.body)] + finals
+    inputs = tuple(dict.fromkeys(a.tensor for e in members for a in reads(e)
+                                 if a.tensor not in internal and a.tensor != finals[0].lhs.tensor))
+    return Kernel(finals[0].lhs.tensor, finals[0].lhs.tensor, (finals[0],), internal, inputs, kind="loop")
 
 
 def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list[Einsum]]) -> list[Kernel]:

@@ -15,8 +15,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..ir import Access, Call, Cascade, Einsum, Index, IVar, TensorDecl
-from ..ir.nodes import Expr
+from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, TensorDecl
+from ..ir.nodes import Expr, walk
 from ..ir.scope import access_vars, declarations, gathers, lhs_vars, reads, reduced_vars, var_ranks
 
 
@@ -68,13 +68,23 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
     ranks = var_ranks(c)
     decls = declarations(c)
     stmts: list = []
+
+    def operands(s: Einsum, bound: frozenset[str], local: frozenset[str]) -> Einsum:
+        if not reduced_vars(s, bound) or not lhs_vars(s):
+            return s
+        views = (not bound and _ragged_output(s, ranks, size, ragged)) or _self_product(s)
+        inner = lhs_vars(s)[-1]
+        wanted = lambda a: a.tensor not in local and (  # noqa: E731
+            (views and not _plain(a))
+            or (decls[a.tensor].role != "param" and inner in access_vars(a) and access_vars(a)[-1] != inner))
+        return replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance, wanted, inner))
     for s in c.stmts:
-        if isinstance(s, Einsum) and reduced_vars(s) and lhs_vars(s):
-            views = _ragged_output(s, ranks, size, ragged) or _self_product(s)
-            inner = lhs_vars(s)[-1]
-            wanted = lambda a: (views and not _plain(a)) or (decls[a.tensor].role != "param"  # noqa: E731
-                                                            and inner in access_vars(a) and access_vars(a)[-1] != inner)
-            s = replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance, wanted, inner))
+        if isinstance(s, Loop):  # (the copies go before the loop: they read nothing it writes)
+            local = frozenset(e.lhs.tensor for e, _ in walk(s.body))
+            s = replace(s, body=tuple(operands(e, frozenset({s.var}), local) if isinstance(e, Einsum) else e
+                                      for e in s.body))
+        elif isinstance(s, Einsum):
+            s = operands(s, frozenset(), frozenset())
         stmts.append(s)
     return replace(c, stmts=tuple(stmts))
 

@@ -180,9 +180,8 @@ class KernelBuilder:
 
     def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
         d = self.decls[a.tensor]
-        tensor = self.tensors[a.tensor]
         idx, checks = [], []
-        for ix, tr, extent in zip(a.indices, d.ranks, tensor.shape):
+        for ix, tr, extent in zip(a.indices, d.ranks, self.extents(a.tensor)):
             i, ok = self.index(ix.expr, env)
             if ok is not None:
                 checks.append(ok)
@@ -191,11 +190,19 @@ class KernelBuilder:
                 i = tirx.max(tirx.min(i, extent - 1), tirx.const(0, "int64"))
             idx.append(i)
             checks += [self.cond(c, env) for c in ix.filter]
-        value = _cast(tensor[tuple(idx)].asobject(), work)
+        value = _cast(self.load(a.tensor, idx), work)
         if not checks:
             return value, None
         valid = _fold(tirx.And, checks)
         return tirx.Select(valid, value, _const(d.fill, work)), valid
+
+    def extents(self, name: str) -> list[Any]:
+        """The shape of the tensor ``name`` as this kernel sees it."""
+        return list(self.tensors[name].shape)
+
+    def load(self, name: str, idx: list[Any]) -> Any:
+        """The element of ``name`` at ``idx`` (in range)."""
+        return self.tensors[name][tuple(idx)].asobject()
 
     def index(self, e: IndexExpr, env: dict[str, Any]) -> tuple[Any, Any]:
         """An index expression as int64, and (for gathers) when the gathered value is valid."""

@@ -1,0 +1,289 @@
+"""Lower a ``for`` loop kernel (FuseMax's 1-pass attention) to one scheduled TIR function.
+
+TE cannot express a loop that carries state across iterations (this TVM's ``create_prim_func``
+rejects ``te.scan``), so the kernel is built directly as TIR with TVM's IR builder, already
+scheduled:
+
+* the *rows* are the variables that index every Einsum's output (attention's batch, head and
+  query); the last is split into blocks of ``ROW_BLOCK`` rows, and one parallel loop runs over
+  the others and the blocks (the last block re-computes row N-1 where the block overhangs);
+* every tensor the loop writes lives in a per-block local buffer: its row dimension becomes the
+  row within the block, the tile dimension of a per-tile tensor is dropped (it is recomputed each
+  iteration), and a running tensor (iterative rank, ``RM[t+1] = max(RM[t], ...)``) keeps two
+  slots, ``t % 2`` and ``(t+1) % 2``;
+* each Einsum is one loop nest over the block's rows and its own variables: a contraction as a
+  register tile (``ROW_UNROLL`` rows unrolled x its innermost output variable vectorized, the
+  reduction outside them: ``QK``'s scores along the keys, ``P V`` along the head dimension), a
+  row reduction in vector-wide partial results, an element-wise map vectorized innermost.
+
+Values follow the IR's semantics through :class:`~einfuse.codegen.lower.KernelBuilder`'s
+expression lowering: filtered or out-of-range reads read their tensor's fill, filtered writes
+store it (a key past the sequence's end is ``-inf`` in the scores).
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from typing import Any
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from ..errors import CompileError
+from ..ir import Cascade, Einsum, IVar, Loop
+from ..ir.nodes import Access, walk
+from ..ir.scope import lhs_vars, reads, reduced_vars
+from ..targets import Target
+from .fusion import Kernel
+from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
+
+ROW_BLOCK = 32   # query rows per block: the block's scores (32 x tile) stay in L1
+ROW_UNROLL = 4   # rows of a contraction's register tile
+
+_IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
+_COMBINE = {"+": lambda a, b: a + b, "max": tirx.max, "min": tirx.min}
+
+
+class LoopBuilder(KernelBuilder):
+    """Builds a ``loop`` kernel (see :func:`~einfuse.codegen.fusion.group_kernels`) as a PrimFunc."""
+
+    def __init__(self, c: Cascade, kernel: Kernel, sizes: SizeVars, target: Target) -> None:
+        super().__init__(c, kernel, sizes)
+        self.target = target
+        self.loop = next(s for s in c.stmts if isinstance(s, Loop)
+                         and any(e.lhs.tensor in kernel.internal for e, _ in walk(s.body)))
+        self.body = [e for e, _ in walk(self.loop.body)]
+        inside = set(kernel.internal)
+        self.init = [s for s in c.stmts if isinstance(s, Einsum) and s.lhs.tensor in inside]
+        self.rows = self.row_vars()
+        self.buffers: dict[str, Any] = {}
+        self.layout: dict[str, list[str]] = {}
+
+    def row_vars(self) -> list[str]:
+        """The variables indexing every Einsum's output, in the output's order."""
+        rows = lhs_vars(self.k.writes[0])
+        for e in self.init + self.body:
+            rows = [v for v in rows if v in lhs_vars(e)]
+        if not rows:
+            raise CompileError(f"kernel {self.k.name}: no variable indexes every Einsum of the loop")
+        return rows
+
+    # ---- the function ---------------------------------------------------------------------------
+
+    def prim_func(self) -> tirx.PrimFunc:
+        """The kernel as a PrimFunc with parameters (inputs..., output)."""
+        *outer, block = self.rows
+        extent = self.var_extent(block)
+        rows = min(ROW_BLOCK, extent) if isinstance(extent, int) else ROW_BLOCK
+        self.block, self.row_count = block, rows
+        with IRBuilder() as ib:
+            with T.prim_func():
+                T.func_name(self.k.name)
+                for name in self.k.inputs + (self.k.output,):
+                    d = self.decls[name]
+                    self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
+                extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
+                blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
+                with _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
+                    env = {}
+                    for v, ext in reversed(list(zip(outer, extents))):
+                        env[v], p = tirx.floormod(p, ext), tirx.floordiv(p, ext)
+                    self.emit_block(env, p * rows)
+        return ib.get()
+
+    def emit_block(self, env: dict[str, Any], start: Any) -> None:
+        """One block of rows: local buffers, the initial state, the loop, the output."""
+        for name in self.k.internal:
+            self.allocate(name, self.row_count)
+        last = self.sizes.expr(self.var_extent(self.block)) - 1
+        self.row_at = lambda r: tirx.min(start + r, last)  # noqa: E731  (the overhang repeats row N-1)
+        for e in self.init:
+            self.emit(e, env, frozenset())
+        with _loop(T.serial, self.sizes.expr(self.var_extent(self.loop.var))) as t:
+            inner = {**env, self.loop.var: t}
+            for e in self.body:
+                self.emit(e, inner, frozenset({self.loop.var}))
+        self.emit(self.k.writes[0], env, frozenset())
+
+    def allocate(self, name: str, rows: int) -> None:
+        """A local buffer for a tensor the loop writes, with each dimension's role in ``layout``."""
+        d = self.decls[name]
+        (w,) = [e for e in self.init + self.body if e.lhs.tensor == name][:1]
+        roles, shape = [], []
+        for ix, r in zip(w.lhs.indices, d.ranks):
+            x = ix.expr
+            if isinstance(x, IVar) and (x.name in self.rows or x.name == self.loop.var) and x.name != self.block:
+                roles.append("drop")
+            elif r.iterative:
+                roles.append("slot"), shape.append(2)
+            elif isinstance(x, IVar) and x.name == self.block:
+                roles.append("row"), shape.append(rows)
+            else:
+                size = self.rank_size[r.rank]
+                if not isinstance(size, int):
+                    raise CompileError(f"kernel {self.k.name}: {name}'s rank {r.rank} is not static")
+                roles.append("keep"), shape.append(size)
+        self.layout[name] = roles
+        self.buffers[name] = T.decl_buffer(shape, DTYPES[d.dtype], scope="local")
+
+    # ---- one Einsum -----------------------------------------------------------------------------
+
+    def emit(self, e: Einsum, env: dict[str, Any], bound: frozenset[str]) -> None:
+        """``e`` over the block: a loop nest over the block's rows and its own variables."""
+        if e.populate is not None or any(ix.filter for ix in e.lhs.indices) and reduced_vars(e, bound):
+            raise CompileError(f"kernel {self.k.name}: no code generation for '{e.lhs.tensor}' inside a loop")
+        own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
+        red = reduced_vars(e, bound)
+        if not red:
+            with self.nest(env, own, vector=own[-1:]) as at:
+                self.store(e, at, self.value(e, at))
+        elif own:
+            self.contraction(e, env, own, red)
+        else:
+            self.row_reduction(e, env, red)
+
+    def contraction(self, e: Einsum, env: dict[str, Any], own: list[str], red: list[str]) -> None:
+        """A register tile: ROW_UNROLL rows x the innermost output variable, reduction outside."""
+        op = self.reduce_op(e)
+        with self.nest(env, own, vector=own[-1:]) as at:
+            self.store(e, at, _const(_IDENTITY[op], self.dtype(e)))
+        unroll = ROW_UNROLL if self.row_count % ROW_UNROLL == 0 else 1
+        with self.nest(env, own[:-1] + red + own[-1:], vector=own[-1:], unroll=unroll) as at:
+            self.store(e, at, _COMBINE[op](self.load_lhs(e, at), self.value(e, at)))
+
+    def row_reduction(self, e: Einsum, env: dict[str, Any], red: list[str]) -> None:
+        """A reduction to one value per row, through a vector of partial results when the
+        innermost reduced variable has a static extent the vector width divides."""
+        op, work = self.reduce_op(e), self.dtype(e)
+        lanes = self.target.vector_lanes
+        extent = self.var_extent(red[-1])
+        if not isinstance(extent, int) or extent % lanes:
+            with self.nest(env, [], vector=[]) as at:
+                self.store(e, at, _const(_IDENTITY[op], work))
+            with self.nest(env, red, vector=[]) as at:
+                self.store(e, at, _COMBINE[op](self.load_lhs(e, at), self.value(e, at)))
+            return
+        with self.nest(env, [], vector=[]) as at:
+            part = T.decl_buffer([lanes], work, scope="local")
+            with _loop(T.vectorized, lanes) as j:
+                T.buffer_store(part, _const(_IDENTITY[op], work), [j])
+            with ExitStack() as stack:
+                inner = dict(at)
+                for v in red[:-1]:
+                    inner[v] = stack.enter_context(_loop(T.serial, self.sizes.expr(self.var_extent(v))))
+                j0 = stack.enter_context(_loop(T.serial, extent // lanes))
+                j1 = stack.enter_context(_loop(T.vectorized, lanes))
+                inner[red[-1]] = j0 * lanes + j1
+                T.buffer_store(part, _COMBINE[op](part[j1], self.value(e, inner)), [j1])
+            total = part[0]
+            for j in range(1, lanes):
+                total = _COMBINE[op](total, part[j])
+            self.store(e, at, total)
+
+    def nest(self, env: dict[str, Any], order: list[str], vector: list[str], unroll: int = 1) -> Any:
+        """A context giving the environment inside loops over the block's rows then ``order``;
+        a static ``vector`` variable is vectorized, ``unroll`` rows are unrolled above it."""
+        return _Nest(self, env, order, vector, unroll)
+
+    # ---- values -----------------------------------------------------------------------------------
+
+    def value(self, e: Einsum, env: dict[str, Any]) -> Any:
+        value, valid = self.expr(e.rhs, env, self.dtype(e))
+        op = self.reduce_op(e)
+        if valid is not None and op in ("max", "min") and reduced_vars(e, frozenset({self.loop.var})):
+            value = tirx.Select(valid, value, _const(_IDENTITY[op], self.dtype(e)))
+        return value
+
+    def store(self, e: Einsum, env: dict[str, Any], value: Any) -> None:
+        d = self.decls[e.lhs.tensor]
+        conds = [self.cond(c, env) for ix in e.lhs.indices for c in ix.filter]
+        if conds:
+            value = tirx.Select(_fold(tirx.And, conds), value, _const(d.fill, self.dtype(e)))
+        T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype]), self.indices(e.lhs, env))
+
+    def load_lhs(self, e: Einsum, env: dict[str, Any]) -> Any:
+        return tirx.BufferLoad(self.buffers[e.lhs.tensor], self.indices(e.lhs, env))
+
+    def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
+        if a.tensor not in self.layout:
+            return super().read(a, env, work)
+        value = _cast(tirx.BufferLoad(self.buffers[a.tensor], self.indices(a, env)), work)
+        checks = [self.cond(c, env) for ix in a.indices for c in ix.filter]
+        if not checks:
+            return value, None
+        valid = _fold(tirx.And, checks)
+        return tirx.Select(valid, value, _const(self.decls[a.tensor].fill, work)), valid
+
+    def indices(self, a: Access, env: dict[str, Any]) -> list[Any]:
+        """Where ``a`` is stored: the output's global indices, or a local buffer's (see ``allocate``)."""
+        if a.tensor not in self.layout:
+            return [self.index(ix.expr, env)[0] for ix in a.indices]
+        out = []
+        for ix, role in zip(a.indices, self.layout[a.tensor]):
+            if role == "slot":
+                out.append(tirx.floormod(self.index(ix.expr, env)[0], 2))
+            elif role == "row":
+                if ix.expr != IVar(self.block):
+                    raise CompileError(f"kernel {self.k.name}: {a.tensor} is read at another row")
+                out.append(env["@row"])
+            elif role == "keep":
+                out.append(self.index(ix.expr, env)[0])
+        return out
+
+    def extents(self, name: str) -> list[Any]:
+        return list(self.buffers[name].shape)
+
+    def load(self, name: str, idx: list[Any]) -> Any:
+        return tirx.BufferLoad(self.buffers[name], idx)
+
+    def reduce_op(self, e: Einsum) -> str:
+        return e.reduce.op if e.reduce else "+"
+
+    def dtype(self, e: Einsum) -> str:
+        return _work_dtype(self.decls[e.lhs.tensor].dtype, [self.decls[a.tensor].dtype for a in reads(e)])
+
+    def var_extent(self, v: str) -> Any:
+        return self.rank_size[self.ranks[v]]
+
+
+class _Nest:
+    """Loops over a block's rows and some variables, entered as one context (see ``nest``)."""
+
+    def __init__(self, b: LoopBuilder, env: dict[str, Any], order: list[str], vector: list[str], unroll: int) -> None:
+        self.b, self.env, self.order, self.vector, self.unroll = b, env, order, vector, unroll
+        self.stack = ExitStack()
+
+    def __enter__(self) -> dict[str, Any]:
+        b, env, enter = self.b, dict(self.env), self.stack.enter_context
+        outer = enter(_loop(T.serial, b.row_count // self.unroll))
+        for v in self.order:
+            if v in self.vector and self.unroll > 1:
+                inner = enter(_loop(T.unroll, self.unroll))
+                env["@row"] = outer * self.unroll + inner
+            extent = b.var_extent(v)
+            kind = T.vectorized if v in self.vector and isinstance(extent, int) else T.serial
+            env[v] = enter(_loop(kind, b.sizes.expr(extent)))
+        env.setdefault("@row", outer)
+        env[b.block] = b.row_at(env["@row"])
+        return env
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stack.__exit__(*exc)
+
+
+class _loop:
+    """A loop frame of ``kind`` over ``[0, extent)``; entering gives its variable as int64 (TIR's
+    loop variables are int32, the kernel's index arithmetic is int64)."""
+
+    def __init__(self, kind: Any, extent: Any) -> None:
+        extent = tirx.const(extent, "int64") if isinstance(extent, int) else extent
+        if isinstance(extent, tirx.IntImm):
+            extent = tirx.const(int(extent.value), "int32")
+        self.frame = kind(0, tirx.Cast("int32", extent) if str(extent.ty) != "int32" else extent)
+
+    def __enter__(self) -> Any:
+        return tirx.Cast("int64", self.frame.__enter__())
+
+    def __exit__(self, *exc: Any) -> None:
+        self.frame.__exit__(*exc)
