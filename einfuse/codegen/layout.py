@@ -74,9 +74,11 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
             return s
         views = (not bound and _ragged_output(s, ranks, size, ragged)) or _self_product(s)
         inner = lhs_vars(s)[-1]
+        product = any(set(lhs_vars(s)) - set(access_vars(a)) for a in reads(s))  # not a row reduction
         wanted = lambda a: a.tensor not in local and (  # noqa: E731
             (views and not _plain(a))
-            or (decls[a.tensor].role != "param" and inner in access_vars(a) and access_vars(a)[-1] != inner))
+            or (product and decls[a.tensor].role != "param" and inner in access_vars(a)
+                and access_vars(a)[-1] != inner))
         return replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance, wanted, inner))
     for s in c.stmts:
         if isinstance(s, Loop):  # (the copies go before the loop: they read nothing it writes)

@@ -31,9 +31,9 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..errors import CompileError
-from ..ir import Cascade, Einsum, IVar, Loop
+from ..ir import Cascade, Einsum, IBin, IConst, ISym, IVar, Loop
 from ..ir.nodes import Access, walk
-from ..ir.scope import lhs_vars, reads, reduced_vars
+from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import Target
 from .fusion import Kernel
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
@@ -102,9 +102,64 @@ class LoopBuilder(KernelBuilder):
             self.emit(e, env, frozenset())
         with _loop(T.serial, self.sizes.expr(self.var_extent(self.loop.var))) as t:
             inner = {**env, self.loop.var: t}
-            for e in self.body:
-                self.emit(e, inner, frozenset({self.loop.var}))
+            live = self.live(inner)
+            if live is None:
+                self.emit_body(inner)
+            else:
+                with T.If(live):
+                    with T.Then():
+                        self.emit_body(inner)
+                    with T.Else():
+                        self.carry(t)
         self.emit(self.k.writes[0], env, frozenset())
+
+    def emit_body(self, env: dict[str, Any]) -> None:
+        for e in self.body:
+            self.emit(e, env, frozenset({self.loop.var}))
+
+    def live(self, env: dict[str, Any]) -> Any:
+        """When this tile may hold a point of the masked scores, or None if every tile may.
+
+        The masked scores are a filtered tensor with empty value ``-inf`` (a causal mask's
+        ``QK[t,s,i: t*T+i<=s]``). In FuseMax's cascade a tile of them that is ``-inf`` everywhere
+        changes no running value (``exp(-inf) = 0``, ``max`` ignores it), so it is skipped. For
+        each filter comparison that depends on the tile, with sides non-decreasing in every
+        variable, the test is the comparison of one side's least value in this tile and block
+        with the other side's greatest."""
+        tests = []
+        for e in self.body:
+            if self.decls[e.lhs.tensor].empty != -math.inf:
+                continue
+            for c in (c for ix in e.lhs.indices for c in ix.filter):
+                if self.loop.var not in _vars(c.lhs) | _vars(c.rhs) or c.cmp not in ("<", "<=", ">", ">=") \
+                        or not (_monotone(c.lhs) and _monotone(c.rhs)):
+                    continue
+                small, big = (c.lhs, c.rhs) if c.cmp in ("<", "<=") else (c.rhs, c.lhs)
+                low, high = self.index(small, self.corner(env, 0))[0], self.index(big, self.corner(env, -1))[0]
+                tests.append(low < high if c.cmp in ("<", ">") else low <= high)
+        return _fold(tirx.And, tests) if tests else None
+
+    def corner(self, env: dict[str, Any], end: int) -> dict[str, Any]:
+        """``env`` with the block's first (``end`` 0) or last (-1) row and every other free
+        variable at its first or last value."""
+        out = dict(env)
+        for v, rank in self.ranks.items():
+            if v not in out:
+                out[v] = tirx.const(0, "int64") if end == 0 else self.sizes.expr(self.rank_size[rank]) - 1
+        out[self.block] = self.row_at(0 if end == 0 else self.row_count - 1)
+        return out
+
+    def carry(self, t: Any) -> None:
+        """A skipped tile: every running tensor's next slot is its current one."""
+        for name, roles in self.layout.items():
+            if "slot" not in roles:
+                continue
+            buf = self.buffers[name]
+            with ExitStack() as stack:
+                idx = [stack.enter_context(_loop(T.vectorized if k == len(buf.shape) - 1 else T.serial, n))
+                       for k, n in enumerate(buf.shape) if k > 0]
+                T.buffer_store(buf, tirx.BufferLoad(buf, [tirx.floormod(t, 2)] + idx),
+                               [tirx.floormod(t + 1, 2)] + idx)
 
     def allocate(self, name: str, rows: int) -> None:
         """A local buffer for a tensor the loop writes, with each dimension's role in ``layout``."""
@@ -131,17 +186,21 @@ class LoopBuilder(KernelBuilder):
 
     def emit(self, e: Einsum, env: dict[str, Any], bound: frozenset[str]) -> None:
         """``e`` over the block: a loop nest over the block's rows and its own variables."""
-        if e.populate is not None or any(ix.filter for ix in e.lhs.indices) and reduced_vars(e, bound):
+        if e.populate is not None:
             raise CompileError(f"kernel {self.k.name}: no code generation for '{e.lhs.tensor}' inside a loop")
         own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
         red = reduced_vars(e, bound)
-        if not red:
-            with self.nest(env, own, vector=own[-1:]) as at:
+        if not red:  # (a map of one value per row is vectorized over the block's rows)
+            with self.nest(env, own, vector=own[-1:] or [self.block]) as at:
                 self.store(e, at, self.value(e, at))
-        elif own:
+            return
+        if own:
             self.contraction(e, env, own, red)
         else:
             self.row_reduction(e, env, red)
+        if any(ix.filter for ix in e.lhs.indices):  # a reduction is filtered once it is complete
+            with self.nest(env, own, vector=own[-1:]) as at:
+                self.store(e, at, self.load_lhs(e, at), masked=True)
 
     def contraction(self, e: Einsum, env: dict[str, Any], own: list[str], red: list[str]) -> None:
         """A register tile: ROW_UNROLL rows x the innermost output variable, reduction outside."""
@@ -176,10 +235,12 @@ class LoopBuilder(KernelBuilder):
                 j1 = stack.enter_context(_loop(T.vectorized, lanes))
                 inner[red[-1]] = j0 * lanes + j1
                 T.buffer_store(part, _COMBINE[op](part[j1], self.value(e, inner)), [j1])
-            total = part[0]
-            for j in range(1, lanes):
-                total = _COMBINE[op](total, part[j])
-            self.store(e, at, total)
+            width = lanes // 2
+            while width:  # a tree of halves: log2(lanes) vector steps, not lanes-1 scalar ones
+                with _loop(T.vectorized, width) as j:
+                    T.buffer_store(part, _COMBINE[op](part[j], part[j + width]), [j])
+                width //= 2
+            self.store(e, at, part[0])
 
     def nest(self, env: dict[str, Any], order: list[str], vector: list[str], unroll: int = 1) -> Any:
         """A context giving the environment inside loops over the block's rows then ``order``;
@@ -195,9 +256,13 @@ class LoopBuilder(KernelBuilder):
             value = tirx.Select(valid, value, _const(_IDENTITY[op], self.dtype(e)))
         return value
 
-    def store(self, e: Einsum, env: dict[str, Any], value: Any) -> None:
+    def store(self, e: Einsum, env: dict[str, Any], value: Any, masked: bool | None = None) -> None:
+        """``value`` stored at ``e``'s output point; a point its filter drops gets the fill (for a
+        reduction, only in the pass after it: ``masked``)."""
         d = self.decls[e.lhs.tensor]
-        conds = [self.cond(c, env) for ix in e.lhs.indices for c in ix.filter]
+        if masked is None:
+            masked = not reduced_vars(e, frozenset({self.loop.var}))
+        conds = [self.cond(c, env) for ix in e.lhs.indices for c in ix.filter] if masked else []
         if conds:
             value = tirx.Select(_fold(tirx.And, conds), value, _const(d.fill, self.dtype(e)))
         T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype]), self.indices(e.lhs, env))
@@ -256,7 +321,8 @@ class _Nest:
 
     def __enter__(self) -> dict[str, Any]:
         b, env, enter = self.b, dict(self.env), self.stack.enter_context
-        outer = enter(_loop(T.serial, b.row_count // self.unroll))
+        rows = T.vectorized if self.vector == [b.block] else T.serial
+        outer = enter(_loop(rows, b.row_count // self.unroll))
         for v in self.order:
             if v in self.vector and self.unroll > 1:
                 inner = enter(_loop(T.unroll, self.unroll))
@@ -287,3 +353,17 @@ class _loop:
 
     def __exit__(self, *exc: Any) -> None:
         self.frame.__exit__(*exc)
+
+
+def _vars(x: Any) -> set[str]:
+    return {a.name for a in index_atoms(x) if isinstance(a, IVar)}
+
+
+def _monotone(x: Any) -> bool:
+    """Whether an index expression never decreases when a variable grows (sums and products of
+    variables, sizes and non-negative constants)."""
+    if isinstance(x, (IVar, ISym)):
+        return True
+    if isinstance(x, IConst):
+        return x.value >= 0
+    return isinstance(x, IBin) and x.op in ("+", "*") and _monotone(x.a) and _monotone(x.b)

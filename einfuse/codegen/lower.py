@@ -333,9 +333,9 @@ def _exp(x: Any) -> Any:
     t = tirx.min(tirx.max(raw, f32(-125.0)), f32(127.0))
     whole = tirx.nearbyint(t)
     frac = t - whole
-    poly = f32(1.0)
-    for k in range(6, 0, -1):
-        poly = f32(1.0) + frac * f32(math.log(2) / k) * poly
+    poly = f32(math.log(2) ** 6 / math.factorial(6))
+    for k in range(5, -1, -1):  # Horner: one multiply-add per degree
+        poly = poly * frac + f32(math.log(2) ** k / math.factorial(k))
     scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", whole) + tirx.const(127, "int32"),
                                                         tirx.const(23, "int32")))
     return tirx.Select(raw < f32(-125.0), f32(0.0), poly * scale)

@@ -2,7 +2,7 @@
 
 What: finds attention written the ordinary way, whatever it was captured from (SDPA, or the eager
 ``softmax(Q K^T * scale + bias) V`` of GPT-2, Llama, BERT, ViT: causal or padding masks as an
-additive bias, GQA as ``h//G`` in K's index, any batch and head ranks),
+additive bias or as a filter on the scores (``QK[r,k:k<=s]``, kept on the tiled scores), GQA as ``h//G`` in K's index, any batch and head ranks),
 
     QK[r,k] = Q[..e..] * K[..k..e..]          scores (r: batch, head and query variables)
     MK[r,k] = QK[r,k] * c + BIAS[..]          any element-wise chain of QK
@@ -165,7 +165,7 @@ def _scores(mk: Access, key: str, writers: dict, group: set[str]) -> tuple[Any, 
                 and _writer(a.tensor, writers).lhs == a and key in access_vars(a)]
         if len(contraction) == 1 and not maps:
             w = _writer(contraction[0].tensor, writers)
-            if key in lhs_vars(w) and _is_product(w.rhs) and w.lhs == contraction[0] and w.reduce is None:
+            if key in lhs_vars(w) and _is_product(w.rhs) and _unfiltered(w.lhs) == contraction[0] and w.reduce is None:
                 qk = w
                 group.add(w.lhs.tensor)
             break
@@ -199,7 +199,8 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     def acc(name: str, first: list[Index], extra: list[Index] | None = None) -> Access:
         return Access(names[name], tuple(first + rows + (extra or [])))
     vf = [Index(IVar(v)) for v in value_vars]
-    qk_lhs = acc("qk", [Index(IVar(t))], [Index(IVar(i))])
+    mask = tuple(_at_key(cond, m.key, at) for ix in m.qk.lhs.indices for cond in ix.filter)  # causal
+    qk_lhs = acc("qk", [Index(IVar(t))], [Index(IVar(i), mask)])
     keep = (Cond(at, "<", IConst(n) if static else ISym(key_rank)),) if not static or n % tile else ()
     bqk_lhs = Access(names["bqk"], (Index(IVar(t)), *rows, Index(IVar(i), keep)))
     decls = [TensorDecl(names["bqk"], (TensorRank(tiles), *row_ranks, TensorRank(inner)), "temp", "f32", float("-inf")),
@@ -208,13 +209,17 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
              TensorDecl(names["rd"], (TensorRank(tiles, True), *row_ranks), "temp", "f32"),
              TensorDecl(names["rnv"], (TensorRank(tiles, True), *row_ranks, *[TensorRank(ranks[v]) for v in value_vars]),
                         "temp", "f32")]
+    if mask:
+        qk_decl = declarations(c)[m.qk.lhs.tensor]
+        decls.append(TensorDecl(names["qk"], (TensorRank(tiles), *row_ranks, TensorRank(inner)), "temp",
+                                qk_decl.dtype, qk_decl.empty))
     exp, mul, add, sub = (lambda *a, op=op: Call(op, tuple(a)) for op in ("exp", "mul", "add", "sub"))
     rm_t, rm_next = Access(names["rm"], (prev, *rows)), Access(names["rm"], (Index(step), *rows))
     rd_t, rnv_t = Access(names["rd"], (prev, *rows)), Access(names["rnv"], (prev, *rows, *vf))
     bqk = acc("bqk", [Index(IVar(t))], [Index(IVar(i))])
     body = (
         Einsum(qk_lhs, _at_key(m.qk.rhs, m.key, at), provenance=m.qk.provenance),
-        Einsum(bqk_lhs, _at_key(_substitute(m.score, m.qk.lhs, qk_lhs), m.key, at)),
+        Einsum(bqk_lhs, _at_key(_substitute(m.score, _unfiltered(m.qk.lhs), _unfiltered(qk_lhs)), m.key, at)),
         Einsum(acc("lm", [prev]), bqk, Reduce((i,), "max")),
         Einsum(rm_next, Call("max", (rm_t, acc("lm", [prev])))),
         Einsum(acc("sln", [prev], [Index(IVar(i))]), exp(sub(bqk, rm_next))),
@@ -252,6 +257,10 @@ def _is_product(x: Any) -> bool:
 
 def _plain(a: Access) -> bool:
     return all(isinstance(ix.expr, IVar) and not ix.filter for ix in a.indices)
+
+
+def _unfiltered(a: Access) -> Access:
+    return replace(a, indices=tuple(Index(ix.expr) for ix in a.indices))
 
 
 def _accesses(x: Any) -> list[Access]:

@@ -103,9 +103,3 @@ def test_a_dynamic_sequence_is_fused_with_a_ceiling_of_tiles(length: int, rng: n
 
 def test_tile_is_an_option() -> None:
     assert parse_pipeline("fuse-attention{tile=128}") == [FuseAttention(tile=128)]
-
-
-def test_compiling_the_fused_cascade_says_what_is_missing(tmp_path: Path) -> None:
-    with pytest.raises(CompileError, match="does not handle 'for' loops yet"):
-        einfuse.compile(parse(PROBS_ALSO_OUTPUT.replace("tensor PR[P,M] output f32\n", "")),
-                        pipeline="fuse-attention", cache_dir=tmp_path)
