@@ -33,10 +33,7 @@ def build(cascade: Cascade, target: Any) -> Any:
 
     def lower(kernel: Any, sizes: Any) -> Any:
         try:
-            if kernel.kind == "loop":
-                out = LoopBuilder(cascade, kernel, sizes, target).prim_func()
-            else:
-                out = schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
+            out = kernel_function(cascade, kernel, sizes, target)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
             raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}",
                                reproducer(cascade, kernel)) from exc
@@ -52,6 +49,14 @@ def build(cascade: Cascade, target: Any) -> Any:
                            f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None)) from exc
     return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start,
                          {"tir": "\n\n".join(scheduled)})
+
+
+def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any) -> Any:
+    """The kernel's scheduled PrimFunc: a loop kernel built as TIR, any other lowered through TE
+    and scheduled by rule."""
+    if kernel.kind == "loop":
+        return LoopBuilder(cascade, kernel, sizes, target).prim_func()
+    return schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
 
 
 def reproducer(cascade: Cascade, kernel: Any) -> str:

@@ -72,7 +72,7 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
     def operands(s: Einsum, bound: frozenset[str], local: frozenset[str]) -> Einsum:
         if not reduced_vars(s, bound) or not lhs_vars(s):
             return s
-        views = (not bound and _ragged_output(s, ranks, size, ragged)) or _self_product(s)
+        views = bool(bound) or _ragged_output(s, ranks, size, ragged) or _self_product(s)  # (loops: padded tiles)
         inner = lhs_vars(s)[-1]
         product = any(set(lhs_vars(s)) - set(access_vars(a)) for a in reads(s))  # not a row reduction
         wanted = lambda a: a.tensor not in local and (  # noqa: E731

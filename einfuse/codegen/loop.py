@@ -12,8 +12,8 @@ scheduled:
   iteration), and a running tensor (iterative rank, ``RM[t+1] = max(RM[t], ...)``) keeps two
   slots, ``t % 2`` and ``(t+1) % 2``;
 * each Einsum is one loop nest over the block's rows and its own variables: a contraction as a
-  register tile (``ROW_UNROLL`` rows unrolled x its innermost output variable vectorized, the
-  reduction outside them: ``QK``'s scores along the keys, ``P V`` along the head dimension), a
+  register tile (rows unrolled x its innermost output variable vectorized, sized by
+  :func:`~einfuse.codegen.schedules.cpu.register_tile`; the reduction outside them: ``QK``'s scores along the keys, ``P V`` along the head dimension), a
   row reduction in vector-wide partial results, an element-wise map vectorized innermost.
 
 Values follow the IR's semantics through :class:`~einfuse.codegen.lower.KernelBuilder`'s
@@ -36,10 +36,10 @@ from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import Target
 from .fusion import Kernel
+from .schedules.cpu import register_tile
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
 
 ROW_BLOCK = 32   # query rows per block: the block's scores (32 x tile) stay in L1
-ROW_UNROLL = 4   # rows of a contraction's register tile
 
 _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
 _COMBINE = {"+": lambda a, b: a + b, "max": tirx.max, "min": tirx.min}
@@ -114,8 +114,30 @@ class LoopBuilder(KernelBuilder):
         self.emit(self.k.writes[0], env, frozenset())
 
     def emit_body(self, env: dict[str, Any]) -> None:
-        for e in self.body:
-            self.emit(e, env, frozenset({self.loop.var}))
+        """The loop's body; a map and the row reduction after it that reads it share one pass."""
+        bound = frozenset({self.loop.var})
+        k = 0
+        while k < len(self.body):
+            e, after = self.body[k], self.body[k + 1] if k + 1 < len(self.body) else None
+            if after is not None and self.fused(e, after, bound):
+                self.row_reduction(after, env, reduced_vars(after, bound), first=e)
+                k += 2
+            else:
+                self.emit(e, env, bound)
+                k += 1
+
+    def fused(self, e: Einsum, after: Einsum, bound: frozenset[str]) -> bool:
+        """Whether ``after`` reduces, one row at a time, along the one variable the map ``e`` adds
+        to the rows (``BQK[r,i]`` then ``LM[r] = max over i``; ``SLN`` then ``SLD``), reads ``e``,
+        and the vector width divides that variable's static extent."""
+        own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
+        red = reduced_vars(after, bound)
+        extent = self.var_extent(red[0]) if len(red) == 1 else None
+        return (not reduced_vars(e, bound) and e.populate is None and after.populate is None and own == red
+                and not [v for v in lhs_vars(after) if v not in self.rows and v not in bound]
+                and not any(ix.filter for ix in after.lhs.indices)
+                and any(a.tensor == e.lhs.tensor for a in reads(after))
+                and isinstance(extent, int) and extent % self.target.vector_lanes == 0)
 
     def live(self, env: dict[str, Any]) -> Any:
         """When this tile may hold a point of the masked scores, or None if every tile may.
@@ -203,17 +225,22 @@ class LoopBuilder(KernelBuilder):
                 self.store(e, at, self.load_lhs(e, at), masked=True)
 
     def contraction(self, e: Einsum, env: dict[str, Any], own: list[str], red: list[str]) -> None:
-        """A register tile: ROW_UNROLL rows x the innermost output variable, reduction outside."""
+        """A register tile: rows (as many as ``register_tile`` gives) x the innermost output
+        variable, the reduction outside."""
         op = self.reduce_op(e)
         with self.nest(env, own, vector=own[-1:]) as at:
             self.store(e, at, _const(_IDENTITY[op], self.dtype(e)))
-        unroll = ROW_UNROLL if self.row_count % ROW_UNROLL == 0 else 1
+        extent = self.var_extent(own[-1])
+        unroll = register_tile(self.target, extent if isinstance(extent, int) else None)[0]
+        while self.row_count % unroll:
+            unroll -= 1
         with self.nest(env, own[:-1] + red + own[-1:], vector=own[-1:], unroll=unroll) as at:
             self.store(e, at, _COMBINE[op](self.load_lhs(e, at), self.value(e, at)))
 
-    def row_reduction(self, e: Einsum, env: dict[str, Any], red: list[str]) -> None:
+    def row_reduction(self, e: Einsum, env: dict[str, Any], red: list[str], first: Einsum | None = None) -> None:
         """A reduction to one value per row, through a vector of partial results when the
-        innermost reduced variable has a static extent the vector width divides."""
+        innermost reduced variable has a static extent the vector width divides; ``first``, the
+        map it reads (see ``fused``), is computed in the same loop."""
         op, work = self.reduce_op(e), self.dtype(e)
         lanes = self.target.vector_lanes
         extent = self.var_extent(red[-1])
@@ -234,6 +261,8 @@ class LoopBuilder(KernelBuilder):
                 j0 = stack.enter_context(_loop(T.serial, extent // lanes))
                 j1 = stack.enter_context(_loop(T.vectorized, lanes))
                 inner[red[-1]] = j0 * lanes + j1
+                if first is not None:
+                    self.store(first, inner, self.value(first, inner))
                 T.buffer_store(part, _COMBINE[op](part[j1], self.value(e, inner)), [j1])
             width = lanes // 2
             while width:  # a tree of halves: log2(lanes) vector steps, not lanes-1 scalar ones

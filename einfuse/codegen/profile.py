@@ -8,9 +8,9 @@ import tvm
 
 from ..ir import Cascade
 from ..ir.scope import declarations
+from .build import kernel_function
 from .fusion import Kernel
-from .lower import DTYPES, KernelBuilder, SizeVars
-from .schedules.cpu import schedule
+from .lower import DTYPES, SizeVars
 
 
 def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: Mapping[str, int],
@@ -20,7 +20,7 @@ def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: M
     rng = np.random.default_rng(0)
     out = {}
     for k in kernels:
-        func = schedule(KernelBuilder(c, k, SizeVars()).prim_func(), k, target)
+        func = kernel_function(c, k, SizeVars(), target)
         lib = tvm.compile(func, target=target.tvm_target())
         args = []
         for name in list(k.inputs) + [k.output]:

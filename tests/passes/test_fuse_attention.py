@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import einfuse
 from benchmarks.capture_zoo import fresh
 from einfuse import capture, zoo
-from einfuse.errors import CompileError
 from einfuse.ir import Cascade, count_passes, interpret, parse
 from einfuse.passes import FuseAttention, Instruments, PassManager, parse_pipeline
 from tests.codegen.test_schedules import SOFTMAX
