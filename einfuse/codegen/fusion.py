@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
-from ..ir.scope import access_vars, declarations, index_atoms, iteration_vars, lhs_vars, reads, reduced_vars
+from ..ir.scope import (access_vars, declarations, expr_vars, index_atoms, iteration_vars, lhs_vars, reads,
+                         reduced_vars)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def group_kernels(c: Cascade) -> list[Kernel]:
     """Kernels in execution order."""
     decls = declarations(c)
     loops = {k.output: k for k in (_loop_kernel(c, s, decls) for s in c.stmts if isinstance(s, Loop))}
-    in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}
+    in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}  # (with recomputed temps)
     writes: dict[str, list[Einsum]] = {}
     readers: dict[str, set[int]] = {}
     for i, (e, _) in enumerate(c.einsums()):
@@ -97,11 +98,33 @@ def _loop_kernel(c: Cascade, loop: Loop, decls: dict) -> Kernel:
     if len(finals) != 1 or sum(e.lhs.tensor == finals[0].lhs.tensor for e in outside) != 1:
         raise CompileError(f"the loop over {loop.rank}: its results must be read by one Einsum, the only "
                            f"writer of its output (read by {len(finals)})")
-    internal = tuple(dict.fromkeys([e.lhs.tensor for e in init] + body))
     members = init + [e for e, _ in walk(loop.body)] + finals
-    inputs = tuple(dict.fromkeys(a.tensor for e in members for a in reads(e)
+    recomputed = _recomputed(c, members, decls)
+    internal = tuple(dict.fromkeys([e.lhs.tensor for e in init] + body + [e.lhs.tensor for e in recomputed]))
+    inputs = tuple(dict.fromkeys(a.tensor for e in members + recomputed for a in reads(e)
                                  if a.tensor not in internal and a.tensor != finals[0].lhs.tensor))
     return Kernel(finals[0].lhs.tensor, finals[0].lhs.tensor, (finals[0],), internal, inputs, kind="loop")
+
+
+def _recomputed(c: Cascade, members: list[Einsum], decls: dict) -> list[Einsum]:
+    """The broadcasts a loop reads that it recomputes where it reads them, instead of reading them
+    from memory: element-wise temps written once, from no gather, with a variable their
+    right-hand side does not use, read only inside loops (a mask's additive bias
+    ``B[s,k] = where(M[s], 0, -inf)`` is otherwise a load per score)."""
+    writers: dict[str, list[Einsum]] = {}
+    outside: set[str] = set()
+    for s in c.stmts:
+        if isinstance(s, Einsum):
+            writers.setdefault(s.lhs.tensor, []).append(s)
+            outside |= {a.tensor for a in reads(s)}
+    out = []
+    for t in dict.fromkeys(a.tensor for e in members for a in reads(e)):
+        ws = writers.get(t, [])
+        if len(ws) == 1 and decls[t].role == "temp" and _elementwise(ws[0]) and t not in outside \
+                and set(lhs_vars(ws[0])) - set(expr_vars(ws[0].rhs)) \
+                and not any(isinstance(x, IAccess) for a in reads(ws[0]) for ix in a.indices for x in index_atoms(ix.expr)):
+            out.append(ws[0])
+    return out
 
 
 def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list[Einsum]]) -> list[Kernel]:

@@ -39,7 +39,7 @@ from .fusion import Kernel
 from .schedules.cpu import register_tile
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
 
-ROW_BLOCK = 32   # query rows per block: the block's scores (32 x tile) stay in L1
+ROW_BLOCK = 64   # query rows per block: its scores (64 x tile) stay in L1, K and V tiles serve 64 rows
 
 _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
 _COMBINE = {"+": lambda a, b: a + b, "max": tirx.max, "min": tirx.min}
@@ -55,7 +55,9 @@ class LoopBuilder(KernelBuilder):
                          and any(e.lhs.tensor in kernel.internal for e, _ in walk(s.body)))
         self.body = [e for e, _ in walk(self.loop.body)]
         inside = set(kernel.internal)
-        self.init = [s for s in c.stmts if isinstance(s, Einsum) and s.lhs.tensor in inside]
+        outside = [s for s in c.stmts if isinstance(s, Einsum) and s.lhs.tensor in inside]
+        self.init = [s for s in outside if any(r.iterative for r in self.decls[s.lhs.tensor].ranks)]
+        self.recomputed = {s.lhs.tensor: s for s in outside if s not in self.init}  # computed where read
         self.rows = self.row_vars()
         self.buffers: dict[str, Any] = {}
         self.layout: dict[str, list[str]] = {}
@@ -95,7 +97,8 @@ class LoopBuilder(KernelBuilder):
     def emit_block(self, env: dict[str, Any], start: Any) -> None:
         """One block of rows: local buffers, the initial state, the loop, the output."""
         for name in self.k.internal:
-            self.allocate(name, self.row_count)
+            if name not in self.recomputed:
+                self.allocate(name, self.row_count)
         last = self.sizes.expr(self.var_extent(self.block)) - 1
         self.row_at = lambda r: tirx.min(start + r, last)  # noqa: E731  (the overhang repeats row N-1)
         for e in self.init:
@@ -300,9 +303,14 @@ class LoopBuilder(KernelBuilder):
         return tirx.BufferLoad(self.buffers[e.lhs.tensor], self.indices(e.lhs, env))
 
     def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
-        if a.tensor not in self.layout:
+        if a.tensor in self.recomputed:
+            w = self.recomputed[a.tensor]
+            at = {ix.expr.name: self.index(read.expr, env)[0] for ix, read in zip(w.lhs.indices, a.indices)}
+            value = _cast(self.expr(w.rhs, at, self.dtype(w))[0], work)
+        elif a.tensor in self.layout:
+            value = _cast(tirx.BufferLoad(self.buffers[a.tensor], self.indices(a, env)), work)
+        else:
             return super().read(a, env, work)
-        value = _cast(tirx.BufferLoad(self.buffers[a.tensor], self.indices(a, env)), work)
         checks = [self.cond(c, env) for ix in a.indices for c in ix.filter]
         if not checks:
             return value, None

@@ -27,7 +27,7 @@ def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: M
             d = decls[name]
             shape = [rank_sizes[r.rank] + int(r.iterative) for r in d.ranks]
             data = rng.standard_normal(shape) if d.dtype.startswith(("f", "b")) and d.dtype != "bool" \
-                else np.zeros(shape)
+                else np.ones(shape) if d.dtype == "bool" else np.zeros(shape)  # (a mask that keeps all)
             args.append(tvm.runtime.tensor(data.astype(DTYPES[d.dtype])))
         timer = lib.mod.time_evaluator(k.name, tvm.cpu(), number=3, repeat=repeat)
         out[k.name] = float(timer(*args).median)
