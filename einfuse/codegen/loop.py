@@ -87,7 +87,7 @@ class LoopBuilder(KernelBuilder):
                     self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
                 extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
                 blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
-                with _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
+                with T.sblock("root"), _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
                     env = {}
                     for v, ext in reversed(list(zip(outer, extents))):
                         env[v], p = tirx.floormod(p, ext), tirx.floordiv(p, ext)

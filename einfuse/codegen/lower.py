@@ -44,6 +44,9 @@ class SizeVars:
             return self.vars.setdefault(str(size), tirx.Var(str(size), "int64"))
         if size.is_Add:
             return _fold(lambda a, b: a + b, [self.expr(a) for a in size.args])
+        if isinstance(size, sympy.ceiling):  # ceiling(n/d): whole tiles of a symbolic length
+            num, den = sympy.fraction(size.args[0])
+            return tirx.floordiv(self.expr(num) + self.expr(den) - 1, self.expr(den))
         if size.is_Mul:
             num, den = sympy.fraction(size)
             if den != 1:
