@@ -1,6 +1,6 @@
 """einfuse against its peers, side by side in one process, on the zoo and a 1024^3 matmul.
 
-    python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,einfuse]
+    python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,einfuse]
                              [--threads 2] [--repeat 20]
 
 Workloads: the zoo's models, a 1024^3 matmul, and (by name only) attention alone, B=1, H=8, D=64:
@@ -8,7 +8,8 @@ Workloads: the zoo's models, a 1024^3 matmul, and (by name only) attention alone
 fused ``scaled_dot_product_attention``).
 
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
-pipeline (from_exported_program + the default pipeline), and einfuse. Prints the median latency
+pipeline (from_exported_program + the default pipeline), einfuse, and (by name only) ``unfused``:
+einfuse without ``fuse-attention``, attention as the 3-pass cascade. Prints the median latency
 of each, each peer's time relative to einfuse (> 1 means einfuse is faster), and compile times.
 A peer that fails on a model is shown as failed with its error.
 """
@@ -133,21 +134,27 @@ def peer_relax(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
     return (lambda: vm["main"](*inputs)), time.perf_counter() - start
 
 
-def peer_einfuse(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+def peer_einfuse(model: torch.nn.Module, args: tuple, pipeline: str = "default") -> tuple[Callable, float]:
     import einfuse
     start = time.perf_counter()
-    compiled = einfuse.compile(model, args, cache_dir=tempfile.mkdtemp())
+    compiled = einfuse.compile(model, args, pipeline=pipeline, cache_dir=tempfile.mkdtemp())
     tvm_args = compiled.to_tvm(args)
     return (lambda: compiled._run(tvm_args)), time.perf_counter() - start
 
 
-PEERS = {"eager": peer_eager, "inductor": peer_inductor, "ort": peer_ort, "relax": peer_relax, "einfuse": peer_einfuse}
+def peer_unfused(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    """einfuse without ``fuse-attention``: attention as the 3-pass cascade."""
+    return peer_einfuse(model, args, pipeline="unfused")
+
+
+PEERS = {"eager": peer_eager, "inductor": peer_inductor, "ort": peer_ort, "relax": peer_relax,
+         "unfused": peer_unfused, "einfuse": peer_einfuse}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT))
-    parser.add_argument("--peers", default=",".join(PEERS))
+    parser.add_argument("--peers", default="eager,inductor,ort,relax,einfuse")  # (and "unfused")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     opts = parser.parse_args()

@@ -8,6 +8,7 @@ tensors sharing TVM's memory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +18,10 @@ import numpy as np
 import sympy
 import torch
 import tvm
+
+# TVM's thread pool reads this once; left unset, it ran one thread on this 2-core machine (2x slower).
+os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                             else os.cpu_count() or 1))
 from tvm import relax
 
 from ..errors import EinfuseError, InterpretError
