@@ -88,10 +88,13 @@ class LoopBuilder(KernelBuilder):
                 extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
                 blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
                 with T.sblock("root"), _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
+                    # the block varies fastest: each thread's share of the parallel loop then
+                    # holds early and late query blocks alike (a causal mask skips more in early ones)
+                    start, p = tirx.floormod(p, blocks) * rows, tirx.floordiv(p, blocks)
                     env = {}
                     for v, ext in reversed(list(zip(outer, extents))):
                         env[v], p = tirx.floormod(p, ext), tirx.floordiv(p, ext)
-                    self.emit_block(env, p * rows)
+                    self.emit_block(env, start)
         return ib.get()
 
     def emit_block(self, env: dict[str, Any], start: Any) -> None:
@@ -267,12 +270,7 @@ class LoopBuilder(KernelBuilder):
                 if first is not None:
                     self.store(first, inner, self.value(first, inner))
                 T.buffer_store(part, _COMBINE[op](part[j1], self.value(e, inner)), [j1])
-            width = lanes // 2
-            while width:  # a tree of halves: log2(lanes) vector steps, not lanes-1 scalar ones
-                with _loop(T.vectorized, width) as j:
-                    T.buffer_store(part, _COMBINE[op](part[j], part[j + width]), [j])
-                width //= 2
-            self.store(e, at, part[0])
+            self.store(e, at, _horizontal(op, tirx.BufferLoad(part, [tirx.Ramp(0, 1, lanes)]), lanes))
 
     def nest(self, env: dict[str, Any], order: list[str], vector: list[str], unroll: int = 1) -> Any:
         """A context giving the environment inside loops over the block's rows then ``order``;
@@ -404,3 +402,15 @@ def _monotone(x: Any) -> bool:
     if isinstance(x, IConst):
         return x.value >= 0
     return isinstance(x, IBin) and x.op in ("+", "*") and _monotone(x.a) and _monotone(x.b)
+
+
+def _horizontal(op: str, vector: Any, lanes: int) -> Any:
+    """The ``op``-reduction of a vector's lanes as a tree of halves in registers: log2(lanes)
+    vector steps, not lanes-1 dependent scalar ones (halves stored and reloaded through memory
+    stalled on store forwarding)."""
+    while lanes > 1:
+        lanes //= 2
+        low = tirx.Shuffle([vector], [tirx.IntImm("int32", k) for k in range(lanes)])
+        high = tirx.Shuffle([vector], [tirx.IntImm("int32", lanes + k) for k in range(lanes)])
+        vector = _COMBINE[op](low, high)
+    return vector
