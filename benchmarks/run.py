@@ -3,9 +3,11 @@
     python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,einfuse]
                              [--threads 2] [--repeat 20]
 
-Workloads: the zoo's models, a 1024^3 matmul, and (by name only) attention alone, B=1, H=8, D=64:
-``attn1024``, ``attn4096``, ``attn16384``, with a ``c`` suffix for causal (eager is then torch's
-fused ``scaled_dot_product_attention``).
+Workloads: the zoo's models, a 1024^3 matmul, and (by name only) GPT-2 and Llama at sequence 1024
+(``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
+``attn16384``, with a ``c`` suffix for causal (eager is then torch's fused
+``scaled_dot_product_attention``).
+Peak memory of the fused attention: ``python -m benchmarks.memory``.
 
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
 pipeline (from_exported_program + the default pipeline), einfuse, and (by name only) ``unfused``:
@@ -61,7 +63,9 @@ def _zoo(name: str, **options: Any) -> Callable[[], tuple]:
 for _name, _opts in {"mlp": {"batch": 64}, "gpt2": {"seq": 256}, "llama": {"seq": 256}, "bert": {"seq": 256},
                      "vit": {"image": 224}}.items():
     workload(_name)(_zoo(_name, **_opts))
-DEFAULT = list(WORKLOADS)  # attention alone is run by name: --models attn1024,attn4096c,...
+DEFAULT = list(WORKLOADS)  # attention alone and long sequences are run by name: --models attn1024,...
+for _name in ("gpt2", "llama"):
+    workload(f"{_name}1024")(_zoo(_name, seq=1024))   # where attention's share is large
 
 
 class Attention(torch.nn.Module):

@@ -96,7 +96,7 @@ def convnet(batch: int = 2, image: int = 32) -> Built:
 def gpt2(batch: int = 1, seq: int = 24) -> Built:
     """GPT-2: 2 layers, width 64, 4 heads, vocabulary 96."""
     tf = _transformers()
-    cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=512,
+    cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=96, n_positions=max(512, seq),
                         bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
     names = {batch: "B", seq: "S", 64: "D", 4: "H", 16: "E", 256: "F", 96: "V", 512: "P", 192: "D3", "seq": "S"}
     return _named(_LastHidden(tf.GPT2Model(cfg)), names), (torch.randint(0, 96, (batch, seq)),)
@@ -106,7 +106,7 @@ def llama(batch: int = 1, seq: int = 24) -> Built:
     """Llama: 2 layers, width 64, 4 query heads over 2 key/value heads (GQA), RoPE, RMSNorm, SiLU MLP."""
     tf = _transformers()
     cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=512,
+                         num_key_value_heads=2, vocab_size=96, max_position_embeddings=max(512, seq),
                          bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
     names = {batch: "B", seq: "S", 64: "D", 4: "H", 2: "G", 16: "E", 8: "E2", 176: "F", 96: "V", 32: "HE",
              "seq": "S"}
@@ -117,7 +117,7 @@ def bert(batch: int = 2, seq: int = 24) -> Built:
     """BERT: 2 layers, width 64, 4 heads, erf GELU, token types, a padding attention mask."""
     tf = _transformers()
     cfg = tf.BertConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=96, max_position_embeddings=512, type_vocab_size=2, attn_implementation="sdpa")
+                        vocab_size=96, max_position_embeddings=max(512, seq), type_vocab_size=2, attn_implementation="sdpa")
     ids = torch.randint(0, 96, (batch, seq))
     mask = torch.ones(batch, seq, dtype=torch.long)
     mask[0, seq * 2 // 3:] = 0
@@ -143,7 +143,7 @@ def mixtral(batch: int = 1, seq: int = 24) -> Built:
     tf = _transformers()
     cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=1, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=96, num_local_experts=6, num_experts_per_tok=2,
-                           max_position_embeddings=512, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+                           max_position_embeddings=max(512, seq), bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
                            experts_implementation="batched_mm")
     names = {batch: "B", seq: "S", 64: "D", 4: "H", 2: "G", 16: "E", 112: "F", 224: "F2", 96: "V", 6: "X",
              "seq": "S"}
