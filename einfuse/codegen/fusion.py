@@ -27,8 +27,16 @@ from dataclasses import dataclass, replace
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
-from ..ir.scope import (access_vars, declarations, expr_vars, index_atoms, iteration_vars, lhs_vars, reads,
-                         reduced_vars)
+from ..ir.scope import (
+    access_vars,
+    declarations,
+    expr_vars,
+    index_atoms,
+    iteration_vars,
+    lhs_vars,
+    reads,
+    reduced_vars,
+)
 
 
 @dataclass(frozen=True)

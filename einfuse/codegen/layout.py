@@ -17,7 +17,15 @@ import numpy as np
 
 from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, TensorDecl
 from ..ir.nodes import Expr, walk
-from ..ir.scope import access_vars, declarations, gathers, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir.scope import (
+    access_vars,
+    declarations,
+    gathers,
+    lhs_vars,
+    reads,
+    reduced_vars,
+    var_ranks,
+)
 
 
 def transpose_weights(c: Cascade) -> Cascade:
@@ -75,7 +83,7 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
         views = bool(bound) or _ragged_output(s, ranks, size, ragged) or _self_product(s)  # (loops: padded tiles)
         inner = lhs_vars(s)[-1]
         product = any(set(lhs_vars(s)) - set(access_vars(a)) for a in reads(s))  # not a row reduction
-        wanted = lambda a: a.tensor not in local and (  # noqa: E731
+        wanted = lambda a: a.tensor not in local and (
             (views and not _plain(a))
             or (product and decls[a.tensor].role != "param" and inner in access_vars(a)
                 and access_vars(a)[-1] != inner))

@@ -36,8 +36,8 @@ from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import Target
 from .fusion import Kernel
-from .schedules.cpu import register_tile
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
+from .schedules.cpu import register_tile
 
 ROW_BLOCK = 64   # query rows per block: its scores (64 x tile) stay in L1, K and V tiles serve 64 rows
 
@@ -79,22 +79,21 @@ class LoopBuilder(KernelBuilder):
         extent = self.var_extent(block)
         rows = min(ROW_BLOCK, extent) if isinstance(extent, int) else ROW_BLOCK
         self.block, self.row_count = block, rows
-        with IRBuilder() as ib:
-            with T.prim_func():
-                T.func_name(self.k.name)
-                for name in self.k.inputs + (self.k.output,):
-                    d = self.decls[name]
-                    self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
-                extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
-                blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
-                with T.sblock("root"), _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
-                    # the block varies fastest: each thread's share of the parallel loop then
-                    # holds early and late query blocks alike (a causal mask skips more in early ones)
-                    start, p = tirx.floormod(p, blocks) * rows, tirx.floordiv(p, blocks)
-                    env = {}
-                    for v, ext in reversed(list(zip(outer, extents))):
-                        env[v], p = tirx.floormod(p, ext), tirx.floordiv(p, ext)
-                    self.emit_block(env, start)
+        with IRBuilder() as ib, T.prim_func():
+            T.func_name(self.k.name)
+            for name in self.k.inputs + (self.k.output,):
+                d = self.decls[name]
+                self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
+            extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
+            blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
+            with T.sblock("root"), _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
+                # the block varies fastest: each thread's share of the parallel loop then
+                # holds early and late query blocks alike (a causal mask skips more in early ones)
+                start, p = tirx.floormod(p, blocks) * rows, tirx.floordiv(p, blocks)
+                env = {}
+                for v, ext in reversed(list(zip(outer, extents))):
+                    env[v], p = tirx.floormod(p, ext), tirx.floordiv(p, ext)
+                self.emit_block(env, start)
         return ib.get()
 
     def emit_block(self, env: dict[str, Any], start: Any) -> None:
@@ -103,7 +102,7 @@ class LoopBuilder(KernelBuilder):
             if name not in self.recomputed:
                 self.allocate(name, self.row_count)
         last = self.sizes.expr(self.var_extent(self.block)) - 1
-        self.row_at = lambda r: tirx.min(start + r, last)  # noqa: E731  (the overhang repeats row N-1)
+        self.row_at = lambda r: tirx.min(start + r, last)  # the overhang repeats row N-1
         for e in self.init:
             self.emit(e, env, frozenset())
         with _loop(T.serial, self.sizes.expr(self.var_extent(self.loop.var))) as t:
@@ -119,18 +118,45 @@ class LoopBuilder(KernelBuilder):
                         self.carry(t)
         self.emit(self.k.writes[0], env, frozenset())
 
-    def emit_body(self, env: dict[str, Any]) -> None:
-        """The loop's body; a map and the row reduction after it that reads it share one pass."""
+    def emit_body(self, env: dict[str, Any], body: list[Einsum] | None = None) -> None:
+        """The loop's body; a map and the row reduction after it that reads it share one pass.
+        After the tile's row maxima (see ``masked_max``) the rest runs only if one is above
+        ``-inf``: a tile a mask hides from every row of the block (a causal mask written as an
+        additive bias) changes no running value, like the tiles ``live`` skips."""
         bound = frozenset({self.loop.var})
+        body = self.body if body is None else body
         k = 0
-        while k < len(self.body):
-            e, after = self.body[k], self.body[k + 1] if k + 1 < len(self.body) else None
+        while k < len(body):
+            e, after = body[k], body[k + 1] if k + 1 < len(body) else None
             if after is not None and self.fused(e, after, bound):
                 self.row_reduction(after, env, reduced_vars(after, bound), first=e)
-                k += 2
+                e, k = after, k + 2
             else:
                 self.emit(e, env, bound)
                 k += 1
+            if body is self.body and self.masked_max(e, body[:k]) and k < len(body):
+                with T.If(self.any_above(e.lhs.tensor)):
+                    with T.Then():
+                        self.emit_body(env, body[k:])
+                    with T.Else():
+                        self.carry(env[self.loop.var])
+                return
+
+    def masked_max(self, e: Einsum, done: list[Einsum]) -> bool:
+        """Whether ``e`` takes each row's max over the tile of a tensor whose absent points are
+        ``-inf``, with no running tensor written yet (so skipping the rest is carrying them)."""
+        written = [self.layout.get(d.lhs.tensor, []) for d in done]
+        return (e.reduce is not None and e.reduce.op == "max" and not any("slot" in r for r in written)
+                and all(self.decls[a.tensor].fill == -math.inf for a in reads(e))
+                and set(self.layout.get(e.lhs.tensor, [])) <= {"row", "drop"})
+
+    def any_above(self, name: str) -> Any:
+        """Whether a row of the block has its ``name`` (one value per row) above ``-inf``."""
+        flag = T.decl_buffer([1], "float32", scope="local")
+        T.buffer_store(flag, _const(-math.inf, "float32"), [0])
+        with _loop(T.serial, self.row_count) as r:
+            T.buffer_store(flag, tirx.max(flag[0], tirx.BufferLoad(self.buffers[name], [r])), [0])
+        return flag[0] > _const(-math.inf, "float32")
 
     def fused(self, e: Einsum, after: Einsum, bound: frozenset[str]) -> bool:
         """Whether ``after`` reduces, one row at a time, along the one variable the map ``e`` adds
@@ -369,7 +395,7 @@ class _Nest:
         env[b.block] = b.row_at(env["@row"])
         return env
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stack.__exit__(*exc)
 
 
@@ -386,7 +412,7 @@ class _loop:
     def __enter__(self) -> Any:
         return tirx.Cast("int64", self.frame.__enter__())
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.frame.__exit__(*exc)
 
 

@@ -142,7 +142,8 @@ def expr_dtype(x: Expr, decls: dict[str, TensorDecl]) -> str:
         op = ops.lookup(x.op)
         if op is not None and op.result_dtype:
             return op.result_dtype
-        typed = [a for a in x.args if not isinstance(a, Const)]
+        values = x.args[1:] if x.op == "where" else x.args   # (where's condition does not type it)
+        typed = [a for a in values if not isinstance(a, Const)]
         return expr_dtype(typed[-1 if x.op == "take_right" else 0], decls) if typed else "f32"
     return "f32"
 

@@ -3,7 +3,9 @@
 What: (1) views (Einsums that only rename indices: reshape, transpose, tiling) are substituted
 into their readers (:func:`einfuse.ir.views.inline_views`); (2) common subexpressions: a temp
 written once with the same right side, reduction and output indices as an earlier temp is
-replaced by it; (3) dead Einsums: temps nothing reads are removed, with their declarations.
+replaced by it; (3) constants: temps of static size computed from weights and coordinates only
+(attention masks built from positions) are computed at compile time and become weights;
+(4) dead Einsums: temps nothing reads are removed, with their declarations.
 
 Why: captured models are full of views and repeated index arithmetic; the pass-count rule
 (EINSUM_CASCADES.md §2.3) and the fusion rules see through none of them.
@@ -17,7 +19,7 @@ Before / after::
     SN[m1,m0,p] = exp(Q2[m1,m0,p] - GM[p])
     UNUSED[p] = GM[p] * 2
 
-Patterns counted: ``inline-view``, ``cse``, ``dead-einsum``.
+Patterns counted: ``inline-view``, ``cse``, ``fold-constant``, ``dead-einsum``.
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..ir import Access, Cascade, Einsum
-from ..ir.nodes import rewrite
+import numpy as np
+
+from ..ir import Access, Cascade, Einsum, Loop, TensorDecl
+from ..ir.interpret import interpret
+from ..ir.nodes import rewrite, walk
 from ..ir.scope import declarations, reads
 from ..ir.views import inline_views
 from .manager import Pass, register
@@ -35,7 +40,7 @@ from .manager import Pass, register
 @register
 @dataclass(frozen=True)
 class Canonicalize(Pass):
-    """Inline views, merge common subexpressions, remove dead Einsums."""
+    """Inline views, merge common subexpressions, fold constants, remove dead Einsums."""
 
     name = "canonicalize"
 
@@ -44,7 +49,58 @@ class Canonicalize(Pass):
         c = inline_views(c)
         stats["inline-view"] += before - len(c.stmts)
         c = _merge_common(c, stats)
+        c = _fold_constants(c, stats)
         return _remove_dead(c, stats)
+
+
+FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time
+
+
+def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
+    """Temps computed from weights and coordinates only (a causal mask built from positions,
+    ``where(idx(k) <= idx(s), 0, -inf)``) are computed once, now, by the interpreter: the ones
+    other Einsums read become weights; the rest are dead."""
+    decls = declarations(c)
+    static = {r.name for r in c.ranks if isinstance(r.size, int)}
+    writers: dict[str, list[Any]] = {}
+    for s in c.stmts:
+        for e, _ in (walk((s,)) if isinstance(s, Loop) else [(s, ())]):
+            writers.setdefault(e.lhs.tensor, []).append((e, s))
+    known = {t for t in decls if decls[t].role == "param" and t in c.params}
+    folded: list[Einsum] = []
+    for t, ws in writers.items():   # (in program order of first writes)
+        d = decls.get(t)
+        if d is None or d.role != "temp" or d.dtype not in _NUMPY or any(not isinstance(s, Einsum) for _, s in ws) \
+                or not all(r.rank in static for r in d.ranks) \
+                or not all(a.tensor in known for e, _ in ws for a in reads(e)):
+            continue
+        known.add(t)
+        folded += [e for e, _ in ws]
+    names = {e.lhs.tensor for e in folded}
+    kept = [s for s in c.stmts if not (isinstance(s, Einsum) and s.lhs.tensor in names)]
+    frontier = list(dict.fromkeys(a.tensor for e, _ in replace(c, stmts=tuple(kept)).einsums()
+                                  for a in reads(e) if a.tensor in names))
+    if not frontier or sum(_nbytes(decls[t], c) for t in frontier) > FOLD_LIMIT:
+        return c
+    sub = replace(c, stmts=tuple(folded), tensors=tuple(
+        replace(decls[t], role="output" if t in frontier else decls[t].role)
+        for t in dict.fromkeys([*(a.tensor for e in folded for a in reads(e)), *names])))
+    values = interpret(sub, {})
+    # (float constants stay float64: the interpreter reads them exactly, code generation casts)
+    params = {**c.params, **{t: values[t] if decls[t].dtype.startswith("f") else values[t].astype(_NUMPY[decls[t].dtype])
+                             for t in frontier}}
+    tensors = [t for t in c.tensors if t.name not in names] + [replace(decls[t], role="param") for t in frontier]
+    stats["fold-constant"] += len(folded)
+    return replace(c, stmts=tuple(kept), tensors=tuple(tensors), params=params)
+
+
+_NUMPY = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i8": np.int8, "i32": np.int32,
+          "i64": np.int64, "bool": np.bool_}
+
+
+def _nbytes(d: TensorDecl, c: Cascade) -> int:
+    size = {r.name: r.size for r in c.ranks}
+    return int(np.prod([size[r.rank] + int(r.iterative) for r in d.ranks])) * np.dtype(_NUMPY[d.dtype]).itemsize
 
 
 def _merge_common(c: Cascade, stats: Counter) -> Cascade:

@@ -78,6 +78,35 @@ def test_canonicalize_inlines_views_merges_common_and_drops_dead(rng: np.random.
     assert rel_err(interpret(out, inputs)["SN"], interpret(c, inputs)["SN"]) <= 1e-12
 
 
+MASKED = """cascade masked
+rank S=6, T=6, E=4
+tensor X[S,E] input f32
+tensor Y[S,T] output f32
+POS[s] = idx(s) + 0
+MASK[s,t] = where(POS[t] <= POS[s], 0, -inf)
+Y[s,t] = X[s,e] * X[t,e] + MASK[s,t]
+"""
+
+
+def test_canonicalize_folds_a_mask_built_from_positions(rng: np.random.Generator) -> None:
+    c = parse(MASKED)
+    manager = PassManager([Canonicalize()], Instruments(verify_each=True))
+    out = manager.run(c)
+    assert manager.records[0].stats["fold-constant"] == 2
+    assert [s.lhs.tensor for s in out.stmts] == ["Y"] and out.tensor("MASK").role == "param"
+    assert np.array_equal(out.params["MASK"], np.where(np.tri(6) > 0, 0.0, -np.inf))
+    x = rng.standard_normal((6, 4))
+    assert rel_err(interpret(out, {"X": x})["Y"][np.tri(6) > 0], interpret(c, {"X": x})["Y"][np.tri(6) > 0]) <= 1e-12
+
+
+@pytest.mark.parametrize("change", [("rank S=6, T=6", "rank S=n, T=n"),          # a symbolic size
+                                    ("POS[s] = idx(s) + 0", "POS[s] = X[s,0]")])  # reads an input
+def test_canonicalize_does_not_fold_what_depends_on_inputs_or_sizes(change: tuple[str, str]) -> None:
+    manager = PassManager([Canonicalize()])
+    out = manager.run(parse(MASKED.replace(*change)))
+    assert manager.records[0].stats["fold-constant"] == 0 and out.tensor("MASK") is None
+
+
 def test_canonicalize_leaves_a_canonical_cascade_alone() -> None:
     c = parse(AFTER)
     manager = PassManager([Canonicalize()])
