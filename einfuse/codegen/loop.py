@@ -61,6 +61,7 @@ class LoopBuilder(KernelBuilder):
         self.rows = self.row_vars()
         self.buffers: dict[str, Any] = {}
         self.layout: dict[str, list[str]] = {}
+        self.proven: frozenset = frozenset()   # filters the tile being emitted passes everywhere
 
     def row_vars(self) -> list[str]:
         """The variables indexing every Einsum's output, in the output's order."""
@@ -109,14 +110,28 @@ class LoopBuilder(KernelBuilder):
             inner = {**env, self.loop.var: t}
             live = self.live(inner)
             if live is None:
-                self.emit_body(inner)
+                self.emit_tile(inner)
             else:
                 with T.If(live):
                     with T.Then():
-                        self.emit_body(inner)
+                        self.emit_tile(inner)
                     with T.Else():
                         self.carry(t)
         self.emit(self.k.writes[0], env, frozenset())
+
+    def emit_tile(self, env: dict[str, Any]) -> None:
+        """One tile: the body without the filters every point of it passes, when that holds."""
+        full = self.full(env)
+        if full is None:
+            self.emit_body(env)
+            return
+        with T.If(full[0]):
+            with T.Then():
+                self.proven = full[1]
+                self.emit_body(env)
+                self.proven = frozenset()
+            with T.Else():
+                self.emit_body(env)
 
     def emit_body(self, env: dict[str, Any], body: list[Einsum] | None = None) -> None:
         """The loop's body; a map and the row reduction after it that reads it share one pass.
@@ -176,22 +191,38 @@ class LoopBuilder(KernelBuilder):
 
         The masked scores are a filtered tensor with empty value ``-inf`` (a causal mask's
         ``QK[t,s,i: t*T+i<=s]``). In FuseMax's cascade a tile of them that is ``-inf`` everywhere
-        changes no running value (``exp(-inf) = 0``, ``max`` ignores it), so it is skipped. For
-        each filter comparison that depends on the tile, with sides non-decreasing in every
-        variable, the test is the comparison of one side's least value in this tile and block
-        with the other side's greatest."""
-        tests = []
-        for e in self.body:
-            if self.decls[e.lhs.tensor].empty != -math.inf:
-                continue
-            for c in (c for ix in e.lhs.indices for c in ix.filter):
-                if self.loop.var not in _vars(c.lhs) | _vars(c.rhs) or c.cmp not in ("<", "<=", ">", ">=") \
-                        or not (_monotone(c.lhs) and _monotone(c.rhs)):
-                    continue
-                small, big = (c.lhs, c.rhs) if c.cmp in ("<", "<=") else (c.rhs, c.lhs)
-                low, high = self.index(small, self.corner(env, 0))[0], self.index(big, self.corner(env, -1))[0]
-                tests.append(low < high if c.cmp in ("<", ">") else low <= high)
+        changes no running value (``exp(-inf) = 0``, ``max`` ignores it), so it is skipped."""
+        tests = [self.bound_test(c, env, every=False) for c in self.tile_filters(masked_only=True)]
         return _fold(tirx.And, tests) if tests else None
+
+    def full(self, env: dict[str, Any]) -> tuple[Any, frozenset] | None:
+        """When every point of this tile passes the loop's tile-dependent filters (all tiles
+        but a ragged last one; the tiles below a causal mask's diagonal), and those filters:
+        the body is then emitted a second time without them (no compare and select per score)."""
+        conds = self.tile_filters(masked_only=False)
+        if not conds:
+            return None
+        return _fold(tirx.And, [self.bound_test(c, env, every=True) for c in conds]), frozenset(conds)
+
+    def tile_filters(self, masked_only: bool) -> list[Any]:
+        """The body's output filters that depend on the tile and whose sides never decrease as a
+        variable grows (``t*T+i < N``, ``t*T+i <= s``); ``masked_only``: those of ``-inf`` tensors."""
+        out = []
+        for e in self.body:
+            if masked_only and self.decls[e.lhs.tensor].empty != -math.inf:
+                continue
+            out += [c for ix in e.lhs.indices for c in ix.filter
+                    if self.loop.var in _vars(c.lhs) | _vars(c.rhs) and c.cmp in ("<", "<=", ">", ">=")
+                    and _monotone(c.lhs) and _monotone(c.rhs)]
+        return out
+
+    def bound_test(self, c: Any, env: dict[str, Any], every: bool) -> Any:
+        """Whether the comparison ``c`` holds at some point of the tile and block (its smaller
+        side's least value against the larger side's greatest) or, ``every``, at all of them."""
+        small, big = (c.lhs, c.rhs) if c.cmp in ("<", "<=") else (c.rhs, c.lhs)
+        low = self.index(small, self.corner(env, -1 if every else 0))[0]
+        high = self.index(big, self.corner(env, 0 if every else -1))[0]
+        return low < high if c.cmp in ("<", ">") else low <= high
 
     def corner(self, env: dict[str, Any], end: int) -> dict[str, Any]:
         """``env`` with the block's first (``end`` 0) or last (-1) row and every other free
@@ -252,7 +283,7 @@ class LoopBuilder(KernelBuilder):
             self.contraction(e, env, own, red)
         else:
             self.row_reduction(e, env, red)
-        if any(ix.filter for ix in e.lhs.indices):  # a reduction is filtered once it is complete
+        if self.filters(e):  # a reduction is filtered once it is complete
             with self.nest(env, own, vector=own[-1:]) as at:
                 self.store(e, at, self.load_lhs(e, at), masked=True)
 
@@ -318,10 +349,14 @@ class LoopBuilder(KernelBuilder):
         d = self.decls[e.lhs.tensor]
         if masked is None:
             masked = not reduced_vars(e, frozenset({self.loop.var}))
-        conds = [self.cond(c, env) for ix in e.lhs.indices for c in ix.filter] if masked else []
+        conds = [self.cond(c, env) for c in self.filters(e)] if masked else []
         if conds:
             value = tirx.Select(_fold(tirx.And, conds), value, _const(d.fill, self.dtype(e)))
         T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype]), self.indices(e.lhs, env))
+
+    def filters(self, e: Einsum) -> list[Any]:
+        """``e``'s output filters, less those this tile is known to pass (see ``full``)."""
+        return [c for ix in e.lhs.indices for c in ix.filter if c not in self.proven]
 
     def load_lhs(self, e: Einsum, env: dict[str, Any]) -> Any:
         return tirx.BufferLoad(self.buffers[e.lhs.tensor], self.indices(e.lhs, env))
