@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+import sympy
 
-from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, TensorDecl
+from ..ir import Access, Call, Cascade, Einsum, IBin, IConst, Index, IVar, Loop, TensorDecl
 from ..ir.nodes import Expr, walk
 from ..ir.scope import (
     access_vars,
@@ -80,11 +81,11 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
     def operands(s: Einsum, bound: frozenset[str], local: frozenset[str]) -> Einsum:
         if not reduced_vars(s, bound) or not lhs_vars(s):
             return s
-        views = bool(bound) or _ragged_output(s, ranks, size, ragged) or _self_product(s)  # (loops: padded tiles)
+        views = _ragged_output(s, ranks, size, ragged) or _self_product(s)
         inner = lhs_vars(s)[-1]
         product = any(set(lhs_vars(s)) - set(access_vars(a)) for a in reads(s))  # not a row reduction
         wanted = lambda a: a.tensor not in local and (
-            (views and not _plain(a))
+            (not _plain(a) and (views or (bound and _may_leave(a, decls[a.tensor], size, ranks))))
             or (product and decls[a.tensor].role != "param" and inner in access_vars(a)
                 and access_vars(a)[-1] != inner))
         return replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance, wanted, inner))
@@ -97,6 +98,25 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
             s = operands(s, frozenset(), frozenset())
         stmts.append(s)
     return replace(c, stmts=tuple(stmts))
+
+
+def _may_leave(a: Access, d: TensorDecl, size: dict, ranks: dict[str, str]) -> bool:
+    """Whether an index of ``a`` may pass its rank's end (a ragged last tile's ``t*T+i``): in a
+    loop such a read is copied, padded, before the loop, so the loop reads tiles unguarded."""
+    def high(x: Any) -> Any:
+        if isinstance(x, IVar):
+            return sympy.sympify(size[ranks[x.name]]) - 1
+        if isinstance(x, IConst):
+            return sympy.Integer(x.value)
+        if isinstance(x, IBin) and x.op in ("+", "*"):
+            a_, b_ = high(x.a), high(x.b)
+            return None if a_ is None or b_ is None else (a_ + b_ if x.op == "+" else a_ * b_)
+        return None
+    for ix, r in zip(a.indices, d.ranks):
+        top = high(ix.expr)
+        if top is None or not (sympy.sympify(size[r.rank]) - 1 - top).is_nonnegative:
+            return True
+    return False
 
 
 def _plain(a: Access) -> bool:

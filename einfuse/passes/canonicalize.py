@@ -5,7 +5,8 @@ into their readers (:func:`einfuse.ir.views.inline_views`); (2) common subexpres
 written once with the same right side, reduction and output indices as an earlier temp is
 replaced by it; (3) constants: temps of static size computed from weights and coordinates only
 (attention masks built from positions) are computed at compile time and become weights;
-(4) dead Einsums: temps nothing reads are removed, with their declarations.
+(4) copies: ``Y = X`` of a temp written once and read only there becomes ``X``'s writer writing
+``Y``; (5) dead Einsums: temps nothing reads are removed, with their declarations.
 
 Why: captured models are full of views and repeated index arithmetic; the pass-count rule
 (EINSUM_CASCADES.md §2.3) and the fusion rules see through none of them.
@@ -19,7 +20,7 @@ Before / after::
     SN[m1,m0,p] = exp(Q2[m1,m0,p] - GM[p])
     UNUSED[p] = GM[p] * 2
 
-Patterns counted: ``inline-view``, ``cse``, ``fold-constant``, ``dead-einsum``.
+Patterns counted: ``inline-view``, ``cse``, ``fold-constant``, ``forward-copy``, ``dead-einsum``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import numpy as np
 from ..ir import Access, Cascade, Einsum, Loop, TensorDecl
 from ..ir.interpret import interpret
 from ..ir.nodes import rewrite, walk
-from ..ir.scope import declarations, reads
+from ..ir.scope import declarations, expr_vars, lhs_vars, reads, var_ranks
 from ..ir.views import inline_views
 from .manager import Pass, register
 
@@ -40,7 +41,7 @@ from .manager import Pass, register
 @register
 @dataclass(frozen=True)
 class Canonicalize(Pass):
-    """Inline views, merge common subexpressions, fold constants, remove dead Einsums."""
+    """Inline views, merge common subexpressions, fold constants, forward copies, remove dead Einsums."""
 
     name = "canonicalize"
 
@@ -50,7 +51,34 @@ class Canonicalize(Pass):
         stats["inline-view"] += before - len(c.stmts)
         c = _merge_common(c, stats)
         c = _fold_constants(c, stats)
+        c = _forward_copies(c, stats)
         return _remove_dead(c, stats)
+
+
+def _forward_copies(c: Cascade, stats: Counter) -> Cascade:
+    """``Y[i,j] = X[i,j]`` where the temp ``X`` is written once, by a top-level Einsum with the
+    same plain indices, and read only by this copy: that Einsum writes ``Y`` itself (a model's
+    output is often a copy of its last result: the copy was a kernel of its own)."""
+    decls = declarations(c)
+    writes = Counter(e.lhs.tensor for e, _ in c.einsums())
+    readers = Counter(a.tensor for e, _ in c.einsums() for a in reads(e))
+    top = {s.lhs.tensor: s for s in c.stmts if isinstance(s, Einsum)}
+    moved: dict[str, Einsum] = {}
+    for s in c.stmts:
+        x = s.rhs if isinstance(s, Einsum) else None
+        if not isinstance(x, Access) or s.reduce or s.populate or writes[s.lhs.tensor] != 1 \
+                or x.tensor not in top or writes[x.tensor] != 1 or readers[x.tensor] != 1 \
+                or decls[x.tensor].role != "temp" or x != top[x.tensor].lhs or s.lhs.indices != x.indices \
+                or decls[x.tensor].dtype != decls[s.lhs.tensor].dtype or decls[x.tensor].empty != decls[s.lhs.tensor].empty:
+            continue
+        moved[x.tensor] = replace(top[x.tensor], lhs=s.lhs)
+    if not moved:
+        return c
+    copies = {id(s) for s in c.stmts if isinstance(s, Einsum) and isinstance(s.rhs, Access) and s.rhs.tensor in moved
+              and s.lhs == moved[s.rhs.tensor].lhs}
+    stmts = [moved.get(s.lhs.tensor, s) if isinstance(s, Einsum) else s for s in c.stmts if id(s) not in copies]
+    stats["forward-copy"] += len(moved)
+    return replace(c, stmts=tuple(stmts), tensors=tuple(t for t in c.tensors if t.name not in moved))
 
 
 FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time
@@ -59,7 +87,8 @@ FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time
 def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
     """Temps computed from weights and coordinates only (a causal mask built from positions,
     ``where(idx(k) <= idx(s), 0, -inf)``) are computed once, now, by the interpreter: the ones
-    other Einsums read become weights; the rest are dead."""
+    other Einsums read become weights; the rest are dead. Broadcasts (a variable the right-hand
+    side does not use) are not folded: their inputs are, and they are recomputed where read."""
     decls = declarations(c)
     static = {r.name for r in c.ranks if isinstance(r.size, int)}
     writers: dict[str, list[Any]] = {}
@@ -72,8 +101,9 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
         d = decls.get(t)
         if d is None or d.role != "temp" or d.dtype not in _NUMPY or any(not isinstance(s, Einsum) for _, s in ws) \
                 or not all(r.rank in static for r in d.ranks) \
-                or not all(a.tensor in known for e, _ in ws for a in reads(e)):
-            continue
+                or not all(a.tensor in known for e, _ in ws for a in reads(e)) \
+                or any(_broadcast(e, c) for e, _ in ws):
+            continue   # (a broadcast stays: computing it where it is read beats loading it)
         known.add(t)
         folded += [e for e, _ in ws]
     names = {e.lhs.tensor for e in folded}
@@ -92,6 +122,13 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
     tensors = [t for t in c.tensors if t.name not in names] + [replace(decls[t], role="param") for t in frontier]
     stats["fold-constant"] += len(folded)
     return replace(c, stmts=tuple(kept), tensors=tuple(tensors), params=params)
+
+
+def _broadcast(e: Einsum, c: Cascade) -> bool:
+    """Whether ``e`` repeats its values along a variable its right-hand side does not use (of
+    size above 1)."""
+    size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
+    return any(size[ranks[v]] != 1 for v in set(lhs_vars(e)) - set(expr_vars(e.rhs)))
 
 
 _NUMPY = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i8": np.int8, "i32": np.int32,
