@@ -5,8 +5,7 @@ into their readers (:func:`einfuse.ir.views.inline_views`); (2) common subexpres
 written once with the same right side, reduction and output indices as an earlier temp is
 replaced by it; (3) constants: temps of static size computed from weights and coordinates only
 (attention masks built from positions) are computed at compile time and become weights;
-(4) copies: ``Y = X`` of a temp written once and read only there becomes ``X``'s writer writing
-``Y``; (5) dead Einsums: temps nothing reads are removed, with their declarations.
+(4) dead Einsums: temps nothing reads are removed, with their declarations.
 
 Why: captured models are full of views and repeated index arithmetic; the pass-count rule
 (EINSUM_CASCADES.md §2.3) and the fusion rules see through none of them.
@@ -20,7 +19,7 @@ Before / after::
     SN[m1,m0,p] = exp(Q2[m1,m0,p] - GM[p])
     UNUSED[p] = GM[p] * 2
 
-Patterns counted: ``inline-view``, ``cse``, ``fold-constant``, ``forward-copy``, ``dead-einsum``.
+Patterns counted: ``inline-view``, ``cse``, ``fold-constant``, ``dead-einsum``.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ from .manager import Pass, register
 @register
 @dataclass(frozen=True)
 class Canonicalize(Pass):
-    """Inline views, merge common subexpressions, fold constants, forward copies, remove dead Einsums."""
+    """Inline views, merge common subexpressions, fold constants, remove dead Einsums."""
 
     name = "canonicalize"
 
@@ -51,34 +50,7 @@ class Canonicalize(Pass):
         stats["inline-view"] += before - len(c.stmts)
         c = _merge_common(c, stats)
         c = _fold_constants(c, stats)
-        c = _forward_copies(c, stats)
         return _remove_dead(c, stats)
-
-
-def _forward_copies(c: Cascade, stats: Counter) -> Cascade:
-    """``Y[i,j] = X[i,j]`` where the temp ``X`` is written once, by a top-level Einsum with the
-    same plain indices, and read only by this copy: that Einsum writes ``Y`` itself (a model's
-    output is often a copy of its last result: the copy was a kernel of its own)."""
-    decls = declarations(c)
-    writes = Counter(e.lhs.tensor for e, _ in c.einsums())
-    readers = Counter(a.tensor for e, _ in c.einsums() for a in reads(e))
-    top = {s.lhs.tensor: s for s in c.stmts if isinstance(s, Einsum)}
-    moved: dict[str, Einsum] = {}
-    for s in c.stmts:
-        x = s.rhs if isinstance(s, Einsum) else None
-        if not isinstance(x, Access) or s.reduce or s.populate or writes[s.lhs.tensor] != 1 \
-                or x.tensor not in top or writes[x.tensor] != 1 or readers[x.tensor] != 1 \
-                or decls[x.tensor].role != "temp" or x != top[x.tensor].lhs or s.lhs.indices != x.indices \
-                or decls[x.tensor].dtype != decls[s.lhs.tensor].dtype or decls[x.tensor].empty != decls[s.lhs.tensor].empty:
-            continue
-        moved[x.tensor] = replace(top[x.tensor], lhs=s.lhs)
-    if not moved:
-        return c
-    copies = {id(s) for s in c.stmts if isinstance(s, Einsum) and isinstance(s.rhs, Access) and s.rhs.tensor in moved
-              and s.lhs == moved[s.rhs.tensor].lhs}
-    stmts = [moved.get(s.lhs.tensor, s) if isinstance(s, Einsum) else s for s in c.stmts if id(s) not in copies]
-    stats["forward-copy"] += len(moved)
-    return replace(c, stmts=tuple(stmts), tensors=tuple(t for t in c.tensors if t.name not in moved))
 
 
 FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time

@@ -107,23 +107,6 @@ def test_canonicalize_does_not_fold_what_depends_on_inputs_or_sizes(change: tupl
     assert manager.records[0].stats["fold-constant"] == 0 and out.tensor("MASK") is None
 
 
-def test_canonicalize_forwards_an_output_copy_to_its_source() -> None:
-    c = parse("""cascade copy
-rank M=3, N=4, K=5
-tensor A[M,K] input f32
-tensor B[K,N] input f32
-tensor Y[M,N] output f32
-X[m,n] = A[m,k] * B[k,n]
-Y[m,n] = X[m,n]
-""")
-    manager = PassManager([Canonicalize()], Instruments(verify_each=True))
-    out = manager.run(c)
-    assert [str(s.lhs.tensor) for s in out.stmts] == ["Y"] and manager.records[0].stats["forward-copy"] == 1
-    kept = parse(str(c).replace("tensor Y[M,N] output f32", "tensor Y[M,N] output f32\ntensor Z[M,N] output f32")
-                 + "Z[m,n] = X[m,n] * 2\n")                      # X read twice: the copy stays
-    assert len(PassManager([Canonicalize()]).run(kept).stmts) == 3
-
-
 def test_canonicalize_leaves_a_canonical_cascade_alone() -> None:
     c = parse(AFTER)
     manager = PassManager([Canonicalize()])
