@@ -13,8 +13,13 @@ scheduled:
   slots, ``t % 2`` and ``(t+1) % 2``;
 * each Einsum is one loop nest over the block's rows and its own variables: a contraction as a
   register tile (rows unrolled x its innermost output variable vectorized, sized by
-  :func:`~einfuse.codegen.schedules.cpu.register_tile`; the reduction outside them: ``QK``'s scores along the keys, ``P V`` along the head dimension), a
-  row reduction in vector-wide partial results, an element-wise map vectorized innermost.
+  :func:`~einfuse.codegen.schedules.cpu.register_tile`; the reduction outside them: ``QK``'s
+  scores along the keys, ``P V`` along the head dimension), a row reduction in vector-wide
+  partial results reduced through register shuffles, an element-wise map vectorized innermost
+  (over the block's rows when it has one value per row); a map and the row reduction reading it
+  share one pass (the scaled scores and their max; ``exp`` and its sum);
+* tiles a mask hides are skipped (``live``, ``masked_max``) and tiles every point of which passes
+  the loop's filters run a copy of the body without them (``full``).
 
 Values follow the IR's semantics through :class:`~einfuse.codegen.lower.KernelBuilder`'s
 expression lowering: filtered or out-of-range reads read their tensor's fill, filtered writes
