@@ -296,14 +296,33 @@ class LoopBuilder(KernelBuilder):
         """A register tile: rows (as many as ``register_tile`` gives) x the innermost output
         variable, the reduction outside."""
         op = self.reduce_op(e)
-        with self.nest(env, own, vector=own[-1:]) as at:
-            self.store(e, at, _const(_IDENTITY[op], self.dtype(e)))
         extent = self.var_extent(own[-1])
         unroll = register_tile(self.target, extent if isinstance(extent, int) else None)[0]
         while self.row_count % unroll:
             unroll -= 1
-        with self.nest(env, own[:-1] + red + own[-1:], vector=own[-1:], unroll=unroll) as at:
-            self.store(e, at, _COMBINE[op](self.load_lhs(e, at), self.value(e, at)))
+        with ExitStack() as stack:   # the tile's rows, then its other output variables
+            group = stack.enter_context(_loop(T.serial, self.row_count // unroll))
+            at = dict(env)
+            for v in own[:-1]:
+                at[v] = stack.enter_context(_loop(T.serial, self.sizes.expr(self.var_extent(v))))
+            with self.tile(at, group, unroll, own[-1]) as point:   # set inside: kept in registers
+                self.store(e, point, _const(_IDENTITY[op], self.dtype(e)))
+            for v in red:
+                at[v] = stack.enter_context(_loop(T.serial, self.sizes.expr(self.var_extent(v))))
+            with self.tile(at, group, unroll, own[-1]) as point:
+                self.store(e, point, _COMBINE[op](self.load_lhs(e, point), self.value(e, point)))
+
+    def tile(self, env: dict[str, Any], group: Any, unroll: int, vector: str) -> Any:
+        """The points of a register tile: ``unroll`` rows of the row group ``group`` (unrolled)
+        x the variable ``vector`` (vectorized when static)."""
+        stack = ExitStack()
+        row = stack.enter_context(_loop(T.unroll, unroll))
+        extent = self.var_extent(vector)
+        lanes = stack.enter_context(_loop(T.vectorized if isinstance(extent, int) else T.serial,
+                                          self.sizes.expr(extent)))
+        at = {**env, vector: lanes, "@row": group * unroll + row}
+        at[self.block] = self.row_at(at["@row"])
+        return _Entered(stack, at)
 
     def row_reduction(self, e: Einsum, env: dict[str, Any], red: list[str], first: Einsum | None = None) -> None:
         """A reduction to one value per row, through a vector of partial results when the
@@ -334,10 +353,10 @@ class LoopBuilder(KernelBuilder):
                 T.buffer_store(part, _COMBINE[op](part[j1], self.value(e, inner)), [j1])
             self.store(e, at, _horizontal(op, tirx.BufferLoad(part, [tirx.Ramp(0, 1, lanes)]), lanes))
 
-    def nest(self, env: dict[str, Any], order: list[str], vector: list[str], unroll: int = 1) -> Any:
+    def nest(self, env: dict[str, Any], order: list[str], vector: list[str]) -> Any:
         """A context giving the environment inside loops over the block's rows then ``order``;
-        a static ``vector`` variable is vectorized, ``unroll`` rows are unrolled above it."""
-        return _Nest(self, env, order, vector, unroll)
+        a static ``vector`` variable is vectorized."""
+        return _Nest(self, env, order, vector)
 
     # ---- values -----------------------------------------------------------------------------------
 
@@ -416,24 +435,32 @@ class LoopBuilder(KernelBuilder):
 class _Nest:
     """Loops over a block's rows and some variables, entered as one context (see ``nest``)."""
 
-    def __init__(self, b: LoopBuilder, env: dict[str, Any], order: list[str], vector: list[str], unroll: int) -> None:
-        self.b, self.env, self.order, self.vector, self.unroll = b, env, order, vector, unroll
+    def __init__(self, b: LoopBuilder, env: dict[str, Any], order: list[str], vector: list[str]) -> None:
+        self.b, self.env, self.order, self.vector = b, env, order, vector
         self.stack = ExitStack()
 
     def __enter__(self) -> dict[str, Any]:
         b, env, enter = self.b, dict(self.env), self.stack.enter_context
-        rows = T.vectorized if self.vector == [b.block] else T.serial
-        outer = enter(_loop(rows, b.row_count // self.unroll))
+        env["@row"] = enter(_loop(T.vectorized if self.vector == [b.block] else T.serial, b.row_count))
         for v in self.order:
-            if v in self.vector and self.unroll > 1:
-                inner = enter(_loop(T.unroll, self.unroll))
-                env["@row"] = outer * self.unroll + inner
             extent = b.var_extent(v)
             kind = T.vectorized if v in self.vector and isinstance(extent, int) else T.serial
             env[v] = enter(_loop(kind, b.sizes.expr(extent)))
-        env.setdefault("@row", outer)
         env[b.block] = b.row_at(env["@row"])
         return env
+
+    def __exit__(self, *exc: object) -> None:
+        self.stack.__exit__(*exc)
+
+
+class _Entered:
+    """A context that has entered its frames already and gives ``value``."""
+
+    def __init__(self, stack: ExitStack, value: Any) -> None:
+        self.stack, self.value = stack, value
+
+    def __enter__(self) -> Any:
+        return self.value
 
     def __exit__(self, *exc: object) -> None:
         self.stack.__exit__(*exc)
