@@ -29,8 +29,8 @@ from ..ir import Cascade, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
 from ..ir.scope import (
     access_vars,
+    broadcast,
     declarations,
-    expr_vars,
     index_atoms,
     iteration_vars,
     lhs_vars,
@@ -129,7 +129,7 @@ def _recomputed(c: Cascade, members: list[Einsum], decls: dict) -> list[Einsum]:
     for t in dict.fromkeys(a.tensor for e in members for a in reads(e)):
         ws = writers.get(t, [])
         if len(ws) == 1 and decls[t].role == "temp" and _elementwise(ws[0]) and t not in outside \
-                and set(lhs_vars(ws[0])) - set(expr_vars(ws[0].rhs)) \
+                and broadcast(ws[0], c) \
                 and not any(isinstance(x, IAccess) for a in reads(ws[0]) for ix in a.indices for x in index_atoms(ix.expr)):
             out.append(ws[0])
     return out

@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
-import sympy
 
-from ..ir import Access, Call, Cascade, Einsum, IBin, IConst, Index, IVar, Loop, TensorDecl
+from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, TensorDecl
 from ..ir.nodes import Expr, walk
+from ..ir.sizes import in_range
 from ..ir.scope import (
     access_vars,
     declarations,
@@ -103,20 +103,7 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
 def _may_leave(a: Access, d: TensorDecl, size: dict, ranks: dict[str, str]) -> bool:
     """Whether an index of ``a`` may pass its rank's end (a ragged last tile's ``t*T+i``): in a
     loop such a read is copied, padded, before the loop, so the loop reads tiles unguarded."""
-    def high(x: Any) -> Any:
-        if isinstance(x, IVar):
-            return sympy.sympify(size[ranks[x.name]]) - 1
-        if isinstance(x, IConst):
-            return sympy.Integer(x.value)
-        if isinstance(x, IBin) and x.op in ("+", "*"):
-            a_, b_ = high(x.a), high(x.b)
-            return None if a_ is None or b_ is None else (a_ + b_ if x.op == "+" else a_ * b_)
-        return None
-    for ix, r in zip(a.indices, d.ranks):
-        top = high(ix.expr)
-        if top is None or not (sympy.sympify(size[r.rank]) - 1 - top).is_nonnegative:
-            return True
-    return False
+    return not all(in_range(ix.expr, size[r.rank], size, ranks) for ix, r in zip(a.indices, d.ranks))
 
 
 def _plain(a: Access) -> bool:

@@ -20,9 +20,10 @@ import sympy
 from tvm import te, tirx
 
 from ..errors import CompileError
-from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IBin, IConst, ISym, IVar, TensorDecl
+from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IConst, ISym, IVar, TensorDecl
 from ..ir.nodes import Expr, IndexExpr
 from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
+from ..ir.sizes import in_range
 from .fusion import Kernel
 
 DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i8": "int8",
@@ -229,37 +230,7 @@ class KernelBuilder:
 
     def in_range(self, e: IndexExpr, extent: Any) -> bool:
         """True when ``e`` provably stays within ``[0, extent)`` for every value of its variables."""
-        bounds = self.bounds(e)
-        if bounds is None:
-            return False
-        lo, hi = bounds
-        return bool(sympy.sympify(lo).is_nonnegative) and bool(sympy.sympify(extent - 1 - hi).is_nonnegative)
-
-    def bounds(self, e: IndexExpr) -> tuple[Any, Any] | None:
-        if isinstance(e, IVar):
-            return sympy.Integer(0), sympy.sympify(self.rank_size[self.ranks[e.name]]) - 1
-        if isinstance(e, IConst):
-            return sympy.Integer(e.value), sympy.Integer(e.value)
-        if isinstance(e, ISym):
-            size = sympy.sympify(self.rank_size[e.rank])
-            return size, size
-        if isinstance(e, IBin) and e.op in ("+", "-", "*"):
-            a, b = self.bounds(e.a), self.bounds(e.b)
-            if a is None or b is None:
-                return None
-            if e.op == "+":
-                return a[0] + b[0], a[1] + b[1]
-            if e.op == "-":
-                return a[0] - b[1], a[1] - b[0]
-            if all(sympy.sympify(v).is_nonnegative for v in (*a, *b)):
-                return a[0] * b[0], a[1] * b[1]
-        if isinstance(e, IBin) and e.op == "%" and isinstance(e.b, (IConst, ISym)):
-            b = self.bounds(e.b)
-            return sympy.Integer(0), b[1] - 1
-        if isinstance(e, IBin) and e.op == "//" and isinstance(e.b, IConst) and e.b.value > 0:
-            a = self.bounds(e.a)
-            return None if a is None else (sympy.floor(a[0] / e.b.value), sympy.floor(a[1] / e.b.value))
-        return None
+        return in_range(e, extent, self.rank_size, self.ranks)
 
 
 _INDEX_OPS: dict[str, Callable[[Any, Any], Any]] = {

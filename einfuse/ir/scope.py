@@ -97,6 +97,13 @@ def iteration_vars(e: Einsum, bound: frozenset[str] = frozenset()) -> list[str]:
     return [v for v in lhs_vars(e) if v not in bound] + reduced_vars(e, bound)
 
 
+def broadcast(e: Einsum, c: Cascade) -> bool:
+    """Whether ``e`` repeats its values along an output variable (of size above 1) that its
+    right-hand side does not use: cheaper to recompute where read than to store and load."""
+    size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
+    return any(size[ranks[v]] != 1 for v in set(lhs_vars(e)) - set(expr_vars(e.rhs)))
+
+
 def loop_vars(loops: tuple[Loop, ...]) -> frozenset[str]:
     """Variables bound by enclosing loops."""
     return frozenset(lp.var for lp in loops)

@@ -1,17 +1,55 @@
 """Binding symbolic rank sizes to numbers from the shapes of the arrays a caller passes."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import sympy
 
 from ..errors import InterpretError
-from .nodes import Cascade, Size, TensorDecl
+from .nodes import Cascade, IBin, IConst, IndexExpr, ISym, IVar, Size, TensorDecl
 
 
 def extent(size: Size, iterative: bool) -> Size:
     """The extent of a tensor dimension over a rank of ``size`` (+1 when iterative)."""
     return size + 1 if iterative else size
+
+
+def index_bounds(e: IndexExpr, rank_size: Mapping[str, Any], ranks: Mapping[str, str]) -> tuple[Any, Any] | None:
+    """The least and greatest value an index expression takes over its variables' ranks (sympy,
+    symbolic in the sizes), or None where that is not known (a gather, a product of signed terms)."""
+    if isinstance(e, IVar):
+        return sympy.Integer(0), sympy.sympify(rank_size[ranks[e.name]]) - 1
+    if isinstance(e, IConst):
+        return sympy.Integer(e.value), sympy.Integer(e.value)
+    if isinstance(e, ISym):
+        size = sympy.sympify(rank_size[e.rank])
+        return size, size
+    if not isinstance(e, IBin):
+        return None
+    if e.op == "%" and isinstance(e.b, (IConst, ISym)):
+        return sympy.Integer(0), index_bounds(e.b, rank_size, ranks)[1] - 1
+    a = index_bounds(e.a, rank_size, ranks)
+    if e.op == "//" and isinstance(e.b, IConst) and e.b.value > 0:
+        return None if a is None else (sympy.floor(a[0] / e.b.value), sympy.floor(a[1] / e.b.value))
+    b = index_bounds(e.b, rank_size, ranks)
+    if a is None or b is None or e.op not in ("+", "-", "*"):
+        return None
+    if e.op == "+":
+        return a[0] + b[0], a[1] + b[1]
+    if e.op == "-":
+        return a[0] - b[1], a[1] - b[0]
+    if all(sympy.sympify(v).is_nonnegative for v in (*a, *b)):
+        return a[0] * b[0], a[1] * b[1]
+    return None
+
+
+def in_range(e: IndexExpr, extent: Any, rank_size: Mapping[str, Any], ranks: Mapping[str, str]) -> bool:
+    """True when ``e`` provably stays within ``[0, extent)`` for every value of its variables."""
+    bounds = index_bounds(e, rank_size, ranks)
+    if bounds is None:
+        return False
+    lo, hi = bounds
+    return bool(sympy.sympify(lo).is_nonnegative) and bool(sympy.sympify(extent - 1 - hi).is_nonnegative)
 
 
 def bind_sizes(c: Cascade, decls: Mapping[str, TensorDecl], shapes: Mapping[str, tuple[int, ...]],

@@ -32,7 +32,7 @@ import numpy as np
 from ..ir import Access, Cascade, Einsum, Loop, TensorDecl
 from ..ir.interpret import interpret
 from ..ir.nodes import rewrite, walk
-from ..ir.scope import declarations, expr_vars, lhs_vars, reads, var_ranks
+from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
 from .manager import Pass, register
 
@@ -74,7 +74,7 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
         if d is None or d.role != "temp" or d.dtype not in _NUMPY or any(not isinstance(s, Einsum) for _, s in ws) \
                 or not all(r.rank in static for r in d.ranks) \
                 or not all(a.tensor in known for e, _ in ws for a in reads(e)) \
-                or any(_broadcast(e, c) for e, _ in ws):
+                or any(broadcast(e, c) for e, _ in ws):
             continue   # (a broadcast stays: computing it where it is read beats loading it)
         known.add(t)
         folded += [e for e, _ in ws]
@@ -94,13 +94,6 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
     tensors = [t for t in c.tensors if t.name not in names] + [replace(decls[t], role="param") for t in frontier]
     stats["fold-constant"] += len(folded)
     return replace(c, stmts=tuple(kept), tensors=tuple(tensors), params=params)
-
-
-def _broadcast(e: Einsum, c: Cascade) -> bool:
-    """Whether ``e`` repeats its values along a variable its right-hand side does not use (of
-    size above 1)."""
-    size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
-    return any(size[ranks[v]] != 1 for v in set(lhs_vars(e)) - set(expr_vars(e.rhs)))
 
 
 _NUMPY = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i8": np.int8, "i32": np.int32,
