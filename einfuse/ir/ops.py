@@ -25,7 +25,11 @@ FLOAT_DTYPES = ("f16", "bf16", "f32", "f64")
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One compute op: its arity, default merge, numpy kernel and algebraic properties."""
+    """One compute op: its arity, default merge, numpy kernel and algebraic properties.
+
+    ``identity`` is the value ``e`` with ``op(x, e) == x`` (and ``op(e, x) == x`` when the op is
+    commutative): simplification drops it.
+    """
 
     name: str
     arity: int
@@ -127,9 +131,9 @@ for _name, _fn in _CASTS.items():
     register(Op(_name, 1, _fn, flops=0, result_dtype=_name))
 
 register(Op("add", 2, np.add, "cup", True, True, 0.0, "+"))
-register(Op("sub", 2, np.subtract, "cup", infix="-"))
+register(Op("sub", 2, np.subtract, "cup", identity=0.0, infix="-"))
 register(Op("mul", 2, np.multiply, "cap", True, True, 1.0, "*"))
-register(Op("div", 2, np.divide, "rhs", infix="/"))
+register(Op("div", 2, np.divide, "rhs", identity=1.0, infix="/"))
 register(Op("take_left", 2, lambda a, b: a, "cap", infix="<-", flops=0))
 register(Op("take_right", 2, lambda a, b: b, "cap", infix="->", flops=0))
 register(Op("max", 2, np.maximum, "cup", True, True, -math.inf))

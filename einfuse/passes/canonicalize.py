@@ -34,6 +34,7 @@ from ..ir.interpret import interpret
 from ..ir.nodes import rewrite, walk
 from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
+from .algebra import fold_scales, simplify
 from .manager import Pass, register
 
 
@@ -45,12 +46,21 @@ class Canonicalize(Pass):
     name = "canonicalize"
 
     def run(self, c: Cascade, stats: Counter) -> Cascade:
-        before = len(c.stmts)
-        c = inline_views(c)
-        stats["inline-view"] += before - len(c.stmts)
-        c = _merge_common(c, stats)
-        c = _fold_constants(c, stats)
-        return _remove_dead(c, stats)
+        for _ in range(ROUNDS):   # (one rewrite exposes another: a folded mask, then x + 0, then a view)
+            before, hits = len(c.stmts), sum(stats.values())
+            c = inline_views(c)
+            stats["inline-view"] += before - len(c.stmts)
+            c = _merge_common(c, stats)
+            c = _fold_constants(c, stats)
+            c = simplify(c, stats)
+            c = fold_scales(c, stats)
+            c = _remove_dead(c, stats)
+            if sum(stats.values()) == hits:
+                break
+        return c
+
+
+ROUNDS = 8
 
 
 FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time
