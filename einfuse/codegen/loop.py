@@ -353,10 +353,12 @@ class LoopBuilder(KernelBuilder):
             with self.nest(env, red, vector=[]) as at:
                 self.store(e, at, _COMBINE[op](self.load_lhs(e, at), self.value(e, at)))
             return
+        grouped = self.row_count % lanes == 0   # (then rows are reduced across, a vector of rows at a time)
+        parts = T.decl_buffer([self.row_count if grouped else 1, lanes], work, scope="local")
         with self.nest(env, [], vector=[]) as at:
-            part = T.decl_buffer([lanes], work, scope="local")
+            slot = at["@row"] if grouped else tirx.const(0, "int64")
             with _loop(T.vectorized, lanes) as j:
-                T.buffer_store(part, _const(_IDENTITY[op], work), [j])
+                T.buffer_store(parts, _const(_IDENTITY[op], work), [slot, j])
             with ExitStack() as stack:
                 inner = dict(at)
                 for v in red[:-1]:
@@ -366,8 +368,23 @@ class LoopBuilder(KernelBuilder):
                 inner[red[-1]] = j0 * lanes + j1
                 if first is not None:
                     self.store(first, inner, self.value(first, inner))
-                T.buffer_store(part, _COMBINE[op](part[j1], self.value(e, inner)), [j1])
-            self.store(e, at, _horizontal(op, tirx.BufferLoad(part, [tirx.Ramp(0, 1, lanes)]), lanes))
+                T.buffer_store(parts, _COMBINE[op](parts[slot, j1], self.value(e, inner)), [slot, j1])
+            if not grouped:
+                self.store(e, at, _horizontal(op, tirx.BufferLoad(parts, [0, tirx.Ramp(0, 1, lanes)]), lanes))
+        if grouped:
+            self.rows_reduced(e, env, parts, lanes)
+
+    def rows_reduced(self, e: Einsum, env: dict[str, Any], parts: Any, lanes: int) -> None:
+        """``e``'s rows from their partial vectors (``parts``, one per row), ``lanes`` rows at a
+        time: a transposing tree of shuffles leaves one row's result in each lane (the halves of
+        one row at a time were a chain of dependent steps per row, 15 % of ViT's attention)."""
+        op, work = self.reduce_op(e), self.dtype(e)
+        result = T.decl_buffer([self.row_count], work, scope="local")
+        with _loop(T.serial, self.row_count // lanes) as g:
+            rows = [tirx.BufferLoad(parts, [g * lanes + k, tirx.Ramp(0, 1, lanes)]) for k in range(lanes)]
+            T.buffer_store(result, _across(op, rows, lanes), [tirx.Ramp(g * lanes, 1, lanes)])
+        with self.nest(env, [], vector=[self.block]) as at:
+            self.store(e, at, result[at["@row"]])
 
     def nest(self, env: dict[str, Any], order: list[str], vector: list[str]) -> Any:
         """A context giving the environment inside loops over the block's rows then ``order``;
@@ -511,6 +528,24 @@ def _monotone(x: Any) -> bool:
     if isinstance(x, IConst):
         return x.value >= 0
     return isinstance(x, IBin) and x.op in ("+", "*") and _monotone(x.a) and _monotone(x.b)
+
+
+def _across(op: str, vectors: list[Any], lanes: int) -> Any:
+    """The ``op``-reduction of each of ``lanes`` vectors, as one vector (lane k: vector k's).
+    Each step pairs vectors holding ``rows`` rows of ``part`` partial results each and combines
+    their halves: one vector of twice the rows, half the partials."""
+    rows = 1
+    while len(vectors) > 1:
+        part = lanes // rows
+        half = part // 2
+
+        def pick(offset: int) -> list[Any]:
+            return [tirx.IntImm("int32", source * lanes + r * part + offset + k)
+                    for source in (0, 1) for r in range(rows) for k in range(half)]
+        vectors = [_COMBINE[op](tirx.Shuffle([a, b], pick(0)), tirx.Shuffle([a, b], pick(half)))
+                   for a, b in zip(vectors[::2], vectors[1::2])]
+        rows *= 2
+    return vectors[0]
 
 
 def _horizontal(op: str, vector: Any, lanes: int) -> Any:

@@ -209,7 +209,8 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
              TensorDecl(names["rd"], (TensorRank(tiles, True), *row_ranks), "temp", "f32"),
              TensorDecl(names["rnv"], (TensorRank(tiles, True), *row_ranks, *[TensorRank(ranks[v]) for v in value_vars]),
                         "temp", "f32")]
-    if mask:
+    direct = m.score == _unfiltered(m.qk.lhs)   # the scores are the contraction itself: no copy
+    if mask and not direct:
         qk_decl = declarations(c)[m.qk.lhs.tensor]
         decls.append(TensorDecl(names["qk"], (TensorRank(tiles), *row_ranks, TensorRank(inner)), "temp",
                                 qk_decl.dtype, qk_decl.empty))
@@ -217,9 +218,14 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     rm_t, rm_next = Access(names["rm"], (prev, *rows)), Access(names["rm"], (Index(step), *rows))
     rd_t, rnv_t = Access(names["rd"], (prev, *rows)), Access(names["rnv"], (prev, *rows, *vf))
     bqk = acc("bqk", [Index(IVar(t))], [Index(IVar(i))])
+    if direct:
+        scores: tuple = (Einsum(replace(bqk_lhs, indices=(*bqk_lhs.indices[:-1], Index(IVar(i), mask + keep))),
+                                _at_key(m.qk.rhs, m.key, at), provenance=m.qk.provenance),)
+    else:
+        scores = (Einsum(qk_lhs, _at_key(m.qk.rhs, m.key, at), provenance=m.qk.provenance),
+                  Einsum(bqk_lhs, _at_key(_substitute(m.score, _unfiltered(m.qk.lhs), _unfiltered(qk_lhs)), m.key, at)))
     body = (
-        Einsum(qk_lhs, _at_key(m.qk.rhs, m.key, at), provenance=m.qk.provenance),
-        Einsum(bqk_lhs, _at_key(_substitute(m.score, _unfiltered(m.qk.lhs), _unfiltered(qk_lhs)), m.key, at)),
+        *scores,
         Einsum(acc("lm", [prev]), bqk, Reduce((i,), "max")),
         Einsum(rm_next, Call("max", (rm_t, acc("lm", [prev])))),
         Einsum(acc("sln", [prev], [Index(IVar(i))]), exp(sub(bqk, rm_next))),
