@@ -44,9 +44,11 @@ def _compile_cascade(cascade: Cascade, target_name: str, cache: Path) -> Any:
     from .codegen.layout import materialize_operands, transpose_weights
     from .codegen.runtime import load
     from .codegen.schedules.cpu import ragged
+    from .passes import GroupKernels, PassManager
     from .targets import Target
     target = Target.parse(target_name)
     cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
+    cascade = PassManager([GroupKernels()]).run(cascade)   # (last: the groups of the code generated)
     entry = cache / cache_key(cascade, target)
     if (entry / "model.so").is_file():
         try:

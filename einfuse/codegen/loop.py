@@ -40,7 +40,7 @@ from ..ir import Cascade, Einsum, IBin, IConst, ISym, IVar, Loop
 from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import Target
-from .fusion import Kernel
+from ..passes.group_kernels import Kernel
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
 from .schedules.cpu import register_tile
 
@@ -51,7 +51,7 @@ _COMBINE = {"+": lambda a, b: a + b, "max": tirx.max, "min": tirx.min}
 
 
 class LoopBuilder(KernelBuilder):
-    """Builds a ``loop`` kernel (see :func:`~einfuse.codegen.fusion.group_kernels`) as a PrimFunc."""
+    """Builds a ``loop`` kernel (see :func:`~einfuse.passes.group_kernels.group_kernels`) as a PrimFunc."""
 
     def __init__(self, c: Cascade, kernel: Kernel, sizes: SizeVars, target: Target) -> None:
         super().__init__(c, kernel, sizes)

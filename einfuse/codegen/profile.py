@@ -9,7 +9,7 @@ import tvm
 from ..ir import Cascade
 from ..ir.scope import declarations
 from .build import kernel_function
-from .fusion import Kernel
+from ..passes.group_kernels import Kernel
 from .lower import DTYPES, SizeVars
 
 

@@ -223,6 +223,9 @@ class Cascade:
     tensors: tuple[TensorDecl, ...]
     stmts: tuple[Stmt, ...]
     params: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+    #: The kernel groups (``passes.group_kernels.Kernel``, in execution order) once the
+    #: ``group-kernels`` pass ran: the mapping side table, not part of the IR or its equality.
+    groups: tuple = field(default=(), compare=False, repr=False)
 
     def __str__(self) -> str:
         from .text import to_text

@@ -25,6 +25,7 @@ def to_text(c: Cascade) -> str:
     lines += [decl_text(t) for t in c.tensors]
     for s in c.stmts:
         lines += stmt_lines(s, "")
+    lines += [g.comment(c) for g in c.groups]   # the kernel groups' side table, as comments
     return "\n".join(lines) + "\n"
 
 

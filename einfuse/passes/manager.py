@@ -105,12 +105,13 @@ class PassManager:
         ins, stats = self.instruments, Counter()
         start = time.perf_counter()
         try:
+            c = dataclasses.replace(c, groups=())   # (the kernel groups describe the cascade before this pass)
             out = p.run(c, stats)
             if ins.verify_each:
                 verify(out)
         except Exception as exc:
             raise PassError(f"pass '{p.name}' failed: {exc} (reproducer: {self._reproducer(p, c)})") from exc
-        changed = out != c
+        changed = out != c or out.groups != c.groups
         self.records.append(PassRecord(p.name, time.perf_counter() - start, changed, stats))
         if ins.print_after_all or p.name in ins.print_after or (ins.print_after_change and changed):
             self.log(f"// ----- IR after {p.spelled()} -----\n{to_text(out)}")

@@ -25,7 +25,7 @@ from typing import Any
 from tvm import s_tir, tirx
 
 from ...targets import Target
-from ..fusion import Kernel
+from ...passes.group_kernels import Kernel
 
 WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
 

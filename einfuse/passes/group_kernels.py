@@ -1,4 +1,17 @@
-"""The first kernel grouping: which Einsums become one kernel.
+"""``group-kernels``: which Einsums become one kernel, as the side table code generation consumes.
+
+The groups are FuseMax's fusion groups (§III-B; EINSUM_CASCADES.md §2.3): each kernel *streams*
+a rank, producing and consuming its intermediates a tile (a row, a block of rows, a key tile) at a
+time along it, and every Einsum it fuses is at the same pass level on that rank; Einsums at
+different levels are not fused along it. A row group (softmax, LayerNorm) streams its rows and
+holds one whole row in registers or cache, so its passes over the row's own variable stay inside
+it; the 1-pass attention loop streams the key tiles with every Einsum at level 1. The pass checks
+this for every group it forms and fails, naming the kernel, if a group breaks it.
+
+The table is ``Cascade.groups`` (not part of the IR: the text shows it as ``# kernel`` comments):
+one :class:`Kernel` per generated function, in execution order. ``einfuse.compile`` runs this pass
+last, after the target's operand layouts (``codegen/layout.py``); ``einfuse ir -p
+default,group-kernels`` shows the groups of the cascade as it is. The grouping:
 
 A tensor is *inlined* into its reader when it is a temp written once by an element-wise Einsum
 (no reduction, no filter, plain output indices), read by exactly one Einsum, and every variable
@@ -22,10 +35,13 @@ same loop nest, when the two fit one:
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Any
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
+from ..ir.analysis import analyze_passes
 from ..ir.nodes import walk
 from ..ir.scope import (
     access_vars,
@@ -36,7 +52,9 @@ from ..ir.scope import (
     lhs_vars,
     reads,
     reduced_vars,
+    var_ranks,
 )
+from .manager import Pass, register
 
 
 @dataclass(frozen=True)
@@ -52,10 +70,71 @@ class Kernel:
     stages: tuple[str, ...] = ()   # the internal tensors kept as loop nests (the others are inlined)
     kind: str = ""                 # "epilogue", "rows" or "attention" once kernels were absorbed
 
+    def comment(self, c: Cascade) -> str:
+        """The kernel as a line of the side table: ``# kernel k3_attn loop along S_2T,S_2I (1 pass):
+        attn_rm, ... -> attn``."""
+        stream, levels = stream_levels(c, self)
+        along = f" along {','.join(stream)} ({len(levels) or 1} pass)" if stream else ""
+        members = ", ".join(self.internal)
+        return f"# kernel {self.name} {self.kind or 'single'}{along}: {members + ' -> ' if members else ''}{self.output}"
+
     def einsums(self, c: Cascade) -> list[Einsum]:
         """Every Einsum the kernel computes, in order."""
         inside = set(self.internal)
         return [e for e, _ in c.einsums() if e.lhs.tensor in inside] + list(self.writes)
+
+
+@register
+@dataclass(frozen=True)
+class GroupKernels(Pass):
+    """Group the Einsums into kernels (FuseMax's legality checked) and record them as the side table."""
+
+    name = "group-kernels"
+
+    def run(self, c: Cascade, stats: Counter) -> Cascade:
+        kernels = group_kernels(c)
+        for k in kernels:
+            stats[f"kernel:{k.kind or 'single'}"] += 1
+            stream, levels = stream_levels(c, k)
+            if len(levels) > 1:
+                raise CompileError(f"kernel {k.name} fuses Einsums at pass levels {sorted(levels)} along "
+                                   f"{','.join(stream)}; FuseMax's legality rule forbids it")
+        return replace(c, groups=tuple(kernels))
+
+
+def stream_levels(c: Cascade, k: Kernel) -> tuple[tuple[str, ...], set[int]]:
+    """The ranks kernel ``k`` streams and the pass levels its Einsums take along them: the loop's
+    rank and the ranks its body reduces that are tiled with it (``t*T+i``) for a loop kernel, else
+    the rows of its last write (the variables it runs in parallel)."""
+    stmts = _kernel_stmts(c, k)
+    ranks = var_ranks(c)
+    loop = next((s for s in stmts if isinstance(s, Loop)), None)
+    if loop is not None:
+        bound = frozenset({loop.var})
+        reduced = {v for e, _ in walk(loop.body) for v in reduced_vars(e, bound)}
+        tiled = {v for e, _ in walk(loop.body) for a in reads(e) for ix in a.indices
+                 if loop.var in _index_names(ix.expr) for v in _index_names(ix.expr) & reduced}
+        stream = (loop.rank, *sorted(ranks[v] for v in tiled))
+    else:   # (the rows: a map's or a GEMM's output less its innermost variable, a row reduction's output)
+        last = k.writes[-1]
+        rows = _rows(last)
+        out = lhs_vars(last)
+        stream = tuple(ranks[v] for v in (rows[0] if rows and not _contraction(last) else out[:-1]) or out)
+    if not stream:
+        return (), set()
+    report = analyze_passes(replace(c, stmts=tuple(stmts)), stream)
+    return stream, {x.level for x in report.levels if x.level > 0}
+
+
+def _kernel_stmts(c: Cascade, k: Kernel) -> list:
+    """The top-level statements computing ``k``'s Einsums (a loop kernel's loop whole)."""
+    inside = set(k.internal) | {k.output}
+    return [s for s in c.stmts if (isinstance(s, Loop) and any(e.lhs.tensor in inside for e, _ in walk(s.body)))
+            or (isinstance(s, Einsum) and s.lhs.tensor in inside)]
+
+
+def _index_names(x: Any) -> set[str]:
+    return {a.name for a in index_atoms(x) if isinstance(a, IVar)}
 
 
 def group_kernels(c: Cascade) -> list[Kernel]:
