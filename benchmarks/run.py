@@ -1,7 +1,7 @@
 """einfuse against its peers, side by side in one process, on the zoo and a 1024^3 matmul.
 
     python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,einfuse]
-                             [--threads 2] [--repeat 20]
+                             [--threads 2] [--repeat 20] [--rounds 3]
 
 Workloads: the zoo's models, a 1024^3 matmul, and (by name only) GPT-2 and Llama at sequence 1024
 (``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
@@ -12,7 +12,8 @@ Peak memory of the fused attention: ``python -m benchmarks.memory``.
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
 pipeline (from_exported_program + the default pipeline), einfuse, and (by name only) ``unfused``:
 einfuse without ``fuse-attention``, attention as the 3-pass cascade. Prints the median latency
-of each, each peer's time relative to einfuse (> 1 means einfuse is faster), and compile times.
+of each (``repeat`` calls per round, every peer in turn, the median over ``rounds`` rounds), each
+peer's time relative to einfuse (> 1 means einfuse is faster), and compile times.
 A peer that fails on a model is shown as failed with its error.
 """
 from __future__ import annotations
@@ -92,6 +93,9 @@ for _n in (1024, 4096, 16384):
 
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
+    """The median of ``repeat`` timed calls, after a pause (so the previous peer's spinning
+    threads, torch's OpenMP pool, have gone to sleep) and one untimed call."""
+    time.sleep(PAUSE)
     fn()
     samples = []
     for _ in range(repeat):
@@ -99,6 +103,20 @@ def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
         fn()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
+
+
+PAUSE = 0.3  # seconds
+
+
+def measure(runs: dict[str, Callable[[], Any]], repeat: int, rounds: int) -> dict[str, float]:
+    """Each peer's time: the median over ``rounds`` rounds, in each of which every peer runs
+    ``repeat`` times in turn (this VM's speed drifts by +-30 % over minutes; interleaving
+    rounds spreads that drift over every peer instead of charging it to whichever ran then)."""
+    blocks: dict[str, list[float]] = {peer: [] for peer in runs}
+    for _ in range(rounds):
+        for peer, run in runs.items():
+            blocks[peer].append(median_seconds(run, repeat if peer != "relax" else max(3, repeat // 10)))
+    return {peer: statistics.median(b) for peer, b in blocks.items()}
 
 
 def peer_eager(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
@@ -161,24 +179,28 @@ def main() -> None:
     parser.add_argument("--peers", default="eager,inductor,ort,relax,einfuse")  # (and "unfused")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(opts.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(opts.threads))
     peers = opts.peers.split(",")
-    print(f"threads={opts.threads} repeat={opts.repeat} torch={torch.__version__}")
+    print(f"threads={opts.threads} repeat={opts.repeat} rounds={opts.rounds} torch={torch.__version__}")
     print(f"{'workload':11} {'peer':9} {'median ms':>10} {'vs einfuse':>10} {'compile s':>9}")
     for name in opts.models.split(","):
         model, args = WORKLOADS[name]()
         results: dict[str, Any] = {}
+        runs: dict[str, Callable[[], Any]] = {}
         with torch.no_grad():
             for peer in peers:
                 try:
-                    run, compile_s = PEERS[peer](model, args)
-                    repeat = opts.repeat if peer != "relax" else max(3, opts.repeat // 10)
-                    results[peer] = (median_seconds(run, repeat), compile_s)
+                    runs[peer], results[peer] = PEERS[peer](model, args)
+                    runs[peer]()   # (a peer that fails at run time fails here)
                 except Exception as exc:  # a failing peer is reported, not fatal
+                    runs.pop(peer, None)
                     results[peer] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:90]}"
+            for peer, seconds in measure(runs, opts.repeat, opts.rounds).items():
+                results[peer] = (seconds, results[peer])
         ours = results.get("einfuse")
         for peer, r in results.items():
             if isinstance(r, str):
