@@ -29,7 +29,9 @@ and rewrites it to FuseMax Cascade 5 (EINSUM_CASCADES.md §2.4): the keys split 
 Why: the 3-pass form reads the N x N scores three times and keeps them in memory; the 1-pass
 form touches each key tile once (``count_passes`` over the keys: 3 -> 1). FuseMax §III-C, §IV-E.
 
-The tile ``T`` is an option (``fuse-attention{tile=64}``). Patterns counted: ``attention`` (fused),
+The tile ``T`` is the target's choice (``Target.attention_tile``: one register tile of keys, fewer
+if a tile's K, V and scores would not fit half a core's cache; 64 on AVX-512) or an option
+(``fuse-attention{tile=128}``; ``{target=cpu}`` names the target). Patterns counted: ``attention`` (fused),
 and ``not-fused:<reason>`` for an attention-shaped Einsum that was left alone (symbolic key
 length, scores read outside the attention, ...). The old Einsums become dead; ``canonicalize``
 removes them. A row whose every key is masked gives NaN here as in the original (0/0).
@@ -67,7 +69,8 @@ class FuseAttention(Pass):
     """Rewrite each 3-pass attention into the 1-pass tiled cascade."""
 
     name = "fuse-attention"
-    tile: int = 64
+    tile: int = 0          # keys per tile; 0: the target's choice (Target.attention_tile)
+    target: str = "cpu"
 
     def run(self, c: Cascade, stats: Counter) -> Cascade:
         done: set[str] = set()
@@ -75,9 +78,23 @@ class FuseAttention(Pass):
             found = _find(c, stats, done)
             if found is None:
                 return c
-            c = _rewrite(c, found, self.tile)
+            c = _rewrite(c, found, self.tile or self.target_tile(c, found))
             done.add(found.out.lhs.tensor)
             stats["attention"] += 1
+
+
+    def target_tile(self, c: Cascade, m: _Match) -> int:
+        """The target's tile for this attention's head and value widths (64 where symbolic)."""
+        from ..targets import Target
+        size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
+
+        def width(variables: list[str]) -> int:
+            n = 1
+            for v in variables:
+                n *= size[ranks[v]] if isinstance(size[ranks[v]], int) else 64
+            return n
+        values = [v for v in lhs_vars(m.out) if v not in m.rows]
+        return Target.parse(self.target).attention_tile(width(reduced_vars(m.qk)), width(values))
 
 
 def _find(c: Cascade, stats: Counter, done: set[str]) -> _Match | None:

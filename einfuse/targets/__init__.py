@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from ..errors import EinfuseError
@@ -26,6 +27,17 @@ class Target:
     cores: int = 1
     vector_bytes: int = 16
     registers: int = 16
+    cache_bytes: int = 1 << 20   # the private (L2) cache of one core
+
+    def attention_tile(self, head_dim: int, value_dim: int, rows: int = 64) -> int:
+        """Keys per tile of the 1-pass attention: one register tile wide (the scores of a row of
+        the tile are then computed in registers at once), halved while a tile's working set (its
+        K and V rows, and the scores and probabilities of a block of ``rows`` queries) would
+        take more than half of a core's cache."""
+        tile = (4 if self.registers >= 32 else 2) * self.vector_lanes
+        while tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
+            tile //= 2
+        return tile
 
     @property
     def vector_lanes(self) -> int:
@@ -57,7 +69,16 @@ def host_cpu() -> Target:
     tvm_target: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
     if wide:  # LLVM splits 512-bit vectors in two on these CPUs unless told not to; tiles assume 512
         tvm_target["mattr"] = ["-prefer-256-bit"]
-    return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16)
+    return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16, _cache_bytes())
+
+
+def _cache_bytes() -> int:
+    """The size of the host's L2 cache (Linux sysfs), or 1 MiB where it cannot be read."""
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
+    except (OSError, ValueError):
+        return 1 << 20
 
 
 @dataclass(frozen=True)

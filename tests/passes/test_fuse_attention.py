@@ -14,7 +14,8 @@ from einfuse import capture, zoo
 from einfuse.ir import Cascade, count_passes, interpret, parse
 from einfuse.passes import FuseAttention, Instruments, PassManager, parse_pipeline
 from tests.codegen.test_schedules import SOFTMAX
-from tests.conftest import rel_err
+from einfuse.targets import host_cpu
+from tests.conftest import CASCADES, rel_err
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 PIPELINE = "canonicalize,fuse-attention{tile=8},canonicalize"
@@ -98,5 +99,9 @@ def test_a_dynamic_sequence_is_fused_with_a_ceiling_of_tiles(length: int, rng: n
     assert rel_err(interpret(fused, {"input_ids": ids})["out0"], interpret(c, {"input_ids": ids})["out0"]) <= 1e-10
 
 
-def test_tile_is_an_option() -> None:
+def test_tile_is_an_option_or_the_targets_choice() -> None:
     assert parse_pipeline("fuse-attention{tile=128}") == [FuseAttention(tile=128)]
+    c = parse((CASCADES / "attn_3pass.ein").read_text())
+    chosen = host_cpu().attention_tile(32, 32)
+    assert PassManager([FuseAttention()]).run(c).rank("MI").size == min(chosen, 48)
+    assert PassManager([FuseAttention(tile=8)]).run(c).rank("MI").size == 8

@@ -30,3 +30,15 @@ def test_peaks_are_measured_once_and_cached(tmp_path: Path) -> None:
     (cached,) = tmp_path.glob("peaks-*.json")
     assert host_peaks(tmp_path) == first
     assert cached.is_file()
+
+
+@pytest.mark.parametrize("vector_bytes, registers, cache, head, tile", [
+    (64, 32, 1 << 20, 64, 64),     # AVX-512: four 16-lane vectors of keys
+    (32, 16, 1 << 20, 64, 16),     # AVX2: two 8-lane vectors
+    (64, 32, 1 << 16, 64, 32),     # 4 * 64 * (64 + 64 + 128) = 64 KiB > 32 KiB: halved once
+    (64, 32, 1 << 12, 512, 16),    # never narrower than one vector
+])
+def test_attention_tile_is_a_register_tile_of_keys_that_fits_the_cache(
+        vector_bytes: int, registers: int, cache: int, head: int, tile: int) -> None:
+    target = Target("t", {}, 1, vector_bytes, registers, cache)
+    assert target.attention_tile(head, head) == tile
