@@ -6,11 +6,12 @@ import re
 from .manager import Pass, parse_pipeline
 
 #: Each named pipeline as pipeline text:
-#: * ``default``: canonicalize, fuse every attention into FuseMax's 1-pass cascade, canonicalize
-#:   again (the 3-pass Einsums it replaced are dead);
+#: * ``default``: canonicalize, fuse every attention into FuseMax's 1-pass cascade, defer what
+#:   else waits for a reduction (LayerNorm's centring: 3 passes -> 2), canonicalize again (the
+#:   Einsums these replaced are dead);
 #: * ``unfused``: canonicalize only (attention stays the 3-pass cascade);
 #: * ``none``: the captured cascade as it is.
-NAMED_TEXT = {"default": "canonicalize,fuse-attention,canonicalize", "unfused": "canonicalize", "none": ""}
+NAMED_TEXT = {"default": "canonicalize,fuse-attention,defer,canonicalize", "unfused": "canonicalize", "none": ""}
 NAMED = tuple(NAMED_TEXT)
 
 

@@ -68,7 +68,7 @@ def test_causal_attention_skips_masked_tiles_and_matches_torch(seq: int, tmp_pat
 
 def test_the_default_pipeline_fuses_attention() -> None:
     names = [p.name for p in pipeline("default")]
-    assert names == ["canonicalize", "fuse-attention", "canonicalize"]
+    assert names == ["canonicalize", "fuse-attention", "defer", "canonicalize"]
     assert [p.name for p in pipeline("unfused")] == ["canonicalize"]
     c = parse(ATTENTION.replace("SEQ", "80"))
     out = PassManager(pipeline("default")).run(c)

@@ -78,6 +78,6 @@ def test_a_group_that_breaks_the_rule_fails_naming_the_kernel(monkeypatch: pytes
 
 def test_named_pipelines_stand_for_their_passes_in_pipeline_text() -> None:
     assert [p.spelled() for p in pipeline("default,group-kernels")] == \
-        ["canonicalize", "fuse-attention", "canonicalize", "group-kernels"]
+        ["canonicalize", "fuse-attention", "defer", "canonicalize", "group-kernels"]
     assert [p.spelled() for p in pipeline("fuse-attention{tile=4},unfused")] == ["fuse-attention{tile=4}", "canonicalize"]
     assert pipeline("none") == []
