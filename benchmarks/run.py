@@ -111,12 +111,16 @@ PAUSE = 0.3  # seconds
 def measure(runs: dict[str, Callable[[], Any]], repeat: int, rounds: int) -> dict[str, float]:
     """Each peer's time: the median over ``rounds`` rounds, in each of which every peer runs
     ``repeat`` times in turn (this VM's speed drifts by +-30 % over minutes; interleaving
-    rounds spreads that drift over every peer instead of charging it to whichever ran then)."""
-    blocks: dict[str, list[float]] = {peer: [] for peer in runs}
+    rounds spreads that drift over every peer instead of charging it to whichever ran then).
+    TVM's Relax pipeline, hundreds of times slower, runs once after the rounds."""
+    blocks: dict[str, list[float]] = {peer: [] for peer in runs if peer != "relax"}
     for _ in range(rounds):
-        for peer, run in runs.items():
-            blocks[peer].append(median_seconds(run, repeat if peer != "relax" else max(3, repeat // 10)))
-    return {peer: statistics.median(b) for peer, b in blocks.items()}
+        for peer in blocks:
+            blocks[peer].append(median_seconds(runs[peer], repeat))
+    out = {peer: statistics.median(b) for peer, b in blocks.items()}
+    if "relax" in runs:   # (last, once: after its calls of seconds each, einfuse ran 1.4x slower here)
+        out["relax"] = median_seconds(runs["relax"], max(3, repeat // 10))
+    return out
 
 
 def peer_eager(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
@@ -201,6 +205,7 @@ def main() -> None:
                     results[peer] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:90]}"
             for peer, seconds in measure(runs, opts.repeat, opts.rounds).items():
                 results[peer] = (seconds, results[peer])
+            results = {peer: results[peer] for peer in peers}   # (in the order asked for)
         ours = results.get("einfuse")
         for peer, r in results.items():
             if isinstance(r, str):

@@ -20,6 +20,27 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     weights, the target, the versions and the code generator's source, so compiling the same
     model again only loads it.
     """
+    from .targets import Target
+    if Target.parse(target).kind != "cpu":   # (an unknown name fails here, listing the known ones)
+        raise EinfuseError(f"compile: {target} code is emitted, not run here; use einfuse.kernels or "
+                           f"`einfuse kernels MODEL --target {target} -o DIR`")
+    cascade = optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes)
+    return _compile_cascade(cascade, target, Path(cache_dir) if cache_dir else default_cache_dir())
+
+
+def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,
+            pipeline: str = "default", dynamic_shapes: Any = None) -> Path:
+    """Write the source of every kernel of ``model`` for ``target`` into directory ``output``,
+    with ``manifest.json`` (see :mod:`einfuse.codegen.emit`); returns the manifest's path."""
+    from .codegen.emit import write_kernels
+    from .targets import Target
+    t = Target.parse(target)
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes), t)
+    return write_kernels(cascade, t, Path(output))
+
+
+def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default", dynamic_shapes: Any = None) -> Cascade:
+    """The cascade of ``model`` (captured with example ``args``, or a Cascade) after ``pipeline``."""
     from .passes import PassManager
     from .passes import pipeline as named_pipeline
     passes = named_pipeline(pipeline)  # a named pipeline or pipeline text; bad text fails before capture
@@ -30,8 +51,16 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
             raise EinfuseError("compile: a torch model needs example args, e.g. einfuse.compile(model, (x,))")
         from .frontends import capture
         cascade = capture(model, args, dynamic_shapes=dynamic_shapes)
-    cascade = PassManager(passes).run(cascade)
-    return _compile_cascade(cascade, target, Path(cache_dir) if cache_dir else default_cache_dir())
+    return PassManager(passes).run(cascade)
+
+
+def laid_out(cascade: Cascade, target: Any) -> Cascade:
+    """``cascade`` with the target's operand layouts, then grouped into kernels (the side table)."""
+    from .codegen.layout import materialize_operands, transpose_weights
+    from .codegen.schedules.cpu import ragged
+    from .passes import GroupKernels, PassManager
+    cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
+    return PassManager([GroupKernels()]).run(cascade)   # (last: the groups of the code generated)
 
 
 def default_cache_dir() -> Path:
@@ -41,14 +70,10 @@ def default_cache_dir() -> Path:
 
 def _compile_cascade(cascade: Cascade, target_name: str, cache: Path) -> Any:
     from .codegen.build import build, cache_key
-    from .codegen.layout import materialize_operands, transpose_weights
     from .codegen.runtime import load
-    from .codegen.schedules.cpu import ragged
-    from .passes import GroupKernels, PassManager
     from .targets import Target
     target = Target.parse(target_name)
-    cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
-    cascade = PassManager([GroupKernels()]).run(cascade)   # (last: the groups of the code generated)
+    cascade = laid_out(cascade, target)
     entry = cache / cache_key(cascade, target)
     if (entry / "model.so").is_file():
         try:

@@ -1,6 +1,7 @@
 """The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, run passes over it with
 IR-inspection instruments, print and analyse it) and
-``compile`` (compile it for a target, write the library and print the report).
+``compile`` (compile it for a target, write the library and print the report) and ``kernels``
+(write each kernel's source for a target, with a manifest; no device needed).
 
 MODEL is a ``.ein`` file, ``zoo:NAME`` (a model of :mod:`einfuse.zoo`) or ``path/to/file.py:function``
 (a function returning ``(model, example_args)``).
@@ -42,9 +43,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("-o", "--output", required=True, help="directory for model.so, model.json and report.txt")
     comp.add_argument("--no-cache", action="store_true", help="compile even if the cache has this model")
     comp.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    kern = sub.add_parser("kernels", help="write each kernel's source for a target, with manifest.json")
+    kern.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
+    kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
+    kern.add_argument("-o", "--output", required=True, help="directory for the sources and manifest.json")
+    kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     args = parser.parse_args(argv)
     try:
-        return _ir(args) if args.command == "ir" else _compile(args)
+        return {"ir": _ir, "compile": _compile, "kernels": _kernels}[args.command](args)
     except EinfuseError as err:
         print(f"einfuse: error: {args.model}: {err}", file=sys.stderr)
         return 1
@@ -83,6 +89,16 @@ def _compile(args: argparse.Namespace) -> int:
     (out / "report.txt").write_text(report + "\n")
     print(report)
     print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
+    return 0
+
+
+def _kernels(args: argparse.Namespace) -> int:
+    import json
+
+    from .api import kernels
+    model, example = load_torch_model(args.model)
+    manifest = kernels(model, example, target=args.target, output=args.output, pipeline=args.pipeline)
+    print(f"wrote {len(json.loads(manifest.read_text())['kernels'])} kernels and {manifest}")
     return 0
 
 

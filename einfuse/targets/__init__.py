@@ -1,6 +1,8 @@
 """Targets: a TVM target plus the hardware numbers the schedules and cost model use.
 
-``Target.cpu()`` detects the host: LLVM's name for its CPU (so AVX2 / AVX-512 code is generated;
+Names: ``cpu`` (the host), ``cuda:sm_80`` / ``cuda:a100``, ``cuda:sm_90`` / ``cuda:h100`` /
+``cuda:h200``, any ``cuda:sm_XX``, and ``accel:fusemax`` (see :mod:`.presets`; a name that is none
+of these fails with the list). ``cpu`` detects the host: LLVM's name for its CPU (so AVX2 / AVX-512 code is generated;
 ``mcpu: native`` is silently ignored by this TVM, TVM_0.27_NOTES.md §1), the vector width and the
 core count.
 """
@@ -12,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..errors import EinfuseError
+from . import presets
 
 _AVX512 = ("avx512", "skylake-avx512", "icelake", "sapphirerapids", "emeraldrapids", "graniterapids",
            "cascadelake", "cooperlake", "tigerlake", "rocketlake", "znver4", "znver5", "x86-64-v4")
@@ -28,6 +30,12 @@ class Target:
     vector_bytes: int = 16
     registers: int = 16
     cache_bytes: int = 1 << 20   # the private (L2) cache of one core
+    device: Any = field(default=None, hash=False)   # a presets.GPU or presets.Accelerator, None on a CPU
+
+    @property
+    def kind(self) -> str:
+        """``cpu``, ``cuda`` or ``accel``."""
+        return self.name.split(":", 1)[0] if self.device is not None else "cpu"
 
     def attention_tile(self, head_dim: int, value_dim: int, rows: int = 64) -> int:
         """Keys per tile of the 1-pass attention: one register tile wide (the scores of a row of
@@ -51,12 +59,17 @@ class Target:
 
     @staticmethod
     def parse(spec: "str | Target") -> "Target":
-        """``"cpu"`` (the host) or a Target."""
+        """A Target by name (module docstring), or a Target as it is."""
         if isinstance(spec, Target):
             return spec
         if spec in ("cpu", "llvm"):
             return host_cpu()
-        raise EinfuseError(f"unknown target '{spec}'; available: cpu")
+        if spec.startswith("cuda:"):
+            device = presets.gpu(spec)
+            return Target(spec, {"kind": "cuda", "arch": device.arch}, device=device)
+        if spec.startswith("accel:"):
+            return Target(spec, {"kind": "c"}, device=presets.accelerator(spec))
+        raise presets.unknown(spec)
 
 
 @lru_cache(maxsize=1)
