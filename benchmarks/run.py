@@ -5,8 +5,8 @@
 
 Workloads: the zoo's models, a 1024^3 matmul, and (by name only) GPT-2 and Llama at sequence 1024
 (``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
-``attn16384``, with a ``c`` suffix for causal (eager is then torch's fused
-``scaled_dot_product_attention``).
+``attn16384``, with a ``c`` suffix for causal, and ``attnvit`` (the zoo ViT's: B=2, H=4, 785 tokens,
+D=16); eager is then torch's fused ``scaled_dot_product_attention``.
 Peak memory of the fused attention: ``python -m benchmarks.memory``.
 
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
@@ -80,16 +80,19 @@ class Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
 
-def _attention(n: int, causal: bool) -> Callable[[], tuple]:
+def _attention(n: int, causal: bool, shape: tuple[int, int, int] = (1, 8, 64)) -> Callable[[], tuple]:
+    batch, heads, width = shape
+
     def build() -> tuple:
         torch.manual_seed(0)
-        return Attention(causal).eval(), tuple(torch.randn(1, 8, n, 64) for _ in range(3))
+        return Attention(causal).eval(), tuple(torch.randn(batch, heads, n, width) for _ in range(3))
     return build
 
 
 for _n in (1024, 4096, 16384):
     workload(f"attn{_n}")(_attention(_n, False))
     workload(f"attn{_n}c")(_attention(_n, True))
+workload("attnvit")(_attention(785, False, (2, 4, 16)))   # the zoo ViT's attention: 785 tokens, 16-wide heads
 
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:
