@@ -2,13 +2,13 @@
 
 No device is needed: for ``cuda:*`` every kernel is lowered as for the CPU (TE), scheduled by
 TVM's dlight GPU rules (GEMM, GEMV, reduction, general reduction, fallback) and compiled to CUDA
-C source, one ``.cu`` per kernel; for ``cpu`` each kernel's scheduled TIR and assembly. The
-manifest (``manifest.json``) lists per kernel its name, kind, the Einsums it computes, its launch
-grid (CUDA) and its roofline estimate on the target's datasheet numbers.
+C source, one ``.cu`` per kernel; a loop kernel (the 1-pass attention) is built by
+:class:`~.loop_gpu.GPULoopBuilder` (a thread block per block of 64 rows, a thread per row). For
+``cpu``: each kernel's scheduled TIR and assembly. The manifest (``manifest.json``) lists per
+kernel its name, kind, files, the Einsums it computes, its launch grid (CUDA) and its roofline
+estimate on the target's datasheet numbers.
 
-Not yet: loop kernels (the 1-pass attention) have no GPU schedule, and ``accel:*`` no lowering;
-asking for either fails naming what is missing (``-p unfused`` keeps attention as three kernels
-that the GPU rules schedule).
+Not yet: ``accel:*`` has no lowering; asking for it fails saying so.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ..ir.text import access_text
 from ..passes.group_kernels import Kernel
 from ..targets import Target
 from .build import reproducer
+from .loop_gpu import GPULoopBuilder
 from .lower import KernelBuilder, SizeVars
 
 
@@ -45,10 +46,6 @@ def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
     """The source of every kernel of ``c`` (grouped, laid out) for ``target``."""
     if target.kind == "accel":
         raise EinfuseError(f"no lowering for {target.name} yet (issue 6: tensorized C and its cycle model)")
-    loops = [k.name for k in c.groups if k.kind == "loop"]
-    if target.kind == "cuda" and loops:
-        raise EinfuseError(f"no GPU schedule for loop kernels yet ({', '.join(loops)}: the 1-pass attention); "
-                           "emit with -p unfused to keep attention as kernels the GPU rules schedule")
     sizes = SizeVars()
     out = []
     for k in c.groups:
@@ -61,8 +58,15 @@ def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
 def _cuda(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:
     import tvm
     from tvm.s_tir import dlight as dl
-    func = KernelBuilder(c, k, sizes).prim_func()
     tvm_target = tvm.target.Target(target.tvm, host={"kind": "llvm"})
+    if k.kind == "loop":   # (our own schedule: a thread block per block of rows, a thread per row)
+        func = GPULoopBuilder(c, k, sizes, target).prim_func()
+        try:
+            executable = tvm.compile(tvm.IRModule({k.name: func}), target=tvm_target)
+        except Exception as exc:
+            raise _error(exc, c, k, target) from exc
+        return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(func)
+    func = KernelBuilder(c, k, sizes).prim_func()
     rules = [(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
              (dl.gpu.Fallback(),)]   # (the fallback alone where a rule's analysis fails: top-k's ranks)
     try:
@@ -76,10 +80,14 @@ def _cuda(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[
                     raise
         executable = tvm.compile(mod, target=tvm_target)
     except Exception as exc:   # TVM's own error types
-        last = (str(exc).strip().splitlines() or [""])[-1]
-        raise CompileError(f"kernel {k.name} ({k.kind or 'single'}) for {target.name}: {type(exc).__name__}: {last}",
-                           reproducer(c, k)) from exc
+        raise _error(exc, c, k, target) from exc
     return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(mod[k.name])
+
+
+def _error(exc: Exception, c: Cascade, k: Kernel, target: Target) -> CompileError:
+    last = (str(exc).strip().splitlines() or [""])[-1]
+    return CompileError(f"kernel {k.name} ({k.kind or 'single'}) for {target.name}: {type(exc).__name__}: {last}",
+                        reproducer(c, k))
 
 
 def _cpu(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:

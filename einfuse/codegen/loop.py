@@ -68,6 +68,13 @@ class LoopBuilder(KernelBuilder):
         self.layout: dict[str, list[str]] = {}
         self.proven: frozenset = frozenset()   # filters the tile being emitted passes everywhere
 
+    vectorized = staticmethod(T.vectorized)   # how loops over vector lanes are emitted
+
+    @property
+    def lanes(self) -> int:
+        """float32 lanes of a vector: the width of row reductions' partial results."""
+        return self.target.vector_lanes
+
     def row_vars(self) -> list[str]:
         """The variables indexing every Einsum's output, in the output's order."""
         rows = lhs_vars(self.k.writes[0])
@@ -92,15 +99,22 @@ class LoopBuilder(KernelBuilder):
                 self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
             extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
             blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
-            with T.sblock("root"), _loop(T.parallel, _fold(lambda a, b: a * b, extents + [blocks])) as p:
+            with self.launch(_fold(lambda a, b: a * b, extents + [blocks]), rows) as (p, first):
                 # the block varies fastest: each thread's share of the parallel loop then
                 # holds early and late query blocks alike (a causal mask skips more in early ones)
-                start, p = tirx.floormod(p, blocks) * rows, tirx.floordiv(p, blocks)
+                start, p = tirx.floormod(p, blocks) * rows + first, tirx.floordiv(p, blocks)
                 env = {}
                 for v, ext in reversed(list(zip(outer, extents))):
                     env[v], p = tirx.floormod(p, ext), tirx.floordiv(p, ext)
                 self.emit_block(env, start)
         return ib.get()
+
+    def launch(self, blocks: Any, rows: int) -> Any:
+        """A context over the blocks of rows, giving (the block, the first row it emits in it):
+        one parallel loop over the blocks, each block's rows emitted together."""
+        stack = ExitStack()
+        stack.enter_context(T.sblock("root"))
+        return _Entered(stack, (stack.enter_context(_loop(T.parallel, blocks)), tirx.const(0, "int64")))
 
     def emit_block(self, env: dict[str, Any], start: Any) -> None:
         """One block of rows: local buffers, the initial state, the loop, the output."""
@@ -189,7 +203,7 @@ class LoopBuilder(KernelBuilder):
                 and not [v for v in lhs_vars(after) if v not in self.rows and v not in bound]
                 and not any(ix.filter for ix in after.lhs.indices)
                 and any(a.tensor == e.lhs.tensor for a in reads(after))
-                and isinstance(extent, int) and extent % self.target.vector_lanes == 0)
+                and isinstance(extent, int) and self.lanes > 1 and extent % self.lanes == 0)
 
     def live(self, env: dict[str, Any]) -> Any:
         """When this tile may hold a point of the masked scores, or None if every tile may.
@@ -246,7 +260,7 @@ class LoopBuilder(KernelBuilder):
                 continue
             buf = self.buffers[name]
             with ExitStack() as stack:
-                idx = [stack.enter_context(_loop(T.vectorized if k == len(buf.shape) - 1 else T.serial, n))
+                idx = [stack.enter_context(_loop(self.vectorized if k == len(buf.shape) - 1 else T.serial, n))
                        for k, n in enumerate(buf.shape) if k > 0]
                 T.buffer_store(buf, tirx.BufferLoad(buf, [tirx.floormod(t, 2)] + idx),
                                [tirx.floormod(t + 1, 2)] + idx)
@@ -334,7 +348,7 @@ class LoopBuilder(KernelBuilder):
         stack = ExitStack()
         row = stack.enter_context(_loop(T.unroll, unroll))
         extent = self.var_extent(vector)
-        lanes = stack.enter_context(_loop(T.vectorized if isinstance(extent, int) else T.serial,
+        lanes = stack.enter_context(_loop(self.vectorized if isinstance(extent, int) else T.serial,
                                           self.sizes.expr(extent)))
         at = {**env, vector: lanes, "@row": group * unroll + row, "@tile": [row, lanes]}
         at[self.block] = self.row_at(at["@row"])
@@ -345,9 +359,9 @@ class LoopBuilder(KernelBuilder):
         innermost reduced variable has a static extent the vector width divides; ``first``, the
         map it reads (see ``fused``), is computed in the same loop."""
         op, work = self.reduce_op(e), self.dtype(e)
-        lanes = self.target.vector_lanes
+        lanes = self.lanes
         extent = self.var_extent(red[-1])
-        if not isinstance(extent, int) or extent % lanes:
+        if not isinstance(extent, int) or lanes == 1 or extent % lanes:
             with self.nest(env, [], vector=[]) as at:
                 self.store(e, at, _const(_IDENTITY[op], work))
             with self.nest(env, red, vector=[]) as at:
@@ -357,14 +371,14 @@ class LoopBuilder(KernelBuilder):
         parts = T.decl_buffer([self.row_count if grouped else 1, lanes], work, scope="local")
         with self.nest(env, [], vector=[]) as at:
             slot = at["@row"] if grouped else tirx.const(0, "int64")
-            with _loop(T.vectorized, lanes) as j:
+            with _loop(self.vectorized, lanes) as j:
                 T.buffer_store(parts, _const(_IDENTITY[op], work), [slot, j])
             with ExitStack() as stack:
                 inner = dict(at)
                 for v in red[:-1]:
                     inner[v] = stack.enter_context(_loop(T.serial, self.sizes.expr(self.var_extent(v))))
                 j0 = stack.enter_context(_loop(T.serial, extent // lanes))
-                j1 = stack.enter_context(_loop(T.vectorized, lanes))
+                j1 = stack.enter_context(_loop(self.vectorized, lanes))
                 inner[red[-1]] = j0 * lanes + j1
                 if first is not None:
                     self.store(first, inner, self.value(first, inner))
@@ -474,10 +488,10 @@ class _Nest:
 
     def __enter__(self) -> dict[str, Any]:
         b, env, enter = self.b, dict(self.env), self.stack.enter_context
-        env["@row"] = enter(_loop(T.vectorized if self.vector == [b.block] else T.serial, b.row_count))
+        env["@row"] = enter(_loop(b.vectorized if self.vector == [b.block] else T.serial, b.row_count))
         for v in self.order:
             extent = b.var_extent(v)
-            kind = T.vectorized if v in self.vector and isinstance(extent, int) else T.serial
+            kind = b.vectorized if v in self.vector and isinstance(extent, int) else T.serial
             env[v] = enter(_loop(kind, b.sizes.expr(extent)))
         env[b.block] = b.row_at(env["@row"])
         return env

@@ -3,15 +3,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from contextlib import ExitStack
+from typing import Any
+
 import pytest
+import torch
+from tvm.script.ir_builder import tirx as T
 
 import einfuse
 from einfuse import zoo
+from einfuse.codegen import build as build_module
+from einfuse.codegen.loop import _Entered, _loop
+from einfuse.codegen.loop_gpu import GPULoopBuilder
 from einfuse.errors import EinfuseError
 from einfuse.ir import parse
 from tests.codegen.test_schedules import SOFTMAX
+from tests.conftest import rel_err
 
 NVCC = shutil.which("nvcc")
 
@@ -37,6 +48,29 @@ def test_every_mlp_kernel_compiles_with_nvcc_for_sm_80_and_sm_90(tmp_path: Path)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "mixtral", "convnet"])
+def test_every_kernel_of_every_zoo_model_compiles_with_nvcc(name: str, tmp_path: Path) -> None:
+    model, args = zoo.build(name)
+    manifest = json.loads(einfuse.kernels(model, args, target="cuda:sm_90", output=tmp_path).read_text())
+    sources = {}   # (layers repeat kernels under other names: each distinct source once)
+    for k in manifest["kernels"]:
+        text = (tmp_path / k["files"][0]).read_text()
+        sources.setdefault(text.replace(k["kernel"], "KERNEL"), tmp_path / k["files"][0])
+    jobs = [(cu, arch) for cu in sources.values() for arch in ("sm_80", "sm_90")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        failed = [f"{cu.name} {arch}: {err}" for (cu, arch), err in zip(jobs, pool.map(_nvcc, jobs)) if err]
+    assert not failed, failed
+
+
+def _nvcc(job: tuple[Path, str]) -> str:
+    """nvcc's error output compiling one source to PTX, empty when it compiled."""
+    cu, arch = job
+    out = subprocess.run([NVCC, "-ptx", f"-arch={arch}", str(cu), "-o", str(cu.with_suffix(f".{arch}.ptx"))],
+                         capture_output=True, text=True)
+    return "" if out.returncode == 0 else out.stderr[-500:]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 def test_unfused_attention_and_softmax_kernels_compile_with_nvcc(tmp_path: Path) -> None:
     model, args = zoo.build("gpt2")
     manifest = json.loads(einfuse.kernels(model, args, target="cuda:h100", output=tmp_path,
@@ -55,10 +89,47 @@ def test_cpu_kernels_are_written_as_tir_and_assembly(tmp_path: Path) -> None:
     assert kernel["roofline_ms"] is None   # (the host has measured peaks, not a datasheet: see report())
 
 
-def test_loop_kernels_and_the_accelerator_are_refused_naming_what_is_missing(tmp_path: Path) -> None:
-    model, args = zoo.build("gpt2")
-    with pytest.raises(EinfuseError, match=r"no GPU schedule for loop kernels yet \(k\d+_attn.*-p unfused"):
-        einfuse.kernels(model, args, target="cuda:h100", output=tmp_path)
+class _Causal(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+def test_the_1pass_attention_compiles_for_the_gpu_a_thread_per_row(tmp_path: Path) -> None:
+    args = tuple(torch.randn(1, 2, 100, 64) for _ in range(3))
+    manifest = json.loads(einfuse.kernels(_Causal(), args, target="cuda:sm_90", output=tmp_path).read_text())
+    (loop,) = [k for k in manifest["kernels"] if k["kind"] == "loop"]
+    assert loop["launch"] == {"blockIdx.x": 4, "threadIdx.x": 64}   # 2 heads x 2 blocks of 64 queries
+    assert _ptx(tmp_path / loop["files"][0], "sm_80") and _ptx(tmp_path / loop["files"][0], "sm_90")
+
+
+class _SerialThreads(GPULoopBuilder):
+    """The GPU loop kernel with its blocks and threads as serial loops, so the CPU can run it."""
+
+    def launch(self, blocks: Any, rows: int) -> Any:
+        stack = ExitStack()
+        stack.enter_context(T.sblock("root"))
+        block, thread = stack.enter_context(_loop(T.serial, blocks)), stack.enter_context(_loop(T.serial, rows))
+        self.row_count = 1
+        return _Entered(stack, (block, thread))
+
+
+@pytest.mark.parametrize("build", ["causal", "gpt2"])
+def test_the_gpu_attention_code_computes_attention(build: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each GPU thread computes, run on the CPU (threads as loops) against torch."""
+    monkeypatch.setattr(build_module, "LoopBuilder", _SerialThreads)
+    model, args = (_Causal(), tuple(torch.randn(1, 2, 100, 64) for _ in range(3))) if build == "causal" \
+        else zoo.build("gpt2", seq=70)
+    compiled = einfuse.compile(model, args, cache_dir=tmp_path)
+    loops = [k.name for k in compiled.kernels if k.kind == "loop"]
+    functions = compiled.source("tir").split("@T.prim_func")
+    assert loops and all("T.vectorized" not in f for f in functions if f"def {loops[0]}(" in f)   # (one row each)
+    with torch.no_grad():
+        want = model(*args)
+    assert rel_err(compiled(*args).numpy(), want.numpy()) <= 1e-4
+
+
+def test_the_accelerator_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(EinfuseError, match="no lowering for accel:fusemax yet"):
         einfuse.kernels(parse(SOFTMAX), target="accel:fusemax", output=tmp_path)
     with pytest.raises(EinfuseError, match="code is emitted, not run here"):
