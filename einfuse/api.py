@@ -21,9 +21,10 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     model again only loads it.
     """
     from .targets import Target
-    if Target.parse(target).kind != "cpu":   # (an unknown name fails here, listing the known ones)
-        raise EinfuseError(f"compile: {target} code is emitted, not run here; use einfuse.kernels or "
-                           f"`einfuse kernels MODEL --target {target} -o DIR`")
+    kind = Target.parse(target).kind   # (an unknown name fails here, listing the known ones)
+    if kind == "accel" or (kind == "cuda" and not _gpu_present()):
+        raise EinfuseError(f"compile: {target} code is emitted, not run here (no such device); use "
+                           f"einfuse.kernels or `einfuse kernels MODEL --target {target} -o DIR`")
     cascade = optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes)
     return _compile_cascade(cascade, target, Path(cache_dir) if cache_dir else default_cache_dir())
 
@@ -61,6 +62,11 @@ def laid_out(cascade: Cascade, target: Any) -> Cascade:
     from .passes import GroupKernels, PassManager
     cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
     return PassManager([GroupKernels()]).run(cascade)   # (last: the groups of the code generated)
+
+
+def _gpu_present() -> bool:
+    import tvm
+    return bool(tvm.cuda(0).exist)
 
 
 def default_cache_dir() -> Path:

@@ -20,14 +20,23 @@ from ..ir import Cascade, to_text
 from ..passes.group_kernels import group_kernels
 from .graph import build_graph
 from .loop import LoopBuilder
+from .loop_gpu import GPULoopBuilder
 from .lower import KernelBuilder
 from .runtime import CompiledModel
 from .schedules.cpu import schedule
+from .schedules.gpu import schedule as gpu_schedule
 
 
 def build(cascade: Cascade, target: Any) -> Any:
-    """Lower, schedule and compile ``cascade``; errors name the kernel and leave a reproducer."""
+    """Lower, schedule and compile ``cascade`` into a CompiledModel on the target's device."""
     start = time.perf_counter()
+    executable, kernels, tir = compile_executable(cascade, target)
+    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start, {"tir": tir})
+
+
+def compile_executable(cascade: Cascade, target: Any) -> tuple[Any, list, str]:
+    """(TVM's executable, the kernels, their scheduled TIR); errors name the kernel and leave a
+    reproducer. For a GPU no device is needed: the executable holds the CUDA source."""
     kernels = list(cascade.groups) or group_kernels(cascade)   # (the side table of group-kernels)
     scheduled: list[str] = []
 
@@ -35,8 +44,8 @@ def build(cascade: Cascade, target: Any) -> Any:
         try:
             out = kernel_function(cascade, kernel, sizes, target)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
-            raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1]}",
-                               reproducer(cascade, kernel)) from exc
+            last = (str(exc).strip().splitlines() or [""])[-1]
+            raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {last}", reproducer(cascade, kernel)) from exc
         scheduled.append(out.script())
         return out
     try:
@@ -47,16 +56,17 @@ def build(cascade: Cascade, target: Any) -> Any:
     except Exception as exc:
         raise CompileError(f"TVM could not compile the model: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None)) from exc
-    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start,
-                         {"tir": "\n\n".join(scheduled)})
+    return executable, kernels, "\n\n".join(scheduled)
 
 
 def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any) -> Any:
-    """The kernel's scheduled PrimFunc: a loop kernel built as TIR, any other lowered through TE
-    and scheduled by rule."""
+    """The kernel's scheduled PrimFunc: a loop kernel built as TIR (for a GPU: a thread per row),
+    any other lowered through TE and scheduled by rule (for a GPU: dlight's)."""
+    gpu = target.kind == "cuda"
     if kernel.kind == "loop":
-        return LoopBuilder(cascade, kernel, sizes, target).prim_func()
-    return schedule(KernelBuilder(cascade, kernel, sizes).prim_func(), kernel, target)
+        return (GPULoopBuilder if gpu else LoopBuilder)(cascade, kernel, sizes, target).prim_func()
+    func = KernelBuilder(cascade, kernel, sizes).prim_func()
+    return gpu_schedule(func, kernel.name, target) if gpu else schedule(func, kernel, target)
 
 
 def reproducer(cascade: Cascade, kernel: Any) -> str:

@@ -27,8 +27,7 @@ from ..ir.text import access_text
 from ..passes.group_kernels import Kernel
 from ..targets import Target
 from .build import reproducer
-from .loop_gpu import GPULoopBuilder
-from .lower import KernelBuilder, SizeVars
+from .lower import SizeVars
 
 
 @dataclass(frozen=True)
@@ -57,31 +56,14 @@ def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
 
 def _cuda(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:
     import tvm
-    from tvm.s_tir import dlight as dl
-    tvm_target = tvm.target.Target(target.tvm, host={"kind": "llvm"})
-    if k.kind == "loop":   # (our own schedule: a thread block per block of rows, a thread per row)
-        func = GPULoopBuilder(c, k, sizes, target).prim_func()
-        try:
-            executable = tvm.compile(tvm.IRModule({k.name: func}), target=tvm_target)
-        except Exception as exc:
-            raise _error(exc, c, k, target) from exc
-        return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(func)
-    func = KernelBuilder(c, k, sizes).prim_func()
-    rules = [(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()),
-             (dl.gpu.Fallback(),)]   # (the fallback alone where a rule's analysis fails: top-k's ranks)
+
+    from .build import kernel_function
     try:
-        for n, chosen in enumerate(rules):
-            try:
-                with tvm_target:
-                    mod = dl.ApplyDefaultSchedule(*chosen)(tvm.IRModule({k.name: func}))
-                break
-            except AssertionError:
-                if n == len(rules) - 1:
-                    raise
-        executable = tvm.compile(mod, target=tvm_target)
+        func = kernel_function(c, k, sizes, target)
+        executable = tvm.compile(tvm.IRModule({k.name: func}), target=target.tvm_target())
     except Exception as exc:   # TVM's own error types
         raise _error(exc, c, k, target) from exc
-    return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(mod[k.name])
+    return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(func)
 
 
 def _error(exc: Exception, c: Cascade, k: Kernel, target: Target) -> CompileError:

@@ -35,6 +35,7 @@ class GPULoopBuilder(LoopBuilder):
         """``blockIdx.x`` over the blocks of rows, ``threadIdx.x`` over a block's rows: each thread
         emits one row (the builder's block of rows is then one row)."""
         stack = ExitStack()
+        stack.enter_context(T.sblock("root"))
         block = stack.enter_context(_bound(blocks, "blockIdx.x"))
         thread = stack.enter_context(_bound(rows, "threadIdx.x"))
         self.row_count = 1

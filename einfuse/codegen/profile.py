@@ -8,8 +8,8 @@ import tvm
 
 from ..ir import Cascade
 from ..ir.scope import declarations
-from .build import kernel_function
 from ..passes.group_kernels import Kernel
+from .build import kernel_function
 from .lower import DTYPES, SizeVars
 
 
@@ -18,6 +18,7 @@ def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: M
     """Median seconds of each kernel, rebuilt alone and run on random data of the model's sizes."""
     decls = declarations(c)
     rng = np.random.default_rng(0)
+    device = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu()
     out = {}
     for k in kernels:
         func = kernel_function(c, k, SizeVars(), target)
@@ -28,7 +29,7 @@ def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: M
             shape = [rank_sizes[r.rank] + int(r.iterative) for r in d.ranks]
             data = rng.standard_normal(shape) if d.dtype.startswith(("f", "b")) and d.dtype != "bool" \
                 else np.ones(shape) if d.dtype == "bool" else np.zeros(shape)  # (a mask that keeps all)
-            args.append(tvm.runtime.tensor(data.astype(DTYPES[d.dtype])))
-        timer = lib.mod.time_evaluator(k.name, tvm.cpu(), number=3, repeat=repeat)
+            args.append(tvm.runtime.tensor(data.astype(DTYPES[d.dtype]), device))
+        timer = lib.mod.time_evaluator(k.name, device, number=3, repeat=repeat)
         out[k.name] = float(timer(*args).median)
     return out

@@ -52,7 +52,9 @@ class CompiledModel:
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
         self._library = library  # the .so this model was loaded from (a loaded module cannot be re-exported)
-        self._vm = relax.VirtualMachine(executable, tvm.cpu(), memory_cfg="pooled")  # no page faults per call
+        self.device = "cuda" if target.startswith("cuda:") else "cpu"   # (where inputs go and outputs are)
+        self._vm = relax.VirtualMachine(executable, tvm.cuda(0) if self.device == "cuda" else tvm.cpu(),
+                                        memory_cfg="pooled")  # no page faults per call
         self._decls = declarations(cascade)
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
         self.outputs = [t.name for t in cascade.tensors if t.role == "output"]
@@ -81,9 +83,11 @@ class CompiledModel:
                 raise InputError(f"input '{name}' has dtype {x.dtype}; the model was compiled for "
                                  f"{TORCH_DTYPES[decl.dtype]}")
             shapes[name] = tuple(x.shape)
-            if x.device.type != "cpu":
-                x = x.cpu()
-            if not x.is_contiguous() or x.data_ptr() % 64 or x.requires_grad:
+            if x.device.type != self.device:
+                x = x.to(self.device)
+            if self.device == "cuda":   # (CUDA allocations are aligned)
+                x = x.detach().contiguous()
+            elif not x.is_contiguous() or x.data_ptr() % 64 or x.requires_grad:
                 x = _aligned_copy(x.detach())
             out.append(tvm.runtime.from_dlpack(x))
         key = tuple(shapes.values())

@@ -55,7 +55,7 @@ class Target:
     def tvm_target(self) -> Any:
         """The ``tvm.target.Target`` (TVM is imported here, not at module load)."""
         from tvm.target import Target as TVMTarget
-        return TVMTarget(self.tvm)
+        return TVMTarget(self.tvm, host={"kind": "llvm"}) if self.kind == "cuda" else TVMTarget(self.tvm)
 
     @staticmethod
     def parse(spec: "str | Target") -> "Target":

@@ -134,3 +134,10 @@ def test_the_accelerator_is_refused_naming_what_is_missing(tmp_path: Path) -> No
         einfuse.kernels(parse(SOFTMAX), target="accel:fusemax", output=tmp_path)
     with pytest.raises(EinfuseError, match="code is emitted, not run here"):
         einfuse.compile(parse(SOFTMAX), target="cuda:h100")
+
+
+def test_the_gpu_benchmark_runs_end_to_end_as_a_dry_run() -> None:
+    from benchmarks.gpu import main
+    rows = main(["--dry-run", "--models", "mlp", "--lengths", "128", "--repeat", "2"])
+    assert [r["workload"] for r in rows] == ["mlp", "attn128", "attn128c"]
+    assert all(r["rel_err"] <= 1e-5 and r["einfuse_ms"] > 0 and r["torch_ms"] > 0 for r in rows)
