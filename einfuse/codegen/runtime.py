@@ -119,6 +119,21 @@ class CompiledModel:
         """A table per kernel: the Einsums it computes, FLOPs, bytes and, given inputs, the roofline
         prediction (the host's measured peaks), each kernel's measured time alone and its share,
         and the whole model's time per call."""
+        table = self.kernel_times(args)
+        total = sum(r["measured_s"] or 0.0 for r in table) or 1.0
+        rows = [(r["kernel"], str(r["einsums"]), format_number(r["flops"]), format_number(r["bytes"]),
+                 "-" if r["predicted_s"] is None else f"{r['predicted_s'] * 1e3:.3f}",
+                 "-" if r["measured_s"] is None else f"{r['measured_s'] * 1e3:.3f}",
+                 "-" if r["measured_s"] is None else f"{r['measured_s'] / total:.0%}") for r in table]
+        lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share"), rows, ruler=False)
+        lines.append(f"{len(self.kernels)} kernels, compiled for {self.target} in {self.compile_seconds:.1f} s")
+        if args is not None:
+            lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
+        return "\n".join(lines)
+
+    def kernel_times(self, args: tuple | None = None) -> list[dict[str, Any]]:
+        """Per kernel: name, Einsum count, FLOPs and bytes (sympy), and given inputs the roofline
+        prediction on the host's measured peaks and the measured time alone, in seconds."""
         times: dict[str, float] = {}
         at: dict[sympy.Symbol, int] = {}
         if args is not None:
@@ -128,22 +143,15 @@ class CompiledModel:
             times = kernel_seconds(self.ir, self.kernels, Target.parse(self.target), sizes)
             at = {r.size: sizes[r.name] for r in self.ir.ranks if isinstance(r.size, sympy.Symbol)}
         peaks = host_peaks() if times else None
-        total = sum(times.values()) or 1.0
-        rows = []
+        out = []
         for k in self.kernels:
             flops = sum(einsum_cost(self.ir, e).flops for e in k.einsums(self.ir))
             moved = tensors_bytes(self.ir, k.inputs + (k.output,))
-            t = times.get(k.name)
-            predicted = "-" if peaks is None else \
-                f"{peaks.roofline_seconds(float(sympy.sympify(flops).subs(at)), float(sympy.sympify(moved).subs(at))) * 1e3:.3f}"
-            rows.append((k.name, str(len(k.einsums(self.ir))), format_number(flops), format_number(moved),
-                         predicted, f"{t * 1e3:.3f}" if t is not None else "-",
-                         f"{t / total:.0%}" if t is not None else "-"))
-        lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share"), rows, ruler=False)
-        lines.append(f"{len(self.kernels)} kernels, compiled for {self.target} in {self.compile_seconds:.1f} s")
-        if args is not None:
-            lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
-        return "\n".join(lines)
+            predicted = None if peaks is None else \
+                peaks.roofline_seconds(float(sympy.sympify(flops).subs(at)), float(sympy.sympify(moved).subs(at)))
+            out.append({"kernel": k.name, "einsums": len(k.einsums(self.ir)), "flops": flops, "bytes": moved,
+                        "predicted_s": predicted, "measured_s": times.get(k.name)})
+        return out
 
     def time(self, args: tuple, number: int = 10, repeat: int = 5) -> float:
         """Median seconds per call on ``args``."""
