@@ -2,7 +2,7 @@
 and the declarations of temps that were written without a ``tensor`` line."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Collection, Iterator
 
 from . import ops
 from .nodes import (Access, Call, Cascade, Const, Coord, Einsum, Expr, IAccess, IBin, IConst, Index,
@@ -102,6 +102,18 @@ def broadcast(e: Einsum, c: Cascade) -> bool:
     right-hand side does not use: cheaper to recompute where read than to store and load."""
     size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
     return any(size[ranks[v]] != 1 for v in set(lhs_vars(e)) - set(expr_vars(e.rhs)))
+
+
+def plain(a: Access) -> bool:
+    """Whether every index of ``a`` is a bare variable without a filter (``T[b,s,d]``)."""
+    return all(isinstance(ix.expr, IVar) and not ix.filter for ix in a.indices)
+
+
+def fresh_name(name: str, taken: "Collection[str]") -> str:
+    """``name``, with ``_`` appended until no name in ``taken`` is it."""
+    while name in taken:
+        name += "_"
+    return name
 
 
 def loop_vars(loops: tuple[Loop, ...]) -> frozenset[str]:

@@ -35,7 +35,7 @@ import sympy
 from ..ir import Access, Call, Cascade, Const, Einsum, Index, IVar, TensorDecl, TensorRank
 from ..ir import ops
 from ..ir.nodes import rewrite
-from ..ir.scope import access_vars, declarations, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir.scope import access_vars, declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
 from ..ir.sizes import in_range
 
 
@@ -140,7 +140,7 @@ def fold_scales(c: Cascade, stats: Counter) -> Cascade:
             continue
         t_pos, scale, operand = found
         ranks = var_ranks(c)
-        name = _fresh(f"{operand.tensor}_scaled", decls)
+        name = fresh_name(f"{operand.tensor}_scaled", decls)
         out_vars = access_vars(operand)
         decl = TensorDecl(name, tuple(TensorRank(ranks[v]) for v in out_vars), "temp", decls[operand.tensor].dtype)
         plain = Access(name, tuple(Index(IVar(v)) for v in out_vars))
@@ -198,9 +198,3 @@ def _is_product(x: Any) -> bool:
 
 def _factors(x: Any) -> list[Any]:
     return [x] if not isinstance(x, Call) else [f for a in x.args for f in _factors(a)]
-
-
-def _fresh(name: str, taken: dict) -> str:
-    while name in taken:
-        name += "_"
-    return name

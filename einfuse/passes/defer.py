@@ -36,7 +36,7 @@ from typing import Any
 
 from ..ir import Access, Call, Cascade, Const, Einsum, IConst, IVar, TensorDecl, TensorRank
 from ..ir.nodes import rewrite
-from ..ir.scope import access_vars, declarations, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir.scope import access_vars, declarations, fresh_name, lhs_vars, plain, reads, reduced_vars, var_ranks
 from .manager import Pass, register
 
 
@@ -95,11 +95,10 @@ class _Context:
         if len(ws) != 1 or ws[0] is None or ws[0].reduce or ws[0].populate:
             return None
         w = ws[0]
-        return w if _plain(w.lhs) and _plain(a) and w.lhs.indices == a.indices else None
+        return w if plain(w.lhs) and plain(a) and w.lhs.indices == a.indices else None
 
     def fresh(self, name: str) -> str:
-        while name in self.decls:
-            name += "_"
+        name = fresh_name(name, self.decls)
         self.decls[name] = None  # type: ignore[assignment]  (reserved)
         return name
 
@@ -131,7 +130,7 @@ def _defer_division(ctx: _Context, o: Einsum) -> tuple[list, list] | None:
 
 def _defer_centring(ctx: _Context, sq: Einsum) -> tuple[list, list] | None:
     red = reduced_vars(sq)
-    if sq.reduce or sq.populate or len(red) != 1 or not _plain(sq.lhs):
+    if sq.reduce or sq.populate or len(red) != 1 or not plain(sq.lhs):
         return None
     d = red[0]
     body = sq.rhs
@@ -179,8 +178,4 @@ def _mean_of(ctx: _Context, m: Access, x: Access, d: str) -> int | None:
 
 def _is_call(x: Any, op: str) -> bool:
     return isinstance(x, Call) and x.op == op and x.merge is None and len(x.args) == 2
-
-
-def _plain(a: Access) -> bool:
-    return all(isinstance(ix.expr, IVar) and not ix.filter for ix in a.indices)
 

@@ -46,7 +46,7 @@ import sympy
 
 from ..ir import Access, Call, Cascade, Const, Einsum, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Cond, IBin, IConst, ISym, Reduce, TensorRank, rewrite
-from ..ir.scope import access_vars, declarations, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir.scope import access_vars, declarations, fresh_name, lhs_vars, plain, reads, reduced_vars, var_ranks
 from .manager import Pass, register
 
 
@@ -178,7 +178,7 @@ def _scores(mk: Access, key: str, writers: dict, group: set[str]) -> tuple[Any, 
     for _ in range(8):  # the chain is short: scale, mask, cast
         temps = [a for a in _accesses(expr) if _writer(a.tensor, writers) is not None]
         contraction = [a for a in temps if reduced_vars(_writer(a.tensor, writers))]
-        maps = [a for a in temps if a not in contraction and _plain(a) and a.tensor not in group
+        maps = [a for a in temps if a not in contraction and plain(a) and a.tensor not in group
                 and _writer(a.tensor, writers).lhs == a and key in access_vars(a)]
         if len(contraction) == 1 and not maps:
             w = _writer(contraction[0].tensor, writers)
@@ -204,7 +204,7 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     tiles, inner = _fresh_ranks(c, key_rank)
     t, i = tiles.lower(), inner.lower()
     out = m.out.lhs.tensor
-    names = {s: _fresh_tensor(c, f"{out}_{s}") for s in ("qk", "bqk", "lm", "rm", "rd", "rnv", "sln", "sld",
+    names = {s: fresh_name(f"{out}_{s}", declarations(c)) for s in ("qk", "bqk", "lm", "rm", "rd", "rnv", "sln", "sld",
                                                            "slnv", "prm")}
     ranks = var_ranks(c)
     row_ranks = [TensorRank(ranks[v]) for v in m.rows]
@@ -278,10 +278,6 @@ def _is_product(x: Any) -> bool:
     return isinstance(x, Call) and x.op == "mul" and all(_is_product(a) for a in x.args)
 
 
-def _plain(a: Access) -> bool:
-    return all(isinstance(ix.expr, IVar) and not ix.filter for ix in a.indices)
-
-
 def _unfiltered(a: Access) -> Access:
     return replace(a, indices=tuple(Index(ix.expr) for ix in a.indices))
 
@@ -317,10 +313,3 @@ def _fresh_ranks(c: Cascade, key: str) -> tuple[str, str]:
     while c.rank(key + "T") is not None or c.rank(key + "I") is not None:
         key += "X"
     return key + "T", key + "I"
-
-
-def _fresh_tensor(c: Cascade, name: str) -> str:
-    taken = set(declarations(c))
-    while name in taken:
-        name += "_"
-    return name
