@@ -44,8 +44,7 @@ def compile_executable(cascade: Cascade, target: Any) -> tuple[Any, list, str]:
         try:
             out = kernel_function(cascade, kernel, sizes, target)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
-            last = (str(exc).strip().splitlines() or [""])[-1]
-            raise CompileError(f"kernel {kernel.name}: {type(exc).__name__}: {last}", reproducer(cascade, kernel)) from exc
+            raise kernel_error(exc, cascade, kernel) from exc
         scheduled.append(out.script())
         return out
     try:
@@ -67,6 +66,13 @@ def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any) -> A
         return (GPULoopBuilder if gpu else LoopBuilder)(cascade, kernel, sizes, target).prim_func()
     func = KernelBuilder(cascade, kernel, sizes).prim_func()
     return gpu_schedule(func, kernel.name, target) if gpu else schedule(func, kernel, target)
+
+
+def kernel_error(exc: Exception, cascade: Cascade, kernel: Any, target: Any = None) -> CompileError:
+    """``exc`` (raised building ``kernel``) as a CompileError naming the kernel, with a reproducer."""
+    last = (str(exc).strip().splitlines() or [""])[-1]
+    where = f"kernel {kernel.name}" + (f" ({kernel.kind or 'single'}) for {target.name}" if target is not None else "")
+    return CompileError(f"{where}: {type(exc).__name__}: {last}", reproducer(cascade, kernel))
 
 
 def reproducer(cascade: Cascade, kernel: Any) -> str:

@@ -26,7 +26,7 @@ from ..ir.analysis import einsum_cost, tensors_bytes
 from ..ir.text import access_text
 from ..passes.group_kernels import Kernel
 from ..targets import Target
-from .build import reproducer
+from .build import kernel_error
 from .lower import SizeVars
 
 
@@ -48,13 +48,14 @@ def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
     sizes = SizeVars()
     out = []
     for k in c.groups:
-        files, grid = (_cuda if target.kind == "cuda" else _cpu)(c, k, sizes, target)
+        files, grid = _emit(c, k, sizes, target)
         out.append(Emitted(k, files, grid, sum(einsum_cost(c, e).flops for e in k.einsums(c)),
                            tensors_bytes(c, k.inputs + (k.output,))))
     return out
 
 
-def _cuda(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:
+def _emit(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:
+    """One kernel compiled alone for ``target``: its files and (CUDA) launch grid."""
     import tvm
 
     from .build import kernel_function
@@ -62,22 +63,9 @@ def _cuda(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[
         func = kernel_function(c, k, sizes, target)
         executable = tvm.compile(tvm.IRModule({k.name: func}), target=target.tvm_target())
     except Exception as exc:   # TVM's own error types
-        raise _error(exc, c, k, target) from exc
-    return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(func)
-
-
-def _error(exc: Exception, c: Cascade, k: Kernel, target: Target) -> CompileError:
-    last = (str(exc).strip().splitlines() or [""])[-1]
-    return CompileError(f"kernel {k.name} ({k.kind or 'single'}) for {target.name}: {type(exc).__name__}: {last}",
-                        reproducer(c, k))
-
-
-def _cpu(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:
-    import tvm
-
-    from .build import kernel_function
-    func = kernel_function(c, k, sizes, target)
-    executable = tvm.compile(tvm.IRModule({k.name: func}), target=target.tvm_target())
+        raise kernel_error(exc, c, k, target) from exc
+    if target.kind == "cuda":
+        return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(func)
     return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}
 
 
