@@ -1,7 +1,8 @@
 """The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, run passes over it with
 IR-inspection instruments, print and analyse it) and
-``compile`` (compile it for a target, write the library and print the report) and ``kernels``
-(write each kernel's source for a target, with a manifest; no device needed).
+``compile`` (compile it for a target, write the library and print the report), ``kernels``
+(write each kernel's source for a target, with a manifest; no device needed) and ``cache``
+(``status`` or ``clear`` the compile cache).
 
 MODEL is a ``.ein`` file, ``zoo:NAME`` (a model of :mod:`einfuse.zoo`) or ``path/to/file.py:function``
 (a function returning ``(model, example_args)``).
@@ -48,11 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
     kern.add_argument("-o", "--output", required=True, help="directory for the sources and manifest.json")
     kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    cache = sub.add_parser("cache", help="the compile cache: status or clear")
+    cache.add_argument("action", choices=("status", "clear"))
+    cache.add_argument("--dir", help="the cache directory (default: $EINFUSE_CACHE or ~/.cache/einfuse)")
     args = parser.parse_args(argv)
     try:
-        return {"ir": _ir, "compile": _compile, "kernels": _kernels}[args.command](args)
+        return {"ir": _ir, "compile": _compile, "kernels": _kernels, "cache": _cache}[args.command](args)
     except EinfuseError as err:
-        print(f"einfuse: error: {args.model}: {err}", file=sys.stderr)
+        print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)
         return 1
 
 
@@ -89,6 +93,17 @@ def _compile(args: argparse.Namespace) -> int:
     (out / "report.txt").write_text(report + "\n")
     print(report)
     print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
+    return 0
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from . import cache
+    from .api import default_cache_dir
+    path = Path(args.dir) if args.dir else default_cache_dir()
+    if args.action == "status":
+        print(cache.status(path))
+    else:
+        print(f"removed {cache.clear(path)}")
     return 0
 
 

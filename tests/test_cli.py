@@ -116,3 +116,17 @@ def test_compile_takes_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["compile", str(EXAMPLES / "attention_3pass.ein"), "-p", "fuse-attention{tile=4},canonicalize",
                  "-o", str(tmp_path / "b")]) == 0
     assert "kernels, compiled for cpu" in capsys.readouterr().out     # the 1-pass attention compiles
+
+
+def test_cache_status_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import einfuse
+    einfuse.compile(parse((EXAMPLES / "attention.ein").read_text()), cache_dir=tmp_path)
+    (tmp_path / "peaks-x-2.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("not einfuse's")
+    assert main(["cache", "status", "--dir", str(tmp_path)]) == 0
+    assert f"{tmp_path}: 1 compiled model(s), 1 measured-peaks file(s)" in capsys.readouterr().out
+    assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]   # (only what einfuse wrote goes)
+    main(["cache", "status", "--dir", str(tmp_path)])
+    assert "0 compiled model(s), 0 measured-peaks file(s), 0.0 MiB" in capsys.readouterr().out
