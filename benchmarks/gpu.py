@@ -1,6 +1,6 @@
 """einfuse on a GPU against torch on the same GPU: results checked, then timed (issue 6's device check).
 
-    python -m benchmarks.gpu [--target cuda:h200] [--models mlp,gpt2,llama,bert,vit]
+    python -m benchmarks.gpu [--target cuda:h200] [--models mlp,gpt2,llama,bert,vit,mixtral]
                              [--lengths 4096,16384] [--repeat 20] [--dry-run]
 
 For each zoo model: compile it for the GPU, run it on fresh inputs, compare with torch eager on
@@ -29,7 +29,7 @@ from benchmarks.run import WORKLOADS, Attention
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", default="cuda:h200")
-    parser.add_argument("--models", default="mlp,gpt2,llama,bert,vit")
+    parser.add_argument("--models", default="mlp,gpt2,llama,bert,vit,mixtral")
     parser.add_argument("--lengths", default="4096,16384")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--dry-run", action="store_true", help="compile for the GPU, run on the CPU")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     print(f"target={opts.target} device={device}{' (dry run: compiled for the GPU, run on the CPU)' if opts.dry_run else ''}")
     print(f"{'workload':16} {'rel err':>9} {'torch ms':>9} {'einfuse ms':>10} {'torch/einfuse':>13} {'compile s':>9}")
-    workloads = [(name, WORKLOADS[name]) for name in opts.models.split(",") if name]
+    workloads = [(name, WORKLOADS.get(name) or _zoo(name)) for name in opts.models.split(",") if name]
     for n in (int(x) for x in opts.lengths.split(",") if x):
         for causal in (False, True):
             workloads.append((f"attn{n}{'c' if causal else ''}", _attention(n, causal)))
@@ -53,6 +53,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         if "flash_fp16_ms" in row:
             print(f"{'':16} SDPA flash backend, float16: {row['flash_fp16_ms']:.3f} ms")
     return rows
+
+
+def _zoo(name: str) -> Callable[[], tuple]:
+    """A zoo model at its default sizes (those ``benchmarks.run`` does not list: ``mixtral``)."""
+    from einfuse import zoo
+    if name not in zoo.BUILDERS:
+        raise SystemExit(f"unknown workload '{name}'; workloads: {', '.join([*WORKLOADS, *zoo.BUILDERS])}")
+    return lambda: zoo.build(name)
 
 
 def _attention(n: int, causal: bool) -> Callable[[], tuple]:
