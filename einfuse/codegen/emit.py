@@ -65,11 +65,11 @@ def _emit(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[
     except Exception as exc:   # TVM's own error types
         raise kernel_error(exc, c, k, target) from exc
     if target.kind == "cuda":
-        return {f"{k.name}.cu": _device_source(executable.mod)}, _launch(func)
+        return {f"{k.name}.cu": device_source(executable.mod)}, _launch(func)
     return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}
 
 
-def _device_source(mod: Any) -> str:
+def device_source(mod: Any) -> str:
     """The CUDA source in a compiled module's tree (host llvm -> cuda)."""
     stack = [mod]
     while stack:

@@ -53,8 +53,7 @@ class CompiledModel:
         self._sources = sources or {}
         self._library = library  # the .so this model was loaded from (a loaded module cannot be re-exported)
         self.device = "cuda" if target.startswith("cuda:") else "cpu"   # (where inputs go and outputs are)
-        self._vm = relax.VirtualMachine(executable, tvm.cuda(0) if self.device == "cuda" else tvm.cpu(),
-                                        memory_cfg="pooled")  # no page faults per call
+        self._vm: Any = None   # (made on the first call: a GPU model can be inspected where no GPU is)
         self._decls = declarations(cascade)
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
         self.outputs = [t.name for t in cascade.tensors if t.role == "output"]
@@ -67,11 +66,22 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else outs
 
     def _run(self, args: list[Any]) -> list[Any]:
-        result = self._vm["main"](*args)
+        result = self._machine()["main"](*args)
         return [result[i] for i in range(len(self.outputs))]
+
+    def _machine(self) -> Any:
+        """The Relax VM on the model's device, made on first use."""
+        if self._vm is None:
+            if self.device == "cuda" and not tvm.cuda(0).exist:
+                raise EinfuseError(f"this model was compiled for {self.target} and this machine has no GPU: "
+                                   "inspect it (.source('cuda'), .kernels, .report()) or run it where one is")
+            self._vm = relax.VirtualMachine(self.executable, tvm.cuda(0) if self.device == "cuda" else tvm.cpu(),
+                                            memory_cfg="pooled")  # no page faults per call
+        return self._vm
 
     def to_tvm(self, args: tuple) -> list[Any]:
         """Check ``args`` against the inputs and hand them to TVM (copying only when needed)."""
+        self._machine()   # (fails first where the model's device is missing)
         if len(args) != len(self.inputs):
             raise InputError(f"expected {len(self.inputs)} input(s) ({', '.join(self.inputs)}), got {len(args)}")
         out, shapes = [], {}
@@ -102,13 +112,19 @@ class CompiledModel:
     # ---- inspection --------------------------------------------------------------------------
 
     def source(self, stage: str = "tir") -> str:
-        """Generated code: ``"tir"`` (scheduled TIR of every kernel), ``"llvm"`` or ``"asm"``."""
+        """Generated code: ``"tir"`` (scheduled TIR of every kernel), ``"llvm"`` or ``"asm"`` (the
+        host's), ``"cuda"`` (the kernels' CUDA C, for a ``cuda:*`` target)."""
         if stage == "tir":
             return self._sources.get("tir", "")
-        if stage not in ("llvm", "ll", "asm", "s"):
-            raise EinfuseError(f"unknown source stage '{stage}'; use tir, llvm or asm")
+        if stage not in ("llvm", "ll", "asm", "s", "cuda"):
+            raise EinfuseError(f"unknown source stage '{stage}'; use tir, llvm, asm or cuda")
+        if stage == "cuda" and self.device != "cuda":
+            raise EinfuseError(f"no CUDA source: this model was compiled for {self.target}")
         if self._library is not None:
             raise EinfuseError(f"a loaded model keeps no {stage} source; compile the model to see it")
+        if stage == "cuda":
+            from .emit import device_source
+            return device_source(self.executable.mod)
         mod = self.executable.mod
         host = mod.imports[0] if mod.imports else mod
         if stage in ("llvm", "ll"):

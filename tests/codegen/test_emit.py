@@ -132,8 +132,21 @@ def test_the_gpu_attention_code_computes_attention(build: str, tmp_path: Path, m
 def test_the_accelerator_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
     with pytest.raises(EinfuseError, match="no lowering for accel:fusemax yet"):
         einfuse.kernels(parse(SOFTMAX), target="accel:fusemax", output=tmp_path)
-    with pytest.raises(EinfuseError, match="code is emitted, not run here"):
-        einfuse.compile(parse(SOFTMAX), target="cuda:h100")
+    with pytest.raises(EinfuseError, match="no lowering for accel:fusemax yet"):
+        einfuse.compile(parse(SOFTMAX), target="accel:fusemax")
+
+
+def test_a_model_compiled_for_a_gpu_is_inspectable_where_no_gpu_is() -> None:
+    import tvm
+    model, args = zoo.build("mlp")
+    compiled = einfuse.compile(model, args, target="cuda:sm_80")
+    assert compiled.source("cuda").count("__global__") >= 3 and "k0_gelu" in compiled.source("tir")
+    assert [k.kind for k in compiled.kernels] == ["epilogue"] * 3
+    if not tvm.cuda(0).exist:
+        with pytest.raises(EinfuseError, match="compiled for cuda:sm_80 and this machine has no GPU"):
+            compiled(*args)
+    with pytest.raises(EinfuseError, match="no CUDA source: this model was compiled for cpu"):
+        einfuse.compile(parse(SOFTMAX)).source("cuda")
 
 
 def test_the_gpu_benchmark_runs_end_to_end_as_a_dry_run() -> None:
