@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.run import WORKLOADS, Attention
+from benchmarks.run import WORKLOADS, _attention
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -61,13 +61,6 @@ def _zoo(name: str) -> Callable[[], tuple]:
     if name not in zoo.BUILDERS:
         raise SystemExit(f"unknown workload '{name}'; workloads: {', '.join([*WORKLOADS, *zoo.BUILDERS])}")
     return lambda: zoo.build(name)
-
-
-def _attention(n: int, causal: bool) -> Callable[[], tuple]:
-    def build() -> tuple:
-        torch.manual_seed(0)
-        return Attention(causal).eval(), tuple(torch.randn(1, 8, n, 64) for _ in range(3))
-    return build
 
 
 def measure(name: str, build: Callable[[], tuple], target: str, device: str, repeat: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from einfuse.codegen.loop import _Entered, _loop
 from einfuse.codegen.loop_gpu import GPULoopBuilder
 from einfuse.errors import EinfuseError
 from einfuse.ir import parse
+from tests.codegen.test_loop import _Causal
 from tests.codegen.test_schedules import SOFTMAX
 from tests.conftest import rel_err
 
@@ -87,11 +88,6 @@ def test_cpu_kernels_are_written_as_tir_and_assembly(tmp_path: Path) -> None:
     assert sorted(kernel["files"]) == [f"{kernel['kernel']}.s", f"{kernel['kernel']}.tir"]
     assert "T.prim_func" in (tmp_path / f"{kernel['kernel']}.tir").read_text()
     assert kernel["roofline_ms"] is None   # (the host has measured peaks, not a datasheet: see report())
-
-
-class _Causal(torch.nn.Module):
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
