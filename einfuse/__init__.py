@@ -1,14 +1,16 @@
 """einfuse: a compiler for PyTorch models over an extended-Einsum cascade IR.
 
 ``einfuse.compile(model, args)`` compiles a torch model and ``einfuse.load(dir)`` loads an exported
-one; ``einfuse.kernels(model, args, target=..., output=DIR)`` writes its kernels' source for a target; ``einfuse.capture(model, args)`` only captures it (all imported on first use, so that working
+one; ``einfuse.kernels(model, args, target=..., output=DIR)`` writes its kernels' source for a target;
+``einfuse.tune(model, args, trials=N)`` tunes its kernels for ``compile`` to use;
+``einfuse.capture(model, args)`` only captures it (all imported on first use, so that working
 with ``.ein`` files loads neither torch nor TVM); ``einfuse.ir`` is the IR; ``einfuse.errors`` the errors.
 """
 from typing import Any
 
 from . import errors, ir
 
-__all__ = ["capture", "compile", "errors", "ir", "kernels", "load"]
+__all__ = ["capture", "compile", "errors", "ir", "kernels", "load", "tune"]
 __version__ = "0.1.0"
 
 
@@ -19,9 +21,9 @@ def __getattr__(name: str) -> Any:
     if name == "compile":
         from .api import compile
         return compile
-    if name == "kernels":
-        from .api import kernels
-        return kernels
+    if name in ("kernels", "tune"):
+        from . import api
+        return getattr(api, name)
     if name == "load":
         from .codegen.runtime import load
         return load

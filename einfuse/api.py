@@ -4,27 +4,30 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import EinfuseError
 from .ir import Cascade, verify
 
 
 def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipeline: str = "default",
-            dynamic_shapes: Any = None, cache_dir: str | Path | None = None) -> Any:
+            dynamic_shapes: Any = None, cache_dir: str | Path | None = None,
+            tuning_db: str | Path | bool | None = None) -> Any:
     """Compile a torch model (with example ``args``) or a :class:`~einfuse.ir.Cascade` for ``target``.
 
     ``pipeline`` is ``"default"``, ``"none"`` or pipeline text (``"canonicalize"``; see
     docs/inspect.md). Returns a :class:`~einfuse.codegen.runtime.CompiledModel`. A compiled
     library is cached under ``cache_dir`` (default ``$EINFUSE_CACHE`` or ``~/.cache/einfuse``), keyed by the cascade, its
     weights, the target, the versions and the code generator's source, so compiling the same
-    model again only loads it.
+    model again only loads it. Kernels tuned by ``einfuse tune`` (docs/tuning.md) take their best
+    schedule from ``tuning_db`` (default: ``<cache_dir>/tuning`` where it exists; ``False``: none).
     """
     from .targets import Target
     if Target.parse(target).kind == "accel":   # (an unknown name fails here, listing the known ones)
         raise EinfuseError(f"compile: no lowering for {target} yet; see docs/targets.md")
     cascade = optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes)
-    return _compile_cascade(cascade, target, Path(cache_dir) if cache_dir else default_cache_dir())
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return _compile_cascade(cascade, target, cache, tuning_database(tuning_db, target, cache))
 
 
 def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,
@@ -36,6 +39,26 @@ def kernels(model: Any, args: tuple | None = None, *, target: str, output: str |
     t = Target.parse(target)
     cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes), t)
     return write_kernels(cascade, t, Path(output))
+
+
+def tune(model: Any, args: tuple | None = None, *, target: str = "cpu", trials: int = 64,
+         tuning_db: str | Path | None = None, pipeline: str = "default", rpc_tracker: str | None = None,
+         rpc_key: str | None = None, cost_model: str = "xgb", progress: Callable[[str], None] = print) -> list:
+    """Tune ``model``'s kernels with MetaSchedule, ``trials`` candidates per kernel, into
+    ``tuning_db`` (default ``<cache>/tuning``), measuring on the devices of an RPC tracker
+    (``HOST:PORT``, with ``rpc_key``) if given; :func:`compile` then uses the records. Returns a
+    :class:`~einfuse.tuning.TaskResult` per task. See docs/tuning.md."""
+    from .targets import Target
+    from .tuning import TuningDatabase, check_cost_model
+    from .tuning import tune as run
+    check_cost_model(cost_model)   # (before the minutes of capture and tuning)
+    if (rpc_tracker is None) != (rpc_key is None):
+        raise EinfuseError("tune: --rpc-tracker and --rpc-key go together")
+    t = Target.parse(target)
+    cascade = laid_out(optimized(model, args, pipeline=pipeline), t)
+    database = TuningDatabase.at(Path(tuning_db) if tuning_db else default_cache_dir() / "tuning", t)
+    rpc = (rpc_tracker, rpc_key) if rpc_tracker is not None and rpc_key is not None else None
+    return run(cascade, t, trials, database, rpc=rpc, cost_model=cost_model, progress=progress)
 
 
 def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default", dynamic_shapes: Any = None) -> Cascade:
@@ -67,20 +90,42 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("EINFUSE_CACHE", Path.home() / ".cache" / "einfuse"))
 
 
-def _compile_cascade(cascade: Cascade, target_name: str, cache: Path) -> Any:
+def tuning_database(tuning_db: str | Path | bool | None, target: str, cache: Path | None = None) -> Any:
+    """The :class:`~einfuse.tuning.TuningDatabase` of ``target`` that ``tuning_db`` names (see
+    :func:`compile`), or None where there is none to read."""
+    from .targets import Target
+    from .tuning import TuningDatabase
+    if tuning_db is False:
+        return None
+    explicit = tuning_db not in (None, True)
+    root = Path(tuning_db) if explicit else (cache or default_cache_dir()) / "tuning"  # type: ignore[arg-type]
+    database = TuningDatabase.at(root, Target.parse(target))
+    if database.open() is not None:
+        return database
+    if explicit and not database.path.is_dir():  # (an unreadable one was reported by open())
+        import warnings
+        from .tuning import TuningDatabaseWarning
+        held = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        warnings.warn(f"{root} holds no tuning records for {database.path.name}"
+                      + (f" (only for {', '.join(held)})" if held else "") + "; compiling untuned",
+                      TuningDatabaseWarning, stacklevel=3)
+    return None
+
+
+def _compile_cascade(cascade: Cascade, target_name: str, cache: Path, tuning: Any = None) -> Any:
     from .codegen.build import build, cache_key
     from .codegen.runtime import load
     from .targets import Target
     target = Target.parse(target_name)
     cascade = laid_out(cascade, target)
     if target.kind != "cpu":   # (a GPU library holds CUDA source that loads only where a GPU is: not cached)
-        return build(cascade, target)
-    entry = cache / cache_key(cascade, target)
+        return build(cascade, target, tuning)
+    entry = cache / cache_key(cascade, target, tuning)
     if (entry / "model.so").is_file():
         try:
             return load(entry)
         except Exception:  # a damaged cache entry is removed and rebuilt, never trusted
             shutil.rmtree(entry, ignore_errors=True)
-    model = build(cascade, target)
+    model = build(cascade, target, tuning)
     model.export(entry)
     return model

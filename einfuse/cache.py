@@ -2,7 +2,9 @@
 
 Compiled models live in ``$EINFUSE_CACHE`` (default ``~/.cache/einfuse``), one directory per
 cache key (``model.so``, ``model.json``, ``kernels.tir``), beside the host's measured peaks
-(``peaks-<cpu>-<cores>.json``). Nothing else there is einfuse's, and ``clear`` leaves it alone.
+(``peaks-<cpu>-<cores>.json``) and the tuning databases (``tuning/<target>-einfuse<v>-tvm<v>/``,
+removed only by ``clear --tuning``: they hold minutes of measurements). Nothing else there is
+einfuse's, and ``clear`` leaves it alone.
 """
 from __future__ import annotations
 
@@ -21,34 +23,37 @@ class CacheStatus:
     path: Path
     models: int
     peaks: int
+    tuning: int
     bytes: int
 
     def __str__(self) -> str:
         return (f"{self.path}: {self.models} compiled model(s), {self.peaks} measured-peaks file(s), "
-                f"{self.bytes / 2**20:.1f} MiB")
+                f"{self.tuning} tuning database(s), {self.bytes / 2**20:.1f} MiB")
 
 
-def _entries(path: Path) -> tuple[list[Path], list[Path]]:
+def _entries(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
     if not path.is_dir():
-        return [], []
+        return [], [], []
     models = [p for p in path.iterdir() if p.is_dir() and _KEY.fullmatch(p.name)]
     peaks = [p for p in path.glob("peaks-*.json") if p.is_file()]
-    return models, peaks
+    tuning = [p for p in (path / "tuning").glob("*-einfuse*-tvm*") if p.is_dir()]
+    return models, peaks, tuning
 
 
 def status(path: Path) -> CacheStatus:
     """Counts and size of what einfuse keeps in ``path``."""
-    models, peaks = _entries(path)
-    size = sum(f.stat().st_size for m in models for f in m.rglob("*") if f.is_file())
-    return CacheStatus(path, len(models), len(peaks), size + sum(p.stat().st_size for p in peaks))
+    models, peaks, tuning = _entries(path)
+    size = sum(f.stat().st_size for d in models + tuning for f in d.rglob("*") if f.is_file())
+    return CacheStatus(path, len(models), len(peaks), len(tuning), size + sum(p.stat().st_size for p in peaks))
 
 
-def clear(path: Path) -> CacheStatus:
-    """Remove every compiled model and peaks file einfuse wrote in ``path``; returns what was there."""
+def clear(path: Path, tuning: bool = False) -> CacheStatus:
+    """Remove every compiled model and peaks file einfuse wrote in ``path`` (and with ``tuning``
+    its tuning databases); returns what was there."""
     before = status(path)
-    models, peaks = _entries(path)
-    for m in models:
-        shutil.rmtree(m)
+    models, peaks, databases = _entries(path)
+    for d in models + (databases if tuning else []):
+        shutil.rmtree(d)
     for p in peaks:
         p.unlink()
     return before

@@ -1,6 +1,7 @@
 """The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, run passes over it with
 IR-inspection instruments, print and analyse it) and
-``compile`` (compile it for a target, write the library and print the report), ``kernels``
+``compile`` (compile it for a target, write the library and print the report), ``tune`` (tune its
+kernels with MetaSchedule into a database that ``compile`` reads), ``kernels``
 (write each kernel's source for a target, with a manifest; no device needed) and ``cache``
 (``status`` or ``clear`` the compile cache).
 
@@ -44,6 +45,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("-o", "--output", required=True, help="directory for model.so, model.json and report.txt")
     comp.add_argument("--no-cache", action="store_true", help="compile even if the cache has this model")
     comp.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    comp.add_argument("--tuning-db", metavar="DIR", help="tuning records to use (default: the cache's tuning/)")
+    comp.add_argument("--no-tuning", action="store_true", help="use the rule-based schedules only")
+    tune = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule; compile then uses the records")
+    tune.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
+    tune.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
+    tune.add_argument("--trials", type=int, default=64, help="candidates measured per kernel (default 64)")
+    tune.add_argument("--db", metavar="DIR", help="the tuning database (default: the cache's tuning/)")
+    tune.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on devices of this TVM RPC tracker")
+    tune.add_argument("--rpc-key", metavar="KEY", help="the device key registered with the tracker")
+    tune.add_argument("--cost-model", default="xgb", choices=("xgb", "random"),
+                      help="MetaSchedule's cost model (xgb needs einfuse[tune]; default xgb)")
+    tune.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     kern = sub.add_parser("kernels", help="write each kernel's source for a target, with manifest.json")
     kern.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
@@ -51,10 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     cache = sub.add_parser("cache", help="the compile cache: status or clear")
     cache.add_argument("action", choices=("status", "clear"))
+    cache.add_argument("--tuning", action="store_true", help="clear: remove the tuning records too")
     cache.add_argument("--dir", help="the cache directory (default: $EINFUSE_CACHE or ~/.cache/einfuse)")
     args = parser.parse_args(argv)
     try:
-        return {"ir": _ir, "compile": _compile, "kernels": _kernels, "cache": _cache}[args.command](args)
+        return {"ir": _ir, "compile": _compile, "tune": _tune, "kernels": _kernels, "cache": _cache}[args.command](args)
     except EinfuseError as err:
         print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)
         return 1
@@ -84,15 +98,32 @@ def _compile(args: argparse.Namespace) -> int:
     import tempfile
 
     from .api import compile as compile_cascade
+    from .api import default_cache_dir
     model, example = load_torch_model(args.model)
+    tuning = False if args.no_tuning else args.tuning_db or default_cache_dir() / "tuning"
     with tempfile.TemporaryDirectory() as scratch:
         compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
-                                   cache_dir=scratch if args.no_cache else None)
+                                   cache_dir=scratch if args.no_cache else None,
+                                   tuning_db=tuning if args.no_cache or args.tuning_db or args.no_tuning else None)
     out = compiled.export(args.output)
     report = compiled.report(example if not isinstance(model, Cascade) else None)
     (out / "report.txt").write_text(report + "\n")
     print(report)
     print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .api import tune
+    from .tuning import check_cost_model
+    check_cost_model(args.cost_model)   # (before the model is captured)
+    model, example = load_torch_model(args.model)
+    results = tune(model, example, target=args.target, trials=args.trials, tuning_db=args.db, pipeline=args.pipeline,
+                   rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, cost_model=args.cost_model,
+                   progress=lambda line: print(line, flush=True))
+    rows = [(r.name, str(r.before), str(r.measured), "-" if r.best_seconds is None else f"{r.best_seconds * 1e3:.3f}")
+            for r in results]
+    print("\n".join(format_table(("task", "records before", "measured", "best ms"), rows, ruler=False)))
     return 0
 
 
@@ -103,7 +134,7 @@ def _cache(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(cache.status(path))
     else:
-        print(f"removed {cache.clear(path)}")
+        print(f"removed {cache.clear(path, tuning=args.tuning)}")
     return 0
 
 

@@ -112,10 +112,10 @@ def test_ir_with_an_unknown_pass_lists_the_passes(capsys: pytest.CaptureFixture[
 
 def test_compile_takes_a_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", str(EXAMPLES / "attention_3pass.ein"), "-p", "none", "-o", str(tmp_path / "a")]) == 0
-    assert "kernels, compiled for cpu" in capsys.readouterr().out
+    assert "tuned), compiled for cpu" in capsys.readouterr().out
     assert main(["compile", str(EXAMPLES / "attention_3pass.ein"), "-p", "fuse-attention{tile=4},canonicalize",
                  "-o", str(tmp_path / "b")]) == 0
-    assert "kernels, compiled for cpu" in capsys.readouterr().out     # the 1-pass attention compiles
+    assert "tuned), compiled for cpu" in capsys.readouterr().out     # the 1-pass attention compiles
 
 
 def test_cache_status_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,10 +123,15 @@ def test_cache_status_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture[st
     einfuse.compile(parse((EXAMPLES / "attention.ein").read_text()), cache_dir=tmp_path)
     (tmp_path / "peaks-x-2.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("not einfuse's")
+    records = tmp_path / "tuning" / "cpu-0123abcd-einfuse0.1.0-tvm0.27.0"
+    records.mkdir(parents=True)
+    (records / "database_tuning_record.json").write_text("")
     assert main(["cache", "status", "--dir", str(tmp_path)]) == 0
-    assert f"{tmp_path}: 1 compiled model(s), 1 measured-peaks file(s)" in capsys.readouterr().out
+    assert f"{tmp_path}: 1 compiled model(s), 1 measured-peaks file(s), 1 tuning database(s)" in capsys.readouterr().out
     assert main(["cache", "clear", "--dir", str(tmp_path)]) == 0
     assert "removed" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]   # (only what einfuse wrote goes)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "tuning"]   # (only what einfuse wrote goes)
+    assert records.is_dir()                                   # (tuning records only with --tuning)
+    assert main(["cache", "clear", "--tuning", "--dir", str(tmp_path)]) == 0
     main(["cache", "status", "--dir", str(tmp_path)])
-    assert "0 compiled model(s), 0 measured-peaks file(s), 0.0 MiB" in capsys.readouterr().out
+    assert "0 compiled model(s), 0 measured-peaks file(s), 0 tuning database(s), 0.0 MiB" in capsys.readouterr().out

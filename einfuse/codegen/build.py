@@ -27,25 +27,34 @@ from .schedules.cpu import schedule
 from .schedules.gpu import schedule as gpu_schedule
 
 
-def build(cascade: Cascade, target: Any) -> Any:
-    """Lower, schedule and compile ``cascade`` into a CompiledModel on the target's device."""
+TUNED = "einfuse.tuned"   # (the attribute of a kernel scheduled from a tuning record)
+
+
+def build(cascade: Cascade, target: Any, tuning: Any = None) -> Any:
+    """Lower, schedule and compile ``cascade`` into a CompiledModel on the target's device;
+    kernels with a record in ``tuning`` (a :class:`~einfuse.tuning.TuningDatabase`) take its best."""
     start = time.perf_counter()
-    executable, kernels, tir = compile_executable(cascade, target)
-    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start, {"tir": tir})
+    executable, kernels, tir, tuned = compile_executable(cascade, target, tuning)
+    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start, {"tir": tir},
+                         tuning=tuning, tuned=tuned)
 
 
-def compile_executable(cascade: Cascade, target: Any) -> tuple[Any, list, str]:
-    """(TVM's executable, the kernels, their scheduled TIR); errors name the kernel and leave a
-    reproducer. For a GPU no device is needed: the executable holds the CUDA source."""
+def compile_executable(cascade: Cascade, target: Any, tuning: Any = None) -> tuple[Any, list, str, list[str]]:
+    """(TVM's executable, the kernels, their scheduled TIR, the names of the tuned ones); errors
+    name the kernel and leave a reproducer. For a GPU no device is needed: the executable holds
+    the CUDA source."""
     kernels = list(cascade.groups) or group_kernels(cascade)   # (the side table of group-kernels)
     scheduled: list[str] = []
+    tuned: list[str] = []
 
     def lower(kernel: Any, sizes: Any) -> Any:
         try:
-            out = kernel_function(cascade, kernel, sizes, target)
+            out = kernel_function(cascade, kernel, sizes, target, tuning)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
             raise kernel_error(exc, cascade, kernel) from exc
         scheduled.append(out.script())
+        if out.attrs is not None and TUNED in out.attrs:
+            tuned.append(kernel.name)
         return out
     try:
         graph = build_graph(cascade, kernels, lower)
@@ -55,16 +64,20 @@ def compile_executable(cascade: Cascade, target: Any) -> tuple[Any, list, str]:
     except Exception as exc:
         raise CompileError(f"TVM could not compile the model: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None)) from exc
-    return executable, kernels, "\n\n".join(scheduled)
+    return executable, kernels, "\n\n".join(scheduled), tuned
 
 
-def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any) -> Any:
+def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any, tuning: Any = None) -> Any:
     """The kernel's scheduled PrimFunc: a loop kernel built as TIR (for a GPU: a thread per row),
-    any other lowered through TE and scheduled by rule (for a GPU: dlight's)."""
+    any other lowered through TE and scheduled by its best record in ``tuning`` (marked with the
+    attribute ``einfuse.tuned``) or else by rule (for a GPU: dlight's)."""
     gpu = target.kind == "cuda"
     if kernel.kind == "loop":
         return (GPULoopBuilder if gpu else LoopBuilder)(cascade, kernel, sizes, target).prim_func()
     func = KernelBuilder(cascade, kernel, sizes).prim_func()
+    tuned = tuning.schedule(func, kernel.name) if tuning is not None else None
+    if tuned is not None:
+        return tuned.with_attr(TUNED, True)
     return gpu_schedule(func, kernel.name, target) if gpu else schedule(func, kernel, target)
 
 
@@ -89,12 +102,14 @@ def reproducer(cascade: Cascade, kernel: Any) -> str:
     return path
 
 
-def cache_key(cascade: Cascade, target: Any) -> str:
+def cache_key(cascade: Cascade, target: Any, tuning: Any = None) -> str:
     """A digest of everything a compiled library depends on: the cascade, its weights, the target,
-    the versions and the code generator's own source (a changed compiler recompiles)."""
+    the versions, the tuning records and the code generator's own source (a changed compiler
+    recompiles)."""
     from .. import __version__
     digest = hashlib.sha256()
-    for part in (to_text(cascade), repr(sorted(target.tvm.items())), tvm.__version__, __version__):
+    records = tuning.digest() if tuning is not None else ""
+    for part in (to_text(cascade), repr(sorted(target.tvm.items())), tvm.__version__, __version__, records):
         digest.update(part.encode())
     for source in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(source.read_bytes())

@@ -14,14 +14,15 @@ from .lower import DTYPES, SizeVars
 
 
 def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: Mapping[str, int],
-                   repeat: int = 5) -> dict[str, float]:
-    """Median seconds of each kernel, rebuilt alone and run on random data of the model's sizes."""
+                   tuning: Any = None, repeat: int = 5) -> dict[str, float]:
+    """Median seconds of each kernel, rebuilt alone (with its tuned schedule where ``tuning``
+    holds one) and run on random data of the model's sizes."""
     decls = declarations(c)
     rng = np.random.default_rng(0)
     device = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu()
     out = {}
     for k in kernels:
-        func = kernel_function(c, k, SizeVars(), target)
+        func = kernel_function(c, k, SizeVars(), target, tuning)
         lib = tvm.compile(func, target=target.tvm_target())
         args = []
         for name in list(k.inputs) + [k.output]:

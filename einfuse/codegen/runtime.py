@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import sympy
@@ -44,7 +44,8 @@ class CompiledModel:
     """A compiled model: call it with torch tensors (positionally, in the cascade's input order)."""
 
     def __init__(self, cascade: Cascade, executable: Any, kernels: list[Kernel], target: str,
-                 compile_seconds: float, sources: dict[str, str] | None = None, library: Path | None = None) -> None:
+                 compile_seconds: float, sources: dict[str, str] | None = None, library: Path | None = None,
+                 tuning: Any = None, tuned: Sequence[str] = ()) -> None:
         self.ir = cascade
         self.executable = executable
         self.kernels = kernels
@@ -52,6 +53,8 @@ class CompiledModel:
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
         self._library = library  # the .so this model was loaded from (a loaded module cannot be re-exported)
+        self.tuning = tuning     # the TuningDatabase its kernels' schedules came from, if any
+        self.tuned = list(tuned)  # the kernels scheduled from a tuning record
         self.device = "cuda" if target.startswith("cuda:") else "cpu"   # (where inputs go and outputs are)
         self._vm: Any = None   # (made on the first call: a GPU model can be inspected where no GPU is)
         self._decls = declarations(cascade)
@@ -142,7 +145,8 @@ class CompiledModel:
                  "-" if r["measured_s"] is None else f"{r['measured_s'] * 1e3:.3f}",
                  "-" if r["measured_s"] is None else f"{r['measured_s'] / total:.0%}") for r in table]
         lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share"), rows, ruler=False)
-        lines.append(f"{len(self.kernels)} kernels, compiled for {self.target} in {self.compile_seconds:.1f} s")
+        lines.append(f"{len(self.kernels)} kernels ({len(self.tuned)} tuned), compiled for {self.target} "
+                     f"in {self.compile_seconds:.1f} s")
         if args is not None:
             lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
         return "\n".join(lines)
@@ -156,7 +160,7 @@ class CompiledModel:
             from ..targets import Target
             from .profile import kernel_seconds
             sizes = bind_sizes(self.ir, self._decls, {n: tuple(a.shape) for n, a in zip(self.inputs, args)})
-            times = kernel_seconds(self.ir, self.kernels, Target.parse(self.target), sizes)
+            times = kernel_seconds(self.ir, self.kernels, Target.parse(self.target), sizes, self.tuning)
             at = {r.size: sizes[r.name] for r in self.ir.ranks if isinstance(r.size, sympy.Symbol)}
         peaks = host_peaks() if times else None
         out = []
@@ -190,7 +194,8 @@ class CompiledModel:
             shutil.copyfile(self._library, path / "model.so")
         else:
             self.executable.export_library(str(path / "model.so"))
-        meta = {"cascade": to_text(self.ir), "target": self.target, "compile_seconds": self.compile_seconds}
+        meta = {"cascade": to_text(self.ir), "target": self.target, "compile_seconds": self.compile_seconds,
+                "tuned": self.tuned, "tuning": str(self.tuning.path) if self.tuning is not None else None}
         (path / "model.json").write_text(json.dumps(meta))
         (path / "kernels.tir").write_text(self.source("tir"))
         return path
@@ -206,8 +211,12 @@ def load(path: str | Path) -> CompiledModel:
     cascade = parse(meta["cascade"])
     kernels = group_kernels(cascade)
     tir = (path / "kernels.tir").read_text() if (path / "kernels.tir").is_file() else ""
+    tuning = None
+    if meta.get("tuning"):
+        from ..tuning import TuningDatabase
+        tuning = TuningDatabase.at(Path(meta["tuning"]))
     return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir},
-                         path / "model.so")
+                         path / "model.so", tuning, meta.get("tuned", ()))
 
 
 def _aligned_copy(x: torch.Tensor) -> torch.Tensor:
