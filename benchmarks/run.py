@@ -163,10 +163,12 @@ def peer_relax(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
     return (lambda: vm["main"](*inputs)), time.perf_counter() - start
 
 
-def peer_einfuse(model: torch.nn.Module, args: tuple, pipeline: str = "default") -> tuple[Callable, float]:
+def peer_einfuse(model: torch.nn.Module, args: tuple, pipeline: str = "default",
+                 tuning_db: Any = False) -> tuple[Callable, float]:
+    """einfuse, untuned unless given a tuning database (benchmarks/tune.py)."""
     import einfuse
     start = time.perf_counter()
-    compiled = einfuse.compile(model, args, pipeline=pipeline, cache_dir=tempfile.mkdtemp())
+    compiled = einfuse.compile(model, args, pipeline=pipeline, cache_dir=tempfile.mkdtemp(), tuning_db=tuning_db)
     tvm_args = compiled.to_tvm(args)
     return (lambda: compiled._run(tvm_args)), time.perf_counter() - start
 
@@ -188,39 +190,50 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args()
+    peers = opts.peers.split(",")
+    start(opts)
+    for name in opts.models.split(","):
+        model, args = WORKLOADS[name]()
+        compare(name, model, args, {peer: PEERS[peer] for peer in peers}, opts.repeat, opts.rounds)
+
+
+def start(opts: argparse.Namespace) -> None:
+    """Threads for every peer, quiet warnings, and the header of the table."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(opts.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(opts.threads))
-    peers = opts.peers.split(",")
     print(f"threads={opts.threads} repeat={opts.repeat} rounds={opts.rounds} torch={torch.__version__}")
     print(f"{'workload':11} {'peer':9} {'median ms':>10} {'vs einfuse':>10} {'compile s':>9}")
-    for name in opts.models.split(","):
-        model, args = WORKLOADS[name]()
-        results: dict[str, Any] = {}
-        runs: dict[str, Callable[[], Any]] = {}
-        with torch.no_grad():
-            for peer in peers:
-                try:
-                    runs[peer], results[peer] = PEERS[peer](model, args)
-                    runs[peer]()   # (a peer that fails at run time fails here)
-                except Exception as exc:  # a failing peer is reported, not fatal
-                    runs.pop(peer, None)
-                    results[peer] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:90]}"
-            for peer, seconds in measure(runs, opts.repeat, opts.rounds).items():
-                results[peer] = (seconds, results[peer])
-            results = {peer: results[peer] for peer in peers}   # (in the order asked for)
-        ours = results.get("einfuse")
-        for peer, r in results.items():
-            if isinstance(r, str):
-                print(f"{name:11} {peer:9} {r}")
-                continue
-            ratio = f"{r[0] / ours[0]:.2f}x" if isinstance(ours, tuple) else "-"
-            print(f"{name:11} {peer:9} {r[0] * 1e3:10.3f} {ratio:>10} {r[1]:9.1f}")
-        if name == "matmul1024" and isinstance(ours, tuple):
-            print(f"{'':11} einfuse GFLOP/s: {2 * 1024 ** 3 / ours[0] / 1e9:.0f}" +
-                  (f", ort GFLOP/s: {2 * 1024 ** 3 / results['ort'][0] / 1e9:.0f}"
-                   if isinstance(results.get("ort"), tuple) else ""))
 
+
+def compare(name: str, model: torch.nn.Module, args: tuple, peers: dict[str, Callable],
+            repeat: int, rounds: int) -> dict[str, Any]:
+    """Build every peer, measure them in interleaved rounds and print a row each; returns each
+    peer's (seconds, compile seconds), or its failure."""
+    results: dict[str, Any] = {}
+    runs: dict[str, Callable[[], Any]] = {}
+    with torch.no_grad():
+        for peer, make in peers.items():
+            try:
+                runs[peer], results[peer] = make(model, args)
+                runs[peer]()   # (a peer that fails at run time fails here)
+            except Exception as exc:  # a failing peer is reported, not fatal
+                runs.pop(peer, None)
+                results[peer] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:90]}"
+        for peer, seconds in measure(runs, repeat, rounds).items():
+            results[peer] = (seconds, results[peer])
+        results = {peer: results[peer] for peer in peers}   # (in the order asked for)
+    ours = results.get("einfuse")
+    for peer, r in results.items():
+        if isinstance(r, str):
+            print(f"{name:11} {peer:9} {r}")
+            continue
+        ratio = f"{r[0] / ours[0]:.2f}x" if isinstance(ours, tuple) else "-"
+        print(f"{name:11} {peer:9} {r[0] * 1e3:10.3f} {ratio:>10} {r[1]:9.1f}")
+    if name == "matmul1024":
+        print(f"{'':11} GFLOP/s: " + ", ".join(f"{peer} {2 * 1024 ** 3 / r[0] / 1e9:.0f}"
+                                               for peer, r in results.items() if isinstance(r, tuple)))
+    return results
 
 if __name__ == "__main__":
     np.random.seed(0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ class Task:
     name: str
     func: tirx.PrimFunc
     kernels: tuple[str, ...]
+    kernel: Any   # (the first of them: what the rule-based schedule needs)
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ def tasks(cascade: Cascade, target: Any) -> list[Task]:
             continue  # (a symbolic shape: MetaSchedule tunes static workloads)
         key = tvm_ffi.structural_hash(workload(func))
         old = found.get(key)
-        found[key] = Task(old.name if old else kernel.name, func, (old.kernels if old else ()) + (kernel.name,))
+        found[key] = Task(old.name, func, old.kernels + (kernel.name,), old.kernel) if old else \
+            Task(kernel.name, func, (kernel.name,), kernel)
     return list(found.values())
 
 
@@ -150,9 +153,11 @@ def tune(cascade: Cascade, target: Any, trials: int, database: TuningDatabase, *
     check_cost_model(cost_model)
     if trials < 1:
         raise EinfuseError(f"tune: --trials must be at least 1 (got {trials})")
+    if database.open(create=True) is None:
+        raise EinfuseError(f"tune: cannot write the tuning database {database.path}")
     todo, results = [], {}
     for task in tasks(cascade, target):
-        held = len(database.records(task.func, trials)) if database.open() is not None else 0
+        held = len(database.records(task.func, trials))
         results[task.name] = TaskResult(task.name, held, 0, None)
         if held < trials:
             todo.append(task)
@@ -180,29 +185,55 @@ def check_cost_model(cost_model: str) -> None:
 
 def _run(todo: list[Task], target: Any, trials: int, database: TuningDatabase, rpc: tuple[str, str] | None,
          cost_model: str, seed: int, progress: Callable[[str], None]) -> dict[str, int]:
-    """MetaSchedule over ``todo``; the candidates measured per task."""
+    """MetaSchedule over ``todo``, each search seeded with the rule-based schedule; the
+    candidates measured per task."""
     from tvm.s_tir import meta_schedule as ms
-    names = [t.name for t in todo]
-    counter = _progress_callback(names, trials, progress)
-    db = database.open(create=True)
-    if db is None:
-        raise EinfuseError(f"tune: cannot write the tuning database {database.path}")
-    import logging
-    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
-    if logging.getLogger("tvm.s_tir.meta_schedule").level == logging.NOTSET:   # (its table is in the log
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)  # files; ours is on stdout)
-    from tvm.s_tir.meta_schedule.utils import fork_seed
+    counter = _progress_callback([t.name for t in todo], trials, progress)
     work = str(database.path / "work")
-    contexts = [ms.TuneContext(mod=workload(t.func), target=target.tvm_target(), space_generator="post-order-apply",
-                               search_strategy="evolutionary", task_name=t.name, rand_state=state,
-                               num_threads="physical", logger=log).clone()
-                for t, log, state in zip(todo, get_loggers_from_work_dir(work, names), fork_seed(seed, len(todo)))]
-    ms.tune_tasks(tasks=contexts, task_weights=[1.0] * len(todo), work_dir=work,
+    builder, runner = _builder(), _runner(rpc)
+    if target.kind == "cpu":
+        _seed(todo, target, database.open(), builder, runner)
+    ms.tune_tasks(tasks=_contexts(todo, target, work, seed), task_weights=[1.0] * len(todo), work_dir=work,
                   max_trials_global=trials * len(todo), max_trials_per_task=trials,
-                  num_trials_per_iter=min(trials, 32), builder=_builder(), runner=_runner(rpc), database=db,
-                  cost_model=cost_model, measure_callbacks=ms.MeasureCallback.create("default") + [counter],
-                  task_scheduler="round-robin")
+                  num_trials_per_iter=min(trials, 32), builder=builder, runner=runner,
+                  database=database.open(), cost_model=cost_model,
+                  measure_callbacks=ms.MeasureCallback.create("default") + [counter], task_scheduler="round-robin")
     return counter.done
+
+
+def _seed(todo: list[Task], target: Any, db: Any, builder: Any, runner: Any) -> None:
+    """Measure each task's rule-based schedule as MetaSchedule measures its candidates and
+    commit it as a record: the evolutionary search starts from it, and the best record is
+    never slower than what compiling without tuning gives."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .codegen.schedules.cpu import rule_schedule
+    tvm_target = target.tvm_target()
+    schedules = [rule_schedule(workload(t.func)["main"], t.kernel, target) for t in todo]
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for sch in schedules])
+    args = [ms.arg_info.ArgInfo.from_prim_func(t.func) for t in todo]
+    ok = [n for n, b in enumerate(built) if b.error_msg is None]
+    futures = runner.run([ms.runner.RunnerInput(built[n].artifact_path, tvm_target.kind.name, args[n]) for n in ok])
+    for n, future in zip(ok, futures):
+        result = future.result()
+        if result.error_msg is None:
+            db.commit_tuning_record(ms.database.TuningRecord(schedules[n].trace, db.commit_workload(workload(todo[n].func)),
+                                                             result.run_secs, tvm_target, args[n]))
+
+
+def _contexts(todo: list[Task], target: Any, work: str, seed: int) -> list[Any]:
+    """A MetaSchedule TuneContext per task, logging to files under ``work`` (MetaSchedule's
+    tables go there, not to stdout, unless its logger was configured otherwise)."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+    if logging.getLogger("tvm.s_tir.meta_schedule").level == logging.NOTSET:
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    loggers = get_loggers_from_work_dir(work, [t.name for t in todo])
+    return [ms.TuneContext(mod=workload(t.func), target=target.tvm_target(), space_generator="post-order-apply",
+                           search_strategy="evolutionary", task_name=t.name, rand_state=state,
+                           num_threads="physical", logger=log).clone()
+            for t, log, state in zip(todo, loggers, fork_seed(seed, len(todo)))]
 
 
 def _builder() -> Any:

@@ -71,9 +71,10 @@ def test_second_tune_measures_nothing_and_compile_uses_the_records(tuned: tuple[
     assert untuned.tuned == [] and rel_error(untuned(x), model(x)) < 1e-5
 
 
-def test_best_record_ties_are_broken_by_trace_text(tuned: tuple[Path, list, list[str]]) -> None:
+def test_rule_based_schedule_is_a_record_and_ties_are_broken_by_trace_text(tuned: tuple[Path, list, list[str]]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
+    from einfuse.codegen.schedules.cpu import rule_schedule
     from einfuse.tuning import tasks, workload
     root, _, _ = tuned
     target = Target.parse("cpu")
@@ -81,6 +82,8 @@ def test_best_record_ties_are_broken_by_trace_text(tuned: tuple[Path, list, list
     model, args = small_model()
     (task,) = tasks(einfuse.api.laid_out(einfuse.api.optimized(model, args), target), target)
     records = database.records(task.func)
+    rule = rule_schedule(workload(task.func)["main"], task.kernel, target)   # (measured as the search's seed)
+    assert str(rule.trace) in {str(r.trace) for r in records}
     best = records[0]
     db = database.open()
     for other in records[1:]:   # every record now as fast as the best: the trace text decides

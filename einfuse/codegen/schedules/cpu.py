@@ -49,6 +49,11 @@ def ragged(target: Target, rows: int, cols: int) -> bool:
 
 def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFunc:
     """``func`` scheduled for ``target``; the unscheduled function if a rule does not apply."""
+    return rule_schedule(func, kernel, target).mod["main"].with_attr("global_symbol", kernel.name)
+
+
+def rule_schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> s_tir.Schedule:
+    """The schedule (with its trace, which tuning records as a candidate) the rules give ``func``."""
     sch = s_tir.Schedule(func)
     blocks = sch.get_child_blocks(sch.get_sblock("root"))
     stages = set(kernel.stages)
@@ -68,7 +73,7 @@ def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFu
                 _row_schedule(sch, [b], target)
             else:
                 _elementwise_schedule(sch, b, target, vectorize=not kernel.gathers)
-    return sch.mod["main"].with_attr("global_symbol", kernel.name)
+    return sch
 
 
 def _is_reduction(sch: s_tir.Schedule, block: Any) -> bool:
