@@ -1,6 +1,7 @@
 """The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, run passes over it with
 IR-inspection instruments, print and analyse it) and
-``compile`` (compile it for a target, write the library and print the report), ``tune`` (tune its
+``compile`` (compile it for a target, write the library and print the report), ``report`` (time
+each kernel against the cost model's estimate; ``--plot`` draws the roofline), ``tune`` (tune its
 kernels with MetaSchedule into a database that ``compile`` reads), ``kernels``
 (write each kernel's source for a target, with a manifest; no device needed) and ``cache``
 (``status`` or ``clear`` the compile cache).
@@ -57,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     tune.add_argument("--cost-model", default="xgb", choices=("xgb", "random"),
                       help="MetaSchedule's cost model (xgb needs einfuse[tune]; default xgb)")
     tune.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    rep = sub.add_parser("report", help="compile a model, time each kernel and compare with the cost model")
+    rep.add_argument("model", help="zoo:NAME or path/to/file.py:function returning (model, args)")
+    rep.add_argument("--plot", metavar="FILE", help="draw the kernels on the roofline (a .png; needs matplotlib)")
+    rep.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     kern = sub.add_parser("kernels", help="write each kernel's source for a target, with manifest.json")
     kern.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
@@ -68,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.add_argument("--dir", help="the cache directory (default: $EINFUSE_CACHE or ~/.cache/einfuse)")
     args = parser.parse_args(argv)
     try:
-        return {"ir": _ir, "compile": _compile, "tune": _tune, "kernels": _kernels, "cache": _cache}[args.command](args)
+        return {"ir": _ir, "compile": _compile, "tune": _tune, "report": _report, "kernels": _kernels, "cache": _cache}[args.command](args)
     except EinfuseError as err:
         print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)
         return 1
@@ -110,6 +115,22 @@ def _compile(args: argparse.Namespace) -> int:
     (out / "report.txt").write_text(report + "\n")
     print(report)
     print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .api import compile as compile_model
+    from .plot import roofline_plot
+    from .targets import cost, host_cpu, host_peaks
+    model, example = load_torch_model(args.model)
+    if isinstance(model, Cascade):
+        raise EinfuseError("report needs example inputs to time the kernels: give zoo:NAME or file.py:function")
+    compiled = compile_model(model, example, pipeline=args.pipeline)
+    table = compiled.kernel_times(example)
+    print(compiled.report(example, table))
+    if args.plot:
+        machine = cost.measured(host_cpu(), host_peaks())
+        print(f"wrote {roofline_plot(table, machine, args.plot, title=args.model)}")
     return 0
 
 

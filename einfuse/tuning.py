@@ -188,11 +188,10 @@ def _run(todo: list[Task], target: Any, trials: int, database: TuningDatabase, r
     """MetaSchedule over ``todo``, each search seeded with the rule-based schedule; the
     candidates measured per task."""
     from tvm.s_tir import meta_schedule as ms
-    counter = _progress_callback([t.name for t in todo], trials, progress)
     work = str(database.path / "work")
     builder, runner = _builder(), _runner(rpc)
-    if target.kind == "cpu":
-        _seed(todo, target, database.open(), builder, runner)
+    seeds = _seed(todo, target, database.open(), builder, runner, progress) if target.kind == "cpu" else {}
+    counter = _progress_callback([t.name for t in todo], trials, progress, seeds)
     ms.tune_tasks(tasks=_contexts(todo, target, work, seed), task_weights=[1.0] * len(todo), work_dir=work,
                   max_trials_global=trials * len(todo), max_trials_per_task=trials,
                   num_trials_per_iter=min(trials, 32), builder=builder, runner=runner,
@@ -201,10 +200,11 @@ def _run(todo: list[Task], target: Any, trials: int, database: TuningDatabase, r
     return counter.done
 
 
-def _seed(todo: list[Task], target: Any, db: Any, builder: Any, runner: Any) -> None:
+def _seed(todo: list[Task], target: Any, db: Any, builder: Any, runner: Any,
+          progress: Callable[[str], None]) -> dict[str, float]:
     """Measure each task's rule-based schedule as MetaSchedule measures its candidates and
     commit it as a record: the evolutionary search starts from it, and the best record is
-    never slower than what compiling without tuning gives."""
+    never slower than what compiling without tuning gives. Its seconds per task."""
     from tvm.s_tir import meta_schedule as ms
 
     from .codegen.schedules.cpu import rule_schedule
@@ -213,12 +213,20 @@ def _seed(todo: list[Task], target: Any, db: Any, builder: Any, runner: Any) -> 
     built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for sch in schedules])
     args = [ms.arg_info.ArgInfo.from_prim_func(t.func) for t in todo]
     ok = [n for n, b in enumerate(built) if b.error_msg is None]
-    futures = runner.run([ms.runner.RunnerInput(built[n].artifact_path, tvm_target.kind.name, args[n]) for n in ok])
-    for n, future in zip(ok, futures):
-        result = future.result()
-        if result.error_msg is None:
-            db.commit_tuning_record(ms.database.TuningRecord(schedules[n].trace, db.commit_workload(workload(todo[n].func)),
-                                                             result.run_secs, tvm_target, args[n]))
+    futures = runner.run([ms.runner.RunnerInput(built[n].artifact_path, "cpu", args[n]) for n in ok])
+    results = dict(zip(ok, (f.result() for f in futures)))
+    seconds = {}
+    for n, task in enumerate(todo):
+        error = built[n].error_msg or results[n].error_msg
+        if error:
+            progress(f"{task.name}: the rule-based schedule could not be measured: {error.strip().splitlines()[-1]}")
+            continue
+        record = ms.database.TuningRecord(schedules[n].trace, db.commit_workload(workload(task.func)),
+                                          results[n].run_secs, tvm_target, args[n])
+        db.commit_tuning_record(record)
+        seconds[task.name] = _mean(record)
+        progress(f"{task.name}: the rule-based schedule takes {seconds[task.name] * 1e3:.3f} ms (the search starts there)")
+    return seconds
 
 
 def _contexts(todo: list[Task], target: Any, work: str, seed: int) -> list[Any]:
@@ -268,9 +276,11 @@ def _runner(rpc: tuple[str, str] | None) -> Any:
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
 
 
-def _progress_callback(names: list[str], trials: int, progress: Callable[[str], None]) -> Any:
+def _progress_callback(names: list[str], trials: int, progress: Callable[[str], None],
+                       seeds: dict[str, float]) -> Any:
     """A MetaSchedule measure callback printing, after each measured batch, the task's trials,
-    its best time so far and the estimated time left; ``.done`` counts candidates per task."""
+    its best time so far (``seeds`` counted) and the estimated time left; ``.done`` counts
+    candidates per task."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
@@ -279,7 +289,7 @@ def _progress_callback(names: list[str], trials: int, progress: Callable[[str], 
         def __init__(self) -> None:
             super().__init__()
             self.done = {n: 0 for n in names}
-            self.best: dict[str, float] = {}
+            self.best: dict[str, float] = dict(seeds)
             self.start = time.perf_counter()
 
         def apply(self, task_scheduler: Any, task_id: int, candidates: Any, builds: Any, runs: Any) -> None:

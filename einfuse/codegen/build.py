@@ -109,7 +109,8 @@ def cache_key(cascade: Cascade, target: Any, tuning: Any = None) -> str:
     from .. import __version__
     digest = hashlib.sha256()
     records = tuning.digest() if tuning is not None else ""
-    for part in (to_text(cascade), repr(sorted(target.tvm.items())), tvm.__version__, __version__, records):
+    for part in (to_text(cascade), repr(sorted(target.tvm.items())), target.tiles, tvm.__version__, __version__,
+                 records):
         digest.update(part.encode())
     for source in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(source.read_bytes())

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import sympy
 import torch
 import tvm
 
@@ -134,17 +133,19 @@ class CompiledModel:
             return host.inspect_source("ll")
         return host.inspect_source("asm")
 
-    def report(self, args: tuple | None = None) -> str:
-        """A table per kernel: the Einsums it computes, FLOPs, bytes and, given inputs, the roofline
-        prediction (the host's measured peaks), each kernel's measured time alone and its share,
-        and the whole model's time per call."""
-        table = self.kernel_times(args)
+    def report(self, args: tuple | None = None, table: list[dict[str, Any]] | None = None) -> str:
+        """A table per kernel: the Einsums it computes, FLOPs, bytes and, given inputs, the cost
+        model's estimate (:mod:`einfuse.targets.cost`, on the host's measured peaks) and what
+        bounds it, each kernel's measured time alone and its share, and the model's time per call
+        (``table``: rows :meth:`kernel_times` already measured)."""
+        table = table if table is not None else self.kernel_times(args)
         total = sum(r["measured_s"] or 0.0 for r in table) or 1.0
         rows = [(r["kernel"], str(r["einsums"]), format_number(r["flops"]), format_number(r["bytes"]),
-                 "-" if r["predicted_s"] is None else f"{r['predicted_s'] * 1e3:.3f}",
+                 "-" if r["predicted_s"] is None else f"{r['predicted_s'] * 1e3:.3f}", r["bound"] or "-",
                  "-" if r["measured_s"] is None else f"{r['measured_s'] * 1e3:.3f}",
                  "-" if r["measured_s"] is None else f"{r['measured_s'] / total:.0%}") for r in table]
-        lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "ms", "share"), rows, ruler=False)
+        lines = format_table(("kernel", "einsums", "FLOPs", "bytes", "predicted ms", "bound", "ms", "share"), rows,
+                             ruler=False)
         lines.append(f"{len(self.kernels)} kernels ({len(self.tuned)} tuned), compiled for {self.target} "
                      f"in {self.compile_seconds:.1f} s")
         if args is not None:
@@ -152,25 +153,26 @@ class CompiledModel:
         return "\n".join(lines)
 
     def kernel_times(self, args: tuple | None = None) -> list[dict[str, Any]]:
-        """Per kernel: name, Einsum count, FLOPs and bytes (sympy), and given inputs the roofline
-        prediction on the host's measured peaks and the measured time alone, in seconds."""
+        """Per kernel: name, Einsum count, FLOPs and bytes (sympy), and given inputs the cost
+        model's estimate (seconds, bound, FLOPs per DRAM byte; CPU targets) and the measured
+        seconds of the kernel run alone."""
+        from ..targets import Target, cost
+        target = Target.parse(self.target)
         times: dict[str, float] = {}
-        at: dict[sympy.Symbol, int] = {}
+        machine, sizes = None, {}
         if args is not None:
-            from ..targets import Target
             from .profile import kernel_seconds
             sizes = bind_sizes(self.ir, self._decls, {n: tuple(a.shape) for n, a in zip(self.inputs, args)})
-            times = kernel_seconds(self.ir, self.kernels, Target.parse(self.target), sizes, self.tuning)
-            at = {r.size: sizes[r.name] for r in self.ir.ranks if isinstance(r.size, sympy.Symbol)}
-        peaks = host_peaks() if times else None
+            times = kernel_seconds(self.ir, self.kernels, target, sizes, self.tuning)
+            machine = cost.measured(target, host_peaks()) if target.kind == "cpu" else None
         out = []
         for k in self.kernels:
-            flops = sum(einsum_cost(self.ir, e).flops for e in k.einsums(self.ir))
-            moved = tensors_bytes(self.ir, k.inputs + (k.output,))
-            predicted = None if peaks is None else \
-                peaks.roofline_seconds(float(sympy.sympify(flops).subs(at)), float(sympy.sympify(moved).subs(at)))
-            out.append({"kernel": k.name, "einsums": len(k.einsums(self.ir)), "flops": flops, "bytes": moved,
-                        "predicted_s": predicted, "measured_s": times.get(k.name)})
+            est = cost.kernel_estimate(self.ir, k, machine, sizes) if machine is not None else None
+            out.append({"kernel": k.name, "einsums": len(k.einsums(self.ir)),
+                        "flops": sum(einsum_cost(self.ir, e).flops for e in k.einsums(self.ir)),
+                        "bytes": tensors_bytes(self.ir, k.inputs + (k.output,)),
+                        "predicted_s": est.seconds if est else None, "bound": est.bound if est else None,
+                        "intensity": est.intensity if est else None, "measured_s": times.get(k.name)})
         return out
 
     def time(self, args: tuple, number: int = 10, repeat: int = 5) -> float:

@@ -30,7 +30,9 @@ class Target:
     vector_bytes: int = 16
     registers: int = 16
     cache_bytes: int = 1 << 20   # the private (L2) cache of one core
+    llc_bytes: int = 8 << 20     # the last-level cache, shared
     device: Any = field(default=None, hash=False)   # a presets.GPU or presets.Accelerator, None on a CPU
+    tiles: str = "model"         # register tiles chosen by the cost model, or "fixed" (the rule of thumb)
 
     @property
     def kind(self) -> str:
@@ -82,32 +84,37 @@ def host_cpu() -> Target:
     tvm_target: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
     if wide:  # LLVM splits 512-bit vectors in two on these CPUs unless told not to; tiles assume 512
         tvm_target["mattr"] = ["-prefer-256-bit"]
-    return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16, _cache_bytes())
+    return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16, _cache_bytes(2, 1 << 20),
+                  _cache_bytes(3, 8 << 20))
 
 
-def _cache_bytes() -> int:
-    """The size of the host's L2 cache (Linux sysfs), or 1 MiB where it cannot be read."""
+def _cache_bytes(index: int, otherwise: int) -> int:
+    """The size of the host's cache ``index`` (2: L2, 3: L3; Linux sysfs), or ``otherwise``."""
     try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+        text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
         return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)
     except (OSError, ValueError):
-        return 1 << 20
+        return otherwise
 
 
 @dataclass(frozen=True)
 class Peaks:
-    """What the host sustains: float32 FLOP/s (a large GEMM) and memory bytes/s (a large copy)."""
+    """What the host sustains: float32 FLOP/s (a large GEMM), memory bytes/s (a large copy),
+    cache bytes/s (copies that stay in a core's cache, all cores) and the seconds a call of a
+    parallel TVM kernel costs with nothing to do."""
 
     flops: float
     bandwidth: float
+    cache: float = 0.0
+    launch: float = 0.0
 
     def roofline_seconds(self, flops: float, moved: float) -> float:
-        """The roofline estimate: the slower of computing and moving."""
+        """The plain roofline: the slower of computing and moving ``moved`` bytes from memory."""
         return max(flops / self.flops, moved / self.bandwidth)
 
 
 def host_peaks(cache_dir: "str | os.PathLike[str] | None" = None) -> Peaks:
-    """The host's peaks, measured once by a micro-benchmark (about a second) and cached per CPU."""
+    """The host's peaks, measured once by micro-benchmarks (a few seconds) and cached per CPU."""
     import json
     from pathlib import Path
     target = host_cpu()
@@ -116,28 +123,47 @@ def host_peaks(cache_dir: "str | os.PathLike[str] | None" = None) -> Peaks:
     path = base / f"peaks-{target.tvm['mcpu']}-{target.cores}.json"
     if path.is_file():
         data = json.loads(path.read_text())
-        return Peaks(data["flops"], data["bandwidth"])
-    peaks = _measure_peaks()
+        if {"flops", "bandwidth", "cache", "launch"} <= set(data):   # (an older file lacks the last two)
+            return Peaks(data["flops"], data["bandwidth"], data["cache"], data["launch"])
+    peaks = _measure_peaks(target)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"flops": peaks.flops, "bandwidth": peaks.bandwidth}))
+    path.write_text(json.dumps(peaks.__dict__))
     return peaks
 
 
-def _measure_peaks() -> Peaks:
+def _best(fn: Any, reps: int = 5) -> float:
     import time
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
+
+def _measure_peaks(target: Target) -> Peaks:
     import numpy as np
     n = 1024
     a, b = np.random.rand(n, n).astype(np.float32), np.random.rand(n, n).astype(np.float32)
     src, dst = np.random.rand(1 << 24).astype(np.float32), np.empty(1 << 24, np.float32)
+    small = np.random.rand(target.cache_bytes // 16).astype(np.float32)   # (a quarter of the cache)
+    into = np.empty_like(small)
+    gemm = _best(lambda: a @ b)
+    copy = _best(lambda: np.copyto(dst, src))
+    cached = _best(lambda: [np.copyto(into, small) for _ in range(64)])   # (one core: numpy's copy)
+    return Peaks(2 * n ** 3 / gemm, 2 * src.nbytes / copy, target.cores * 64 * 2 * small.nbytes / cached,
+                 _launch_seconds(target))
 
-    def best(fn: object, reps: int = 5) -> float:
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()  # type: ignore[operator]
-            times.append(time.perf_counter() - start)
-        return min(times)
-    gemm = best(lambda: a @ b)
-    copy = best(lambda: np.copyto(dst, src))
-    return Peaks(2 * n ** 3 / gemm, 2 * src.nbytes / copy)
+
+def _launch_seconds(target: Target) -> float:
+    """The median time of calling a parallel TVM kernel that does almost nothing."""
+    import numpy as np
+    import tvm
+    from tvm import te
+    x = te.placeholder((target.cores * 16,), "float32", name="x")
+    y = te.compute(x.shape, lambda i: x[i] + 1.0, name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([x, y]))
+    sch.parallel(sch.get_loops(sch.get_sblock("y"))[0])
+    lib = tvm.compile(sch.mod, target=target.tvm_target())
+    args = [tvm.runtime.tensor(np.zeros(target.cores * 16, np.float32)) for _ in range(2)]
+    return float(lib.mod.time_evaluator("main", tvm.cpu(), number=100, repeat=5)(*args).median)

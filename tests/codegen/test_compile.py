@@ -119,7 +119,8 @@ def test_sources_and_report(tmp_path: Path) -> None:
     assert "k0_gelu" in compiled.source("llvm")
     assert "zmm" in compiled.source("asm") or "ymm" in compiled.source("asm")
     report = compiled.report((torch.zeros(64, 256),)).splitlines()
-    assert report[0].split() == ["kernel", "einsums", "FLOPs", "bytes", "predicted", "ms", "ms", "share"]
+    assert report[0].split() == ["kernel", "einsums", "FLOPs", "bytes", "predicted", "ms", "bound", "ms", "share"]
+    assert report[1].split()[5] in ("compute", "memory", "cache", "launch")   # (what bounds the estimate)
     assert report[-1].startswith("measured: ")
 
 

@@ -24,15 +24,19 @@ from typing import Any
 
 from tvm import s_tir, tirx
 
-from ...targets import Target
+from ...targets import Target, cost
 from ...passes.group_kernels import Kernel
 
 WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
 
 
-def register_tile(target: Target, cols: int | None = None) -> tuple[int, int]:
-    """A contraction's register tile, (rows, lanes): half the vector registers hold accumulators,
+def register_tile(target: Target, cols: int | None = None, rows: int | None = None) -> tuple[int, int]:
+    """A contraction's register tile, (rows, lanes), for a ``rows x cols`` output: the one the
+    cost model's estimate prefers (:func:`einfuse.targets.cost.register_tile`), or with
+    ``target.tiles == "fixed"`` the rule of thumb: half the vector registers hold accumulators,
     up to 4 vectors wide, narrower when the output is (a 16-wide attention head takes 1 x 16)."""
+    if target.tiles == "model":
+        return cost.register_tile(cost.nominal(target), rows, cols)
     lanes = target.vector_lanes
     vectors = 4 if target.registers >= 32 else 2
     if cols is not None:
@@ -43,7 +47,7 @@ def register_tile(target: Target, cols: int | None = None) -> tuple[int, int]:
 def ragged(target: Target, rows: int, cols: int) -> bool:
     """Whether the register tile leaves a remainder on a ``rows x cols`` output (then the
     contraction is padded, which needs operands indexed by plain variables)."""
-    mr, nr = register_tile(target, cols)
+    mr, nr = register_tile(target, cols, rows)
     return rows % mr != 0 or cols % nr != 0
 
 
@@ -132,9 +136,9 @@ def _innermost_last(uses: list[bool]) -> list[int]:
 
 
 def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False) -> None:
-    extent = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar][-1].dom.extent
-    mr, nr = register_tile(target, int(extent) if isinstance(extent, tirx.IntImm) else None)
+    spatial_vars = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     row = _row_dim(sch.get(block))
+    mr, nr = register_tile(target, _static(spatial_vars[-1].dom.extent), _static(spatial_vars[row].dom.extent))
     before = sch.get_producers(block)
     padded = _pad_ragged(sch, block, row, mr, nr)
     block = sch.get_sblock(sch.get(block).name_hint) if padded else block
@@ -179,6 +183,10 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
     sch.parallel(sch.fuse(*outer, j0) if outer else j0)
     init = sch.decompose_reduction(block, reduce[0])
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _static(extent: Any) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
 def _row_dim(blk: Any) -> int:

@@ -1,0 +1,218 @@
+"""Roofline estimates that count what a kernel's tiling moves (issue 7; PASS_SPECS.md §4.1).
+
+LLM-Viewer's roofline divides a layer's operations by a peak and its *minimum* bytes by a
+bandwidth. einfuse's estimate of one kernel is
+
+    seconds = launch + max(work / F, DRAM bytes / B_dram, cache bytes / B_cache)
+
+- ``work`` is FLOPs done, not FLOPs needed: a contraction computes on whole register tiles (the
+  padding of a ragged edge counts), at the FMA rate F scaled by how well the tile keeps the FMA
+  pipes busy (enough independent accumulators to hide the FMA latency, few loads per FMA);
+  element-wise and reduction work is counted in vector operations (``exp`` is a dozen) at half
+  of F (one vector op per cycle, where an FMA is two FLOPs).
+- DRAM bytes count an operand once per time the tiling reads it when it does not stay in cache:
+  a GEMM's row operand once per column panel when it is larger than the last-level cache, the
+  1-pass attention's K and V once per block of query rows when a head's K and V exceed a core's.
+- cache bytes are the GEMM's packed column panel, streamed from the core's cache once per
+  register tile of rows, and the re-reads that the last-level cache serves.
+- launch is the measured cost of calling a parallel kernel (a fork and join of the thread pool).
+
+LLM-Viewer's pitfalls (§4.1) are avoided by construction: one convention (an FMA is 2 FLOPs, the
+peak is a measured dense GEMM), bytes at each tensor's dtype, heads counted from the IR.
+:func:`register_tile` picks a contraction's register tile by this estimate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ..ir import Call, Cascade, Einsum
+from ..ir import ops as ir_ops
+from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
+
+VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu": 14, "gelu": 18,
+              "rsqrt": 4, "sqrt": 4, "div": 4, "pow": 16}   # (vector instructions per element)
+FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
+PARALLEL_FMAS = 8
+BLOCK_ROWS = 64      # query rows per block of the 1-pass attention (codegen/loop.py)
+MARGIN = 0.10        # a register tile replaces the rule of thumb only if estimated this much faster (the
+                     # cache term's 32 B/cycle is nominal: AVX-512's (8, 32) vs (4, 64) is a 6 % call)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the estimate needs of a target: float32 FLOP/s of a large GEMM, DRAM and (all
+    cores') cache bytes/s, a core's cache size, vector lanes and registers, the launch cost."""
+
+    flops: float
+    dram: float
+    cache: float
+    cache_bytes: int
+    llc_bytes: int
+    lanes: int
+    registers: int
+    launch: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One kernel's estimate, its terms, and which of them bounds it."""
+
+    flops: float          # FLOPs needed
+    work_seconds: float
+    dram_bytes: float
+    cache_bytes: float
+    seconds: float
+    bound: str            # "compute", "memory", "cache" or "launch"
+
+    @property
+    def intensity(self) -> float:
+        """FLOPs per DRAM byte (the roofline's x axis)."""
+        return self.flops / self.dram_bytes if self.dram_bytes else math.inf
+
+
+def nominal(target: Any) -> Machine:
+    """A Machine from the target's own numbers alone (no measurement: the tiles chosen, and so
+    the code compiled, do not depend on a noisy benchmark): 3 GHz, two FMA pipes per core, 32
+    bytes per cycle per core from the cache, 8 bytes per cycle from DRAM in all."""
+    hz = 3e9
+    return Machine(flops=target.cores * 2 * 2 * target.vector_lanes * hz, dram=8 * hz, cache=32 * hz * target.cores,
+                   cache_bytes=target.cache_bytes, llc_bytes=target.llc_bytes, lanes=target.vector_lanes,
+                   registers=target.registers, launch=5e-6)
+
+
+def measured(target: Any, peaks: Any) -> Machine:
+    """A Machine from the host's measured peaks (:func:`einfuse.targets.host_peaks`)."""
+    return Machine(flops=peaks.flops, dram=peaks.bandwidth, cache=peaks.cache, cache_bytes=target.cache_bytes,
+                   llc_bytes=target.llc_bytes, lanes=target.vector_lanes, registers=target.registers,
+                   launch=peaks.launch)
+
+
+def combine(m: Machine, flops: float, work_seconds: float, dram: float, cache: float) -> Estimate:
+    """The estimate from its terms: launch plus the slowest of compute, DRAM and cache."""
+    terms = {"compute": work_seconds, "memory": dram / m.dram, "cache": cache / m.cache}
+    bound = max(terms, key=terms.__getitem__)
+    slowest = terms[bound]
+    return Estimate(flops, work_seconds, dram, cache, m.launch + slowest, bound if slowest > m.launch else "launch")
+
+
+def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[int, int], extra_flops: float = 0.0,
+         dtype_bytes: int = 4) -> Estimate:
+    """A (batched) ``rows x depth @ depth x cols`` contraction on a ``tile`` = (rows, lanes)
+    register tile, column panels packed and reused by every row tile (codegen/schedules/cpu.py)."""
+    mr, nr = tile
+    row_tiles, panels = -(-rows // mr), -(-cols // nr)
+    done = 2.0 * batch * row_tiles * mr * panels * nr * depth
+    a, b, c = (dtype_bytes * batch * x for x in (rows * depth, depth * cols, rows * cols))
+    again = a * (panels - 1)   # (the row operand, read once per column panel)
+    in_l2, in_llc = a / batch <= m.cache_bytes, a / batch <= m.llc_bytes
+    dram = a + b + c + (0 if in_llc else again)
+    cache = dtype_bytes * batch * row_tiles * panels * depth * nr + (again if in_llc and not in_l2 else 0)
+    work = done / (m.flops * tile_efficiency(m, mr, nr)) + extra_flops / (m.flops / 2)
+    return combine(m, 2.0 * batch * rows * cols * depth + extra_flops, work, dram, cache)
+
+
+def tile_efficiency(m: Machine, mr: int, nr: int) -> float:
+    """The share of peak FMA rate a ``mr x nr`` register tile sustains: each reduction step
+    issues ``mr * vectors`` FMAs (independent only up to the accumulators held) and
+    ``mr + vectors`` loads, two of each per cycle."""
+    fmas = mr * -(-nr // m.lanes)
+    loads = mr + -(-nr // m.lanes)
+    return min(1.0, fmas / PARALLEL_FMAS) * min(1.0, fmas / loads)
+
+
+def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 256) -> tuple[int, int]:
+    """The (rows, lanes) register tile for a ``rows x cols`` output: the rule of thumb (half the
+    vector registers hold accumulators, up to 4 vectors wide, narrower when the output is)
+    unless another tile's estimate is more than ``MARGIN`` faster. Unknown sizes take 256."""
+    rows, cols = rows or 256, cols or 256
+    widest = max(1, min(4 if m.registers >= 32 else 2, -(-cols // m.lanes)))
+    rule = (max(1, m.registers // 2 // widest), widest * m.lanes)
+    options = [(r, v * m.lanes) for v in range(widest, 0, -1) for r in range(1, m.registers // 2 // v + 1)]
+    seconds = {t: gemm(m, 1, rows, cols, depth, t).seconds for t in options + [rule]}
+    best = min(options, key=seconds.__getitem__)
+    return best if seconds[best] < (1 - MARGIN) * seconds[rule] else rule
+
+
+def vector_ops(e: Einsum) -> int:
+    """Vector instructions per point of ``e``'s iteration space."""
+    def walk(x: Any) -> int:
+        if isinstance(x, Call):
+            own = VECTOR_OPS.get(x.op, ir_ops.OPS[x.op].flops)
+            return own + sum(walk(a) for a in x.args)
+        return 0
+    return walk(e.rhs) + (1 if reduced_vars(e) else 0)
+
+
+def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int, int, int, int] | None:
+    """(batch, rows, cols, depth) of a two-operand contraction, or None if ``e`` is not one.
+    cols is the innermost output variable; rows the innermost other one the operand reading
+    cols does not read (the register tile's rows, as codegen/schedules/cpu.py takes them)."""
+    accesses = reads(e)
+    reduce = reduced_vars(e)
+    out = lhs_vars(e)
+    if len(accesses) != 2 or not reduce or len(out) < 2:
+        return None
+    size = {v: sizes[r] for v, r in var_ranks(c).items() if r in sizes}
+    streamed = [a for a in accesses if out[-1] in access_vars(a)]
+    if len(streamed) != 1:
+        return None
+    free = [v for v in out[:-1] if v not in access_vars(streamed[0])]
+    row = free[-1] if free else out[-2]
+    batch = math.prod(size[v] for v in out if v not in (row, out[-1]))
+    return batch, size[row], size[out[-1]], math.prod(size[v] for v in reduce)
+
+
+def points(c: Cascade, e: Einsum, sizes: dict[str, int]) -> int:
+    """Points of ``e``'s iteration space at the given rank sizes."""
+    ranks = var_ranks(c)
+    return math.prod(sizes[ranks[v]] for v in iteration_vars(e))
+
+
+def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) -> Estimate:
+    """The estimate of one kernel (a :class:`~einfuse.passes.group_kernels.Kernel`) at the given
+    rank sizes: a contraction kernel (with its epilogue) as :func:`gemm` on the register tile
+    :func:`register_tile` picks; any other from its vector work, its inputs and output, and for
+    the 1-pass attention K and V read again by every block of query rows."""
+    from ..ir.analysis import tensors_bytes
+    einsums = kernel.einsums(c)
+    at = {r.size: sizes[r.name] for r in c.ranks if not isinstance(r.size, int)}
+    moved = float(tensors_bytes(c, kernel.inputs + (kernel.output,)).subs(at))
+    dims = [contraction_dims(c, e, sizes) for e in einsums]
+    if kernel.kind in ("", "epilogue") and any(dims):
+        batch, rows, cols, depth = next(d for d in dims if d)
+        extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(einsums, dims) if not d)
+        tile = register_tile(m, rows, cols)
+        return gemm(m, batch, rows, cols, depth, tile, float(extra))
+    fma = sum(2.0 * points(c, e, sizes) for e, d in zip(einsums, dims) if d)
+    vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(einsums, dims) if not d)
+    dram, cache = moved, 0.0
+    if kernel.kind == "loop" and any(dims):
+        again = _reread(c, kernel, sizes, at)
+        per_head = again / max(1, next(d for d in dims if d)[0])
+        if per_head <= m.cache_bytes:
+            cache += again * (_query_blocks(c, kernel, sizes) - 1)
+        else:
+            dram += again * (_query_blocks(c, kernel, sizes) - 1)
+    elif moved <= m.cache_bytes:   # (small enough to stay in the cache between kernels)
+        dram, cache = 0.0, moved
+    return combine(m, fma + vector, fma / m.flops + vector / (m.flops / 2), dram, cache)
+
+
+def _reread(c: Cascade, kernel: Any, sizes: dict[str, int], at: dict) -> float:
+    """Bytes of the loop kernel's inputs indexed by its streamed (key) rank: K and V."""
+    from ..ir.analysis import tensors_bytes
+    from ..ir.scope import declarations
+    from ..passes.group_kernels import stream_levels
+    stream, _ = stream_levels(c, kernel)
+    decls = declarations(c)
+    keyed = [n for n in kernel.inputs if any(r.rank in stream for r in decls[n].ranks)]
+    return float(tensors_bytes(c, keyed).subs(at)) if keyed else 0.0
+
+
+def _query_blocks(c: Cascade, kernel: Any, sizes: dict[str, int]) -> int:
+    """Blocks of query rows: the output's next-to-innermost rank over the block height."""
+    from ..ir.scope import declarations
+    ranks = declarations(c)[kernel.output].ranks
+    return -(-sizes[ranks[-2].rank] // BLOCK_ROWS) if len(ranks) >= 2 else 1

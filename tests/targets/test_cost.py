@@ -1,0 +1,77 @@
+"""The cost model's arithmetic on hand-checked kernels, its register-tile choice, and a compiled
+model's kernels estimated as the model's GEMM formula says."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+import einfuse
+from einfuse import zoo
+from einfuse.codegen.schedules.cpu import register_tile as schedule_tile
+from einfuse.targets import Target, cost, host_cpu
+
+M = cost.Machine(flops=100e9, dram=10e9, cache=50e9, cache_bytes=1 << 20, llc_bytes=8 << 20, lanes=8,
+                 registers=16, launch=1e-6)
+MIB = 1 << 20
+
+
+def test_gemm_counts_the_tilings_traffic() -> None:
+    est = cost.gemm(M, 1, 1024, 1024, 1024, (4, 16))
+    # A (4 MiB) is read once per column panel (64): it misses the 1 MiB cache, stays in the 8 MiB
+    # last level; the packed 1024 x 16 panel is streamed once per row tile (256 x 64 tiles)
+    assert est.dram_bytes == 3 * 4 * MIB
+    assert est.cache_bytes == 4 * 256 * 64 * 1024 * 16 + 63 * 4 * MIB
+    assert est.work_seconds == pytest.approx(2 * 1024 ** 3 / 100e9)
+    assert est.seconds == pytest.approx(1e-6 + est.cache_bytes / 50e9) and est.bound == "cache"
+    assert est.intensity == pytest.approx(2 * 1024 ** 3 / (12 * MIB))
+
+
+def test_gemm_counts_padding_and_rereads_past_the_last_level_cache() -> None:
+    padded = cost.gemm(M, 1, 785, 64, 64, (4, 16))          # 785 rows: 197 tiles of 4
+    assert padded.work_seconds == pytest.approx(2 * 788 * 64 * 64 / 100e9)
+    assert padded.flops == 2 * 785 * 64 * 64
+    big = cost.gemm(M, 1, 4096, 1024, 1024, (4, 16))          # A = 16 MiB: past the 8 MiB last level
+    assert big.dram_bytes == 16 * MIB * 64 + 4 * MIB + 16 * MIB
+    gemv = cost.gemm(M, 1, 1, 768, 768, (4, 16))              # one token: the weights, from memory
+    assert gemv.bound == "memory" and gemv.dram_bytes == 4 * (768 + 768 * 768 + 768)
+
+
+def test_tile_efficiency_needs_independent_accumulators_and_few_loads() -> None:
+    assert cost.tile_efficiency(M, 4, 16) == 1.0                   # 8 FMAs, 6 loads per step
+    assert cost.tile_efficiency(M, 1, 8) == pytest.approx(1 / 8 * 1 / 2)
+    assert cost.tile_efficiency(M, 8, 8) == pytest.approx(8 / 9)   # 8 broadcasts + 1 load for 8 FMAs
+
+
+@pytest.mark.parametrize("vector_bytes, registers, rows, cols, tile", [
+    (32, 16, 1024, 1024, (4, 16)),    # AVX2: 8 accumulators, two vectors wide
+    (64, 32, 1024, 1024, (4, 64)),    # AVX-512: 16 accumulators, four vectors wide
+    (64, 32, 785, 16, (16, 16)),      # a 16-wide head: one vector, 16 rows
+    (32, 16, 1, 768, (4, 16)),        # one token: memory-bound either way, so the widest tile
+])
+def test_register_tile_minimises_the_estimate(vector_bytes: int, registers: int, rows: int, cols: int,
+                                              tile: tuple[int, int]) -> None:
+    target = replace(host_cpu(), vector_bytes=vector_bytes, registers=registers)
+    assert cost.register_tile(cost.nominal(target), rows, cols) == tile
+    assert schedule_tile(target, cols, rows) == tile == schedule_tile(replace(target, tiles="fixed"), cols, rows)
+
+
+def test_a_compiled_kernel_is_estimated_as_its_gemm() -> None:
+    model, args = zoo.build("mlp")
+    compiled = einfuse.compile(model, args, tuning_db=False)
+    target = Target.parse("cpu")
+    sizes = {r.name: int(r.size) for r in compiled.ir.ranks}
+    first = compiled.kernels[0]      # input[64, 256] @ W[256, 1024] + bias, GELU
+    est = cost.kernel_estimate(compiled.ir, first, M, sizes)
+    tile = cost.register_tile(M, 64, 1024)
+    gelu_and_bias = est.flops - 2 * 64 * 1024 * 256
+    assert gelu_and_bias > 0
+    same = cost.gemm(M, 1, 64, 1024, 256, tile, est.work_seconds * 0 + _extra(compiled, first, sizes))
+    assert est == same
+    assert target.kind == "cpu"
+
+
+def _extra(compiled: object, kernel: object, sizes: dict[str, int]) -> float:
+    c = compiled.ir   # type: ignore[attr-defined]
+    return float(sum(cost.points(c, e, sizes) * cost.vector_ops(e) for e in kernel.einsums(c)   # type: ignore[attr-defined]
+                     if cost.contraction_dims(c, e, sizes) is None))
