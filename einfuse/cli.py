@@ -73,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache.add_argument("--dir", help="the cache directory (default: $EINFUSE_CACHE or ~/.cache/einfuse)")
     args = parser.parse_args(argv)
     try:
-        return {"ir": _ir, "compile": _compile, "tune": _tune, "report": _report, "kernels": _kernels, "cache": _cache}[args.command](args)
+        commands = {"ir": _ir, "compile": _compile, "tune": _tune, "report": _report, "kernels": _kernels,
+                    "cache": _cache}
+        return commands[args.command](args)
     except EinfuseError as err:
         print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)
         return 1

@@ -112,12 +112,20 @@ class TuningDatabase:
         return sorted(found, key=lambda r: (_mean(r), str(r.trace)))
 
     def schedule(self, func: tirx.PrimFunc, name: str) -> tirx.PrimFunc | None:
-        """``func`` scheduled by its best record, named ``name``; None if there is none."""
+        """``func`` scheduled by its best record, named ``name``; None if there is none, or if
+        the record does not apply (reported). The trace is replayed on the record's own
+        workload: a kernel equal to it up to names (another layer's) has other block names."""
         best = self.records(func)
         if not best:
             return None
-        sch = s_tir.Schedule(workload(func))
-        best[0].trace.apply_to_schedule(sch, remove_postproc=False)
+        try:
+            sch = s_tir.Schedule(best[0].workload.mod)
+            best[0].trace.apply_to_schedule(sch, remove_postproc=False)
+        except Exception as exc:  # (a record TVM cannot replay: the rule-based schedule instead)
+            warnings.warn(f"the tuning record of {name} in {self.path} does not apply and is ignored "
+                          f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})",
+                          TuningDatabaseWarning, stacklevel=2)
+            return None
         return sch.mod["main"].with_attr("global_symbol", name)
 
     def digest(self) -> str:
@@ -225,7 +233,8 @@ def _seed(todo: list[Task], target: Any, db: Any, builder: Any, runner: Any,
                                           results[n].run_secs, tvm_target, args[n])
         db.commit_tuning_record(record)
         seconds[task.name] = _mean(record)
-        progress(f"{task.name}: the rule-based schedule takes {seconds[task.name] * 1e3:.3f} ms (the search starts there)")
+        progress(f"{task.name}: the rule-based schedule takes {seconds[task.name] * 1e3:.3f} ms "
+                 "(the search starts there)")
     return seconds
 
 

@@ -135,3 +135,23 @@ def test_cache_status_and_clear(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["cache", "clear", "--tuning", "--dir", str(tmp_path)]) == 0
     main(["cache", "status", "--dir", str(tmp_path)])
     assert "0 compiled model(s), 0 measured-peaks file(s), 0 tuning database(s), 0.0 MiB" in capsys.readouterr().out
+
+
+def test_report_times_kernels_against_the_estimate_and_plots_the_roofline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("EINFUSE_CACHE", str(tmp_path / "cache"))
+    assert main(["report", "zoo:mlp", "--plot", str(tmp_path / "roofline.png")]) == 0
+    out = capsys.readouterr().out
+    assert "predicted ms  bound" in out and "k0_gelu" in out
+    assert (tmp_path / "roofline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from einfuse.errors import EinfuseError
+    from einfuse.plot import roofline_plot
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(EinfuseError, match=r'needs matplotlib, which is not installed: pip install "einfuse\[plot\]"'):
+        roofline_plot([], None, "unused.png")

@@ -22,8 +22,10 @@ TRIALS = 4
 
 
 def small_model() -> tuple[torch.nn.Module, tuple[torch.Tensor]]:
+    """Two layers of one shape (two kernels, one task: equal up to their names), and an output layer."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU()).eval(), (torch.randn(16, 64),)
+    layers = [torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)]
+    return torch.nn.Sequential(*layers).eval(), (torch.randn(16, 64),)
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -49,10 +51,11 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list[st
 
 def test_tune_measures_each_task_and_reports_progress(tuned: tuple[Path, list, list[str]]) -> None:
     root, results, lines = tuned
-    (task,) = results   # (one GEMM + ReLU kernel)
-    assert (task.before, task.measured) == (0, TRIALS) and task.best_seconds > 0
-    assert any(re.fullmatch(rf"\[1/1\] {task.name}: {TRIALS}/{TRIALS} trials, best \d+\.\d+ ms, ETA \d+\.\d min", ln)
-               for ln in lines), lines
+    assert len(results) == 2   # (the two GEMM + ReLU kernels are one task)
+    for n, task in enumerate(results, 1):
+        assert (task.before, task.measured) == (0, TRIALS) and task.best_seconds > 0
+        assert any(re.fullmatch(rf"\[{n}/2\] {task.name}: {TRIALS}/{TRIALS} trials, best \d+\.\d+ ms, ETA \d+\.\d min",
+                                ln) for ln in lines), lines
     set_aside = TuningDatabase.at(root, Target.parse("cpu")).path / "database_workload.json.corrupt"
     assert set_aside.read_text() == "this is not json\n"   # (the corrupt file was kept, not deleted)
 
@@ -61,9 +64,9 @@ def test_second_tune_measures_nothing_and_compile_uses_the_records(tuned: tuple[
     root, _, _ = tuned
     model, args = small_model()
     again = einfuse.tune(model, args, trials=TRIALS, tuning_db=root, cost_model="random", progress=lambda _: None)
-    assert [(r.before >= TRIALS, r.measured) for r in again] == [(True, 0)]
+    assert [(r.before >= TRIALS, r.measured) for r in again] == [(True, 0), (True, 0)]
     compiled = einfuse.compile(model, args, tuning_db=root, cache_dir=root / "cache")
-    assert compiled.tuned == [again[0].name]
+    assert len(compiled.tuned) == 3   # (the second layer's kernel replays the first's record)
     assert "einfuse.tuned" in compiled.source("tir")
     x = torch.randn(16, 64)
     assert rel_error(compiled(x), model(x)) < 1e-5
@@ -80,7 +83,8 @@ def test_rule_based_schedule_is_a_record_and_ties_are_broken_by_trace_text(tuned
     target = Target.parse("cpu")
     database = TuningDatabase.at(root, target)
     model, args = small_model()
-    (task,) = tasks(einfuse.api.laid_out(einfuse.api.optimized(model, args), target), target)
+    task, _ = tasks(einfuse.api.laid_out(einfuse.api.optimized(model, args), target), target)
+    assert len(task.kernels) == 2
     records = database.records(task.func)
     rule = rule_schedule(workload(task.func)["main"], task.kernel, target)   # (measured as the search's seed)
     assert str(rule.trace) in {str(r.trace) for r in records}
@@ -139,10 +143,10 @@ def test_tune_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
         model, args = small_model()
         with warnings.catch_warnings():
             warnings.simplefilter("error", TuningDatabaseWarning)   # (a fresh database: nothing to report)
-            (task,) = einfuse.tune(model, args, trials=2, tuning_db=tmp_path, cost_model="random",
+            results = einfuse.tune(model, args, trials=2, tuning_db=tmp_path, cost_model="random",
                                    rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="einfuse-test",
                                    progress=lambda _: None)
-        assert task.measured == 2 and task.best_seconds is not None and task.best_seconds > 0
+        assert all(t.measured == 2 and t.best_seconds is not None and t.best_seconds > 0 for t in results)
     finally:
         server.terminate()
         tracker.terminate()
