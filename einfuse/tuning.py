@@ -128,6 +128,22 @@ class TuningDatabase:
             return None
         return sch.mod["main"].with_attr("global_symbol", name)
 
+    def budgets(self) -> dict[str, int]:
+        """The trials each workload was tuned with (by :func:`_key`): a search that ran out of
+        candidates before its budget holds fewer records, and is done all the same."""
+        path = self.path / "budgets.json"
+        try:
+            return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+        except (ValueError, AttributeError) as exc:
+            warnings.warn(f"{path} is unreadable and is ignored ({exc})", TuningDatabaseWarning, stacklevel=2)
+            return {}
+
+    def record_budgets(self, tuned: dict[str, int]) -> None:
+        """Note that these workloads were tuned with these budgets."""
+        budgets = self.budgets()
+        budgets.update({k: max(v, budgets.get(k, 0)) for k, v in tuned.items()})
+        (self.path / "budgets.json").write_text(json.dumps(budgets, indent=0, sort_keys=True))
+
     def digest(self) -> str:
         """A digest of the records (part of a compiled model's cache key)."""
         record = self.path / "database_tuning_record.json"
@@ -138,7 +154,7 @@ def tasks(cascade: Cascade, target: Any) -> list[Task]:
     """The distinct tunable kernels of a laid-out cascade (static shapes, TE kernels only)."""
     from .codegen.lower import KernelBuilder, SizeVars
     from .passes.group_kernels import group_kernels
-    found: dict[int, Task] = {}
+    found: dict[str, Task] = {}
     for kernel in list(cascade.groups) or group_kernels(cascade):
         if kernel.kind == "loop" or kernel.gathers:
             continue
@@ -146,7 +162,7 @@ def tasks(cascade: Cascade, target: Any) -> list[Task]:
         func = KernelBuilder(cascade, kernel, sizes).prim_func()
         if sizes.vars:
             continue  # (a symbolic shape: MetaSchedule tunes static workloads)
-        key = tvm_ffi.structural_hash(workload(func))
+        key = _key(func)
         old = found.get(key)
         found[key] = Task(old.name, func, old.kernels + (kernel.name,), old.kernel) if old else \
             Task(kernel.name, func, (kernel.name,), kernel)
@@ -164,15 +180,16 @@ def tune(cascade: Cascade, target: Any, trials: int, database: TuningDatabase, *
     if database.open(create=True) is None:
         raise EinfuseError(f"tune: cannot write the tuning database {database.path}")
     todo, results = [], {}
+    budgets = database.budgets()
     for task in tasks(cascade, target):
-        held = len(database.records(task.func, trials))
-        results[task.name] = TaskResult(task.name, held, 0, None)
-        if held < trials:
+        results[task.name] = TaskResult(task.name, len(database.records(task.func)), 0, None)
+        if budgets.get(_key(task.func), 0) < trials:
             todo.append(task)
     progress(f"tune: {len(results)} task(s), {len(results) - len(todo)} already tuned, "
              f"{len(todo)} to tune with {trials} trials each")
     if todo:
         measured = _run(todo, target, trials, database, rpc, cost_model, seed, progress)
+        database.record_budgets({_key(t.func): trials for t in todo})
         for task in todo:
             best = database.records(task.func, 1)
             results[task.name] = TaskResult(task.name, results[task.name].before, measured[task.name],
@@ -311,9 +328,14 @@ def _progress_callback(names: list[str], trials: int, progress: Callable[[str], 
             left = spent / total * (trials * len(names) - total) if total else 0.0
             best = f"{self.best[name] * 1e3:.3f} ms" if name in self.best else "no valid candidate yet"
             progress(f"[{task_id + 1}/{len(names)}] {name}: {self.done[name]}/{trials} trials, best {best}, "
-                     f"ETA {left / 60:.1f} min")
+                     f"ETA {left / 60:.1f} min")   # (at most: a search may run out of candidates sooner)
 
     return Progress()
+
+
+def _key(func: tirx.PrimFunc) -> str:
+    """A workload's structural hash, as text (MetaSchedule's own equality)."""
+    return str(tvm_ffi.structural_hash(workload(func)))
 
 
 def _mean_secs(secs: Any) -> float:
