@@ -311,28 +311,34 @@ class LoopBuilder(KernelBuilder):
         variable, the reduction outside."""
         op = self.reduce_op(e)
         extent = self.var_extent(own[-1])
-        unroll = register_tile(self.target, extent if isinstance(extent, int) else None)[0]
+        unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None)
         while self.row_count % unroll:
             unroll -= 1
+        # a row wider than the register tile (a 64-wide head on AVX2's 16-lane tile) is done in
+        # column chunks of the tile's width, each with its reduction: its accumulators then fit
+        # the registers (all 64 columns of 4 rows took 32 registers of 16 and spilled)
+        chunks = extent // width if isinstance(extent, int) and extent > width and extent % width == 0 else 1
         with ExitStack() as stack:   # the tile's rows, then its other output variables
             group = stack.enter_context(_loop(T.serial, self.row_count // unroll))
             at = dict(env)
             for v in own[:-1]:
                 at[v] = stack.enter_context(_loop(T.serial, self.sizes.expr(self.var_extent(v))))
+            chunk = stack.enter_context(_loop(T.serial, chunks)) if chunks > 1 else None
+            span = (chunk, width) if chunk is not None else None
             # the accumulators: a buffer of the tile's own, so LLVM keeps it in registers whatever
             # else the kernel writes (accumulated in the block's buffer, they were stored on
             # every step once: 2x slower)
             acc = T.decl_buffer([unroll, extent], self.dtype(e), scope="local") if isinstance(extent, int) else None
-            with self.tile(at, group, unroll, own[-1]) as point:
+            with self.tile(at, group, unroll, own[-1], span) as point:
                 self.accumulate(e, point, acc, _const(_IDENTITY[op], self.dtype(e)))
             with ExitStack() as reduction:
                 for v in red:
                     at[v] = reduction.enter_context(_loop(T.serial, self.sizes.expr(self.var_extent(v))))
-                with self.tile(at, group, unroll, own[-1]) as point:
+                with self.tile(at, group, unroll, own[-1], span) as point:
                     current = self.load_lhs(e, point) if acc is None else acc[point["@tile"]]
                     self.accumulate(e, point, acc, _COMBINE[op](current, self.value(e, point)))
             if acc is not None:
-                with self.tile(at, group, unroll, own[-1]) as point:
+                with self.tile(at, group, unroll, own[-1], span) as point:
                     self.store(e, point, acc[point["@tile"]])
 
     def accumulate(self, e: Einsum, point: dict[str, Any], acc: Any, value: Any) -> None:
@@ -342,15 +348,17 @@ class LoopBuilder(KernelBuilder):
         else:
             T.buffer_store(acc, value, point["@tile"])
 
-    def tile(self, env: dict[str, Any], group: Any, unroll: int, vector: str) -> Any:
+    def tile(self, env: dict[str, Any], group: Any, unroll: int, vector: str, span: tuple[Any, int] | None = None) -> Any:
         """The points of a register tile: ``unroll`` rows of the row group ``group`` (unrolled)
-        x the variable ``vector`` (vectorized when static)."""
+        x the variable ``vector`` (vectorized when static), or of its ``span`` = (chunk,
+        width): the columns ``chunk * width`` onwards."""
         stack = ExitStack()
         row = stack.enter_context(_loop(T.unroll, unroll))
-        extent = self.var_extent(vector)
+        extent = self.var_extent(vector) if span is None else span[1]
         lanes = stack.enter_context(_loop(self.vectorized if isinstance(extent, int) else T.serial,
                                           self.sizes.expr(extent)))
-        at = {**env, vector: lanes, "@row": group * unroll + row, "@tile": [row, lanes]}
+        column = lanes if span is None else span[0] * span[1] + lanes
+        at = {**env, vector: column, "@row": group * unroll + row, "@tile": [row, column]}
         at[self.block] = self.row_at(at["@row"])
         return _Entered(stack, at)
 
