@@ -201,10 +201,11 @@ def check_cost_model(cost_model: str) -> None:
     """Fail before any work if the cost model is unknown or its package is missing."""
     if cost_model not in COST_MODELS:
         raise EinfuseError(f"tune: unknown cost model {cost_model!r}; choose one of {', '.join(COST_MODELS)}")
-    missing = [m for m in ("psutil",) + (("xgboost",) if cost_model == "xgb" else ())
+    missing = [m for m in ("psutil", "cloudpickle") + (("xgboost",) if cost_model == "xgb" else ())
                if importlib.util.find_spec(m) is None]
     if missing:
-        raise EinfuseError(f"tune: MetaSchedule needs {' and '.join(missing)}, which is not installed: "
+        verb = "is" if len(missing) == 1 else "are"
+        raise EinfuseError(f"tune: MetaSchedule needs {' and '.join(missing)}, which {verb} not installed: "
                            f"{INSTALL}" + (" (or --cost-model random)" if missing == ["xgboost"] else ""))
 
 
