@@ -151,4 +151,4 @@ def test_tune_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
         server.terminate()
         tracker.terminate()
     with pytest.raises(EinfuseError, match="--rpc-tracker and --rpc-key go together"):
-        einfuse.tune(model, args, rpc_tracker="127.0.0.1:9190")
+        einfuse.tune(model, args, rpc_tracker="127.0.0.1:9190", cost_model="random")
