@@ -74,6 +74,17 @@ def test_second_tune_measures_nothing_and_compile_uses_the_records(tuned: tuple[
     assert untuned.tuned == [] and rel_error(untuned(x), model(x)) < 1e-5
 
 
+def test_cli_tune_with_a_tuned_database_measures_nothing(tuned: tuple[Path, list, list[str]],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root, results, _ = tuned
+    assert main(["tune", f"{__file__}:small_model", "--db", str(root), "--trials", str(TRIALS),
+                 "--cost-model", "random"]) == 0
+    out = capsys.readouterr().out
+    assert "tune: 2 task(s), 2 already tuned, 0 to tune" in out
+    assert re.search(r"task\s+records before\s+measured\s+best ms", out)
+    assert all(re.search(rf"{r.name}\s+\d+\s+0\s+-", out) for r in results), out
+
+
 def test_rule_based_schedule_is_a_record_and_ties_are_broken_by_trace_text(tuned: tuple[Path, list, list[str]]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
