@@ -107,11 +107,12 @@ def _compile(args: argparse.Namespace) -> int:
     from .api import compile as compile_cascade
     from .api import default_cache_dir
     model, example = load_torch_model(args.model)
-    tuning = False if args.no_tuning else args.tuning_db or default_cache_dir() / "tuning"
+    tuning = False if args.no_tuning else args.tuning_db
+    if tuning is None and args.no_cache and (default_cache_dir() / "tuning").is_dir():
+        tuning = default_cache_dir() / "tuning"   # (the scratch cache below has no tuning records)
     with tempfile.TemporaryDirectory() as scratch:
         compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
-                                   cache_dir=scratch if args.no_cache else None,
-                                   tuning_db=tuning if args.no_cache or args.tuning_db or args.no_tuning else None)
+                                   cache_dir=scratch if args.no_cache else None, tuning_db=tuning)
     out = compiled.export(args.output)
     report = compiled.report(example if not isinstance(model, Cascade) else None)
     (out / "report.txt").write_text(report + "\n")

@@ -122,13 +122,23 @@ def tile_efficiency(m: Machine, mr: int, nr: int) -> float:
     return min(1.0, fmas / PARALLEL_FMAS) * min(1.0, fmas / loads)
 
 
+def rule_tile(lanes: int, registers: int, cols: int | None) -> tuple[int, int]:
+    """The rule of thumb's register tile, (rows, lanes): half the vector registers hold
+    accumulators, up to 4 vectors wide (2 with 16 registers), narrower when the output is (a
+    16-wide attention head takes 1 x 16)."""
+    vectors = 4 if registers >= 32 else 2
+    if cols is not None:
+        vectors = max(1, min(vectors, -(-cols // lanes)))
+    return max(1, registers // 2 // vectors), vectors * lanes
+
+
 def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 256) -> tuple[int, int]:
-    """The (rows, lanes) register tile for a ``rows x cols`` output: the rule of thumb (half the
-    vector registers hold accumulators, up to 4 vectors wide, narrower when the output is)
-    unless another tile's estimate is more than ``MARGIN`` faster. Unknown sizes take 256."""
+    """The (rows, lanes) register tile for a ``rows x cols`` output: :func:`rule_tile` unless
+    another tile that fits the registers has an estimate more than ``MARGIN`` faster. Unknown
+    sizes take 256."""
     rows, cols = rows or 256, cols or 256
-    widest = max(1, min(4 if m.registers >= 32 else 2, -(-cols // m.lanes)))
-    rule = (max(1, m.registers // 2 // widest), widest * m.lanes)
+    rule = rule_tile(m.lanes, m.registers, cols)
+    widest = rule[1] // m.lanes
     options = [(r, v * m.lanes) for v in range(widest, 0, -1) for r in range(1, m.registers // 2 // v + 1)]
     seconds = {t: gemm(m, 1, rows, cols, depth, t).seconds for t in options + [rule]}
     best = min(options, key=seconds.__getitem__)

@@ -32,16 +32,11 @@ WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
 
 def register_tile(target: Target, cols: int | None = None, rows: int | None = None) -> tuple[int, int]:
     """A contraction's register tile, (rows, lanes), for a ``rows x cols`` output: the one the
-    cost model's estimate prefers (:func:`einfuse.targets.cost.register_tile`), or with
-    ``target.tiles == "fixed"`` the rule of thumb: half the vector registers hold accumulators,
-    up to 4 vectors wide, narrower when the output is (a 16-wide attention head takes 1 x 16)."""
+    cost model prefers (:func:`einfuse.targets.cost.register_tile`), or with ``target.tiles ==
+    "fixed"`` the rule of thumb (:func:`einfuse.targets.cost.rule_tile`)."""
     if target.tiles == "model":
         return cost.register_tile(cost.nominal(target), rows, cols)
-    lanes = target.vector_lanes
-    vectors = 4 if target.registers >= 32 else 2
-    if cols is not None:
-        vectors = max(1, min(vectors, -(-cols // lanes)))
-    return max(1, target.registers // 2 // vectors), vectors * lanes
+    return cost.rule_tile(target.vector_lanes, target.registers, cols)
 
 
 def ragged(target: Target, rows: int, cols: int) -> bool:
