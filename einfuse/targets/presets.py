@@ -52,6 +52,9 @@ class Accelerator:
     mhz: float = 940.0
     exp_macs: int = 6            # exp costs 6 MACs and 1 add on a PE
     exp_adds: int = 1
+    vector_exp: int = 0          # cycles of an exp on a 1D PE with an exp unit (0: none, exp as above)
+    word_bytes: int = 2          # the datapath's word (16-bit) for DRAM traffic
+    tile_k: int = 16             # reduction steps of one 2D-array instruction (fm_mac2d)
 
 
 ACCELERATORS = {"fusemax": Accelerator()}

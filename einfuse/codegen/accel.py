@@ -1,0 +1,276 @@
+"""Kernels for ``accel:fusemax`` as C that runs on this CPU and counts the accelerator's cycles.
+
+Each kernel is lowered as for the CPU (TE; the 1-pass attention by the loop builder, one row at
+a time, no vectors) and emitted as C by TVM's ``c`` target. Its GEMM-like work is tensorized
+onto the 2D array: every contraction block is tiled to ``pe_rows x pe_cols x tile_k``
+(``tile_with_tensor_intrin``, padding where the tile does not divide) and each tile becomes one
+call of ``fm_mac2d`` (a ``TensorIntrin`` per operand layout), which the runtime
+(``fusemax/fusemax_rt.c``) computes and charges ``tile_k`` cycles of the array for. The rest of
+a kernel's work is charged when it starts: ``fm_begin(i)`` then ``fm_2d``/``fm_1d``/``fm_dram``
+with the ops and bytes :mod:`einfuse.targets.accel` derives from its Einsums (the 1-pass
+attention's per-key work on the 2D array, per-row state on the 1D array; see there).
+
+:func:`simulate` builds the whole cascade into one shared library with the runtime, runs its
+kernels in order on given inputs and returns the outputs and each kernel's counters.
+
+Before (a contraction block)::
+
+    for i, j, k: C[i, j] += A[i, k] * B[j, k]
+
+After (tiles of 256 x 256 x 16)::
+
+    for i_o, j_o, k_o: fm_mac2d(&C[i_o*256, j_o*256], &A[i_o*256, k_o*16], &B[j_o*256, k_o*16], ...)
+"""
+from __future__ import annotations
+
+import ctypes
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy
+from tvm import s_tir, tirx
+from tvm.script import tirx as T
+
+from ..errors import CompileError
+from ..ir import Cascade
+from ..ir.scope import declarations
+from ..passes.group_kernels import Kernel
+from ..targets import Target
+from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_einsums, kernel_work, placement
+from ..targets.presets import Accelerator
+from .loop import LoopBuilder, _Entered, _loop
+from .lower import DTYPES, KernelBuilder, SizeVars
+
+RUNTIME = Path(__file__).parent / "fusemax"
+CFLAGS = [f"-I{RUNTIME}", "-O2", "-Dinff=__builtin_inff()"]   # (TVM's C spells infinity ``inff``)
+
+
+class AccelLoopBuilder(LoopBuilder):
+    """The 1-pass attention as scalar C: serial loops over blocks of rows and a block's rows."""
+
+    vectorized = staticmethod(T.serial)
+
+    @property
+    def lanes(self) -> int:
+        return 1
+
+    def launch(self, blocks: Any, rows: int) -> Any:
+        stack = ExitStack()
+        stack.enter_context(T.sblock("root"))
+        block = stack.enter_context(_loop(T.serial, blocks))
+        row = stack.enter_context(_loop(T.serial, rows))
+        self.row_count = 1
+        return _Entered(stack, (block, row))
+
+
+# ---- the 2D-array intrinsic ---------------------------------------------------------------------
+
+_LAYOUTS = {"ik": ("i", "k"), "ki": ("k", "i"), "jk": ("j", "k"), "kj": ("k", "j")}
+
+
+@lru_cache(maxsize=None)
+def mac2d_intrinsics(ti: int, tj: int, tk: int) -> tuple[str, ...]:
+    """Register ``fm_mac2d`` for a ``ti x tj x tk`` tile, once per layout of its two operands (the
+    first read indexed by (i, k), (k, i), (j, k) or (k, j); the second by the other output
+    variable, either way round); their names."""
+    names = []
+    for first in _LAYOUTS:
+        other = "j" if "i" in first else "i"
+        for second in (other + "k", "k" + other):
+            name = f"einfuse.fm_mac2d_{ti}x{tj}x{tk}_{first}_{second}"
+            s_tir.TensorIntrin.register(name, *_intrinsic(ti, tj, tk, _LAYOUTS[first], _LAYOUTS[second]))
+            names.append(name)
+    return tuple(names)
+
+
+def _intrinsic(ti: int, tj: int, tk: int, xl: tuple[str, str], yl: tuple[str, str]) -> tuple[Any, Any]:
+    """(description, implementation) PrimFuncs of one layout: C[i, j] += X[xl] * Y[yl], written as
+    TVMScript text (the parser takes no layout chosen at run time)."""
+    from tvm.script import from_source
+    extent = {"i": ti, "j": tj, "k": tk}
+    shape = {"X": tuple(extent[d] for d in xl), "Y": tuple(extent[d] for d in yl), "C": (ti, tj)}
+    at = {"X": "v" + ", v".join(xl), "Y": "v" + ", v".join(yl)}
+    region = {n: ", ".join(f"0:{e}" for e in sh) for n, sh in shape.items()}
+    strides = ", ".join(f"T.Cast('int32', {_stride(layout, d, row)})" for layout, row in ((xl, "sx"), (yl, "sy"))
+                        for d in "ijk")
+
+    def func(kind: str) -> Any:
+        strided = kind == "impl"
+        lines = ["@T.prim_func(s_tir=True)", "def f(x: T.handle, y: T.handle, c: T.handle):"]
+        lines += [f"    s{n.lower()} = T.int32()" for n in "XYC" if strided]
+        lines += [f"    {n} = T.match_buffer({n.lower()}, {shape[n]}, 'float32', offset_factor=1"
+                  + (f", strides=[s{n.lower()}, 1])" if strided else ")") for n in "XYC"]
+        lines += ["    with T.sblock('root'):", f"        T.reads(C[{region['C']}], X[{region['X']}], Y[{region['Y']}])",
+                  f"        T.writes(C[{region['C']}])"]
+        if strided:
+            lines.append(f"        T.evaluate(T.call_extern('int32', 'fm_mac2d', C.access_ptr('rw'), X.access_ptr('r'), "
+                         f"Y.access_ptr('r'), T.Cast('int32', sc), {strides}, T.int32({ti}), T.int32({tj}), T.int32({tk})))")
+        else:
+            lines += [f"        for i, j, k in T.grid({ti}, {tj}, {tk}):", "            with T.sblock('update'):",
+                      "                vi, vj, vk = T.axis.remap('SSR', [i, j, k])",
+                      f"                C[vi, vj] = C[vi, vj] + X[{at['X']}] * Y[{at['Y']}]"]
+        return from_source("\n".join(lines), extra_vars={"T": T})
+    return func("desc"), func("impl")
+
+
+def _stride(layout: tuple[str, str], d: str, row: str) -> str:
+    """An operand's element stride along ``d`` (0 where it does not use it)."""
+    return {layout[0]: row, layout[1]: "T.int32(1)"}.get(d, "T.int32(0)")
+
+
+def tensorize(sch: s_tir.Schedule, block: str, acc: Accelerator) -> s_tir.Schedule | None:
+    """``sch`` with ``block`` (a contraction) tiled onto ``fm_mac2d`` calls, or None where no
+    operand layout matches."""
+    from tvm.s_tir.schedule.transform import tile_with_tensor_intrin
+    for name in mac2d_intrinsics(acc.pe_rows, acc.pe_cols, acc.tile_k):
+        trial = sch.copy()
+        rv = trial.get_sblock(block)
+        try:
+            loop = tile_with_tensor_intrin(trial, rv, name, allow_padding=True)
+            if loop is None:
+                continue
+            trial.decompose_reduction(rv, trial.get_loops(rv)[0])
+            trial.tensorize(loop, name)
+        except Exception:   # (TVM's ScheduleError: this layout does not match the block)
+            continue
+        return trial
+    return None
+
+
+# ---- one kernel ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AccelKernel:
+    """One kernel's PrimFunc for the accelerator and the contractions that call ``fm_mac2d``."""
+
+    func: Any
+    tensorized: tuple[str, ...]
+
+
+def kernel_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, index: int) -> AccelKernel:
+    """``k`` lowered to a PrimFunc whose tiles call the 2D-array intrinsic and which charges the
+    rest of its work when it starts (as kernel ``index``)."""
+    acc = target.device
+    if k.kind == "loop":
+        func, done = AccelLoopBuilder(c, k, sizes, target).prim_func(), ()
+    else:
+        func, done = _tensorized(KernelBuilder(c, k, sizes).prim_func(), c, k, acc)
+    work = kernel_work(c, k, acc, counted=frozenset(done))
+    charges = [("fm_begin", tirx.const(index, "int32")), ("fm_2d", work.ops_2d), ("fm_1d", work.ops_1d),
+               ("fm_dram", work.dram_bytes)]
+    calls = [tirx.Evaluate(tirx.call_extern("int32", fn, _float(arg, sizes) if fn != "fm_begin" else arg))
+             for fn, arg in charges]
+    return AccelKernel(func.with_body(tirx.SeqStmt([*calls, func.body])), tuple(done))
+
+
+def _tensorized(func: Any, c: Cascade, k: Kernel, acc: Accelerator) -> tuple[Any, list[str]]:
+    """``func`` with each 2D-placed contraction tensorized where a layout matches."""
+    sch = s_tir.Schedule(func)
+    where = placement(c, k)
+    done = []
+    for i, (e, _) in enumerate(kernel_einsums(c, k)):
+        if where[i] != "2d" or not contraction(e) or declarations(c)[e.lhs.tensor].dtype != "f32":
+            continue
+        names = [b.name_hint for b in _blocks(sch)]
+        block = next((n for n in (e.lhs.tensor, e.lhs.tensor + "_value") if n in names), None)
+        tiled = tensorize(sch, block, acc) if block is not None else None
+        if tiled is not None:
+            sch = tiled
+            done.append(e.lhs.tensor)
+    return sch.mod["main"], done
+
+
+def _blocks(sch: s_tir.Schedule) -> list[Any]:
+    return [sch.get(b) for b in sch.get_child_blocks(sch.get_sblock("root"))]
+
+
+def _float(x: sympy.Expr, sizes: SizeVars) -> Any:
+    """A sympy count as a float64 TIR expression of the size variables."""
+    x = sympy.sympify(x)
+    if x.is_Number:
+        return tirx.const(float(x), "float64")
+    num, den = sympy.fraction(sympy.together(x))
+    return tirx.Cast("float64", sizes.expr(sympy.expand(num))) / tirx.Cast("float64", sizes.expr(den))
+
+
+# ---- the whole cascade, run on this CPU ------------------------------------------------------------
+
+class Counters(ctypes.Structure):
+    """``fm_counts`` of fusemax.h."""
+
+    _fields_ = [(n, ctypes.c_double) for n in ("cycles_2d", "cycles_1d", "dram_bytes", "latency", "tiles", "calls")]
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """What :func:`simulate` returns: the cascade's outputs and each kernel's counted timing."""
+
+    outputs: dict[str, np.ndarray]
+    kernels: list[tuple[Kernel, Timing, int, tuple[str, ...]]]   # kernel, counted timing, fm_mac2d calls, tensorized
+
+    @property
+    def total(self) -> Timing:
+        return sum((t for _, t, _, _ in self.kernels), Timing(0.0, 0.0, 0.0, 0.0))
+
+
+def compile_c(c: Cascade, target: Target) -> tuple[Any, list[AccelKernel]]:
+    """Every kernel of ``c`` (grouped) in one TVM module for the ``c`` target, compiled."""
+    import tvm
+    sizes = SizeVars()
+    made = []
+    for i, k in enumerate(c.groups):
+        try:
+            made.append(kernel_function(c, k, sizes, target, i))
+        except Exception as exc:   # TVM's own error types
+            from .build import kernel_error
+            raise kernel_error(exc, c, k, target) from exc
+    module = tvm.IRModule({k.name: m.func.with_attr("global_symbol", k.name) for k, m in zip(c.groups, made)})
+    return tvm.compile(module, target=target.tvm_target()), made
+
+
+def library(c: Cascade, target: Target, path: Path) -> list[AccelKernel]:
+    """Compile ``c``'s kernels and the runtime into the shared library ``path``."""
+    executable, made = compile_c(c, target)
+    executable.export_library(str(path), options=[str(RUNTIME / "fusemax_rt.c"), *CFLAGS])
+    return made
+
+
+def simulate(c: Cascade, target: Target | str, inputs: dict[str, np.ndarray]) -> Simulation:
+    """Run ``c``'s kernels for the accelerator ``target`` on this CPU (static sizes), in order, on
+    ``inputs`` (by name); the outputs and what the runtime counted for each kernel."""
+    import tvm
+    target = Target.parse(target)
+    acc, decls = target.device, declarations(c)
+    with tempfile.TemporaryDirectory(prefix="einfuse_accel_") as tmp:
+        path = Path(tmp) / "kernels.so"
+        made = library(c, target, path)
+        module, runtime = tvm.runtime.load_module(str(path)), ctypes.CDLL(str(path))
+        runtime.fm_configure.argtypes = [ctypes.c_int32] * 3 + [ctypes.c_double]
+        runtime.fm_configure(acc.pe_rows, acc.pe_cols, acc.vector_pes, dram_bytes_per_cycle(acc))
+        runtime.fm_reset()
+        values = {n: np.ascontiguousarray(v, dtype=DTYPES[decls[n].dtype]) for n, v in {**c.params, **inputs}.items()}
+        for k in c.groups:
+            args = [tvm.runtime.tensor(values[n]) for n in k.inputs]
+            out = tvm.runtime.tensor(np.zeros(_shape(c, k.output), DTYPES[decls[k.output].dtype]))
+            module[k.name](*args, out)
+            values[k.output] = out.numpy()
+        counts = (Counters * len(c.groups))()
+        runtime.fm_read(counts, len(c.groups))
+    rate = dram_bytes_per_cycle(acc)
+    timed = [(k, Timing(x.cycles_2d, x.cycles_1d, x.dram_bytes / rate, x.latency), int(x.tiles), m.tensorized)
+             for k, x, m in zip(c.groups, counts, made)]
+    return Simulation({t.name: values[t.name] for t in c.tensors if t.role == "output"}, timed)
+
+
+def _shape(c: Cascade, name: str) -> tuple[int, ...]:
+    from ..ir.sizes import extent
+    size = {r.name: r.size for r in c.ranks}
+    shape = [extent(size[r.rank], r.iterative) for r in declarations(c)[name].ranks]
+    if not all(isinstance(n, int) for n in shape):
+        raise CompileError(f"simulating {name} needs static sizes, not {shape}")
+    return tuple(shape)

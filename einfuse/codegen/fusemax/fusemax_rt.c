@@ -1,0 +1,89 @@
+/* The accel:fusemax intrinsics on a CPU: compute, and count cycles and bytes (see fusemax.h). */
+#include "fusemax.h"
+
+#include <string.h>
+
+static fm_counts counts[FM_MAX_KERNELS];
+static int32_t kernels = 0;      /* one past the highest kernel seen */
+static int32_t current = -1;     /* the kernel running, -1 before the first */
+static int32_t rows = 256, cols = 256, vector = 256;
+static double dram_per_cycle = 456.9;
+
+int32_t fm_configure(int32_t pe_rows, int32_t pe_cols, int32_t vector_pes, double dram_bytes_per_cycle) {
+  rows = pe_rows;
+  cols = pe_cols;
+  vector = vector_pes;
+  dram_per_cycle = dram_bytes_per_cycle;
+  return 0;
+}
+
+static double max3(double a, double b, double c) {
+  double m = a > b ? a : b;
+  return m > c ? m : c;
+}
+
+/* The phase that ran since fm_begin: its latency, added to what the kernel took before. */
+static void close_phase(fm_counts *start) {
+  if (current < 0) return;
+  fm_counts *k = &counts[current];
+  k->latency += max3(k->cycles_2d - start->cycles_2d, k->cycles_1d - start->cycles_1d,
+                     (k->dram_bytes - start->dram_bytes) / dram_per_cycle);
+}
+
+static fm_counts opened;   /* the counters of the running kernel when it began */
+
+void fm_reset(void) {
+  memset(counts, 0, sizeof counts);
+  kernels = 0;
+  current = -1;
+}
+
+int32_t fm_read(fm_counts *out, int32_t n) {
+  close_phase(&opened);
+  current = -1;
+  memcpy(out, counts, sizeof(fm_counts) * (size_t)(n < kernels ? n : kernels));
+  return kernels;
+}
+
+int32_t fm_begin(int32_t kernel) {
+  if (kernel < 0 || kernel >= FM_MAX_KERNELS) return -1;
+  close_phase(&opened);
+  current = kernel;
+  if (kernel >= kernels) kernels = kernel + 1;
+  counts[kernel].calls += 1;
+  opened = counts[kernel];
+  return 0;
+}
+
+int32_t fm_2d(double ops) {
+  if (current >= 0) counts[current].cycles_2d += ops / ((double)rows * cols);
+  return 0;
+}
+
+int32_t fm_1d(double ops) {
+  if (current >= 0) counts[current].cycles_1d += ops / vector;
+  return 0;
+}
+
+int32_t fm_dram(double bytes) {
+  if (current >= 0) counts[current].dram_bytes += bytes;
+  return 0;
+}
+
+int32_t fm_mac2d(void *c, void *x, void *y, int32_t sc, int32_t xi, int32_t xj, int32_t xk,
+                 int32_t yi, int32_t yj, int32_t yk, int32_t ti, int32_t tj, int32_t tk) {
+  float *out = (float *)c;
+  const float *a = (const float *)x, *b = (const float *)y;
+  for (int32_t i = 0; i < ti; ++i)
+    for (int32_t j = 0; j < tj; ++j) {
+      float sum = out[i * sc + j];
+      for (int32_t k = 0; k < tk; ++k) sum += a[i * xi + j * xj + k * xk] * b[i * yi + j * yj + k * yk];
+      out[i * sc + j] = sum;
+    }
+  if (current >= 0) {
+    /* a ti x tj tile on a rows x cols array: ceil(ti/rows) * ceil(tj/cols) passes of tk cycles */
+    counts[current].cycles_2d += (double)((ti + rows - 1) / rows) * ((tj + cols - 1) / cols) * tk;
+    counts[current].tiles += 1;
+  }
+  return 0;
+}
