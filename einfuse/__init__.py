@@ -3,6 +3,7 @@
 ``einfuse.compile(model, args)`` compiles a torch model and ``einfuse.load(dir)`` loads an exported
 one; ``einfuse.kernels(model, args, target=..., output=DIR)`` writes its kernels' source for a target;
 ``einfuse.tune(model, args, trials=N)`` tunes its kernels for ``compile`` to use;
+``einfuse.simulate(model, args, target="accel:fusemax")`` runs its accelerator kernels here, counting cycles;
 ``einfuse.capture(model, args)`` only captures it (all imported on first use, so that working
 with ``.ein`` files loads neither torch nor TVM); ``einfuse.ir`` is the IR; ``einfuse.errors`` the errors.
 """
@@ -10,7 +11,7 @@ from typing import Any
 
 from . import errors, ir
 
-__all__ = ["capture", "compile", "errors", "ir", "kernels", "load", "tune"]
+__all__ = ["capture", "compile", "errors", "ir", "kernels", "load", "simulate", "tune"]
 __version__ = "0.1.0"
 
 
@@ -21,7 +22,7 @@ def __getattr__(name: str) -> Any:
     if name == "compile":
         from .api import compile
         return compile
-    if name in ("kernels", "tune"):
+    if name in ("kernels", "simulate", "tune"):
         from . import api
         return getattr(api, name)
     if name == "load":

@@ -24,8 +24,9 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     """
     from .targets import Target
     if Target.parse(target).kind == "accel":   # (an unknown name fails here, listing the known ones)
-        raise EinfuseError(f"compile: no lowering for {target} yet; see docs/targets.md")
-    cascade = optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes)
+        raise EinfuseError(f"compile: {target} is not a device to run on; einfuse.kernels emits its C and "
+                           "einfuse.simulate runs it here counting its cycles (docs/accelerator.md)")
+    cascade = optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=target)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     return _compile_cascade(cascade, target, cache, tuning_database(tuning_db, target, cache))
 
@@ -37,8 +38,27 @@ def kernels(model: Any, args: tuple | None = None, *, target: str, output: str |
     from .codegen.emit import write_kernels
     from .targets import Target
     t = Target.parse(target)
-    cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes), t)
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=t.name), t)
     return write_kernels(cascade, t, Path(output))
+
+
+def simulate(model: Any, args: tuple | None = None, *, target: str = "accel:fusemax",
+             pipeline: str = "default") -> Any:
+    """Run ``model``'s kernels for the accelerator ``target`` on this CPU as the emitted C, on
+    ``args`` (static shapes): a :class:`~einfuse.codegen.accel.Simulation` with the outputs (by
+    name) and what the runtime counted per kernel (cycles of each array, DRAM bytes, latency)."""
+    from .codegen.accel import simulate as run
+    from .targets import Target
+    t = Target.parse(target)
+    if t.kind != "accel":
+        raise EinfuseError(f"simulate: {target} is not an accelerator (accel:fusemax{{...}})")
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t.name), t)
+    inputs = [x.name for x in cascade.tensors if x.role == "input"]
+    if isinstance(model, Cascade):
+        values = dict(zip(inputs, args or ()))
+    else:
+        values = {n: a.detach().numpy() for n, a in zip(inputs, args)}
+    return run(cascade, t, values)
 
 
 def tune(model: Any, args: tuple | None = None, *, target: str = "cpu", trials: int = 64,
@@ -55,17 +75,22 @@ def tune(model: Any, args: tuple | None = None, *, target: str = "cpu", trials: 
     if (rpc_tracker is None) != (rpc_key is None):
         raise EinfuseError("tune: --rpc-tracker and --rpc-key go together")
     t = Target.parse(target)
-    cascade = laid_out(optimized(model, args, pipeline=pipeline), t)
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t.name), t)
     database = TuningDatabase.at(Path(tuning_db) if tuning_db else default_cache_dir() / "tuning", t)
     rpc = (rpc_tracker, rpc_key) if rpc_tracker is not None and rpc_key is not None else None
     return run(cascade, t, trials, database, rpc=rpc, cost_model=cost_model, progress=progress)
 
 
-def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default", dynamic_shapes: Any = None) -> Cascade:
-    """The cascade of ``model`` (captured with example ``args``, or a Cascade) after ``pipeline``."""
-    from .passes import PassManager
+def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default", dynamic_shapes: Any = None,
+              target: str = "cpu") -> Cascade:
+    """The cascade of ``model`` (captured with example ``args``, or a Cascade) after ``pipeline``;
+    ``fuse-attention`` without a tile of its own takes ``target``'s."""
+    from dataclasses import replace
+
+    from .passes import FuseAttention, PassManager
     from .passes import pipeline as named_pipeline
     passes = named_pipeline(pipeline)  # a named pipeline or pipeline text; bad text fails before capture
+    passes = [replace(p, target=target) if isinstance(p, FuseAttention) and not p.tile else p for p in passes]
     if isinstance(model, Cascade):
         cascade = verify(model)
     else:
@@ -82,7 +107,8 @@ def laid_out(cascade: Cascade, target: Any) -> Cascade:
     from .codegen.schedules.cpu import ragged
     from .passes import GroupKernels, PassManager
     cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
-    return PassManager([GroupKernels()]).run(cascade)   # (last: the groups of the code generated)
+    grouping = GroupKernels(attention=target.kind != "accel")   # (an accelerator's phases go through DRAM)
+    return PassManager([grouping]).run(cascade)   # (last: the groups of the code generated)
 
 
 def default_cache_dir() -> Path:

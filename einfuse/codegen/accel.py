@@ -50,6 +50,22 @@ RUNTIME = Path(__file__).parent / "fusemax"
 CFLAGS = [f"-I{RUNTIME}", "-O2", "-Dinff=__builtin_inff()"]   # (TVM's C spells infinity ``inff``)
 
 
+_LIBM = ("fabs", "sqrt", "exp", "log", "tanh", "pow", "floor", "ceil", "trunc", "round", "sin", "cos", "erf")
+
+
+@lru_cache(maxsize=1)
+def _register_libm() -> None:
+    """TVM's ``c`` target has no lowering of its math intrinsics: calls of C's libm (``fabsf`` for
+    float32), registered once."""
+    def lower(name: str) -> Any:
+        def call(op: Any) -> Any:
+            dtype = str(op.ty) if hasattr(op, "ty") else op.dtype
+            return tirx.call_pure_extern(dtype, name + ("f" if dtype == "float32" else ""), *op.args)
+        return call
+    for name in _LIBM:
+        tirx.register_intrin_lowering(f"tirx.{name}", target="c", f=lower(name), level=99)
+
+
 class AccelLoopBuilder(LoopBuilder):
     """The 1-pass attention as scalar C: serial loops over blocks of rows and a block's rows."""
 
@@ -125,12 +141,17 @@ def _stride(layout: tuple[str, str], d: str, row: str) -> str:
 
 def tensorize(sch: s_tir.Schedule, block: str, acc: Accelerator) -> s_tir.Schedule | None:
     """``sch`` with ``block`` (a contraction) tiled onto ``fm_mac2d`` calls, or None where no
-    operand layout matches."""
+    operand layout matches. Operands read through a view (``X[n//24, n%24, d]``) are first
+    copied in the block's own index order (``reindex``)."""
     from tvm.s_tir.schedule.transform import tile_with_tensor_intrin
-    for name in mac2d_intrinsics(acc.pe_rows, acc.pe_cols, acc.tile_k):
+    names = mac2d_intrinsics(acc.pe_rows, acc.pe_cols, acc.tile_k)
+    for copied, name in [(c, n) for c in (False, True) for n in names]:
         trial = sch.copy()
         rv = trial.get_sblock(block)
         try:
+            if copied:
+                trial.reindex(rv, ("read", 0))
+                trial.reindex(rv, ("read", 1))
             loop = tile_with_tensor_intrin(trial, rv, name, allow_padding=True)
             if loop is None:
                 continue
@@ -156,6 +177,7 @@ def kernel_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, inde
     """``k`` lowered to a PrimFunc whose tiles call the 2D-array intrinsic and which charges the
     rest of its work when it starts (as kernel ``index``)."""
     acc = target.device
+    _register_libm()
     if k.kind == "loop":
         func, done = AccelLoopBuilder(c, k, sizes, target).prim_func(), ()
     else:

@@ -8,19 +8,22 @@ C source, one ``.cu`` per kernel; a loop kernel (the 1-pass attention) is built 
 kernel its name, kind, files, the Einsums it computes, its launch grid (CUDA) and its roofline
 estimate on the target's datasheet numbers.
 
-Not yet: ``accel:*`` has no lowering; asking for it fails saying so.
+For ``accel:*``: each kernel's C (TVM's ``c`` target, GEMM tiles as ``fm_mac2d`` calls; see
+:mod:`.accel`), the runtime (``fusemax.h``, ``fusemax_rt.c``) and ``report.md``: per kernel its
+ops on each array, DRAM bytes and modelled cycles (:mod:`einfuse.targets.accel`).
 """
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sympy
 
-from ..errors import CompileError, EinfuseError
+from ..errors import CompileError
 from ..ir import Cascade
 from ..ir.analysis import einsum_cost, tensors_bytes
 from ..ir.text import access_text
@@ -43,27 +46,31 @@ class Emitted:
 
 def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
     """The source of every kernel of ``c`` (grouped, laid out) for ``target``."""
-    if target.kind == "accel":
-        raise EinfuseError(f"no lowering for {target.name} yet (issue 6: tensorized C and its cycle model)")
     sizes = SizeVars()
     out = []
-    for k in c.groups:
-        files, grid = _emit(c, k, sizes, target)
+    for i, k in enumerate(c.groups):
+        files, grid = _emit(c, k, sizes, target, i)
         out.append(Emitted(k, files, grid, sum(einsum_cost(c, e).flops for e in k.einsums(c)),
                            tensors_bytes(c, k.inputs + (k.output,))))
     return out
 
 
-def _emit(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tuple[dict[str, str], dict]:
-    """One kernel compiled alone for ``target``: its files and (CUDA) launch grid."""
+def _emit(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, index: int) -> tuple[dict[str, str], dict]:
+    """One kernel compiled alone for ``target`` (the ``index``-th): its files and (CUDA) launch grid."""
     import tvm
 
+    from . import accel
     from .build import kernel_function
     try:
-        func = kernel_function(c, k, sizes, target)
+        if target.kind == "accel":
+            func = accel.kernel_function(c, k, sizes, target, index).func.with_attr("global_symbol", k.name)
+        else:
+            func = kernel_function(c, k, sizes, target)
         executable = tvm.compile(tvm.IRModule({k.name: func}), target=target.tvm_target())
     except Exception as exc:   # TVM's own error types
         raise kernel_error(exc, c, k, target) from exc
+    if target.kind == "accel":
+        return {f"{k.name}.c": executable.mod.inspect_source()}, {}
     if target.kind == "cuda":
         return {f"{k.name}.cu": device_source(executable.mod)}, _launch(func)
     return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}
@@ -105,7 +112,27 @@ def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None =
             "flops": str(item.flops), "bytes": str(item.moved), "roofline_ms": _roofline_ms(item, target, at or {})})
     path = directory / "manifest.json"
     path.write_text(json.dumps({"target": target.name, "kernels": manifest}, indent=1))
+    if target.kind == "accel":
+        _accel_files(c, target, directory, at or {})
     return path
+
+
+def _accel_files(c: Cascade, target: Target, directory: Path, at: dict) -> None:
+    """The runtime the accelerator's kernels call and ``report.md``, their modelled timing."""
+    from ..targets.accel import kernel_work, timing
+    from .accel import RUNTIME
+    for name in ("fusemax.h", "fusemax_rt.c"):
+        shutil.copyfile(RUNTIME / name, directory / name)
+    acc = target.device
+    lines = [f"# {len(c.groups)} kernels for {target.name}", "",
+             "| kernel | 2D-array ops | 1D-array ops | DRAM bytes | cycles | 2D util | 1D util |", "|---" * 7 + "|"]
+    for k in c.groups:
+        work = kernel_work(c, k, acc)
+        bound = all(not sympy.sympify(x).free_symbols - {sympy.Symbol(n) for n in at} for x in work.__dict__.values())
+        row = timing(work, acc, at) if bound else None
+        cycles = f"{row.latency:.0f} | {row.utilisation()[0]:.2f} | {row.utilisation()[1]:.2f}" if row else "- | - | -"
+        lines.append(f"| {k.name} | {work.ops_2d} | {work.ops_1d} | {work.dram_bytes} | {cycles} |")
+    (directory / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def _roofline_ms(item: Emitted, target: Target, at: dict) -> float | None:

@@ -90,9 +90,10 @@ class GroupKernels(Pass):
     """Group the Einsums into kernels (FuseMax's legality checked) and record them as the side table."""
 
     name = "group-kernels"
+    attention: bool = True   # a softmax row group joins the P V reading it (off: one phase each, as on an accelerator)
 
     def run(self, c: Cascade, stats: Counter) -> Cascade:
-        kernels = group_kernels(c)
+        kernels = group_kernels(c, self.attention)
         for k in kernels:
             stats[f"kernel:{k.kind or 'single'}"] += 1
             stream, levels = stream_levels(c, k)
@@ -137,8 +138,8 @@ def _index_names(x: Any) -> set[str]:
     return {a.name for a in index_atoms(x) if isinstance(a, IVar)}
 
 
-def group_kernels(c: Cascade) -> list[Kernel]:
-    """Kernels in execution order."""
+def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
+    """Kernels in execution order (``attention``: see :class:`GroupKernels`)."""
     decls = declarations(c)
     loops = {k.output: k for k in (_loop_kernel(c, s, decls) for s in c.stmts if isinstance(s, Loop))}
     in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}  # (with recomputed temps)
@@ -170,7 +171,7 @@ def group_kernels(c: Cascade) -> list[Kernel]:
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
-    kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes)
+    kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
 
 
@@ -214,7 +215,8 @@ def _recomputed(c: Cascade, members: list[Einsum], decls: dict) -> list[Einsum]:
     return out
 
 
-def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list[Einsum]]) -> list[Kernel]:
+def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list[Einsum]],
+            attention: bool) -> list[Kernel]:
     """Merge kernels into the one kernel reading their output, while one fits (module docstring)."""
     merged = True
     while merged:
@@ -225,7 +227,7 @@ def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list
                 continue
             b = readers[0]
             kind = _merged_kind(a, b, writes, roles)
-            if kind is None:
+            if kind is None or (kind == "attention" and not attention):
                 continue
             inputs = tuple(dict.fromkeys(t for t in a.inputs + b.inputs if t != a.output))
             kernels[kernels.index(b)] = replace(

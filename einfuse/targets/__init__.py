@@ -43,9 +43,11 @@ class Target:
         """Keys per tile of the 1-pass attention: one register tile wide (the scores of a row of
         the tile are then computed in registers at once), halved while a tile's working set (its
         K and V rows, and the scores and probabilities of a block of ``rows`` queries) would
-        take more than half of a core's cache. An accelerator: as wide as its 2D array."""
+        take more than half of a core's cache. An accelerator: as wide as its 2D array; a GPU: 64."""
         if self.kind == "accel":
             return self.device.pe_cols
+        if self.kind == "cuda":
+            return 64
         tile = (4 if self.registers >= 32 else 2) * self.vector_lanes
         while tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
             tile //= 2

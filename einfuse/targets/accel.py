@@ -157,7 +157,8 @@ def _rereads(c: Cascade, kernel: object, items: list, acc: Accelerator) -> sympy
 
 def timing(work: Work, acc: Accelerator, at: dict | None = None) -> Timing:
     """The kernel's cycles with its sizes bound by ``at`` (symbol name -> value)."""
-    subs = {sympy.Symbol(k): v for k, v in (at or {}).items()}
+    at = at or {}
+    subs = {x: at[x.name] for part in work.__dict__.values() for x in part.free_symbols if x.name in at}
     c2d = float(work.ops_2d.subs(subs)) / (acc.pe_rows * acc.pe_cols)
     c1d = float(work.ops_1d.subs(subs)) / acc.vector_pes
     dram = float(work.dram_bytes.subs(subs)) / dram_bytes_per_cycle(acc)

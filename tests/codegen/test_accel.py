@@ -1,0 +1,131 @@
+"""accel:fusemax: the timing model's binding and arithmetic, tensorized C that runs here and
+matches the interpreter and torch, the runtime's counters against the model, einfuse kernels."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import einfuse
+from einfuse import zoo
+from einfuse.api import laid_out, optimized
+from einfuse.ir import interpret, parse
+from einfuse.targets import Target
+from einfuse.targets.accel import cascade_timing, kernel_einsums, kernel_work, placement
+from tests.conftest import rel_err
+
+SMALL = "accel:fusemax{pe_rows=16,pe_cols=16,vector_pes=16}"
+CASCADES = Path(__file__).parents[1] / "cascades"
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _grouped(model: object, args: tuple | None, pipeline: str, target: str = SMALL) -> tuple:
+    t = Target.parse(target)
+    return laid_out(optimized(model, args, pipeline=pipeline, target=t.name), t), t
+
+
+def test_the_1pass_attention_is_bound_as_fusemax_binds_it() -> None:
+    c, t = _grouped(parse((CASCADES / "attn_3pass.ein").read_text()), None, "default")
+    (loop,) = [k for k in c.groups if k.kind == "loop"]
+    where = placement(c, loop)
+    arrays = {e.lhs.tensor.split("_")[-1]: where[i] for i, (e, loops) in enumerate(kernel_einsums(c, loop)) if loops}
+    assert arrays == {"bqk": "2d", "lm": "2d", "sln": "2d", "sld": "2d", "slnv": "2d",
+                      "rm": "1d", "prm": "1d", "rd": "1d", "rnv": "1d"}
+    # per (query, key): E MACs for QK, 1 max, 1 sub + 7 for exp, 1 add, F MACs for P V (E = F = 32,
+    # 48 keys in 3 tiles of 16, 40 queries); per (query, tile) on the 1D array: max, sub + exp, 2
+    # for the denominator, 2F for the numerator; the division once per (query, f)
+    work = kernel_work(c, loop, t.device)
+    assert work.ops_2d == 40 * 48 * (32 + 1 + 8 + 1 + 32)
+    assert work.ops_1d == 40 * 3 * (1 + 8 + 2 + 2 * 32) + 40 * 32
+    assert work.dram_bytes == 2 * (40 * 32 + 48 * 32 + 48 * 32 + 40 * 32)   # Q, K, V, out: 16-bit words
+
+
+def test_the_unfused_attention_runs_its_softmax_on_the_1d_array_in_phases_through_dram() -> None:
+    c, t = _grouped(parse((CASCADES / "attn_3pass.ein").read_text()), None, "unfused")
+    kinds = {k.name: placement(c, k) for k in c.groups}
+    assert all(set(v.values()) == {"2d"} for k, v in kinds.items() if k.endswith(("QK", "AV")))
+    assert not any(k.kind for k in c.groups)   # (no softmax absorbed into P V: one phase per kernel)
+    qk = next(k for k in c.groups if k.name.endswith("QK"))
+    timing = dict(cascade_timing(c, t.device))[qk.name]
+    assert timing.cycles_2d == 40 * 48 * 32 / 256 and timing.latency == max(timing.cycles_2d, timing.dram_cycles)
+
+
+def test_exp_costs_what_the_target_says_on_each_array() -> None:
+    from einfuse.targets.accel import op_cost
+    plain, baseline = Target.parse("accel:fusemax").device, Target.parse("accel:fusemax{vector_exp=1}").device
+    assert (op_cost("exp", plain, "2d"), op_cost("exp", plain, "1d")) == (7, 7)
+    assert (op_cost("exp", baseline, "2d"), op_cost("exp", baseline, "1d"), op_cost("max", baseline, "1d")) == (7, 1, 1)
+
+
+@pytest.mark.parametrize("pipeline", ["unfused", "default"])
+def test_emitted_c_runs_matches_the_interpreter_and_counts_what_the_model_says(pipeline: str) -> None:
+    rng = np.random.default_rng(7)
+    source = parse((CASCADES / "attn_3pass.ein").read_text())
+    inputs = {t.name: rng.standard_normal([{r.name: r.size for r in source.ranks}[x.rank] for x in t.ranks])
+              for t in source.tensors if t.role == "input"}
+    sim = einfuse.simulate(source, tuple(inputs.values()), target=SMALL, pipeline=pipeline)
+    assert rel_err(sim.outputs["AV"], interpret(source, inputs)["AV"]) <= 1e-5
+    c, t = _grouped(source, None, pipeline)
+    modelled = dict(cascade_timing(c, t.device))
+    for kernel, counted, tiles, tensorized in sim.kernels:
+        if tensorized:   # (40 queries pad to three 16-row tiles: the array is busy for the padding too)
+            assert tiles > 0 and counted.cycles_2d >= modelled[kernel.name].cycles_2d
+        else:
+            assert counted.latency == pytest.approx(modelled[kernel.name].latency, rel=1e-9)
+    assert sum(bool(x) for *_, x in sim.kernels) == (2 if pipeline == "unfused" else 0)
+
+
+def test_a_tensorized_gemm_issues_one_fm_mac2d_per_tile_and_counts_exactly_the_model() -> None:
+    torch.manual_seed(0)
+    model, args = _Attention(), tuple(torch.randn(1, 2, 64, 16) for _ in range(3))
+    sim = einfuse.simulate(model, args, target=SMALL, pipeline="unfused")
+    assert rel_err(sim.outputs["out0"], model(*args).numpy()) <= 1e-5
+    c, t = _grouped(model, args, "unfused")
+    modelled = dict(cascade_timing(c, t.device))
+    qk = next(x for x in sim.kernels if x[3])
+    assert qk[2] == 2 * (64 // 16) * (64 // 16) * (16 // 16)    # heads x row tiles x column tiles x k chunks
+    for kernel, counted, _, _ in sim.kernels:      # (every size divides the tiles: no padding)
+        assert counted.latency == pytest.approx(modelled[kernel.name].latency, rel=1e-9)
+        assert counted.cycles_2d == pytest.approx(modelled[kernel.name].cycles_2d, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"])
+def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str) -> None:
+    model, args = zoo.build(name)
+    sim = einfuse.simulate(model, args, target="accel:fusemax")
+    with torch.no_grad():
+        want = model(*args)
+    assert rel_err(next(iter(sim.outputs.values())), want.numpy()) <= 1e-4
+    assert sim.total.latency > 0 and any(x[3] for x in sim.kernels)   # (its GEMMs call fm_mac2d)
+
+
+def test_einfuse_kernels_writes_c_the_runtime_and_a_report(tmp_path: Path) -> None:
+    model, args = zoo.build("bert")
+    manifest = json.loads(einfuse.kernels(model, args, target="accel:fusemax", output=tmp_path).read_text())
+    names = [k["kernel"] for k in manifest["kernels"]]
+    assert all((tmp_path / f"{n}.c").is_file() for n in names)
+    assert (tmp_path / "fusemax.h").is_file() and (tmp_path / "fusemax_rt.c").is_file()
+    sources = [(tmp_path / f"{n}.c").read_text() for n in names]
+    assert sum("fm_mac2d(" in s for s in sources) >= 6 and all("fm_begin(" in s for s in sources)
+    report = (tmp_path / "report.md").read_text()
+    assert len(re.findall(r"^\| k\d+_", report, re.M)) == len(names) and "| - |" not in report
+
+
+def test_the_model_keeps_symbolic_lengths_and_binds_them_later() -> None:
+    n = torch.export.Dim("n", min=2, max=4096)
+    model, args = _Attention(), tuple(torch.randn(1, 2, 64, 16) for _ in range(3))
+    target = Target.parse("accel:fusemax")
+    dynamic = {"q": {2: n}, "k": {2: n}, "v": {2: n}}
+    c = laid_out(optimized(model, args, dynamic_shapes=dynamic, target=target.name), target)
+    (loop,) = [k for k in c.groups if k.kind == "loop"]
+    assert {s.name for s in kernel_work(c, loop, target.device).ops_2d.free_symbols} == {"n"}
+    bound = dict(cascade_timing(c, target.device, {"n": 1024}))[loop.name]
+    assert bound.cycles_2d == pytest.approx(2 * 1024 * 1024 * (16 + 1 + 8 + 1 + 16) / 65536)
