@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ctypes
 import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,7 +42,7 @@ from ..passes.group_kernels import Kernel
 from ..targets import Target
 from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_einsums, kernel_work, placement
 from ..targets.presets import Accelerator
-from .loop import LoopBuilder, _Entered, _loop
+from .loop import LoopBuilder, serial_launch
 from .lower import DTYPES, KernelBuilder, SizeVars
 
 RUNTIME = Path(__file__).parent / "fusemax"
@@ -76,12 +75,8 @@ class AccelLoopBuilder(LoopBuilder):
         return 1
 
     def launch(self, blocks: Any, rows: int) -> Any:
-        stack = ExitStack()
-        stack.enter_context(T.sblock("root"))
-        block = stack.enter_context(_loop(T.serial, blocks))
-        row = stack.enter_context(_loop(T.serial, rows))
         self.row_count = 1
-        return _Entered(stack, (block, row))
+        return serial_launch(blocks, rows)
 
 
 # ---- the 2D-array intrinsic ---------------------------------------------------------------------

@@ -3,7 +3,8 @@
 No device is needed: for ``cuda:*`` every kernel is lowered as for the CPU (TE), scheduled by
 TVM's dlight GPU rules (GEMM, GEMV, reduction, general reduction, fallback) and compiled to CUDA
 C source, one ``.cu`` per kernel; a loop kernel (the 1-pass attention) is built by
-:class:`~.loop_gpu.GPULoopBuilder` (a thread block per block of 64 rows, a thread per row). For
+:class:`~.loop_gpu.GPULoopBuilder` (a thread block per block of 64 rows, a thread per row, K and V
+tiles through shared memory). For
 ``cpu``: each kernel's scheduled TIR and assembly. The manifest (``manifest.json``) lists per
 kernel its name, kind, files, the Einsums it computes, its launch grid (CUDA) and its roofline
 estimate on the target's datasheet numbers.

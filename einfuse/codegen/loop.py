@@ -127,6 +127,7 @@ class LoopBuilder(KernelBuilder):
             self.emit(e, env, frozenset())
         with _loop(T.serial, self.sizes.expr(self.var_extent(self.loop.var))) as t:
             inner = {**env, self.loop.var: t}
+            self.stage(inner)
             live = self.live(inner)
             if live is None:
                 self.emit_tile(inner)
@@ -137,6 +138,10 @@ class LoopBuilder(KernelBuilder):
                     with T.Else():
                         self.carry(t)
         self.emit(self.k.writes[0], env, frozenset())
+
+    def stage(self, env: dict[str, Any]) -> None:
+        """Work at the start of each tile, before any row decides to skip it (none on a CPU; a
+        GPU block copies the tile's K and V to shared memory here)."""
 
     def emit_tile(self, env: dict[str, Any]) -> None:
         """One tile: the body without the filters every point of it passes, when that holds."""
@@ -506,6 +511,15 @@ class _Nest:
 
     def __exit__(self, *exc: object) -> None:
         self.stack.__exit__(*exc)
+
+
+def serial_launch(blocks: Any, rows: int) -> "_Entered":
+    """A context over the blocks of rows and a block's rows as two serial loops, giving (the
+    block, the row): one row at a time, for code that runs where the rows are not threads."""
+    stack = ExitStack()
+    stack.enter_context(T.sblock("root"))
+    block, row = stack.enter_context(_loop(T.serial, blocks)), stack.enter_context(_loop(T.serial, rows))
+    return _Entered(stack, (block, row))
 
 
 class _Entered:

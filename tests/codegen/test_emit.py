@@ -2,22 +2,22 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from contextlib import ExitStack
 from typing import Any
 
 import pytest
 import torch
-from tvm.script.ir_builder import tirx as T
+from tvm import tirx
 
 import einfuse
 from einfuse import zoo
 from einfuse.codegen import build as build_module
-from einfuse.codegen.loop import _Entered, _loop
+from einfuse.codegen.loop import serial_launch
 from einfuse.codegen.loop_gpu import GPULoopBuilder
 from einfuse.errors import EinfuseError
 from einfuse.ir import parse
@@ -97,17 +97,23 @@ def test_the_1pass_attention_compiles_for_the_gpu_a_thread_per_row(tmp_path: Pat
     (loop,) = [k for k in manifest["kernels"] if k["kind"] == "loop"]
     assert loop["launch"] == {"blockIdx.x": 4, "threadIdx.x": 64}   # 2 heads x 2 blocks of 64 queries
     assert _ptx(tmp_path / loop["files"][0], "sm_80") and _ptx(tmp_path / loop["files"][0], "sm_90")
+    # K and V tiles (64 keys x 64 wide) through shared memory, copied by the block between two barriers
+    source = (tmp_path / loop["files"][0]).read_text()
+    tiles = re.findall(r"__shared__ alignas\(\d+\) float (\w+)\[4096\];", source)
+    assert len(tiles) == 2 and source.count("__syncthreads()") == 2
+    assert all(re.search(rf"{t}\[.*threadIdx\.x.*\] = ", source) for t in tiles)   # (each thread copies its share)
 
 
 class _SerialThreads(GPULoopBuilder):
-    """The GPU loop kernel with its blocks and threads as serial loops, so the CPU can run it."""
+    """The GPU loop kernel with its blocks and threads as serial loops, so the CPU can run it:
+    each thread stages a tile's K and V whole (it cannot wait for the others), with no barrier."""
 
     def launch(self, blocks: Any, rows: int) -> Any:
-        stack = ExitStack()
-        stack.enter_context(T.sblock("root"))
-        block, thread = stack.enter_context(_loop(T.serial, blocks)), stack.enter_context(_loop(T.serial, rows))
-        self.row_count = 1
-        return _Entered(stack, (block, thread))
+        self.row_count, self.thread, self.threads = 1, tirx.const(0, "int64"), 1
+        return serial_launch(blocks, rows)
+
+    def barrier(self) -> None:
+        pass
 
 
 @pytest.mark.parametrize("build", ["causal", "gpt2"])
