@@ -103,9 +103,9 @@ def check(length: int) -> None:
         (out,) = sim.outputs.values()
         error = float(np.abs(out - expected).max() / np.abs(expected).max())
         modelled = sum((t for _, t in cascade_timing(c, target.device)), Timing(0, 0, 0, 0))
-        tiles = sum(n for _, _, n, _ in sim.kernels)
+        calls = sum(n for _, _, n, _ in sim.kernels)
         print(f"{label:16s} N={length}: rel. error vs torch {error:.1e}; counted {sim.total.latency:.0f} cycles "
-              f"({tiles} fm_mac2d tiles), modelled {modelled.latency:.0f}")
+              f"({calls} intrinsic calls), modelled {modelled.latency:.0f}")
 
 
 def main() -> None:

@@ -36,8 +36,8 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from ..errors import CompileError
-from ..ir import Cascade
-from ..ir.scope import declarations
+from ..ir import Access, Call, Cascade
+from ..ir.scope import declarations, reduced_vars
 from ..passes.group_kernels import Kernel
 from ..targets import Target
 from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_einsums, kernel_work, placement
@@ -79,9 +79,39 @@ class AccelLoopBuilder(LoopBuilder):
         return serial_launch(blocks, rows)
 
 
-# ---- the 2D-array intrinsic ---------------------------------------------------------------------
+# ---- the arrays' intrinsics ---------------------------------------------------------------------
 
 _LAYOUTS = {"ik": ("i", "k"), "ki": ("k", "i"), "jk": ("j", "k"), "kj": ("k", "j")}
+_MAPS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "max": "max"}   # 1D-array maps (op code = position)
+_REDUCTIONS = ("+", "max")
+
+
+def _prim(buffers: dict[str, tuple], reads: list[str], writes: str, body: list[str], strided: bool) -> Any:
+    """A PrimFunc from TVMScript text: ``buffers`` (name -> shape; lower-case handles), their
+    reads and write, and ``body`` (statements under the root block). ``strided``: each buffer's
+    rows ``s<name>`` apart (an implementation that takes any row stride)."""
+    from tvm.script import from_source
+    lines = ["@T.prim_func(s_tir=True)", f"def f({', '.join(n.lower() + ': T.handle' for n in buffers)}):"]
+    for name, shape in buffers.items():
+        stride = f", strides=[s{name.lower()}, 1]" if strided and len(shape) == 2 else ""
+        if stride:
+            lines.append(f"    s{name.lower()} = T.int32()")
+        lines.append(f"    {name} = T.match_buffer({name.lower()}, {shape}, 'float32', offset_factor=1{stride})")
+
+    def region(name: str) -> str:
+        return f"{name}[{', '.join(f'0:{n}' for n in buffers[name])}]"
+    lines += ["    with T.sblock('root'):", f"        T.reads({', '.join(region(n) for n in reads)})",
+              f"        T.writes({region(writes)})"] + ["        " + line for line in body]
+    return from_source("\n".join(lines), extra_vars={"T": T})
+
+
+def _call(name: str, *args: str) -> str:
+    return f"T.evaluate(T.call_extern('int32', '{name}', {', '.join(args)}))"
+
+
+def _register(name: str, desc: Any, impl: Any) -> str:
+    s_tir.TensorIntrin.register(name, desc, impl)
+    return name
 
 
 @lru_cache(maxsize=None)
@@ -90,43 +120,23 @@ def mac2d_intrinsics(ti: int, tj: int, tk: int) -> tuple[str, ...]:
     first read indexed by (i, k), (k, i), (j, k) or (k, j); the second by the other output
     variable, either way round); their names."""
     names = []
+    extent = {"i": ti, "j": tj, "k": tk}
     for first in _LAYOUTS:
         other = "j" if "i" in first else "i"
         for second in (other + "k", "k" + other):
-            name = f"einfuse.fm_mac2d_{ti}x{tj}x{tk}_{first}_{second}"
-            s_tir.TensorIntrin.register(name, *_intrinsic(ti, tj, tk, _LAYOUTS[first], _LAYOUTS[second]))
-            names.append(name)
+            xl, yl = _LAYOUTS[first], _LAYOUTS[second]
+            buffers = {"X": tuple(extent[d] for d in xl), "Y": tuple(extent[d] for d in yl), "C": (ti, tj)}
+            update = ["for i, j, k in T.grid(%d, %d, %d):" % (ti, tj, tk), "    with T.sblock('update'):",
+                      "        vi, vj, vk = T.axis.remap('SSR', [i, j, k])",
+                      f"        C[vi, vj] = C[vi, vj] + X[v{xl[0]}, v{xl[1]}] * Y[v{yl[0]}, v{yl[1]}]"]
+            strides = [f"T.Cast('int32', {_stride(layout, d, row)})" for layout, row in ((xl, "sx"), (yl, "sy"))
+                       for d in "ijk"]
+            call = _call("fm_mac2d", "C.access_ptr('rw')", "X.access_ptr('r')", "Y.access_ptr('r')",
+                         "T.Cast('int32', sc)", *strides, f"T.int32({ti})", f"T.int32({tj})", f"T.int32({tk})")
+            names.append(_register(f"einfuse.fm_mac2d_{ti}x{tj}x{tk}_{first}_{second}",
+                                   _prim(buffers, ["C", "X", "Y"], "C", update, False),
+                                   _prim(buffers, ["C", "X", "Y"], "C", [call], True)))
     return tuple(names)
-
-
-def _intrinsic(ti: int, tj: int, tk: int, xl: tuple[str, str], yl: tuple[str, str]) -> tuple[Any, Any]:
-    """(description, implementation) PrimFuncs of one layout: C[i, j] += X[xl] * Y[yl], written as
-    TVMScript text (the parser takes no layout chosen at run time)."""
-    from tvm.script import from_source
-    extent = {"i": ti, "j": tj, "k": tk}
-    shape = {"X": tuple(extent[d] for d in xl), "Y": tuple(extent[d] for d in yl), "C": (ti, tj)}
-    at = {"X": "v" + ", v".join(xl), "Y": "v" + ", v".join(yl)}
-    region = {n: ", ".join(f"0:{e}" for e in sh) for n, sh in shape.items()}
-    strides = ", ".join(f"T.Cast('int32', {_stride(layout, d, row)})" for layout, row in ((xl, "sx"), (yl, "sy"))
-                        for d in "ijk")
-
-    def func(kind: str) -> Any:
-        strided = kind == "impl"
-        lines = ["@T.prim_func(s_tir=True)", "def f(x: T.handle, y: T.handle, c: T.handle):"]
-        lines += [f"    s{n.lower()} = T.int32()" for n in "XYC" if strided]
-        lines += [f"    {n} = T.match_buffer({n.lower()}, {shape[n]}, 'float32', offset_factor=1"
-                  + (f", strides=[s{n.lower()}, 1])" if strided else ")") for n in "XYC"]
-        lines += ["    with T.sblock('root'):", f"        T.reads(C[{region['C']}], X[{region['X']}], Y[{region['Y']}])",
-                  f"        T.writes(C[{region['C']}])"]
-        if strided:
-            lines.append(f"        T.evaluate(T.call_extern('int32', 'fm_mac2d', C.access_ptr('rw'), X.access_ptr('r'), "
-                         f"Y.access_ptr('r'), T.Cast('int32', sc), {strides}, T.int32({ti}), T.int32({tj}), T.int32({tk})))")
-        else:
-            lines += [f"        for i, j, k in T.grid({ti}, {tj}, {tk}):", "            with T.sblock('update'):",
-                      "                vi, vj, vk = T.axis.remap('SSR', [i, j, k])",
-                      f"                C[vi, vj] = C[vi, vj] + X[{at['X']}] * Y[{at['Y']}]"]
-        return from_source("\n".join(lines), extra_vars={"T": T})
-    return func("desc"), func("impl")
 
 
 def _stride(layout: tuple[str, str], d: str, row: str) -> str:
@@ -134,27 +144,77 @@ def _stride(layout: tuple[str, str], d: str, row: str) -> str:
     return {layout[0]: row, layout[1]: "T.int32(1)"}.get(d, "T.int32(0)")
 
 
-def tensorize(sch: s_tir.Schedule, block: str, acc: Accelerator) -> s_tir.Schedule | None:
-    """``sch`` with ``block`` (a contraction) tiled onto ``fm_mac2d`` calls, or None where no
-    operand layout matches. Operands read through a view (``X[n//24, n%24, d]``) are first
-    copied in the block's own index order (``reindex``)."""
+@lru_cache(maxsize=None)
+def map1d_intrinsics(lanes: int, op: str) -> tuple[str, ...]:
+    """Register ``fm_vec`` for ``lanes`` elements of ``C = A op B``, with B a vector or one value
+    for all lanes (a row's max or sum); their names."""
+    names = []
+    for broadcast in (False, True):
+        buffers = {"A": (lanes,), "B": (1,) if broadcast else (lanes,), "C": (lanes,)}
+        b = "B[0]" if broadcast else "B[vk]"
+        value = f"T.max(A[vk], {b})" if op == "max" else f"A[vk] {_MAPS[op]} {b}"
+        update = [f"for k in T.serial({lanes}):", "    with T.sblock('update'):",
+                  "        vk = T.axis.remap('S', [k])", f"        C[vk] = {value}"]
+        call = _call("fm_vec", "C.access_ptr('w')", "A.access_ptr('r')", "B.access_ptr('r')", f"T.int32({lanes})",
+                     f"T.int32({list(_MAPS).index(op)})", f"T.int32({0 if broadcast else 1})")
+        names.append(_register(f"einfuse.fm_vec_{op}_{lanes}{'_bcast' if broadcast else ''}",
+                               _prim(buffers, ["A", "B"], "C", update, False),
+                               _prim(buffers, ["A", "B"], "C", [call], False)))
+    return tuple(names)
+
+
+@lru_cache(maxsize=None)
+def reduce1d_intrinsic(lanes: int, op: str) -> str:
+    """Register ``fm_reduce``: ``lanes`` elements of X summed (or maxed) into Y[0]; its name."""
+    buffers = {"X": (lanes,), "Y": (1,)}
+    value = "T.max(Y[0], X[vk])" if op == "max" else "Y[0] + X[vk]"
+    update = [f"for k in T.serial({lanes}):", "    with T.sblock('update'):",
+              "        vk = T.axis.remap('R', [k])", f"        Y[0] = {value}"]
+    call = _call("fm_reduce", "Y.access_ptr('rw')", "X.access_ptr('r')", f"T.int32({lanes})",
+                 f"T.int32({_REDUCTIONS.index(op)})")
+    return _register(f"einfuse.fm_reduce_{'sum' if op == '+' else op}_{lanes}",
+                     _prim(buffers, ["Y", "X"], "Y", update, False), _prim(buffers, ["Y", "X"], "Y", [call], False))
+
+
+def tensorize(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction: bool,
+              padding: bool = True) -> s_tir.Schedule | None:
+    """``sch`` with ``block`` tiled onto the first of the intrinsics ``names`` that matches, or None.
+    Operands read through a view (``X[n//24, n%24, d]``) are first copied in the block's own index
+    order (``reindex``); ``padding``: the tile may overhang (not for a max: it would pad with 0)."""
     from tvm.s_tir.schedule.transform import tile_with_tensor_intrin
-    names = mac2d_intrinsics(acc.pe_rows, acc.pe_cols, acc.tile_k)
     for copied, name in [(c, n) for c in (False, True) for n in names]:
-        trial = sch.copy()
+        trial = s_tir.Schedule(sch.mod)
         rv = trial.get_sblock(block)
         try:
             if copied:
-                trial.reindex(rv, ("read", 0))
-                trial.reindex(rv, ("read", 1))
-            loop = tile_with_tensor_intrin(trial, rv, name, allow_padding=True)
+                for i in range(len(trial.get(rv).reads)):
+                    trial.reindex(rv, ("read", i))
+            loop = tile_with_tensor_intrin(trial, rv, name, allow_padding=padding)
             if loop is None:
                 continue
-            trial.decompose_reduction(rv, trial.get_loops(rv)[0])
+            if reduction:
+                trial.decompose_reduction(rv, trial.get_loops(rv)[0])
             trial.tensorize(loop, name)
-        except Exception:   # (TVM's ScheduleError: this layout does not match the block)
+        except Exception:   # (TVM's ScheduleError: this intrinsic does not match the block)
             continue
         return trial
+    return None
+
+
+def intrinsics_for(e: Any, array: str, acc: Accelerator) -> tuple[tuple[str, ...], bool, bool] | None:
+    """The intrinsics that may compute ``e`` on ``array``, whether it reduces, and whether its tile
+    may be padded; None where none can (a map of more than one op, a cast, a filter...)."""
+    if array == "2d":
+        return (mac2d_intrinsics(acc.pe_rows, acc.pe_cols, acc.tile_k), True, True) if contraction(e) else None
+    if any(ix.filter for ix in e.lhs.indices):
+        return None
+    op = e.reduce.op if e.reduce else "+"
+    if reduced_vars(e):
+        if isinstance(e.rhs, Access) and op in _REDUCTIONS:
+            return (reduce1d_intrinsic(acc.vector_pes, op),), True, op != "max"
+        return None
+    if isinstance(e.rhs, Call) and e.rhs.op in _MAPS and all(isinstance(a, Access) for a in e.rhs.args):
+        return map1d_intrinsics(acc.vector_pes, e.rhs.op), False, True
     return None
 
 
@@ -186,16 +246,16 @@ def kernel_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, inde
 
 
 def _tensorized(func: Any, c: Cascade, k: Kernel, acc: Accelerator) -> tuple[Any, list[str]]:
-    """``func`` with each 2D-placed contraction tensorized where a layout matches."""
+    """``func`` with each Einsum's block on its array's intrinsics where one matches; the tensors
+    of those that do."""
     sch = s_tir.Schedule(func)
     where = placement(c, k)
     done = []
     for i, (e, _) in enumerate(kernel_einsums(c, k)):
-        if where[i] != "2d" or not contraction(e) or declarations(c)[e.lhs.tensor].dtype != "f32":
-            continue
+        found = intrinsics_for(e, where[i], acc) if declarations(c)[e.lhs.tensor].dtype == "f32" else None
         names = [b.name_hint for b in _blocks(sch)]
         block = next((n for n in (e.lhs.tensor, e.lhs.tensor + "_value") if n in names), None)
-        tiled = tensorize(sch, block, acc) if block is not None else None
+        tiled = tensorize(sch, block, *found) if found is not None and block is not None else None
         if tiled is not None:
             sch = tiled
             done.append(e.lhs.tensor)

@@ -76,11 +76,14 @@ def test_emitted_c_runs_matches_the_interpreter_and_counts_what_the_model_says(p
     c, t = _grouped(source, None, pipeline)
     modelled = dict(cascade_timing(c, t.device))
     for kernel, counted, tiles, tensorized in sim.kernels:
-        if tensorized:   # (40 queries pad to three 16-row tiles: the array is busy for the padding too)
-            assert tiles > 0 and counted.cycles_2d >= modelled[kernel.name].cycles_2d
+        if tensorized:   # (40 queries pad to three 16-row tiles: the arrays are busy for the padding too)
+            assert tiles > 0 and counted.latency >= modelled[kernel.name].latency
         else:
             assert counted.latency == pytest.approx(modelled[kernel.name].latency, rel=1e-9)
-    assert sum(bool(x) for *_, x in sim.kernels) == (2 if pipeline == "unfused" else 0)
+    # unfused: QK and AV on fm_mac2d, the row max and sum on fm_reduce, the division on fm_vec (the
+    # exp of a difference is charged: no intrinsic computes two ops)
+    tensorized = sorted(t for *_, ts in sim.kernels for t in ts)
+    assert tensorized == (["A", "AV", "GM", "QK", "SD"] if pipeline == "unfused" else [])
 
 
 def test_a_tensorized_gemm_issues_one_fm_mac2d_per_tile_and_counts_exactly_the_model() -> None:

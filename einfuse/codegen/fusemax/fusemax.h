@@ -24,7 +24,7 @@ typedef struct {
   double cycles_1d;   /* busy cycles of the 1D array */
   double dram_bytes;  /* bytes moved between DRAM and the global buffer */
   double latency;     /* max(cycles_2d, cycles_1d, dram_bytes / bytes per cycle) */
-  double tiles;       /* fm_mac2d calls */
+  double tiles;       /* intrinsic calls (fm_mac2d, fm_vec, fm_reduce) */
   double calls;       /* times the kernel ran */
 } fm_counts;
 
@@ -44,6 +44,12 @@ int32_t fm_dram(double bytes);
  * C's rows sc apart: one instruction of the 2D array (tk cycles on a ti x tj array). */
 int32_t fm_mac2d(void *c, void *x, void *y, int32_t sc, int32_t xi, int32_t xj, int32_t xk,
                  int32_t yi, int32_t yj, int32_t yk, int32_t ti, int32_t tj, int32_t tk);
+
+/* C[k] = A[k] op B[k * b_step] for n elements (op: 0 add, 1 sub, 2 mul, 3 div, 4 max; b_step 0:
+ * one B for all): one instruction of the 1D array, ceil(n / vector_pes) cycles. */
+int32_t fm_vec(void *c, void *a, void *b, int32_t n, int32_t op, int32_t b_step);
+/* Y[0] = Y[0] op X[0] op ... op X[n-1] (op: 0 sum, 1 max): ceil(n / vector_pes) cycles of the 1D array. */
+int32_t fm_reduce(void *y, void *x, int32_t n, int32_t op);
 
 #ifdef __cplusplus
 }

@@ -87,3 +87,37 @@ int32_t fm_mac2d(void *c, void *x, void *y, int32_t sc, int32_t xi, int32_t xj, 
   }
   return 0;
 }
+
+static void charge_1d(int32_t n) {
+  if (current >= 0) {
+    counts[current].cycles_1d += (double)((n + vector - 1) / vector);
+    counts[current].tiles += 1;
+  }
+}
+
+int32_t fm_vec(void *c, void *a, void *b, int32_t n, int32_t op, int32_t b_step) {
+  float *out = (float *)c;
+  const float *x = (const float *)a, *y = (const float *)b;
+  for (int32_t k = 0; k < n; ++k) {
+    float u = x[k], v = y[k * b_step];
+    switch (op) {
+      case 0: out[k] = u + v; break;
+      case 1: out[k] = u - v; break;
+      case 2: out[k] = u * v; break;
+      case 3: out[k] = u / v; break;
+      default: out[k] = u > v ? u : v; break;
+    }
+  }
+  charge_1d(n);
+  return 0;
+}
+
+int32_t fm_reduce(void *y, void *x, int32_t n, int32_t op) {
+  float *acc = (float *)y;
+  const float *in = (const float *)x;
+  float r = acc[0];
+  for (int32_t k = 0; k < n; ++k) r = op == 0 ? r + in[k] : (in[k] > r ? in[k] : r);
+  acc[0] = r;
+  charge_1d(n);
+  return 0;
+}
