@@ -13,6 +13,7 @@ import torch
 import einfuse
 from einfuse import zoo
 from einfuse.api import laid_out, optimized
+from einfuse.cli import main
 from einfuse.ir import interpret, parse
 from einfuse.targets import Target
 from einfuse.targets.accel import cascade_timing, kernel_einsums, kernel_work, placement
@@ -101,13 +102,16 @@ def test_a_tensorized_gemm_issues_one_fm_mac2d_per_tile_and_counts_exactly_the_m
 
 
 @pytest.mark.parametrize("name", ["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"])
-def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str) -> None:
+def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str, tmp_path: Path) -> None:
     model, args = zoo.build(name)
     sim = einfuse.simulate(model, args, target="accel:fusemax")
     with torch.no_grad():
         want = model(*args)
     assert rel_err(next(iter(sim.outputs.values())), want.numpy()) <= 1e-4
     assert sim.total.latency > 0 and any(x[3] for x in sim.kernels)   # (its GEMMs call fm_mac2d)
+    assert main(["kernels", f"zoo:{name}", "--target", "accel:fusemax", "-o", str(tmp_path)]) == 0
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == len(sim.kernels) == len(list(tmp_path.glob("k*.c")))
 
 
 def test_einfuse_kernels_writes_c_the_runtime_and_a_report(tmp_path: Path) -> None:
