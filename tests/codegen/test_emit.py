@@ -90,6 +90,14 @@ def test_cpu_kernels_are_written_as_tir_and_assembly(tmp_path: Path) -> None:
     assert kernel["roofline_ms"] is None   # (the host has measured peaks, not a datasheet: see report())
 
 
+@pytest.mark.parametrize("name", ["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"])
+def test_cpu_kernels_of_every_zoo_model_are_written(name: str, tmp_path: Path) -> None:
+    model, args = zoo.build(name)
+    kernels = json.loads(einfuse.kernels(model, args, target="cpu", output=tmp_path).read_text())["kernels"]
+    assert kernels and all((tmp_path / f).stat().st_size > 0 for k in kernels for f in k["files"])
+    assert len(list(tmp_path.glob("*.s"))) == len(list(tmp_path.glob("*.tir"))) == len(kernels)
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 def test_the_1pass_attention_compiles_for_the_gpu_a_thread_per_row(tmp_path: Path) -> None:
     args = tuple(torch.randn(1, 2, 100, 64) for _ in range(3))
