@@ -4,10 +4,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import EinfuseError
 from .ir import Cascade, verify
+
+if TYPE_CHECKING:
+    from .codegen.accel import Simulation
 
 
 def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipeline: str = "default",
@@ -43,7 +46,7 @@ def kernels(model: Any, args: tuple | None = None, *, target: str, output: str |
 
 
 def simulate(model: Any, args: tuple | None = None, *, target: str = "accel:fusemax",
-             pipeline: str = "default") -> Any:
+             pipeline: str = "default") -> "Simulation":
     """Run ``model``'s kernels for the accelerator ``target`` on this CPU as the emitted C, on
     ``args`` (static shapes): a :class:`~einfuse.codegen.accel.Simulation` with the outputs (by
     name) and what the runtime counted per kernel (cycles of each array, DRAM bytes, latency)."""
@@ -54,6 +57,8 @@ def simulate(model: Any, args: tuple | None = None, *, target: str = "accel:fuse
         raise EinfuseError(f"simulate: {target} is not an accelerator (accel:fusemax{{...}})")
     cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t.name), t)
     inputs = [x.name for x in cascade.tensors if x.role == "input"]
+    if len(args or ()) != len(inputs):
+        raise EinfuseError(f"simulate: {len(inputs)} inputs ({', '.join(inputs)}), {len(args or ())} given")
     if isinstance(model, Cascade):
         values = dict(zip(inputs, args or ()))
     else:
@@ -90,7 +95,8 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
     from .passes import FuseAttention, PassManager
     from .passes import pipeline as named_pipeline
     passes = named_pipeline(pipeline)  # a named pipeline or pipeline text; bad text fails before capture
-    passes = [replace(p, target=target) if isinstance(p, FuseAttention) and not p.tile else p for p in passes]
+    passes = [replace(p, target=target) if isinstance(p, FuseAttention) and not p.tile and p.target == "cpu" else p
+              for p in passes]
     if isinstance(model, Cascade):
         cascade = verify(model)
     else:

@@ -47,9 +47,10 @@ from .lower import DTYPES, KernelBuilder, SizeVars
 
 RUNTIME = Path(__file__).parent / "fusemax"
 CFLAGS = [f"-I{RUNTIME}", "-O2", "-Dinff=__builtin_inff()"]   # (TVM's C spells infinity ``inff``)
+MAX_KERNELS = 4096   # FM_MAX_KERNELS of fusemax.h
 
 
-_LIBM = ("fabs", "sqrt", "exp", "log", "tanh", "pow", "floor", "ceil", "trunc", "round", "sin", "cos", "erf")
+_LIBM = ("fabs", "sqrt", "exp", "log", "tanh", "pow", "floor", "ceil", "trunc", "sin", "cos", "erf")
 
 
 @lru_cache(maxsize=1)
@@ -129,10 +130,10 @@ def mac2d_intrinsics(ti: int, tj: int, tk: int) -> tuple[str, ...]:
             update = ["for i, j, k in T.grid(%d, %d, %d):" % (ti, tj, tk), "    with T.sblock('update'):",
                       "        vi, vj, vk = T.axis.remap('SSR', [i, j, k])",
                       f"        C[vi, vj] = C[vi, vj] + X[v{xl[0]}, v{xl[1]}] * Y[v{yl[0]}, v{yl[1]}]"]
-            strides = [f"T.Cast('int32', {_stride(layout, d, row)})" for layout, row in ((xl, "sx"), (yl, "sy"))
+            strides = [f"T.Cast('int64', {_stride(layout, d, row)})" for layout, row in ((xl, "sx"), (yl, "sy"))
                        for d in "ijk"]
             call = _call("fm_mac2d", "C.access_ptr('rw')", "X.access_ptr('r')", "Y.access_ptr('r')",
-                         "T.Cast('int32', sc)", *strides, f"T.int32({ti})", f"T.int32({tj})", f"T.int32({tk})")
+                         "T.Cast('int64', sc)", *strides, f"T.int32({ti})", f"T.int32({tj})", f"T.int32({tk})")
             names.append(_register(f"einfuse.fm_mac2d_{ti}x{tj}x{tk}_{first}_{second}",
                                    _prim(buffers, ["C", "X", "Y"], "C", update, False),
                                    _prim(buffers, ["C", "X", "Y"], "C", [call], True)))
@@ -141,7 +142,7 @@ def mac2d_intrinsics(ti: int, tj: int, tk: int) -> tuple[str, ...]:
 
 def _stride(layout: tuple[str, str], d: str, row: str) -> str:
     """An operand's element stride along ``d`` (0 where it does not use it)."""
-    return {layout[0]: row, layout[1]: "T.int32(1)"}.get(d, "T.int32(0)")
+    return {layout[0]: row, layout[1]: "T.int64(1)"}.get(d, "T.int64(0)")
 
 
 @lru_cache(maxsize=None)
@@ -195,7 +196,7 @@ def tensorize(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction
             if reduction:
                 trial.decompose_reduction(rv, trial.get_loops(rv)[0])
             trial.tensorize(loop, name)
-        except Exception:   # (TVM's ScheduleError: this intrinsic does not match the block)
+        except (RuntimeError, ValueError):   # (TVM's ScheduleError, TVMError: this intrinsic does not match)
             continue
         return trial
     return None
@@ -210,7 +211,7 @@ def intrinsics_for(e: Any, array: str, acc: Accelerator) -> tuple[tuple[str, ...
         return None
     op = e.reduce.op if e.reduce else "+"
     if reduced_vars(e):
-        if isinstance(e.rhs, Access) and op in _REDUCTIONS:
+        if isinstance(e.rhs, Access) and op in _REDUCTIONS and len(reduced_vars(e)) == 1:
             return (reduce1d_intrinsic(acc.vector_pes, op),), True, op != "max"
         return None
     if isinstance(e.rhs, Call) and e.rhs.op in _MAPS and all(isinstance(a, Access) for a in e.rhs.args):
@@ -234,31 +235,35 @@ def kernel_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, inde
     acc = target.device
     _register_libm()
     if k.kind == "loop":
-        func, done = AccelLoopBuilder(c, k, sizes, target).prim_func(), ()
+        func, done = AccelLoopBuilder(c, k, sizes, target).prim_func(), {}
     else:
         func, done = _tensorized(KernelBuilder(c, k, sizes).prim_func(), c, k, acc)
     work = kernel_work(c, k, acc, counted=frozenset(done))
-    charges = [("fm_begin", tirx.const(index, "int32")), ("fm_2d", work.ops_2d), ("fm_1d", work.ops_1d),
-               ("fm_dram", work.dram_bytes)]
-    calls = [tirx.Evaluate(tirx.call_extern("int32", fn, _float(arg, sizes) if fn != "fm_begin" else arg))
-             for fn, arg in charges]
-    return AccelKernel(func.with_body(tirx.SeqStmt([*calls, func.body])), tuple(done))
+    # (DRAM bytes per second and the clock as integers: TVM's C prints a double to 7 digits)
+    configure = [tirx.const(n, "int32") for n in (acc.pe_rows, acc.pe_cols, acc.vector_pes)] + \
+        [tirx.const(round(n), "int64") for n in (acc.dram_gib_s * 2 ** 30, acc.mhz * 1e6)]
+    calls = [("fm_configure", configure), ("fm_begin", [tirx.const(index, "int32")])] + \
+        [(fn, [_float(x, sizes)]) for fn, x in (("fm_2d", work.ops_2d), ("fm_1d", work.ops_1d),
+                                                 ("fm_dram", work.dram_bytes))]
+    body = [tirx.Evaluate(tirx.call_extern("int32", fn, *args)) for fn, args in calls]
+    return AccelKernel(func.with_body(tirx.SeqStmt([*body, func.body])), tuple(done.values()))
 
 
-def _tensorized(func: Any, c: Cascade, k: Kernel, acc: Accelerator) -> tuple[Any, list[str]]:
-    """``func`` with each Einsum's block on its array's intrinsics where one matches; the tensors
-    of those that do."""
+def _tensorized(func: Any, c: Cascade, k: Kernel, acc: Accelerator) -> tuple[Any, dict[int, str]]:
+    """``func`` with each Einsum's block on its array's intrinsics where one matches; those
+    Einsums (by position in :func:`~einfuse.targets.accel.kernel_einsums`) with their tensors."""
     sch = s_tir.Schedule(func)
     where = placement(c, k)
-    done = []
+    done = {}
     for i, (e, _) in enumerate(kernel_einsums(c, k)):
         found = intrinsics_for(e, where[i], acc) if declarations(c)[e.lhs.tensor].dtype == "f32" else None
         names = [b.name_hint for b in _blocks(sch)]
-        block = next((n for n in (e.lhs.tensor, e.lhs.tensor + "_value") if n in names), None)
+        # (a masked or cast reduction is computed in X_value, then selected into X)
+        block = next((n for n in (e.lhs.tensor + "_value", e.lhs.tensor) if n in names), None)
         tiled = tensorize(sch, block, *found) if found is not None and block is not None else None
         if tiled is not None:
             sch = tiled
-            done.append(e.lhs.tensor)
+            done[i] = e.lhs.tensor
     return sch.mod["main"], done
 
 
@@ -288,7 +293,7 @@ class Simulation:
     """What :func:`simulate` returns: the cascade's outputs and each kernel's counted timing."""
 
     outputs: dict[str, np.ndarray]
-    kernels: list[tuple[Kernel, Timing, int, tuple[str, ...]]]   # kernel, counted timing, fm_mac2d calls, tensorized
+    kernels: list[tuple[Kernel, Timing, int, tuple[str, ...]]]   # kernel, counted timing, intrinsic calls, tensorized
 
     @property
     def total(self) -> Timing:
@@ -298,6 +303,8 @@ class Simulation:
 def compile_c(c: Cascade, target: Target) -> tuple[Any, list[AccelKernel]]:
     """Every kernel of ``c`` (grouped) in one TVM module for the ``c`` target, compiled."""
     import tvm
+    if len(c.groups) > MAX_KERNELS:
+        raise CompileError(f"{len(c.groups)} kernels: the accelerator's runtime counts {MAX_KERNELS} at most")
     sizes = SizeVars()
     made = []
     for i, k in enumerate(c.groups):
@@ -327,8 +334,6 @@ def simulate(c: Cascade, target: Target | str, inputs: dict[str, np.ndarray]) ->
         path = Path(tmp) / "kernels.so"
         made = library(c, target, path)
         module, runtime = tvm.runtime.load_module(str(path)), ctypes.CDLL(str(path))
-        runtime.fm_configure.argtypes = [ctypes.c_int32] * 3 + [ctypes.c_double]
-        runtime.fm_configure(acc.pe_rows, acc.pe_cols, acc.vector_pes, dram_bytes_per_cycle(acc))
         runtime.fm_reset()
         values = {n: np.ascontiguousarray(v, dtype=DTYPES[decls[n].dtype]) for n, v in {**c.params, **inputs}.items()}
         for k in c.groups:

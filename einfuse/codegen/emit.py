@@ -129,7 +129,7 @@ def _accel_files(c: Cascade, target: Target, directory: Path, at: dict) -> None:
              "| kernel | 2D-array ops | 1D-array ops | DRAM bytes | cycles | 2D util | 1D util |", "|---" * 7 + "|"]
     for k in c.groups:
         work = kernel_work(c, k, acc)
-        bound = all(not sympy.sympify(x).free_symbols - {sympy.Symbol(n) for n in at} for x in work.__dict__.values())
+        bound = all({x.name for x in sympy.sympify(part).free_symbols} <= set(at) for part in work.__dict__.values())
         row = timing(work, acc, at) if bound else None
         cycles = f"{row.latency:.0f} | {row.utilisation()[0]:.2f} | {row.utilisation()[1]:.2f}" if row else "- | - | -"
         lines.append(f"| {k.name} | {work.ops_2d} | {work.ops_1d} | {work.dram_bytes} | {cycles} |")

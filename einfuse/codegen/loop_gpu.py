@@ -31,7 +31,7 @@ from tvm.script.ir_builder import tirx as T
 from ..ir import Access
 from ..ir.scope import access_vars, reads
 from .loop import LoopBuilder, _Entered, _loop
-from .lower import DTYPES, _cast, _const
+from .lower import DTYPES, _cast
 
 
 class GPULoopBuilder(LoopBuilder):
@@ -75,8 +75,9 @@ class GPULoopBuilder(LoopBuilder):
         used = 0
         for key, (a, local) in self.streamed().items():
             shape = [self.var_extent(v) for v in local]
-            size = math.prod(shape) * 4
-            if used + size > self.shared_bytes or self.decls[a.tensor].dtype not in ("f32", "f16", "bf16"):
+            dtype = self.decls[a.tensor].dtype
+            size = math.prod(shape) * (4 if dtype == "f32" else 2)
+            if used + size > self.shared_bytes or dtype not in ("f32", "f16", "bf16"):
                 continue
             used += size
             buf = T.decl_buffer(shape, DTYPES[self.decls[a.tensor].dtype], scope="shared")
@@ -115,11 +116,8 @@ class GPULoopBuilder(LoopBuilder):
         if staged is None:
             return super().read(a, env, work)
         buf, _, local = staged
-        _, valid = super().read(a, env, work)   # (only the guard: the value comes from the tile)
-        value = _cast(tirx.BufferLoad(buf, [env[v] for v in local]), work)
-        if valid is None:
-            return value, None
-        return tirx.Select(valid, value, _const(self.decls[a.tensor].fill, work)), valid
+        _, valid = super().read(a, env, work)   # (its guard only: the tile holds the fill where it fails)
+        return _cast(tirx.BufferLoad(buf, [env[v] for v in local]), work), valid
 
 
 class _bound(_loop):
@@ -131,4 +129,3 @@ class _bound(_loop):
             extent = tirx.const(int(extent.value), "int32")
         self.frame = T.thread_binding(0, tirx.Cast("int32", extent) if str(extent.ty) != "int32" else extent,
                                       thread=axis)
-

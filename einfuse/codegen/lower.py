@@ -43,6 +43,8 @@ class SizeVars:
             return tirx.const(int(size), "int64")
         if size.is_Symbol:
             return self.vars.setdefault(str(size), tirx.Var(str(size), "int64"))
+        if size.is_Pow and size.exp.is_Integer and size.exp > 0:   # (n**2: an N x N tensor's elements)
+            return _fold(lambda a, b: a * b, [self.expr(size.base)] * int(size.exp))
         if size.is_Add:
             return _fold(lambda a, b: a + b, [self.expr(a) for a in size.args])
         if isinstance(size, sympy.ceiling):  # ceiling(n/d): whole tiles of a symbolic length

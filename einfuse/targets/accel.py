@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import sympy
 
 from ..ir import Call, Cascade, Einsum
@@ -35,6 +37,9 @@ from ..ir.scope import (access_vars, declarations, iteration_vars, lhs_vars, loo
                         var_ranks)
 from ..ir.sizes import extent
 from .presets import Accelerator
+
+if TYPE_CHECKING:
+    from ..passes.group_kernels import Kernel
 
 _TRANSCENDENTAL = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "erf", "sin",
                    "cos"}
@@ -101,13 +106,13 @@ def einsum_ops(c: Cascade, e: Einsum, loops: tuple[Loop, ...], acc: Accelerator,
     return points * per_point
 
 
-def kernel_einsums(c: Cascade, kernel: object) -> list[tuple[Einsum, tuple[Loop, ...]]]:
+def kernel_einsums(c: Cascade, kernel: Kernel) -> list[tuple[Einsum, tuple[Loop, ...]]]:
     """The kernel's Einsums with their enclosing loops, in program order."""
     inside = set(kernel.internal) | {kernel.output}
     return [(e, loops) for e, loops in walk(c.stmts) if e.lhs.tensor in inside]
 
 
-def placement(c: Cascade, kernel: object) -> dict[int, str]:
+def placement(c: Cascade, kernel: Kernel) -> dict[int, str]:
     """The array ("2d"/"1d") of each of the kernel's Einsums, by position in :func:`kernel_einsums`."""
     items = kernel_einsums(c, kernel)
     initialised = {e.lhs.tensor for e, loops in items if not loops}
@@ -126,13 +131,14 @@ def _elements(c: Cascade, name: str) -> sympy.Expr:
     return sympy.Mul(*[extent(size[r.rank], r.iterative) for r in declarations(c)[name].ranks])
 
 
-def kernel_work(c: Cascade, kernel: object, acc: Accelerator, counted: frozenset[str] = frozenset()) -> Work:
-    """What ``kernel`` does on each array and moves through DRAM, less the work of the Einsums
-    writing the tensors in ``counted`` (those the emitted code charges tile by tile)."""
+def kernel_work(c: Cascade, kernel: Kernel, acc: Accelerator, counted: frozenset[int] = frozenset()) -> Work:
+    """What ``kernel`` does on each array and moves through DRAM, less the work of the Einsums at
+    the positions (in :func:`kernel_einsums`) in ``counted``: those the emitted code's intrinsics
+    charge themselves."""
     items, where = kernel_einsums(c, kernel), placement(c, kernel)
     ops = {"2d": sympy.Integer(0), "1d": sympy.Integer(0)}
     for i, (e, loops) in enumerate(items):
-        if e.lhs.tensor not in counted:
+        if i not in counted:
             ops[where[i]] += einsum_ops(c, e, loops, acc, where[i])
     moved = sum((_elements(c, n) for n in (*kernel.inputs, kernel.output)), sympy.Integer(0))
     if kernel.kind == "loop":
@@ -140,7 +146,7 @@ def kernel_work(c: Cascade, kernel: object, acc: Accelerator, counted: frozenset
     return Work(sympy.expand(ops["2d"]), sympy.expand(ops["1d"]), sympy.expand(moved * acc.word_bytes))
 
 
-def _rereads(c: Cascade, kernel: object, items: list, acc: Accelerator) -> sympy.Expr:
+def _rereads(c: Cascade, kernel: Kernel, items: list, acc: Accelerator) -> sympy.Expr:
     """Elements of K and V (the inputs the query rows do not index) read again for every further
     block of query rows that fits in the global buffer with its Q rows and output rows."""
     size, ranks = {r.name: sympy.sympify(r.size) for r in c.ranks}, var_ranks(c)

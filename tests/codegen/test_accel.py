@@ -136,3 +136,30 @@ def test_the_model_keeps_symbolic_lengths_and_binds_them_later() -> None:
     assert {s.name for s in kernel_work(c, loop, target.device).ops_2d.free_symbols} == {"n"}
     bound = dict(cascade_timing(c, target.device, {"n": 1024}))[loop.name]
     assert bound.cycles_2d == pytest.approx(2 * 1024 * 1024 * (16 + 1 + 8 + 1 + 16) / 65536)
+
+
+class _CausalAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_a_masked_contraction_is_tensorized_and_still_masked() -> None:
+    torch.manual_seed(1)
+    model, args = _CausalAttention(), tuple(torch.randn(1, 2, 48, 16) for _ in range(3))
+    sim = einfuse.simulate(model, args, target=SMALL, pipeline="unfused")
+    assert rel_err(sim.outputs["out0"], model(*args).numpy()) <= 1e-5
+    assert any("attn_qk" in ts for *_, ts in sim.kernels)   # (its scores are computed in attn_qk_value)
+
+
+def test_kernels_for_a_dynamic_length_and_a_changed_target_carry_their_numbers(tmp_path: Path) -> None:
+    n = torch.export.Dim("n", min=2, max=4096)
+    model, args = _Attention(), tuple(torch.randn(1, 2, 64, 16) for _ in range(3))
+    target = "accel:fusemax{pe_rows=128,pe_cols=64,vector_pes=32,dram_gib_s=800}"
+    einfuse.kernels(model, args, target=target, output=tmp_path, pipeline="unfused",
+                    dynamic_shapes={"q": {2: n}, "k": {2: n}, "v": {2: n}})
+    sources = {p.stem: p.read_text() for p in tmp_path.glob("k*.c")}
+    assert sources and all(f"fm_configure(128, 64, 32, (int64_t){800 << 30}, (int64_t)940000000)" in s
+                           for s in sources.values())
+    # a symbolic length cannot be padded to whole tiles: the scores' contraction is charged
+    (scores,) = [s for name, s in sources.items() if name.endswith("attn_qk")]
+    assert "fm_2d(" in scores and "fm_mac2d" not in scores

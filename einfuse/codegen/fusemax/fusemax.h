@@ -28,8 +28,10 @@ typedef struct {
   double calls;       /* times the kernel ran */
 } fm_counts;
 
-/* The array sizes and DRAM bytes per cycle (einfuse calls this before running kernels). */
-int32_t fm_configure(int32_t pe_rows, int32_t pe_cols, int32_t vector_pes, double dram_bytes_per_cycle);
+/* The array sizes, DRAM bytes per second and the clock (each emitted kernel calls this first, with
+ * its target's). */
+int32_t fm_configure(int32_t pe_rows, int32_t pe_cols, int32_t vector_pes, int64_t dram_bytes_per_second,
+                     int64_t hz);
 void fm_reset(void);
 /* Copies the counters of kernels 0..n-1 into out; returns how many kernels there are. */
 int32_t fm_read(fm_counts *out, int32_t n);
@@ -42,8 +44,8 @@ int32_t fm_dram(double bytes);
 
 /* C[i, j] += sum_k X[i*xi + j*xj + k*xk] * Y[i*yi + j*yj + k*yk] for a ti x tj x tk tile, with
  * C's rows sc apart: one instruction of the 2D array (tk cycles on a ti x tj array). */
-int32_t fm_mac2d(void *c, void *x, void *y, int32_t sc, int32_t xi, int32_t xj, int32_t xk,
-                 int32_t yi, int32_t yj, int32_t yk, int32_t ti, int32_t tj, int32_t tk);
+int32_t fm_mac2d(void *c, void *x, void *y, int64_t sc, int64_t xi, int64_t xj, int64_t xk,
+                 int64_t yi, int64_t yj, int64_t yk, int32_t ti, int32_t tj, int32_t tk);
 
 /* C[k] = A[k] op B[k * b_step] for n elements (op: 0 add, 1 sub, 2 mul, 3 div, 4 max; b_step 0:
  * one B for all): one instruction of the 1D array, ceil(n / vector_pes) cycles. */

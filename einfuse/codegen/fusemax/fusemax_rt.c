@@ -7,13 +7,14 @@ static fm_counts counts[FM_MAX_KERNELS];
 static int32_t kernels = 0;      /* one past the highest kernel seen */
 static int32_t current = -1;     /* the kernel running, -1 before the first */
 static int32_t rows = 256, cols = 256, vector = 256;
-static double dram_per_cycle = 456.9;
+static double dram_per_cycle = 456.917;   /* 400 GiB/s at 940 MHz */
 
-int32_t fm_configure(int32_t pe_rows, int32_t pe_cols, int32_t vector_pes, double dram_bytes_per_cycle) {
+int32_t fm_configure(int32_t pe_rows, int32_t pe_cols, int32_t vector_pes, int64_t dram_bytes_per_second,
+                     int64_t hz) {
   rows = pe_rows;
   cols = pe_cols;
   vector = vector_pes;
-  dram_per_cycle = dram_bytes_per_cycle;
+  dram_per_cycle = (double)dram_bytes_per_second / (double)hz;
   return 0;
 }
 
@@ -46,8 +47,11 @@ int32_t fm_read(fm_counts *out, int32_t n) {
 }
 
 int32_t fm_begin(int32_t kernel) {
-  if (kernel < 0 || kernel >= FM_MAX_KERNELS) return -1;
   close_phase(&opened);
+  if (kernel < 0 || kernel >= FM_MAX_KERNELS) {  /* (einfuse never emits more kernels) */
+    current = -1;
+    return -1;
+  }
   current = kernel;
   if (kernel >= kernels) kernels = kernel + 1;
   counts[kernel].calls += 1;
@@ -70,14 +74,14 @@ int32_t fm_dram(double bytes) {
   return 0;
 }
 
-int32_t fm_mac2d(void *c, void *x, void *y, int32_t sc, int32_t xi, int32_t xj, int32_t xk,
-                 int32_t yi, int32_t yj, int32_t yk, int32_t ti, int32_t tj, int32_t tk) {
+int32_t fm_mac2d(void *c, void *x, void *y, int64_t sc, int64_t xi, int64_t xj, int64_t xk,
+                 int64_t yi, int64_t yj, int64_t yk, int32_t ti, int32_t tj, int32_t tk) {
   float *out = (float *)c;
   const float *a = (const float *)x, *b = (const float *)y;
-  for (int32_t i = 0; i < ti; ++i)
-    for (int32_t j = 0; j < tj; ++j) {
+  for (int64_t i = 0; i < ti; ++i)
+    for (int64_t j = 0; j < tj; ++j) {
       float sum = out[i * sc + j];
-      for (int32_t k = 0; k < tk; ++k) sum += a[i * xi + j * xj + k * xk] * b[i * yi + j * yj + k * yk];
+      for (int64_t k = 0; k < tk; ++k) sum += a[i * xi + j * xj + k * xk] * b[i * yi + j * yj + k * yk];
       out[i * sc + j] = sum;
     }
   if (current >= 0) {
