@@ -24,11 +24,14 @@ After (tiles of 256 x 256 x 16)::
 from __future__ import annotations
 
 import ctypes
+import os
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import sympy
@@ -183,6 +186,12 @@ def tensorize(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction
     Operands read through a view (``X[n//24, n%24, d]``) are first copied in the block's own index
     order (``reindex``); ``padding``: the tile may overhang (not for a max: it would pad with 0)."""
     from tvm.s_tir.schedule.transform import tile_with_tensor_intrin
+    with _quiet_stderr():   # (TVM's printer warns on stderr while it formats a mismatch)
+        return _first_match(sch, block, names, reduction, padding, tile_with_tensor_intrin)
+
+
+def _first_match(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction: bool, padding: bool,
+                 tile: Any) -> s_tir.Schedule | None:
     for copied, name in [(c, n) for c in (False, True) for n in names]:
         trial = s_tir.Schedule(sch.mod)
         rv = trial.get_sblock(block)
@@ -190,7 +199,7 @@ def tensorize(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction
             if copied:
                 for i in range(len(trial.get(rv).reads)):
                     trial.reindex(rv, ("read", i))
-            loop = tile_with_tensor_intrin(trial, rv, name, allow_padding=padding)
+            loop = tile(trial, rv, name, allow_padding=padding)
             if loop is None:
                 continue
             if reduction:
@@ -200,6 +209,20 @@ def tensorize(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction
             continue
         return trial
     return None
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null (C++ code writes there directly), then restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def intrinsics_for(e: Any, array: str, acc: Accelerator) -> tuple[tuple[str, ...], bool, bool] | None:
