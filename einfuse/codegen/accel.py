@@ -5,9 +5,11 @@ a time, no vectors) and emitted as C by TVM's ``c`` target. Its GEMM-like work i
 onto the 2D array: every contraction block is tiled to ``pe_rows x pe_cols x tile_k``
 (``tile_with_tensor_intrin``, padding where the tile does not divide) and each tile becomes one
 call of ``fm_mac2d`` (a ``TensorIntrin`` per operand layout), which the runtime
-(``fusemax/fusemax_rt.c``) computes and charges ``tile_k`` cycles of the array for. The rest of
-a kernel's work is charged when it starts: ``fm_begin(i)`` then ``fm_2d``/``fm_1d``/``fm_dram``
-with the ops and bytes :mod:`einfuse.targets.accel` derives from its Einsums (the 1-pass
+(``fusemax/fusemax_rt.c``) computes and charges ``tile_k`` cycles of the array for. Row sums and
+maxes go onto the 1D array's ``fm_reduce``, one-op maps onto its ``fm_vec``, ``vector_pes``
+elements a call. The rest of a kernel's work is charged when it starts: ``fm_configure`` (the
+target's numbers), ``fm_begin(i)``, then ``fm_2d``/``fm_1d``/``fm_dram`` with the ops and bytes
+:mod:`einfuse.targets.accel` derives from its Einsums less those its intrinsics charge (the 1-pass
 attention's per-key work on the 2D array, per-row state on the 1D array; see there).
 
 :func:`simulate` builds the whole cascade into one shared library with the runtime, runs its
@@ -39,7 +41,7 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from ..errors import CompileError
-from ..ir import Access, Call, Cascade
+from ..ir import Access, Call, Cascade, Einsum
 from ..ir.scope import declarations, reduced_vars
 from ..passes.group_kernels import Kernel
 from ..targets import Target
@@ -192,6 +194,7 @@ def tensorize(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction
 
 def _first_match(sch: s_tir.Schedule, block: str, names: tuple[str, ...], reduction: bool, padding: bool,
                  tile: Any) -> s_tir.Schedule | None:
+    """:func:`tensorize`'s trials: each intrinsic on the block as it is, then on reindexed operands."""
     for copied, name in [(c, n) for c in (False, True) for n in names]:
         trial = s_tir.Schedule(sch.mod)
         rv = trial.get_sblock(block)
@@ -225,7 +228,7 @@ def _quiet_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-def intrinsics_for(e: Any, array: str, acc: Accelerator) -> tuple[tuple[str, ...], bool, bool] | None:
+def intrinsics_for(e: Einsum, array: str, acc: Accelerator) -> tuple[tuple[str, ...], bool, bool] | None:
     """The intrinsics that may compute ``e`` on ``array``, whether it reduces, and whether its tile
     may be padded; None where none can (a map of more than one op, a cast, a filter...)."""
     if array == "2d":
@@ -246,14 +249,14 @@ def intrinsics_for(e: Any, array: str, acc: Accelerator) -> tuple[tuple[str, ...
 
 @dataclass(frozen=True)
 class AccelKernel:
-    """One kernel's PrimFunc for the accelerator and the contractions that call ``fm_mac2d``."""
+    """One kernel's PrimFunc for the accelerator and the tensors whose Einsums call an intrinsic."""
 
     func: Any
     tensorized: tuple[str, ...]
 
 
 def kernel_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, index: int) -> AccelKernel:
-    """``k`` lowered to a PrimFunc whose tiles call the 2D-array intrinsic and which charges the
+    """``k`` lowered to a PrimFunc whose tiles call the arrays' intrinsics and which charges the
     rest of its work when it starts (as kernel ``index``)."""
     acc = target.device
     _register_libm()
