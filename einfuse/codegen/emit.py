@@ -119,21 +119,31 @@ def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None =
 
 
 def _accel_files(c: Cascade, target: Target, directory: Path, at: dict) -> None:
-    """The runtime the accelerator's kernels call and ``report.md``, their modelled timing."""
-    from ..targets.accel import kernel_work, timing
+    """The runtime the accelerator's kernels call and ``report.md``, their modelled timing (with
+    the whole model's where every size is bound)."""
+    from ..targets.accel import Timing, kernel_work, timing
     from .accel import RUNTIME
     for name in ("fusemax.h", "fusemax_rt.c"):
         shutil.copyfile(RUNTIME / name, directory / name)
     acc = target.device
     lines = [f"# {len(c.groups)} kernels for {target.name}", "",
              "| kernel | 2D-array ops | 1D-array ops | DRAM bytes | cycles | 2D util | 1D util |", "|---" * 7 + "|"]
+    total: Timing | None = Timing(0.0, 0.0, 0.0, 0.0)
     for k in c.groups:
         work = kernel_work(c, k, acc)
         bound = all({x.name for x in sympy.sympify(part).free_symbols} <= set(at) for part in work.__dict__.values())
         row = timing(work, acc, at) if bound else None
-        cycles = f"{row.latency:.0f} | {row.utilisation()[0]:.2f} | {row.utilisation()[1]:.2f}" if row else "- | - | -"
-        lines.append(f"| {k.name} | {work.ops_2d} | {work.ops_1d} | {work.dram_bytes} | {cycles} |")
+        total = total + row if total is not None and row is not None else None
+        lines.append(f"| {k.name} | {work.ops_2d} | {work.ops_1d} | {work.dram_bytes} | {_cycles(row)} |")
+    if total is not None:
+        lines += ["", f"Whole model: {total.latency:.0f} cycles = {total.latency / acc.mhz / 1e3:.4g} ms at "
+                      f"{acc.mhz:g} MHz; 2D array busy {total.utilisation()[0]:.2f}, 1D array "
+                      f"{total.utilisation()[1]:.2f} of that time."]
     (directory / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _cycles(row: Any) -> str:
+    return f"{row.latency:.0f} | {row.utilisation()[0]:.2f} | {row.utilisation()[1]:.2f}" if row else "- | - | -"
 
 
 def _roofline_ms(item: Emitted, target: Target, at: dict) -> float | None:

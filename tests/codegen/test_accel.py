@@ -102,7 +102,8 @@ def test_a_tensorized_gemm_issues_one_fm_mac2d_per_tile_and_counts_exactly_the_m
 
 
 @pytest.mark.parametrize("name", ["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"])
-def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str, tmp_path: Path) -> None:
+def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
     model, args = zoo.build(name)
     sim = einfuse.simulate(model, args, target="accel:fusemax")
     with torch.no_grad():
@@ -110,6 +111,7 @@ def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str, tmp_
     assert rel_err(next(iter(sim.outputs.values())), want.numpy()) <= 1e-4
     assert sim.total.latency > 0 and any(x[3] for x in sim.kernels)   # (its GEMMs call fm_mac2d)
     assert main(["kernels", f"zoo:{name}", "--target", "accel:fusemax", "-o", str(tmp_path)]) == 0
+    assert "Whole model: " in capsys.readouterr().out
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert len(manifest["kernels"]) == len(sim.kernels) == len(list(tmp_path.glob("k*.c")))
 
@@ -124,6 +126,9 @@ def test_einfuse_kernels_writes_c_the_runtime_and_a_report(tmp_path: Path) -> No
     assert sum("fm_mac2d(" in s for s in sources) >= 6 and all("fm_begin(" in s for s in sources)
     report = (tmp_path / "report.md").read_text()
     assert len(re.findall(r"^\| k\d+_", report, re.M)) == len(names) and "| - |" not in report
+    total = re.search(r"^Whole model: (\d+) cycles", report, re.M)
+    rows = re.findall(r"^\| k\d+_\w+ \| [^|]+ \| [^|]+ \| [^|]+ \| (\d+) \|", report, re.M)
+    assert total and abs(int(total.group(1)) - sum(map(int, rows))) <= len(rows)   # (rows are rounded)
 
 
 def test_the_model_keeps_symbolic_lengths_and_binds_them_later() -> None:
