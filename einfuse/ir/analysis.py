@@ -8,7 +8,7 @@ L+1; the number of passes is the number of distinct levels among Einsums that wa
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import sympy
 
@@ -46,7 +46,7 @@ def einsum_cost(c: Cascade, e: Einsum, loops: tuple[Loop, ...] = ()) -> Cost:
     size = {r.name: sympy.sympify(r.size) for r in c.ranks}
     trips = sympy.Mul(*[size[lp.rank] for lp in loops])
     points = sympy.Mul(*[size[ranks[v]] for v in iteration_vars(e, bound)]) * trips
-    work = _map_flops(e.rhs) + (1 if len(iteration_vars(e, bound)) > len(_free_lhs(e, bound)) else 0)
+    work = map_ops(e.rhs) + (1 if len(iteration_vars(e, bound)) > len(_free_lhs(e, bound)) else 0)
     seen = {}
     for a in [e.lhs] + reads(e):
         seen.setdefault((a.tensor, a.indices), a)
@@ -111,9 +111,10 @@ def _free_lhs(e: Einsum, bound: frozenset[str]) -> list[str]:
     return [v for v in access_vars(e.lhs) if v not in bound]
 
 
-def _map_flops(x: Expr) -> int:
+def map_ops(x: Expr, cost: Callable[[str], int] = lambda op: ops.OPS[op].flops) -> int:
+    """Ops of a map expression per point: ``cost(op)`` summed over its calls (default: FLOPs)."""
     if isinstance(x, Call):
-        return ops.OPS[x.op].flops + sum(_map_flops(a) for a in x.args)
+        return cost(x.op) + sum(map_ops(a, cost) for a in x.args)
     return 0
 
 

@@ -127,6 +127,13 @@ def stream_levels(c: Cascade, k: Kernel) -> tuple[tuple[str, ...], set[int]]:
     return stream, {x.level for x in report.levels if x.level > 0}
 
 
+def streamed_inputs(c: Cascade, k: Kernel) -> list[str]:
+    """The inputs of kernel ``k`` indexed by a rank it streams (the 1-pass attention's K and V)."""
+    stream, _ = stream_levels(c, k)
+    decls = declarations(c)
+    return [n for n in k.inputs if any(r.rank in stream for r in decls[n].ranks)]
+
+
 def _kernel_stmts(c: Cascade, k: Kernel) -> list:
     """The top-level statements computing ``k``'s Einsums (a loop kernel's loop whole)."""
     inside = set(k.internal) | {k.output}

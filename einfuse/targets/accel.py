@@ -32,9 +32,9 @@ import sympy
 
 from ..ir import Call, Cascade, Einsum
 from ..ir import ops as ir_ops
+from ..ir.analysis import map_ops
 from ..ir.nodes import Loop, walk
-from ..ir.scope import (access_vars, declarations, iteration_vars, lhs_vars, loop_vars, reads, reduced_vars,
-                        var_ranks)
+from ..ir.scope import declarations, iteration_vars, lhs_vars, loop_vars, reduced_vars, var_ranks
 from ..ir.sizes import extent
 from .presets import Accelerator
 
@@ -85,12 +85,6 @@ def op_cost(op: str, acc: Accelerator, array: str) -> int:
     return ir_ops.OPS[op].flops
 
 
-def _map_ops(x: object, acc: Accelerator, array: str) -> int:
-    if isinstance(x, Call):
-        return op_cost(x.op, acc, array) + sum(_map_ops(a, acc, array) for a in x.args)
-    return 0
-
-
 def contraction(e: Einsum) -> bool:
     """A sum over reduced variables of a product of two operands: a MAC per point."""
     return (bool(reduced_vars(e)) and (e.reduce is None or e.reduce.op == "+") and isinstance(e.rhs, Call)
@@ -102,7 +96,8 @@ def einsum_ops(c: Cascade, e: Einsum, loops: tuple[Loop, ...], acc: Accelerator,
     a product summed being one MAC)."""
     size, ranks, bound = {r.name: sympy.sympify(r.size) for r in c.ranks}, var_ranks(c), loop_vars(loops)
     points = sympy.Mul(*[size[ranks[v]] for v in iteration_vars(e, bound)], *[size[lp.rank] for lp in loops])
-    per_point = 1 if contraction(e) else _map_ops(e.rhs, acc, array) + (1 if reduced_vars(e, bound) else 0)
+    per_point = 1 if contraction(e) else map_ops(e.rhs, lambda op: op_cost(op, acc, array)) + \
+        (1 if reduced_vars(e, bound) else 0)
     return points * per_point
 
 
@@ -147,14 +142,14 @@ def kernel_work(c: Cascade, kernel: Kernel, acc: Accelerator, counted: frozenset
 
 
 def _rereads(c: Cascade, kernel: Kernel, items: list, acc: Accelerator) -> sympy.Expr:
-    """Elements of K and V (the inputs the query rows do not index) read again for every further
-    block of query rows that fits in the global buffer with its Q rows and output rows."""
+    """Elements of K and V (the inputs indexed by the keys the loop streams) read again for every
+    further block of query rows that fits in the global buffer with its Q rows and output rows."""
+    from ..passes.group_kernels import streamed_inputs
     size, ranks = {r.name: sympy.sympify(r.size) for r in c.ranks}, var_ranks(c)
     rows = [v for v in lhs_vars(kernel.writes[0]) if all(v in lhs_vars(e) for e, _ in items)]
     row = size[ranks[rows[-1]]]                       # query rows per head
     heads = sympy.Mul(*[size[ranks[v]] for v in rows[:-1]])
-    read = {a.tensor: a for e, _ in items for a in reads(e)}
-    streamed = [n for n in kernel.inputs if n in read and rows[-1] not in access_vars(read[n])]
+    streamed = streamed_inputs(c, kernel)
     kept = [n for n in kernel.inputs if n not in streamed] + [kernel.output]
     per_row = sum((_elements(c, n) for n in kept), sympy.Integer(0)) / (heads * row)
     blocks = sympy.ceiling(row * per_row * acc.word_bytes / acc.buffer_bytes)

@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..ir import Call, Cascade, Einsum
+from ..ir import Cascade, Einsum
 from ..ir import ops as ir_ops
 from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
 
@@ -147,12 +147,8 @@ def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 2
 
 def vector_ops(e: Einsum) -> int:
     """Vector instructions per point of ``e``'s iteration space."""
-    def walk(x: Any) -> int:
-        if isinstance(x, Call):
-            own = VECTOR_OPS.get(x.op, ir_ops.OPS[x.op].flops)
-            return own + sum(walk(a) for a in x.args)
-        return 0
-    return walk(e.rhs) + (1 if reduced_vars(e) else 0)
+    from ..ir.analysis import map_ops
+    return map_ops(e.rhs, lambda op: VECTOR_OPS.get(op, ir_ops.OPS[op].flops)) + (1 if reduced_vars(e) else 0)
 
 
 def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int, int, int, int] | None:
@@ -213,11 +209,8 @@ def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) 
 def _reread(c: Cascade, kernel: Any, sizes: dict[str, int], at: dict) -> float:
     """Bytes of the loop kernel's inputs indexed by its streamed (key) rank: K and V."""
     from ..ir.analysis import tensors_bytes
-    from ..ir.scope import declarations
-    from ..passes.group_kernels import stream_levels
-    stream, _ = stream_levels(c, kernel)
-    decls = declarations(c)
-    keyed = [n for n in kernel.inputs if any(r.rank in stream for r in decls[n].ranks)]
+    from ..passes.group_kernels import streamed_inputs
+    keyed = streamed_inputs(c, kernel)
     return float(tensors_bytes(c, keyed).subs(at)) if keyed else 0.0
 
 
