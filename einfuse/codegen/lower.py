@@ -315,7 +315,7 @@ def _exp(x: Any) -> Any:
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     raw = x * f32(1.4426950408889634)
     t = tirx.min(tirx.max(raw, f32(-125.0)), f32(127.0))
-    whole = tirx.nearbyint(t)
+    whole = tirx.round(t)   # (TVM vectorizes round, not nearbyint: a loop with both was scalar)
     frac = t - whole
     poly = f32(_EXP2[-1])
     for coefficient in reversed(_EXP2[:-1]):  # Horner: one multiply-add per degree
