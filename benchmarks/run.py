@@ -1,6 +1,6 @@
 """einfuse against its peers, side by side in one process, on the zoo and a 1024^3 matmul.
 
-    python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,einfuse]
+    python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,3pass,einfuse]
                              [--threads 2] [--repeat 20] [--rounds 3]
 
 Workloads: the zoo's models, a 1024^3 matmul, and (by name only) GPT-2 and Llama at sequence 1024
@@ -11,7 +11,9 @@ Peak memory of the fused attention: ``python -m benchmarks.memory``.
 
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
 pipeline (from_exported_program + the default pipeline), einfuse, and (by name only) ``unfused``:
-einfuse without ``fuse-attention``, attention as the 3-pass cascade. Prints the median latency
+einfuse without ``fuse-attention``, attention as the 3-pass cascade (a row-block kernel: each
+block's scores stay in cache), and ``3pass``: torch eager on the attention workloads spelled out
+(``q k^T``, softmax, ``@ v``: the N x N scores in memory). Prints the median latency
 of each (``repeat`` calls per round, every peer in turn, the median over ``rounds`` rounds), each
 peer's time relative to einfuse (> 1 means einfuse is faster), and compile times.
 A peer that fails on a model is shown as failed with its error.
@@ -19,6 +21,7 @@ A peer that fails on a model is shown as failed with its error.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -78,6 +81,15 @@ class Attention(torch.nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+    def spelled(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The same attention as three passes over the sequence, the N x N scores in memory
+        between them (the unfused cascade FuseMax measures its 1-pass kernel against)."""
+        scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        if self.causal:
+            n = scores.shape[-1]
+            scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), -math.inf)
+        return scores.softmax(-1) @ v
 
 
 def _attention(n: int, causal: bool, shape: tuple[int, int, int] = (1, 8, 64)) -> Callable[[], tuple]:
@@ -173,13 +185,20 @@ def peer_einfuse(model: torch.nn.Module, args: tuple, pipeline: str = "default",
     return (lambda: compiled._run(tvm_args)), time.perf_counter() - start
 
 
+def peer_spelled(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    """torch eager on attention spelled out as three passes (``Attention.spelled``)."""
+    if not isinstance(model, Attention):
+        raise ValueError("only the attention workloads are spelled out")
+    return (lambda: model.spelled(*args)), 0.0
+
+
 def peer_unfused(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
     """einfuse without ``fuse-attention``: attention as the 3-pass cascade."""
     return peer_einfuse(model, args, pipeline="unfused")
 
 
 PEERS = {"eager": peer_eager, "inductor": peer_inductor, "ort": peer_ort, "relax": peer_relax,
-         "unfused": peer_unfused, "einfuse": peer_einfuse}
+         "unfused": peer_unfused, "3pass": peer_spelled, "einfuse": peer_einfuse}
 
 
 def main() -> None:

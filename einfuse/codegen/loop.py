@@ -41,6 +41,7 @@ from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import Target
 from ..passes.group_kernels import Kernel
+from ..targets.cost import rule_tile
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
 from .schedules.cpu import register_tile
 
@@ -317,6 +318,8 @@ class LoopBuilder(KernelBuilder):
         op = self.reduce_op(e)
         extent = self.var_extent(own[-1])
         unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None)
+        if isinstance(extent, int) and extent > width and extent % width:   # (whole chunks only, below)
+            unroll, width = rule_tile(self.lanes, self.target.registers, extent)
         while self.row_count % unroll:
             unroll -= 1
         # a row wider than the register tile (a 64-wide head on AVX2's 16-lane tile) is done in

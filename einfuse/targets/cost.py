@@ -35,6 +35,9 @@ VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu"
               "rsqrt": 4, "sqrt": 4, "div": 4, "pow": 16}   # (vector instructions per element)
 FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
 PARALLEL_FMAS = 8
+HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
+ROW_PADDING = 0.5    # the FMA rate of a row tile overhanging a static row count: its row operand is
+                     # read under a condition in the reduction loop (6 x 16 on 1024 rows, Zen 3)
 BLOCK_ROWS = 64      # query rows per block of the 1-pass attention (codegen/loop.py)
 MARGIN = 0.10        # a register tile replaces the rule of thumb only if estimated this much faster (the
                      # cache term's 32 B/cycle is nominal: AVX-512's (8, 32) vs (4, 64) is a 6 % call)
@@ -109,17 +112,27 @@ def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[i
     in_l2, in_llc = a / batch <= m.cache_bytes, a / batch <= m.llc_bytes
     dram = a + b + c + (0 if in_llc else again)
     cache = dtype_bytes * batch * row_tiles * panels * depth * nr + (again if in_llc and not in_l2 else 0)
-    work = done / (m.flops * tile_efficiency(m, mr, nr)) + extra_flops / (m.flops / 2)
+    rate = m.flops * tile_efficiency(m, mr, nr) * (ROW_PADDING if rows % mr else 1.0)
+    work = done / rate + extra_flops / (m.flops / 2)
     return combine(m, 2.0 * batch * rows * cols * depth + extra_flops, work, dram, cache)
 
 
 def tile_efficiency(m: Machine, mr: int, nr: int) -> float:
     """The share of peak FMA rate a ``mr x nr`` register tile sustains: each reduction step
     issues ``mr * vectors`` FMAs (independent only up to the accumulators held) and
-    ``mr + vectors`` loads, two of each per cycle."""
+    ``mr + vectors`` loads, two of each per cycle; the FMAs hide their latency with some
+    ``HEADROOM`` to spare."""
     fmas = mr * -(-nr // m.lanes)
     loads = mr + -(-nr // m.lanes)
-    return min(1.0, fmas / PARALLEL_FMAS) * min(1.0, fmas / loads)
+    return min(1.0, fmas / (PARALLEL_FMAS * HEADROOM)) * min(1.0, fmas / loads)
+
+
+def accumulators(registers: int, vectors: int) -> int:
+    """How many accumulator registers a tile ``vectors`` wide may take: half the registers
+    where that hides the FMA latency (32 registers), else all but the row of the streamed
+    operand and one broadcast (16 registers: 4 x 24 holds 12)."""
+    half = registers // 2
+    return half if half >= PARALLEL_FMAS * HEADROOM else registers - vectors - 1
 
 
 def rule_tile(lanes: int, registers: int, cols: int | None) -> tuple[int, int]:
@@ -138,8 +151,9 @@ def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 2
     sizes take 256."""
     rows, cols = rows or 256, cols or 256
     rule = rule_tile(m.lanes, m.registers, cols)
-    widest = rule[1] // m.lanes
-    options = [(r, v * m.lanes) for v in range(widest, 0, -1) for r in range(1, m.registers // 2 // v + 1)]
+    widest = min(4, -(-cols // m.lanes))
+    options = [(r, v * m.lanes) for v in range(widest, 0, -1)
+               for r in range(1, accumulators(m.registers, v) // v + 1)]
     seconds = {t: gemm(m, 1, rows, cols, depth, t).seconds for t in options + [rule]}
     best = min(options, key=seconds.__getitem__)
     return best if seconds[best] < (1 - MARGIN) * seconds[rule] else rule

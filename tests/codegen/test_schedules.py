@@ -35,7 +35,9 @@ def test_register_tile_narrows_to_the_output() -> None:
     t = Target("t", {}, vector_bytes=64, registers=32)
     assert register_tile(t) == (4, 64)
     assert register_tile(t, 16) == (16, 16)     # a 16-wide head: 1 vector, 16 rows
-    assert register_tile(t, 40) == (5, 48) and not ragged(t, 8, 64) and ragged(t, 785, 64)
+    assert register_tile(t, 40) == (4, 48)      # (5 rows would overhang the 256 rows assumed)
+    assert register_tile(t, 64, 785) == (5, 32) and not ragged(t, 785, 64)   # 785 = 5 x 157
+    assert not ragged(t, 8, 64) and ragged(t, 787, 64)
 
 
 def test_materialize_copies_view_reads_of_ragged_contractions_only() -> None:
