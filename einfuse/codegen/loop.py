@@ -5,7 +5,7 @@ rejects ``te.scan``), so the kernel is built directly as TIR with TVM's IR build
 scheduled:
 
 * the *rows* are the variables that index every Einsum's output (attention's batch, head and
-  query); the last is split into blocks of ``ROW_BLOCK`` rows, and one parallel loop runs over
+  query); the last is split into blocks of ``block_rows`` rows, and one parallel loop runs over
   the others and the blocks (the last block re-computes row N-1 where the block overhangs);
 * every tensor the loop writes lives in a per-block local buffer: its row dimension becomes the
   row within the block, the tile dimension of a per-tile tensor is dropped (it is recomputed each
@@ -39,13 +39,12 @@ from ..errors import CompileError
 from ..ir import Cascade, Einsum, IBin, IConst, ISym, IVar, Loop
 from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
-from ..targets import Target
+from ..targets import ATTENTION_ROWS, Target
 from ..passes.group_kernels import Kernel
 from ..targets.cost import rule_tile
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
 from .schedules.cpu import register_tile
 
-ROW_BLOCK = 64   # query rows per block: its scores (64 x tile) stay in L1, K and V tiles serve 64 rows
 
 _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
 _COMBINE = {"+": lambda a, b: a + b, "max": tirx.max, "min": tirx.min}
@@ -65,11 +64,48 @@ class LoopBuilder(KernelBuilder):
         self.init = [s for s in outside if any(r.iterative for r in self.decls[s.lhs.tensor].ranks)]
         self.recomputed = {s.lhs.tensor: s for s in outside if s not in self.init}  # computed where read
         self.rows = self.row_vars()
+        self.body = self.sunk(self.body)
+        self.in_place = self.updated_in_place()
         self.buffers: dict[str, Any] = {}
         self.layout: dict[str, list[str]] = {}
         self.proven: frozenset = frozenset()   # filters the tile being emitted passes everywhere
+        self.held: dict[str, Any] = {}           # tensors whose value at the point is in registers
 
     vectorized = staticmethod(T.vectorized)   # how loops over vector lanes are emitted
+    block_rows = ATTENTION_ROWS   # query rows per block: K and V tiles serve 96 rows (64: 1.1x slower on AVX2)
+
+    def updated_in_place(self) -> set[str]:
+        """The running tensors that the loop reads only where it writes their next value, at the
+        same point (``RNV[t+1,r,f] = PV[r,f] + RNV[t,r,f] * F[r]``): one slot holds both values,
+        as each point is read just before it is overwritten (the numerator's two 64 x 64 slots
+        took all of a 32 KiB L1)."""
+        out = set()
+        for e in self.body:
+            name = e.lhs.tensor
+            d = self.decls[name]
+            if not any(r.iterative for r in d.ranks):
+                continue
+            readers = [x for x in self.body if any(a.tensor == name for a in reads(x))]
+            others = [ix for ix, r in zip(e.lhs.indices, d.ranks) if not r.iterative]
+            if readers == [e] and all([ix for ix, r in zip(a.indices, d.ranks) if not r.iterative] == others
+                                      for a in reads(e) if a.tensor == name):
+                out.add(name)
+        return out
+
+    def sunk(self, body: list[Einsum]) -> list[Einsum]:
+        """``body`` with each contraction moved down to just before the first Einsum that reads
+        it, where nothing in between writes what it reads or writes: ``P V`` then sits beside the
+        rescale that consumes it (see :meth:`epilogue`)."""
+        out = list(body)
+        for e in body:
+            if not [v for v in lhs_vars(e) if v not in self.rows and v != self.loop.var] or not reduced_vars(e):
+                continue
+            k = out.index(e)
+            readers = [j for j in range(k + 1, len(out)) if any(a.tensor == e.lhs.tensor for a in reads(out[j]))]
+            touched = {a.tensor for a in reads(e)} | {e.lhs.tensor}
+            if readers and not any(x.lhs.tensor in touched for x in out[k + 1:readers[0]]):
+                out.insert(readers[0] - 1, out.pop(k))
+        return out
 
     @property
     def lanes(self) -> int:
@@ -91,7 +127,7 @@ class LoopBuilder(KernelBuilder):
         """The kernel as a PrimFunc with parameters (inputs..., output)."""
         *outer, block = self.rows
         extent = self.var_extent(block)
-        rows = min(ROW_BLOCK, extent) if isinstance(extent, int) else ROW_BLOCK
+        rows = min(self.block_rows, extent) if isinstance(extent, int) else self.block_rows
         self.block, self.row_count = block, rows
         with IRBuilder() as ib, T.prim_func():
             T.func_name(self.k.name)
@@ -171,6 +207,9 @@ class LoopBuilder(KernelBuilder):
             if after is not None and self.fused(e, after, bound):
                 self.row_reduction(after, env, reduced_vars(after, bound), first=e)
                 e, k = after, k + 2
+            elif after is not None and self.epilogue(e, after, bound, body[k + 2:]):
+                self.emit(e, env, bound, epilogue=after)
+                e, k = after, k + 2
             else:
                 self.emit(e, env, bound)
                 k += 1
@@ -210,6 +249,19 @@ class LoopBuilder(KernelBuilder):
                 and not any(ix.filter for ix in after.lhs.indices)
                 and any(a.tensor == e.lhs.tensor for a in reads(after))
                 and isinstance(extent, int) and self.lanes > 1 and extent % self.lanes == 0)
+
+    def epilogue(self, e: Einsum, after: Einsum, bound: frozenset[str], rest: list[Einsum]) -> bool:
+        """Whether the map ``after`` is the only reader of the contraction ``e`` and reads it at
+        ``e``'s output point (``RNV[t+1,r,f] = PV[r,f] + RNV[t,r,f] * F[r]``): it is then applied to
+        ``e``'s register tile as the tile is stored, and ``e`` itself never reaches memory."""
+        own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
+        name = e.lhs.tensor
+        return (bool(own) and isinstance(self.var_extent(own[-1]), int) and bool(reduced_vars(e, bound))
+                and e.populate is None and after.populate is None
+                and not any(ix.filter for ix in e.lhs.indices) and not reduced_vars(after, bound)
+                and [v for v in lhs_vars(after) if v not in self.rows and v not in bound] == own
+                and [a.indices for a in reads(after) if a.tensor == name] == [e.lhs.indices]
+                and not any(a.tensor == name for x in [*rest, *self.k.writes] for a in reads(x)))
 
     def live(self, env: dict[str, Any]) -> Any:
         """When this tile may hold a point of the masked scores, or None if every tile may.
@@ -262,7 +314,7 @@ class LoopBuilder(KernelBuilder):
     def carry(self, t: Any) -> None:
         """A skipped tile: every running tensor's next slot is its current one."""
         for name, roles in self.layout.items():
-            if "slot" not in roles:
+            if "slot" not in roles or name in self.in_place:
                 continue
             buf = self.buffers[name]
             with ExitStack() as stack:
@@ -281,7 +333,7 @@ class LoopBuilder(KernelBuilder):
             if isinstance(x, IVar) and (x.name in self.rows or x.name == self.loop.var) and x.name != self.block:
                 roles.append("drop")
             elif r.iterative:
-                roles.append("slot"), shape.append(2)
+                roles.append("slot"), shape.append(1 if name in self.in_place else 2)
             elif isinstance(x, IVar) and x.name == self.block:
                 roles.append("row"), shape.append(rows)
             else:
@@ -294,8 +346,9 @@ class LoopBuilder(KernelBuilder):
 
     # ---- one Einsum -----------------------------------------------------------------------------
 
-    def emit(self, e: Einsum, env: dict[str, Any], bound: frozenset[str]) -> None:
-        """``e`` over the block: a loop nest over the block's rows and its own variables."""
+    def emit(self, e: Einsum, env: dict[str, Any], bound: frozenset[str], epilogue: Einsum | None = None) -> None:
+        """``e`` over the block: a loop nest over the block's rows and its own variables (a
+        contraction's ``epilogue``: see :meth:`epilogue`)."""
         if e.populate is not None:
             raise CompileError(f"kernel {self.k.name}: no code generation for '{e.lhs.tensor}' inside a loop")
         own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
@@ -305,19 +358,20 @@ class LoopBuilder(KernelBuilder):
                 self.store(e, at, self.value(e, at))
             return
         if own:
-            self.contraction(e, env, own, red)
+            self.contraction(e, env, own, red, epilogue)
         else:
             self.row_reduction(e, env, red)
         if self.filters(e):  # a reduction is filtered once it is complete
             with self.nest(env, own, vector=own[-1:]) as at:
                 self.store(e, at, self.load_lhs(e, at), masked=True)
 
-    def contraction(self, e: Einsum, env: dict[str, Any], own: list[str], red: list[str]) -> None:
+    def contraction(self, e: Einsum, env: dict[str, Any], own: list[str], red: list[str],
+                    epilogue: Einsum | None = None) -> None:
         """A register tile: rows (as many as ``register_tile`` gives) x the innermost output
-        variable, the reduction outside."""
+        variable, the reduction outside; stored through the map ``epilogue`` if there is one."""
         op = self.reduce_op(e)
         extent = self.var_extent(own[-1])
-        unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None)
+        unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None, self.row_count)
         if isinstance(extent, int) and extent > width and extent % width:   # (whole chunks only, below)
             unroll, width = rule_tile(self.lanes, self.target.registers, extent)
         while self.row_count % unroll:
@@ -347,7 +401,12 @@ class LoopBuilder(KernelBuilder):
                     self.accumulate(e, point, acc, _COMBINE[op](current, self.value(e, point)))
             if acc is not None:
                 with self.tile(at, group, unroll, own[-1], span) as point:
-                    self.store(e, point, acc[point["@tile"]])
+                    if epilogue is None:
+                        self.store(e, point, acc[point["@tile"]])
+                    else:
+                        self.held[e.lhs.tensor] = acc[point["@tile"]]
+                        self.store(epilogue, point, self.value(epilogue, point))
+                        del self.held[e.lhs.tensor]
 
     def accumulate(self, e: Einsum, point: dict[str, Any], acc: Any, value: Any) -> None:
         """``value`` into the tile's accumulators, or into ``e``'s buffer when there are none."""
@@ -449,6 +508,8 @@ class LoopBuilder(KernelBuilder):
         return tirx.BufferLoad(self.buffers[e.lhs.tensor], self.indices(e.lhs, env))
 
     def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
+        if a.tensor in self.held:
+            return _cast(self.held[a.tensor], work), None
         if a.tensor in self.recomputed:
             w = self.recomputed[a.tensor]
             at = {ix.expr.name: self.index(read.expr, env)[0] for ix, read in zip(w.lhs.indices, a.indices)}
@@ -470,7 +531,8 @@ class LoopBuilder(KernelBuilder):
         out = []
         for ix, role in zip(a.indices, self.layout[a.tensor]):
             if role == "slot":
-                out.append(tirx.floormod(self.index(ix.expr, env)[0], 2))
+                out.append(tirx.const(0, "int64") if a.tensor in self.in_place else
+                           tirx.floormod(self.index(ix.expr, env)[0], 2))
             elif role == "row":
                 if ix.expr != IVar(self.block):
                     raise CompileError(f"kernel {self.k.name}: {a.tensor} is read at another row")

@@ -39,6 +39,7 @@ class GPULoopBuilder(LoopBuilder):
 
     vectorized = staticmethod(T.serial)
     shared_bytes = 48 * 1024     # the tiles staged at most (CUDA's static shared memory per block)
+    block_rows = 64              # threads per block, one per query row
 
     @property
     def lanes(self) -> int:

@@ -29,8 +29,8 @@ and rewrites it to FuseMax Cascade 5 (EINSUM_CASCADES.md §2.4): the keys split 
 Why: the 3-pass form reads the N x N scores three times and keeps them in memory; the 1-pass
 form touches each key tile once (``count_passes`` over the keys: 3 -> 1). FuseMax §III-C, §IV-E.
 
-The tile ``T`` is the target's choice (``Target.attention_tile``: one register tile of keys, fewer
-if a tile's K, V and scores would not fit half a core's cache; 64 on AVX-512) or an option
+The tile ``T`` is the target's choice (``Target.attention_tile``: 64 keys, fewer if a tile's K,
+V and scores would not fit half a core's cache) or an option
 (``fuse-attention{tile=128}``; ``{target=cpu}`` names the target). Patterns counted: ``attention`` (fused),
 and ``not-fused:<reason>`` for an attention-shaped Einsum that was left alone (symbolic key
 length, scores read outside the attention, ...). The old Einsums become dead; ``canonicalize``

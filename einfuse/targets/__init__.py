@@ -16,6 +16,9 @@ from typing import Any
 
 from . import presets
 
+ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (codegen/loop.py): a
+                     # multiple of the register tiles' 4 and 6 rows and of a vector's 8 lanes
+
 _AVX512 = ("avx512", "skylake-avx512", "icelake", "sapphirerapids", "emeraldrapids", "graniterapids",
            "cascadelake", "cooperlake", "tigerlake", "rocketlake", "znver4", "znver5", "x86-64-v4")
 
@@ -39,17 +42,17 @@ class Target:
         """``cpu``, ``cuda`` or ``accel``."""
         return self.name.split(":", 1)[0] if self.device is not None else "cpu"
 
-    def attention_tile(self, head_dim: int, value_dim: int, rows: int = 64) -> int:
-        """Keys per tile of the 1-pass attention: one register tile wide (the scores of a row of
-        the tile are then computed in registers at once), halved while a tile's working set (its
-        K and V rows, and the scores and probabilities of a block of ``rows`` queries) would
-        take more than half of a core's cache. An accelerator: as wide as its 2D array; a GPU: 64."""
+    def attention_tile(self, head_dim: int, value_dim: int, rows: int = ATTENTION_ROWS) -> int:
+        """Keys per tile of the 1-pass attention: 64 (the work done once per tile, the
+        numerator's rescale and the row maxima and sums, is then small beside the two products:
+        on AVX2, 16 and 32 keys ran 1.1-1.2x slower), halved while a tile's working set (its K and
+        V rows, and the scores and probabilities of a block of ``rows`` queries) would take more
+        than half of a core's cache, never narrower than a vector. An accelerator: as wide as its
+        2D array; a GPU: 64."""
         if self.kind == "accel":
             return self.device.pe_cols
-        if self.kind == "cuda":
-            return 64
-        tile = (4 if self.registers >= 32 else 2) * self.vector_lanes
-        while tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
+        tile = 64
+        while self.kind != "cuda" and tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
             tile //= 2
         return tile
 

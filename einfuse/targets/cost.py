@@ -30,6 +30,7 @@ from typing import Any
 from ..ir import Cascade, Einsum
 from ..ir import ops as ir_ops
 from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
+from . import ATTENTION_ROWS
 
 VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu": 14, "gelu": 18,
               "rsqrt": 4, "sqrt": 4, "div": 4, "pow": 16}   # (vector instructions per element)
@@ -38,7 +39,6 @@ PARALLEL_FMAS = 8
 HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
 ROW_PADDING = 0.5    # the FMA rate of a row tile overhanging a static row count: its row operand is
                      # read under a condition in the reduction loop (6 x 16 on 1024 rows, Zen 3)
-BLOCK_ROWS = 64      # query rows per block of the 1-pass attention (codegen/loop.py)
 MARGIN = 0.10        # a register tile replaces the rule of thumb only if estimated this much faster (the
                      # cache term's 32 B/cycle is nominal: AVX-512's (8, 32) vs (4, 64) is a 6 % call)
 
@@ -232,4 +232,4 @@ def _query_blocks(c: Cascade, kernel: Any, sizes: dict[str, int]) -> int:
     """Blocks of query rows: the output's next-to-innermost rank over the block height."""
     from ..ir.scope import declarations
     ranks = declarations(c)[kernel.output].ranks
-    return -(-sizes[ranks[-2].rank] // BLOCK_ROWS) if len(ranks) >= 2 else 1
+    return -(-sizes[ranks[-2].rank] // ATTENTION_ROWS) if len(ranks) >= 2 else 1

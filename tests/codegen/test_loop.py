@@ -10,8 +10,13 @@ import pytest
 import torch
 
 import einfuse
+from einfuse.api import laid_out
+from einfuse.codegen.loop import LoopBuilder
+from einfuse.codegen.lower import SizeVars
 from einfuse.ir import interpret, parse
 from einfuse.passes import PassManager, pipeline
+from einfuse.passes.group_kernels import group_kernels
+from einfuse.targets import host_cpu
 from tests.codegen.test_schedules import ATTENTION
 from tests.conftest import rel_err
 
@@ -73,3 +78,54 @@ def test_the_default_pipeline_fuses_attention() -> None:
     c = parse(ATTENTION.replace("SEQ", "80"))
     out = PassManager(pipeline("default")).run(c)
     assert "for " in str(out) and "MX[" not in str(out)       # 1 pass; the 3-pass Einsums are gone
+
+
+RESCALED = """cascade rescaled
+rank P=16, M=48, MT=3, MI=16, F=32
+tensor X[P,M] input f32
+tensor V[M,F] input f32
+tensor G[MT,P] input f32
+tensor Y[P,F] output f32
+tensor R[MT+,P,F] f32
+R[0,p,f] = 0
+for mt in MT {
+  S[mt,p,f] = X[p,mt*16+mi] * V[mt*16+mi,f]
+  H[mt,p] = G[mt,p] * 0.5
+  R[mt+1,p,f] = S[mt,p,f] + R[mt,p,f] * H[mt,p]
+}
+Y[p,f] = R[MT,p,f]
+"""
+
+
+def _builder(text: str) -> LoopBuilder:
+    c = laid_out(parse(text), host_cpu())
+    (kernel,) = [k for k in group_kernels(c) if k.kind == "loop"]
+    return LoopBuilder(c, kernel, SizeVars(), host_cpu())
+
+
+def test_a_contraction_is_stored_through_the_map_that_rescales_it_into_one_slot(
+        tmp_path: Path, rng: np.random.Generator) -> None:
+    """``P V`` then the numerator's rescale, FuseMax's ``RNV``: the contraction moves down next
+    to its reader (past ``H``), is applied to the register tile as it is stored, and the running
+    tensor, read only where its next value is written, keeps one slot."""
+    b = _builder(RESCALED)
+    s, h, r = (next(e for e in b.body if e.lhs.tensor == n) for n in "SHR")
+    assert b.body == [h, s, r] and b.epilogue(s, r, frozenset({"mt"}), []) and b.in_place == {"R"}
+    c = parse(RESCALED)
+    compiled = einfuse.compile(c, cache_dir=tmp_path)
+    feeds = {"X": rng.standard_normal((16, 48)), "V": rng.standard_normal((48, 32)),
+             "G": rng.standard_normal((3, 16))}
+    feeds = {n: x.astype(np.float32) for n, x in feeds.items()}
+    got = compiled(*(torch.from_numpy(feeds[n]) for n in "XVG")).numpy()
+    assert rel_err(got, interpret(c, feeds)["Y"]) <= 1e-6
+
+
+def test_a_contraction_read_twice_is_stored_and_a_running_tensor_read_elsewhere_keeps_two_slots() -> None:
+    twice = RESCALED.replace("  R[mt+1,p,f] = S[mt,p,f] + R[mt,p,f] * H[mt,p]\n",
+                             "  R[mt+1,p,f] = S[mt,p,f] + R[mt,p,f] * H[mt,p]\n  T[mt,p,f] = S[mt,p,f] * R[mt,p,f]\n")
+    twice = twice.replace("tensor R[MT+,P,F] f32", "tensor R[MT+,P,F] f32\ntensor T[MT,P,F] f32")
+    twice = twice.replace("Y[p,f] = R[MT,p,f]", "Y[p,f] = R[MT,p,f] + T[MT-1,p,f]")
+    b = _builder(twice)
+    s, r = (next(e for e in b.body if e.lhs.tensor == n) for n in "SR")
+    assert not b.epilogue(s, r, frozenset({"mt"}), [e for e in b.body if e.lhs.tensor == "T"])
+    assert b.in_place == set()

@@ -32,12 +32,12 @@ def test_peaks_are_measured_once_and_cached(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("vector_bytes, registers, cache, head, tile", [
-    (64, 32, 1 << 20, 64, 64),     # AVX-512: four 16-lane vectors of keys
-    (32, 16, 1 << 20, 64, 16),     # AVX2: two 8-lane vectors
-    (64, 32, 1 << 16, 64, 32),     # 4 * 64 * (64 + 64 + 128) = 64 KiB > 32 KiB: halved once
+    (64, 32, 1 << 20, 64, 64),     # AVX-512: 64 keys
+    (32, 16, 1 << 20, 64, 64),     # AVX2: 64 keys too
+    (64, 32, 1 << 17, 64, 32),     # 4 * 64 * (64 + 64 + 2 * 96) = 80 KiB > 64 KiB: halved once
     (64, 32, 1 << 12, 512, 16),    # never narrower than one vector
 ])
-def test_attention_tile_is_a_register_tile_of_keys_that_fits_the_cache(
+def test_attention_tile_is_64_keys_unless_they_do_not_fit_the_cache(
         vector_bytes: int, registers: int, cache: int, head: int, tile: int) -> None:
     target = Target("t", {}, 1, vector_bytes, registers, cache)
     assert target.attention_tile(head, head) == tile
