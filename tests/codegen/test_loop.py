@@ -129,3 +129,12 @@ def test_a_contraction_read_twice_is_stored_and_a_running_tensor_read_elsewhere_
     s, r = (next(e for e in b.body if e.lhs.tensor == n) for n in "SR")
     assert not b.epilogue(s, r, frozenset({"mt"}), [e for e in b.body if e.lhs.tensor == "T"])
     assert b.in_place == set()
+
+
+def test_unfused_causal_scores_on_padded_register_tiles_match_torch(tmp_path: Path) -> None:
+    """100 keys: the scores' register tiles overhang (padded), and the causal mask's select,
+    the scores kernel's last stage, stays a stage of its own."""
+    q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))
+    compiled = einfuse.compile(_Causal(), (q, k, v), pipeline="unfused", cache_dir=tmp_path)
+    assert not any(kn.kind == "loop" for kn in compiled.kernels)
+    assert rel_err(compiled(q, k, v).numpy(), _Causal()(q, k, v).numpy()) <= 1e-5

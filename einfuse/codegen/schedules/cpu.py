@@ -169,7 +169,8 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
         sch.vectorize(sch.get_loops(packed)[-1])
     if padded:  # the operands' zero padding is computed where they are read
         keep = {sch.get(b).name_hint for b in before + [block, writeback] + ([packed] if packs else [])}
-        for pad in sch.get_child_blocks(sch.get_sblock("root")):
+        # (producers only: a consumer, a causal mask's select on the scores, stays a stage of its own)
+        for pad in list(sch.get_producers(block)) + (list(sch.get_producers(packed)) if packs else []):
             if sch.get(pad).name_hint not in keep:
                 sch.compute_inline(pad)
     sch.reverse_compute_at(writeback, i0)
