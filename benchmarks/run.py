@@ -3,7 +3,8 @@
     python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,3pass,einfuse]
                              [--threads 2] [--repeat 20] [--rounds 3]
 
-Workloads: the zoo's models, a 1024^3 matmul, and (by name only) GPT-2 and Llama at sequence 1024
+Workloads: the zoo's models, a 1024^3 matmul, and (by name only) ``gemv1x1024``, ``gemv1x4096``,
+``gemv8x4096`` and ``gemv16x4096`` (a few rows times a square weight), GPT-2 and Llama at sequence 1024
 (``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
 ``attn16384``, with a ``c`` suffix for causal, and ``attnvit`` (the zoo ViT's: B=2, H=4, 785 tokens,
 D=16); eager is then torch's fused ``scaled_dot_product_attention``.
@@ -55,6 +56,17 @@ class MatMul(torch.nn.Module):
 def _matmul() -> tuple:
     torch.manual_seed(0)
     return MatMul().eval(), (torch.randn(1024, 1024),)
+
+
+def _few_rows(rows: int, n: int) -> Callable[[], tuple]:
+    def build() -> tuple:
+        torch.manual_seed(0)
+        return MatMul(n).eval(), (torch.randn(rows, n),)
+    return build
+
+
+for _rows, _n in ((1, 1024), (1, 4096), (8, 4096), (16, 4096)):
+    workload(f"gemv{_rows}x{_n}")(_few_rows(_rows, _n))   # decoding's few tokens: rows x n @ n x n
 
 
 def _zoo(name: str, **options: Any) -> Callable[[], tuple]:

@@ -37,6 +37,9 @@ VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu"
 FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
 PARALLEL_FMAS = 8
 HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
+GEMV_RATE = 0.25     # a GEMV's share of the FMA rate (one store per FMA: 40 of 160 GFLOP/s, Zen 3)
+PAGE, TLB_REACH = 4096, 2048 * 4096   # the data TLB maps 2048 pages of 4 KiB (Zen 3's L2 DTLB)
+PAGE_WALK = 9e-9     # seconds per TLB miss on a core (26 cycles: fitted at 1 x 4096 x 4096, Zen 3)
 ROW_PADDING = 0.5    # the FMA rate of a row tile overhanging a static row count: its row operand is
                      # read under a condition in the reduction loop (6 x 16 on 1024 rows, Zen 3)
 MARGIN = 0.10        # a register tile replaces the rule of thumb only if estimated this much faster (the
@@ -56,6 +59,7 @@ class Machine:
     lanes: int
     registers: int
     launch: float
+    cores: int = 1
 
 
 @dataclass(frozen=True)
@@ -82,22 +86,24 @@ def nominal(target: Any) -> Machine:
     hz = 3e9
     return Machine(flops=target.cores * 2 * 2 * target.vector_lanes * hz, dram=8 * hz, cache=32 * hz * target.cores,
                    cache_bytes=target.cache_bytes, llc_bytes=target.llc_bytes, lanes=target.vector_lanes,
-                   registers=target.registers, launch=5e-6)
+                   registers=target.registers, launch=5e-6, cores=target.cores)
 
 
 def measured(target: Any, peaks: Any) -> Machine:
     """A Machine from the host's measured peaks (:func:`einfuse.targets.host_peaks`)."""
     return Machine(flops=peaks.flops, dram=peaks.bandwidth, cache=peaks.cache, cache_bytes=target.cache_bytes,
                    llc_bytes=target.llc_bytes, lanes=target.vector_lanes, registers=target.registers,
-                   launch=peaks.launch)
+                   launch=peaks.launch, cores=target.cores)
 
 
-def combine(m: Machine, flops: float, work_seconds: float, dram: float, cache: float) -> Estimate:
-    """The estimate from its terms: launch plus the slowest of compute, DRAM and cache."""
+def combine(m: Machine, flops: float, work_seconds: float, dram: float, cache: float, serial: float = 0.0) -> Estimate:
+    """The estimate from its terms: launch, plus ``serial`` seconds that overlap nothing, plus the
+    slowest of compute, DRAM and cache."""
     terms = {"compute": work_seconds, "memory": dram / m.dram, "cache": cache / m.cache}
     bound = max(terms, key=terms.__getitem__)
     slowest = terms[bound]
-    return Estimate(flops, work_seconds, dram, cache, m.launch + slowest, bound if slowest > m.launch else "launch")
+    return Estimate(flops, work_seconds, dram, cache, m.launch + serial + slowest,
+                    bound if slowest > m.launch else "launch")
 
 
 def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[int, int], extra_flops: float = 0.0,
@@ -114,7 +120,29 @@ def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[i
     cache = dtype_bytes * batch * row_tiles * panels * depth * nr + (again if in_llc and not in_l2 else 0)
     rate = m.flops * tile_efficiency(m, mr, nr) * (ROW_PADDING if rows % mr else 1.0)
     work = done / rate + extra_flops / (m.flops / 2)
-    return combine(m, 2.0 * batch * rows * cols * depth + extra_flops, work, dram, cache)
+    # the panels are copied out first (a phase of its own), reading a few columns of each row of
+    # the operand: a TLB miss per row once the operand is past the TLB's reach and its rows a page
+    walks = batch * depth * panels if b / batch > TLB_REACH and cols * dtype_bytes >= PAGE else 0
+    serial = 2 * b / m.cache + walks * PAGE_WALK / m.cores
+    return combine(m, 2.0 * batch * rows * cols * depth + extra_flops, work, dram, cache, serial)
+
+
+def gemv(m: Machine, rows: int, cols: int, depth: int, extra_flops: float = 0.0, dtype_bytes: int = 4) -> Estimate:
+    """A ``rows x depth @ depth x cols`` contraction as a GEMV (codegen/schedules/cpu.py): each
+    row of the right operand streamed once, contiguous, into accumulators in L1 (a load and a
+    store per FMA: ``GEMV_RATE`` of the FMA rate), no packing."""
+    flops = 2.0 * rows * cols * depth
+    moved = dtype_bytes * (rows * depth + depth * cols + rows * cols)
+    work = flops / (m.flops * GEMV_RATE) + extra_flops / (m.flops / 2)
+    return combine(m, flops + extra_flops, work, moved, 0.0)
+
+
+def prefers_gemv(m: Machine, batch: int, rows: int, cols: int, depth: int) -> bool:
+    """Whether a contraction is run as a GEMV (an unbatched one whose columns split into whole
+    vectors per core) because its estimate beats the register tiles' (1 x 4096 x 4096: 2.6
+    against 7.9 ms measured; from 16 rows of 4096, or 8 of 1024, the tiles win)."""
+    return batch == 1 and cols % (m.cores * m.lanes) == 0 and \
+        gemv(m, rows, cols, depth).seconds < gemm(m, 1, rows, cols, depth, register_tile(m, rows, cols)).seconds
 
 
 def tile_efficiency(m: Machine, mr: int, nr: int) -> float:
@@ -203,8 +231,9 @@ def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) 
     if kernel.kind in ("", "epilogue") and any(dims):
         batch, rows, cols, depth = next(d for d in dims if d)
         extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(einsums, dims) if not d)
-        tile = register_tile(m, rows, cols)
-        return gemm(m, batch, rows, cols, depth, tile, float(extra))
+        if prefers_gemv(m, batch, rows, cols, depth):
+            return gemv(m, rows, cols, depth, float(extra))
+        return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra))
     fma = sum(2.0 * points(c, e, sizes) for e, d in zip(einsums, dims) if d)
     vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(einsums, dims) if not d)
     dram, cache = moved, 0.0

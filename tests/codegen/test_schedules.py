@@ -183,3 +183,27 @@ def test_attention_is_one_kernel_over_query_blocks(seq: int, tmp_path: Path, rng
     mask = np.where(np.tril(np.ones((seq, seq))) > 0, 0.0, -np.inf).astype(np.float32)   # causal
     got = compiled(torch.from_numpy(x), torch.from_numpy(mask)).numpy()
     assert rel_err(got, interpret(c, {"X": x, "MASK": mask})["O"]) <= 1e-5
+
+
+class _Decode(torch.nn.Module):
+    """One token through a projection and GELU (a GEMV with an epilogue)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(1024, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(self.proj(x))
+
+
+@pytest.mark.parametrize("rows, gemv", [(1, True), (64, False)])
+def test_a_gemv_streams_the_weights_rows_and_a_gemm_packs_panels(rows: int, gemv: bool, tmp_path: Path) -> None:
+    """One token: each core's half of the columns accumulated in L1 over the weights' rows, no
+    packed panel; 64 tokens: register tiles over packed panels. Both with the GELU epilogue."""
+    model, x = _Decode().eval(), torch.randn(rows, 1024)
+    compiled = einfuse.compile(model, (x,), cache_dir=tmp_path)
+    tir = compiled.source("tir")
+    assert [k.kind for k in compiled.kernels] == ["epilogue"]
+    assert (f"T.parallel(T.int64({cpu().cores}))" in tir and "_global" not in tir) == gemv
+    with torch.no_grad():
+        assert rel_err(compiled(x).numpy(), model(x).numpy()) <= 1e-5

@@ -23,7 +23,8 @@ def test_gemm_counts_the_tilings_traffic() -> None:
     assert est.dram_bytes == 3 * 4 * MIB
     assert est.cache_bytes == 4 * 256 * 64 * 1024 * 16 + 63 * 4 * MIB
     assert est.work_seconds == pytest.approx(2 * 1024 ** 3 / (100e9 * 8 / 9.6))   # 8 accumulators of 9.6
-    assert est.seconds == pytest.approx(1e-6 + est.cache_bytes / 50e9) and est.bound == "cache"
+    pack = 2 * 4 * MIB / 50e9          # the panels copied out first: B read and written
+    assert est.seconds == pytest.approx(1e-6 + pack + est.cache_bytes / 50e9) and est.bound == "cache"
     assert est.intensity == pytest.approx(2 * 1024 ** 3 / (12 * MIB))
 
 
@@ -35,6 +36,26 @@ def test_gemm_counts_padding_and_rereads_past_the_last_level_cache() -> None:
     assert big.dram_bytes == 16 * MIB * 64 + 4 * MIB + 16 * MIB
     gemv = cost.gemm(M, 1, 1, 768, 768, (4, 16))              # one token: the weights, from memory
     assert gemv.bound == "memory" and gemv.dram_bytes == 4 * (768 + 768 * 768 + 768)
+
+
+def test_an_operand_past_the_tlbs_reach_costs_a_page_walk_per_row_of_each_panel() -> None:
+    m = replace(M, cores=2)
+    small = cost.gemm(m, 1, 1, 1024, 1024, (4, 16))           # 4 MiB: within 8 MiB of pages
+    big = cost.gemm(m, 1, 1, 4096, 4096, (4, 16))             # 64 MiB, rows of 16 KiB
+    assert small.seconds == pytest.approx(1e-6 + 2 * 4 * MIB / 50e9 + small.dram_bytes / 10e9)
+    walks = 4096 * 256 * cost.PAGE_WALK / 2                   # a miss per row of each of 256 panels
+    assert big.seconds == pytest.approx(1e-6 + 2 * 64 * MIB / 50e9 + walks + big.dram_bytes / 10e9)
+
+
+def test_a_few_rows_run_as_a_gemv_where_its_estimate_is_lower() -> None:
+    m = replace(M, cores=2)
+    one = cost.gemv(m, 1, 4096, 4096)
+    assert one.work_seconds == pytest.approx(2 * 4096 ** 2 / (100e9 * cost.GEMV_RATE))
+    assert one.dram_bytes == 4 * (4096 + 4096 ** 2 + 4096) and one.bound == "memory"
+    assert cost.prefers_gemv(m, 1, 1, 4096, 4096) and cost.prefers_gemv(m, 1, 8, 4096, 4096)
+    assert not cost.prefers_gemv(m, 1, 64, 4096, 4096)       # compute-bound: the register tiles
+    assert not cost.prefers_gemv(m, 2, 1, 4096, 4096)        # batched: not a GEMV schedule
+    assert not cost.prefers_gemv(m, 1, 1, 4100, 4096)        # columns not whole vectors per core
 
 
 def test_tile_efficiency_needs_independent_accumulators_and_few_loads() -> None:
