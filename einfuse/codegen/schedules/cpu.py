@@ -9,6 +9,8 @@
   the reduction inside, the streamed operand packed per panel, parallel outer loops
   (TVM_0.27_NOTES.md §2); padded to whole tiles when the tile does not divide a static output;
   an ``epilogue`` kernel applies its element-wise consumer to the tile as it is stored;
+  a few rows (decoding's tokens) run as a **GEMV** instead where the cost model says so: each
+  core's slice of the columns accumulated in L1 over the streamed operand's rows;
 * **row groups** and lone reductions: parallel over rows, every stage computed one row at a time,
   reductions in vector-wide partial results (``rfactor``);
 * **attention**: the ``P V`` contraction over blocks of query rows, with the scores and softmax
