@@ -179,7 +179,7 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
             if sch.get(pad).name_hint not in keep:
                 sch.compute_inline(pad)
     sch.reverse_compute_at(writeback, i0)
-    sch.vectorize(sch.get_loops(writeback)[-1])
+    _vector_columns(sch, sch.get_loops(writeback)[-1], nr, target.vector_lanes)   # (and its epilogue)
     sch.unroll(i1)
     _vector_columns(sch, j1, nr, target.vector_lanes)
     sch.parallel(sch.fuse(*outer, j0) if outer else j0)
@@ -316,7 +316,7 @@ def _attention_output(sch: s_tir.Schedule, out: Any, target: Target) -> tuple[An
     row = sch.fuse(*spatial[:-2], s0)
     sch.parallel(row)
     sch.reverse_compute_at(writeback, f0)
-    sch.vectorize(sch.get_loops(writeback)[-1])
+    _vector_columns(sch, sch.get_loops(writeback)[-1], nr, target.vector_lanes)
     sch.unroll(s1)
     _vector_columns(sch, f1, nr, target.vector_lanes)
     return row, reduce[0]
