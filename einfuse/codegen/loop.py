@@ -98,7 +98,7 @@ class LoopBuilder(KernelBuilder):
         rescale that consumes it (see :meth:`epilogue`)."""
         out = list(body)
         for e in body:
-            if not [v for v in lhs_vars(e) if v not in self.rows and v != self.loop.var] or not reduced_vars(e):
+            if not self.own_vars(e, frozenset({self.loop.var})) or not reduced_vars(e):
                 continue
             k = out.index(e)
             readers = [j for j in range(k + 1, len(out)) if any(a.tensor == e.lhs.tensor for a in reads(out[j]))]
@@ -111,6 +111,10 @@ class LoopBuilder(KernelBuilder):
     def lanes(self) -> int:
         """float32 lanes of a vector: the width of row reductions' partial results."""
         return self.target.vector_lanes
+
+    def own_vars(self, e: Einsum, bound: frozenset[str]) -> list[str]:
+        """``e``'s output variables besides the rows and the ``bound`` ones (the loop's)."""
+        return [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
 
     def row_vars(self) -> list[str]:
         """The variables indexing every Einsum's output, in the output's order."""
@@ -241,11 +245,11 @@ class LoopBuilder(KernelBuilder):
         """Whether ``after`` reduces, one row at a time, along the one variable the map ``e`` adds
         to the rows (``BQK[r,i]`` then ``LM[r] = max over i``; ``SLN`` then ``SLD``), reads ``e``,
         and the vector width divides that variable's static extent."""
-        own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
+        own = self.own_vars(e, bound)
         red = reduced_vars(after, bound)
         extent = self.var_extent(red[0]) if len(red) == 1 else None
         return (not reduced_vars(e, bound) and e.populate is None and after.populate is None and own == red
-                and not [v for v in lhs_vars(after) if v not in self.rows and v not in bound]
+                and not self.own_vars(after, bound)
                 and not any(ix.filter for ix in after.lhs.indices)
                 and any(a.tensor == e.lhs.tensor for a in reads(after))
                 and isinstance(extent, int) and self.lanes > 1 and extent % self.lanes == 0)
@@ -254,12 +258,12 @@ class LoopBuilder(KernelBuilder):
         """Whether the map ``after`` is the only reader of the contraction ``e`` and reads it at
         ``e``'s output point (``RNV[t+1,r,f] = PV[r,f] + RNV[t,r,f] * F[r]``): it is then applied to
         ``e``'s register tile as the tile is stored, and ``e`` itself never reaches memory."""
-        own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
+        own = self.own_vars(e, bound)
         name = e.lhs.tensor
         return (bool(own) and isinstance(self.var_extent(own[-1]), int) and bool(reduced_vars(e, bound))
                 and e.populate is None and after.populate is None
                 and not any(ix.filter for ix in e.lhs.indices) and not reduced_vars(after, bound)
-                and [v for v in lhs_vars(after) if v not in self.rows and v not in bound] == own
+                and self.own_vars(after, bound) == own
                 and [a.indices for a in reads(after) if a.tensor == name] == [e.lhs.indices]
                 and not any(a.tensor == name for x in [*rest, *self.k.writes] for a in reads(x)))
 
@@ -351,7 +355,7 @@ class LoopBuilder(KernelBuilder):
         contraction's ``epilogue``: see :meth:`epilogue`)."""
         if e.populate is not None:
             raise CompileError(f"kernel {self.k.name}: no code generation for '{e.lhs.tensor}' inside a loop")
-        own = [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
+        own = self.own_vars(e, bound)
         red = reduced_vars(e, bound)
         if not red:  # (a map of one value per row is vectorized over the block's rows)
             with self.nest(env, own, vector=own[-1:] or [self.block]) as at:

@@ -52,7 +52,9 @@ class Target:
         if self.kind == "accel":
             return self.device.pe_cols
         tile = 64
-        while self.kind != "cuda" and tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
+        if self.kind == "cuda":
+            return tile
+        while tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
             tile //= 2
         return tile
 

@@ -135,10 +135,10 @@ def _innermost_last(uses: list[bool]) -> list[int]:
 def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False) -> None:
     spatial_vars = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     row = _row_dim(sch.get(block))
-    mr, nr = register_tile(target, _static(spatial_vars[-1].dom.extent), _static(spatial_vars[row].dom.extent))
     if _streams_rows(sch.get(block), row, target):
         _gemv_schedule(sch, block, target, epilogue)
         return
+    mr, nr = register_tile(target, _static(spatial_vars[-1].dom.extent), _static(spatial_vars[row].dom.extent))
     before = sch.get_producers(block)
     padded = _pad_ragged(sch, block, row, mr, nr)
     block = sch.get_sblock(sch.get(block).name_hint) if padded else block
