@@ -230,8 +230,10 @@ class _EinsumEval:
         axis = self.vars.index(p.var)
         largest, _ = ops.POPULATE_OPS[p.op]
         x = _Value(np.broadcast_to(x.value, self.out_shape()), np.broadcast_to(x.mask, self.out_shape()))
-        key = np.where(x.mask, -x.value if largest else x.value, np.nan)  # absent sorts after even ±inf
-        order = np.argsort(key, axis=axis, kind="stable")
+        nan = np.isnan(x.value)   # (NaN ranks above +inf, as in torch.topk; absent points last)
+        rank_class = np.where(~x.mask, 2, np.where(nan == largest, 0, 1))
+        key = np.where(x.mask & ~nan, -x.value if largest else x.value, 0.0)
+        order = np.lexsort((key, rank_class), axis=axis)   # (stable: ties go to the lower coordinate)
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(key.shape[axis]).reshape(
             [-1 if d == axis else 1 for d in range(key.ndim)]), axis=axis)

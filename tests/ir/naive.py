@@ -3,6 +3,7 @@ semantics in docs/ir.md, and independent of the vectorized interpreter it checks
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 
 import numpy as np
@@ -119,7 +120,8 @@ def _populate(e, results: dict[tuple, tuple[float, bool]]) -> dict[tuple, tuple[
     kept = dict(results)
     for members in fibers.values():
         present = [i for i in sorted(members, key=lambda i: i[axis]) if results[i][1]]
-        present.sort(key=lambda i: -results[i][0] if largest else results[i][0])
+        nan = lambda i: math.isnan(results[i][0])  # noqa: E731  (NaN ranks above +inf, as in torch.topk)
+        present.sort(key=lambda i: (nan(i) != largest, 0.0 if nan(i) else -results[i][0] if largest else results[i][0]))
         for i in members:
             if i not in present[:p.k]:
                 kept[i] = (0.0, False)

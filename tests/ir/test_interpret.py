@@ -216,3 +216,16 @@ def transformer_ref(p: dict[str, np.ndarray], layers: int, heads: int) -> np.nda
         f = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
         x = r + f @ p[f"W2{i}"]
     return x
+
+
+@pytest.mark.parametrize("op, kept", [("topk", [False, True, False, True]), ("bottomk", [True, False, True, False])])
+def test_populate_ranks_nan_above_infinity_as_torch_topk_does(op: str, kept: list[bool]) -> None:
+    """``[1, nan, 3, nan]``: ``topk(2)`` keeps the NaNs, ``bottomk(2)`` the numbers (hypothesis
+    found the interpreter and the point-by-point evaluator ordering a NaN differently)."""
+    from tests.ir.naive import naive_interpret
+    c = parse(f"cascade nan\nrank B=4\ntensor X[B] input f32\ntensor Y[B] output f32 empty=0\n"
+              f"Y[b] = X[b] :: populate[b] {op}(2)\n")
+    x = {"X": np.array([1.0, np.nan, 3.0, np.nan])}
+    got = interpret(c, x)["Y"]
+    assert np.array_equal(np.isnan(got) | (got != 0), kept)
+    assert np.array_equal(naive_interpret(c, x)["Y"], got, equal_nan=True)
