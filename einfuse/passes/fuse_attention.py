@@ -29,8 +29,8 @@ and rewrites it to FuseMax Cascade 5 (EINSUM_CASCADES.md §2.4): the keys split 
 Why: the 3-pass form reads the N x N scores three times and keeps them in memory; the 1-pass
 form touches each key tile once (``count_passes`` over the keys: 3 -> 1). FuseMax §III-C, §IV-E.
 
-The tile ``T`` is the target's choice (``Target.attention_tile``: 64 keys, fewer if a tile's K,
-V and scores would not fit half a core's cache) or an option
+The tile ``T`` is the target's choice (``Target.attention_tile``: on a CPU the tile the cost
+model estimates fastest for these widths and this length, see docs/tuning.md) or an option
 (``fuse-attention{tile=128}``; ``{target=cpu}`` names the target). Patterns counted: ``attention`` (fused),
 and ``not-fused:<reason>`` for an attention-shaped Einsum that was left alone (symbolic key
 length, scores read outside the attention, ...). The old Einsums become dead; ``canonicalize``
@@ -84,7 +84,8 @@ class FuseAttention(Pass):
 
 
     def target_tile(self, c: Cascade, m: _Match) -> int:
-        """The target's tile for this attention's head and value widths (64 where symbolic)."""
+        """The target's tile for this attention's head and value widths (64 where symbolic) and
+        key length."""
         from ..targets import Target
         size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
 
@@ -94,7 +95,9 @@ class FuseAttention(Pass):
                 n *= size[ranks[v]] if isinstance(size[ranks[v]], int) else 64
             return n
         values = [v for v in lhs_vars(m.out) if v not in m.rows]
-        return Target.parse(self.target).attention_tile(width(reduced_vars(m.qk)), width(values))
+        keys = size[ranks[m.key]]
+        return Target.parse(self.target).attention_tile(width(reduced_vars(m.qk)), width(values),
+                                                        keys if isinstance(keys, int) else None)
 
 
 def _find(c: Cascade, stats: Counter, done: set[str]) -> _Match | None:

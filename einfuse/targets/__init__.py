@@ -36,27 +36,26 @@ class Target:
     llc_bytes: int = 8 << 20     # the last-level cache, shared
     device: Any = field(default=None, hash=False)   # a presets.GPU or presets.Accelerator, None on a CPU
     tiles: str = "model"         # register tiles chosen by the cost model, or "fixed" (the rule of thumb)
+    l1_bytes: int = 32 << 10     # a core's L1 data cache
 
     @property
     def kind(self) -> str:
         """``cpu``, ``cuda`` or ``accel``."""
         return self.name.split(":", 1)[0] if self.device is not None else "cpu"
 
-    def attention_tile(self, head_dim: int, value_dim: int, rows: int = ATTENTION_ROWS) -> int:
-        """Keys per tile of the 1-pass attention: 64 (the work done once per tile, the
-        numerator's rescale and the row maxima and sums, is then small beside the two products:
-        on AVX2, 16 and 32 keys ran 1.1-1.2x slower), halved while a tile's working set (its K and
-        V rows, and the scores and probabilities of a block of ``rows`` queries) would take more
-        than half of a core's cache, never narrower than a vector. An accelerator: as wide as its
-        2D array; a GPU: 64."""
+    def attention_tile(self, head_dim: int, value_dim: int, keys: int | None = None,
+                       queries: int | None = None) -> int:
+        """Keys per tile of the 1-pass attention. A CPU: the tile whose cost-model estimate is
+        lowest (:func:`einfuse.targets.cost.attention_tile`, on the target's nominal numbers;
+        4096 keys where the length is not known, as many queries as keys). An accelerator: as
+        wide as its 2D array; a GPU: 64."""
         if self.kind == "accel":
             return self.device.pe_cols
-        tile = 64
         if self.kind == "cuda":
-            return tile
-        while tile > self.vector_lanes and 4 * tile * (head_dim + value_dim + 2 * rows) > self.cache_bytes // 2:
-            tile //= 2
-        return tile
+            return 64
+        from . import cost
+        keys = keys or 4096
+        return cost.attention_tile(cost.nominal(self), queries or keys, keys, head_dim, value_dim)
 
     @property
     def vector_lanes(self) -> int:
@@ -94,11 +93,11 @@ def host_cpu() -> Target:
     if wide:  # LLVM splits 512-bit vectors in two on these CPUs unless told not to; tiles assume 512
         tvm_target["mattr"] = ["-prefer-256-bit"]
     return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16, _cache_bytes(2, 1 << 20),
-                  _cache_bytes(3, 8 << 20))
+                  _cache_bytes(3, 8 << 20), l1_bytes=_cache_bytes(0, 32 << 10))
 
 
 def _cache_bytes(index: int, otherwise: int) -> int:
-    """The size of the host's cache ``index`` (2: L2, 3: L3; Linux sysfs), or ``otherwise``."""
+    """The size of the host's cache ``index`` (0: L1 data, 2: L2, 3: L3; Linux sysfs), or ``otherwise``."""
     try:
         text = Path(f"/sys/devices/system/cpu/cpu0/cache/index{index}/size").read_text().strip()
         return int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]] if text[-1] in "KM" else int(text)

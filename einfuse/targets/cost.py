@@ -15,6 +15,10 @@ bandwidth. einfuse's estimate of one kernel is
   1-pass attention's K and V once per block of query rows when a head's K and V exceed a core's.
 - cache bytes are the GEMM's packed column panel, streamed from the core's cache once per
   register tile of rows, and the re-reads that the last-level cache serves.
+- the 1-pass attention's work (:func:`attention`) is counted per block of query rows and key
+  tile: its two products on their register tiles, the scores' vector work, the per-tile update of
+  each row's running values and of the numerator, and the passes over a score tile that no
+  longer fits the L1 cache; :func:`attention_tile` picks the key tile by it.
 - launch is the measured cost of calling a parallel kernel (a fork and join of the thread pool).
 
 LLM-Viewer's pitfalls (§4.1) are avoided by construction: one convention (an FMA is 2 FLOPs, the
@@ -42,6 +46,12 @@ PAGE, TLB_REACH = 4096, 2048 * 4096   # the data TLB maps 2048 pages of 4 KiB (Z
 PAGE_WALK = 9e-9     # seconds per TLB miss on a core (26 cycles: fitted at 1 x 4096 x 4096, Zen 3)
 ROW_PADDING = 0.5    # the FMA rate of a row tile overhanging a static row count: its row operand is
                      # read under a condition in the reduction loop (6 x 16 on 1024 rows, Zen 3)
+ROW_STEP = 8.0       # cycles per query row and key tile: the row's max, running max, correction exp and
+                     # denominator (fitted with RESCALE on 8-64 keys at head widths 16 and 64, Zen 3)
+RESCALE = 1.2        # cycles per element of the running numerator and key tile: P V's accumulators set,
+                     # the numerator reloaded, rescaled and stored
+SCORE_PASSES = 5     # passes over a score tile: Q K^T writes it, the max reads it, exp reads and writes, P V reads
+TILE_MARGIN = 0.02   # the narrowest key tile estimated within this of the fastest is taken
 MARGIN = 0.10        # a register tile replaces the rule of thumb only if estimated this much faster (the
                      # cache term's 32 B/cycle is nominal: AVX-512's (8, 32) vs (4, 64) is a 6 % call)
 
@@ -60,6 +70,12 @@ class Machine:
     registers: int
     launch: float
     cores: int = 1
+    l1_bytes: int = 32 << 10
+
+    @property
+    def hz(self) -> float:
+        """Cycles per second of one core: the FMA rate over two pipes of ``lanes`` FMAs."""
+        return self.flops / (self.cores * 2 * 2 * self.lanes)
 
 
 @dataclass(frozen=True)
@@ -86,14 +102,14 @@ def nominal(target: Any) -> Machine:
     hz = 3e9
     return Machine(flops=target.cores * 2 * 2 * target.vector_lanes * hz, dram=8 * hz, cache=32 * hz * target.cores,
                    cache_bytes=target.cache_bytes, llc_bytes=target.llc_bytes, lanes=target.vector_lanes,
-                   registers=target.registers, launch=5e-6, cores=target.cores)
+                   registers=target.registers, launch=5e-6, cores=target.cores, l1_bytes=target.l1_bytes)
 
 
 def measured(target: Any, peaks: Any) -> Machine:
     """A Machine from the host's measured peaks (:func:`einfuse.targets.host_peaks`)."""
     return Machine(flops=peaks.flops, dram=peaks.bandwidth, cache=peaks.cache, cache_bytes=target.cache_bytes,
                    llc_bytes=target.llc_bytes, lanes=target.vector_lanes, registers=target.registers,
-                   launch=peaks.launch, cores=target.cores)
+                   launch=peaks.launch, cores=target.cores, l1_bytes=target.l1_bytes)
 
 
 def combine(m: Machine, flops: float, work_seconds: float, dram: float, cache: float, serial: float = 0.0) -> Estimate:
@@ -187,6 +203,55 @@ def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 2
     return best if seconds[best] < (1 - MARGIN) * seconds[rule] else rule
 
 
+SCORE_OPS = VECTOR_OPS["exp"] + 3   # vector ops per score: the row max, exp of the difference, the row sum
+
+
+def attention(m: Machine, heads: int, queries: int, keys: int, head_dim: int, value_dim: int, tile: int,
+              score_ops: float = SCORE_OPS, rows: int = ATTENTION_ROWS) -> float:
+    """Seconds of work of the 1-pass attention (codegen/loop.py) over ``heads`` heads with
+    ``tile`` keys per tile: the blocks of ``rows`` queries are shared by the cores, and each
+    block goes through every key tile, which costs (in cycles of one core)
+
+    - ``Q K^T`` (rows x tile, padded to whole register tiles) and ``P V`` (rows x value_dim)
+      at their register tiles' FMA rate (:func:`tile_efficiency`);
+    - ``score_ops`` vector ops per score, two per cycle;
+    - ``ROW_STEP`` per row and ``RESCALE`` per element of the running numerator (work done
+      once per tile, whatever its width: what makes narrow tiles slow);
+    - a score tile larger than the L1 cache: its ``SCORE_PASSES`` passes from the core's cache
+      (what makes wide tiles slow)."""
+    (qr, qc), (vr, vc) = (_block_tile(m, rows, cols) for cols in (tile, value_dim))
+    padded = -(-tile // qc) * qc
+    fma = rows * padded * head_dim / tile_efficiency(m, qr, qc) + rows * tile * value_dim / tile_efficiency(m, vr, vc)
+    cycles = fma / (2 * m.lanes) + rows * tile * score_ops / (2 * m.lanes) + rows * (ROW_STEP + RESCALE * value_dim)
+    per_core_cache = m.cache / m.cores / m.hz   # bytes per cycle
+    if 4 * rows * tile > m.l1_bytes:
+        cycles += SCORE_PASSES * 4 * rows * tile / per_core_cache
+    blocks = heads * -(-queries // rows)
+    return -(-blocks // m.cores) * -(-keys // tile) * cycles / m.hz
+
+
+def attention_tile(m: Machine, queries: int, keys: int, head_dim: int, value_dim: int) -> int:
+    """Keys per tile of the 1-pass attention: of the powers of two from one vector up to the keys
+    (rounded up) whose working set (K and V rows, the scores and probabilities of a block of
+    queries) fits half of a core's cache, the narrowest whose :func:`attention` estimate is
+    within ``TILE_MARGIN`` of the lowest (the estimate cannot tell closer ones apart; a narrower
+    tile holds less and skips more of a causal mask). One vector if none fits."""
+    def fits(t: int) -> bool:
+        return 4 * t * (head_dim + value_dim + 2 * ATTENTION_ROWS) <= m.cache_bytes // 2
+    options = [m.lanes << k for k in range(16) if (m.lanes << k) < 2 * keys and fits(m.lanes << k)] or [m.lanes]
+    seconds = {t: attention(m, 1, queries, keys, head_dim, value_dim, t) for t in options}
+    best = min(seconds.values())
+    return next(t for t in options if seconds[t] <= (1 + TILE_MARGIN) * best)
+
+
+def _block_tile(m: Machine, rows: int, cols: int) -> tuple[int, int]:
+    """The register tile codegen/loop.py uses for a block of ``rows`` rows: its rows divide them."""
+    mr, nr = register_tile(m, rows, cols)
+    while rows % mr:
+        mr -= 1
+    return mr, nr
+
+
 def vector_ops(e: Einsum) -> int:
     """Vector instructions per point of ``e``'s iteration space."""
     from ..ir.analysis import map_ops
@@ -221,8 +286,9 @@ def points(c: Cascade, e: Einsum, sizes: dict[str, int]) -> int:
 def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) -> Estimate:
     """The estimate of one kernel (a :class:`~einfuse.passes.group_kernels.Kernel`) at the given
     rank sizes: a contraction kernel (with its epilogue) as :func:`gemm` on the register tile
-    :func:`register_tile` picks; any other from its vector work, its inputs and output, and for
-    the 1-pass attention K and V read again by every block of query rows."""
+    :func:`register_tile` picks; the 1-pass attention as :func:`attention` says, with K and V
+    read again by every block of query rows; any other from its vector work, its inputs and
+    output."""
     from ..ir.analysis import tensors_bytes
     einsums = kernel.einsums(c)
     at = {r.size: sizes[r.name] for r in c.ranks if not isinstance(r.size, int)}
@@ -236,17 +302,37 @@ def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) 
         return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra))
     fma = sum(2.0 * points(c, e, sizes) for e, d in zip(einsums, dims) if d)
     vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(einsums, dims) if not d)
+    work = fma / m.flops + vector / (m.flops / 2)
     dram, cache = moved, 0.0
     if kernel.kind == "loop" and any(dims):
+        work, heads = _attention_work(c, kernel, einsums, dims, m, sizes) or (work, next(d for d in dims if d)[0])
         again = _reread(c, kernel, sizes, at)
-        per_head = again / max(1, next(d for d in dims if d)[0])
-        if per_head <= m.cache_bytes:
+        if again / heads <= m.cache_bytes:
             cache += again * (_query_blocks(c, kernel, sizes) - 1)
         else:
             dram += again * (_query_blocks(c, kernel, sizes) - 1)
     elif moved <= m.cache_bytes:   # (small enough to stay in the cache between kernels)
         dram, cache = 0.0, moved
-    return combine(m, fma + vector, fma / m.flops + vector / (m.flops / 2), dram, cache)
+    return combine(m, fma + vector, work, dram, cache)
+
+
+def _attention_work(c: Cascade, kernel: Any, einsums: list[Einsum], dims: list, m: Machine,
+                    sizes: dict[str, int]) -> tuple[float, int] | None:
+    """A loop kernel's work seconds by :func:`attention` and its heads, when it is the 1-pass
+    attention: two contractions along a tiled rank, ``Q K^T`` (queries x tile, over the head
+    width) then ``P V`` (queries x values, over the tile); the vector ops per score are those of
+    its Einsums with one point per score."""
+    from ..passes.group_kernels import stream_levels
+    found = [(e, d) for e, d in zip(einsums, dims) if d]
+    stream, _ = stream_levels(c, kernel)
+    if len(found) != 2 or not stream:
+        return None
+    (qk, (batch, queries, tile, width)), (_, (_, _, values, _)) = found
+    tiles = sizes[stream[0]]
+    scores = points(c, qk, sizes) // width
+    score_ops = sum(vector_ops(e) for e, d in zip(einsums, dims) if not d and points(c, e, sizes) == scores)
+    heads = max(1, batch // tiles)
+    return attention(m, heads, queries, tiles * tile, width, values, tile, score_ops), heads
 
 
 def _reread(c: Cascade, kernel: Any, sizes: dict[str, int], at: dict) -> float:

@@ -102,6 +102,6 @@ def test_a_dynamic_sequence_is_fused_with_a_ceiling_of_tiles(length: int, rng: n
 def test_tile_is_an_option_or_the_targets_choice() -> None:
     assert parse_pipeline("fuse-attention{tile=128}") == [FuseAttention(tile=128)]
     c = parse((CASCADES / "attn_3pass.ein").read_text())
-    chosen = host_cpu().attention_tile(32, 32)
+    chosen = host_cpu().attention_tile(32, 32, 48)    # (48 keys)
     assert PassManager([FuseAttention()]).run(c).rank("MI").size == min(chosen, 48)
     assert PassManager([FuseAttention(tile=8)]).run(c).rank("MI").size == 8

@@ -3,17 +3,22 @@ model's kernels estimated as the model's GEMM formula says."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 import einfuse
 from einfuse import zoo
 from einfuse.codegen.schedules.cpu import register_tile as schedule_tile
+from einfuse.ir import parse
+from einfuse.passes import PassManager, pipeline
+from einfuse.passes.group_kernels import group_kernels
 from einfuse.targets import Target, cost, host_cpu
 
 M = cost.Machine(flops=100e9, dram=10e9, cache=50e9, cache_bytes=1 << 20, llc_bytes=8 << 20, lanes=8,
                  registers=16, launch=1e-6)
 MIB = 1 << 20
+CASCADES = Path(__file__).parents[1] / "cascades"
 
 
 def test_gemm_counts_the_tilings_traffic() -> None:
@@ -85,6 +90,50 @@ def test_register_tile_minimises_the_estimate(vector_bytes: int, registers: int,
     assert schedule_tile(target, cols, rows) == tile
     rule = cost.rule_tile(target.vector_lanes, registers, cols)
     assert schedule_tile(replace(target, tiles="fixed"), cols, rows) == rule
+
+
+def test_attention_counts_the_products_the_scores_and_the_work_once_per_tile() -> None:
+    # one block of 96 queries, one tile of 64 keys, 64-wide heads; M: 3.125 GHz (100 GFLOP/s over
+    # 2 pipes of 2 x 8 FLOPs), 16 cache bytes per cycle; the products on 6 x 16 tiles (full rate)
+    assert M.hz == 3.125e9 and cost.tile_efficiency(M, 6, 16) == 1.0
+    products = 2 * 96 * 64 * 64 / 16                            # FMAs, 16 per cycle
+    scores = 96 * 64 * cost.SCORE_OPS / 16                     # vector ops, two vectors per cycle
+    per_tile = 96 * (cost.ROW_STEP + cost.RESCALE * 64)         # the running values, once per tile
+    assert cost.attention(M, 1, 96, 64, 64, 64, 64) == pytest.approx((products + scores + per_tile) / 3.125e9)
+    # 128 keys: twice the products and scores, the same once-per-tile work, and a score tile of
+    # 48 KiB (past the 32 KiB L1) read and written SCORE_PASSES times from the core's cache
+    spill = cost.SCORE_PASSES * 4 * 96 * 128 / 16
+    assert cost.attention(M, 1, 96, 128, 64, 64, 128) == pytest.approx(
+        (2 * products + 2 * scores + per_tile + spill) / 3.125e9)
+    # 1024 keys in tiles of 8 pay the once-per-tile work 128 times
+    assert cost.attention(M, 1, 96, 1024, 64, 64, 8) > 1.5 * cost.attention(M, 1, 96, 1024, 64, 64, 64)
+
+
+@pytest.mark.parametrize("cache, head, keys, tile", [
+    (1 << 19, 64, 1024, 64),     # narrower tiles repeat the per-tile work; a 128-key score tile spills L1
+    (1 << 19, 16, 785, 64),      # the zoo ViT's 16-wide heads
+    (1 << 17, 64, 1024, 32),     # 4 * 64 * (64 + 64 + 2 * 96) = 80 KiB > half of 128 KiB: 64 does not fit
+    (1 << 12, 512, 4096, 8),     # nothing fits: one vector
+    (1 << 19, 64, 20, 32),       # 20 keys: one tile of 32 (the keys rounded up) beats 2 of 16, 3 of 8
+])
+def test_attention_tile_minimises_the_estimate_among_the_tiles_that_fit(cache: int, head: int, keys: int,
+                                                                          tile: int) -> None:
+    m = replace(M, cache_bytes=cache)
+    assert cost.attention_tile(m, keys, keys, head, head) == tile
+    fits = [t for t in (8, 16, 32, 64, 128, 256) if 4 * t * (2 * head + 2 * cost.ATTENTION_ROWS) <= cache // 2
+            and t < 2 * keys]
+    if fits:
+        best = min(cost.attention(m, 1, keys, keys, head, head, t) for t in fits)
+        assert cost.attention(m, 1, keys, keys, head, head, tile) <= (1 + cost.TILE_MARGIN) * best
+
+
+def test_a_fused_attention_is_estimated_as_its_tiles() -> None:
+    c = parse((CASCADES / "attn_3pass.ein").read_text())    # 40 queries, 48 keys, 32-wide heads
+    fused = PassManager(pipeline("canonicalize,fuse-attention{tile=16},defer,canonicalize")).run(c)
+    (loop,) = [k for k in group_kernels(fused) if k.kind == "loop"]
+    sizes = {r.name: r.size for r in fused.ranks}
+    est = cost.kernel_estimate(fused, loop, M, sizes)
+    assert est.work_seconds == cost.attention(M, 1, 40, 48, 32, 32, 16, cost.SCORE_OPS)
 
 
 def test_a_compiled_kernel_is_estimated_as_its_gemm() -> None:

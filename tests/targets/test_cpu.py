@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from einfuse.errors import EinfuseError
-from einfuse.targets import Peaks, Target, host_cpu, host_peaks
+from einfuse.targets import Peaks, Target, cost, host_cpu, host_peaks
 
 
 def test_host_cpu_names_a_real_isa() -> None:
@@ -31,16 +31,23 @@ def test_peaks_are_measured_once_and_cached(tmp_path: Path) -> None:
     assert cached.is_file()
 
 
-@pytest.mark.parametrize("vector_bytes, registers, cache, head, tile", [
-    (64, 32, 1 << 20, 64, 64),     # AVX-512: 64 keys
-    (32, 16, 1 << 20, 64, 64),     # AVX2: 64 keys too
-    (64, 32, 1 << 17, 64, 32),     # 4 * 64 * (64 + 64 + 2 * 96) = 80 KiB > 64 KiB: halved once
-    (64, 32, 1 << 12, 512, 16),    # never narrower than one vector
+@pytest.mark.parametrize("vector_bytes, registers, cache, head, keys, tile", [
+    (32, 16, 1 << 19, 64, 1024, 64),    # AVX2, 512 KiB (this CI's Zen 3): 64 keys
+    (32, 16, 1 << 19, 16, None, 64),    # 16-wide heads too; an unknown length is taken as 4096
+    (64, 32, 1 << 17, 64, 1024, 32),    # 4 * 64 * (64 + 64 + 2 * 96) = 80 KiB > 64 KiB: 64 does not fit
+    (64, 32, 1 << 12, 512, 1024, 16),   # nothing fits: one vector
+    (32, 16, 1 << 19, 64, 20, 32),      # 20 keys: one tile
 ])
-def test_attention_tile_is_64_keys_unless_they_do_not_fit_the_cache(
-        vector_bytes: int, registers: int, cache: int, head: int, tile: int) -> None:
+def test_a_cpu_takes_the_attention_tile_the_cost_model_estimates_fastest(
+        vector_bytes: int, registers: int, cache: int, head: int, keys: int | None, tile: int) -> None:
     target = Target("t", {}, 1, vector_bytes, registers, cache)
-    assert target.attention_tile(head, head) == tile
+    assert target.attention_tile(head, head, keys) == tile
+    assert tile == cost.attention_tile(cost.nominal(target), keys or 4096, keys or 4096, head, head)
+
+
+def test_accelerators_and_gpus_take_their_own_attention_tile() -> None:
+    assert Target.parse("accel:fusemax").attention_tile(64, 64, 1024) == Target.parse("accel:fusemax").device.pe_cols
+    assert Target.parse("cuda:h100").attention_tile(64, 64, 1024) == 64
 
 
 @pytest.mark.parametrize("name, arch, sms", [("cuda:a100", "sm_80", 108), ("cuda:sm_90", "sm_90", 132),
