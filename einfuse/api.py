@@ -109,10 +109,11 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
 
 def laid_out(cascade: Cascade, target: Any) -> Cascade:
     """``cascade`` with the target's operand layouts, then grouped into kernels (the side table)."""
-    from .codegen.layout import materialize_operands, transpose_weights
+    from .codegen.layout import materialize_operands, pack_weights, transpose_weights
     from .codegen.schedules.cpu import ragged
     from .passes import GroupKernels, PassManager
-    cascade = materialize_operands(transpose_weights(cascade), lambda rows, cols: ragged(target, rows, cols))
+    cascade = pack_weights(transpose_weights(cascade), target)
+    cascade = materialize_operands(cascade, lambda rows, cols: ragged(target, rows, cols))
     grouping = GroupKernels(attention=target.kind != "accel")   # (an accelerator's phases go through DRAM)
     return PassManager([grouping]).run(cascade)   # (last: the groups of the code generated)
 

@@ -7,20 +7,24 @@
 * A contraction whose output the register tile does not divide (ViT's 785 tokens) is padded to
   whole tiles, which needs operands indexed by plain variables; a head-split view such as
   ``addmm[b*785+s, h*16+e]`` is first copied to ``qk_addmm[b,s,h,e]`` (:func:`materialize_operands`).
+* A GEMM copies the column panels of its streamed operand out into a contiguous buffer before
+  the register tiles read them. For a weight that copy is made once, at compile time: the weight
+  is stored as the panels, ``W[k,n]`` as ``W_p[n//nr, k, n%nr]`` (:func:`pack_weights`).
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, TensorDecl
-from ..ir.nodes import Expr, walk
+from ..ir import Access, Call, Cascade, Einsum, IBin, IConst, Index, IVar, Loop, Rank, TensorDecl
+from ..ir.nodes import Expr, TensorRank, walk
 from ..ir.sizes import in_range
 from ..ir.scope import (
     access_vars,
     declarations,
+    fresh_name,
     gathers,
     lhs_vars,
     reads,
@@ -64,6 +68,84 @@ def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made
         params[name] = np.ascontiguousarray(np.transpose(params[x.tensor], order))
         made[key] = name
     return Access(made[key], tuple(Index(exprs[i]) for i in order))
+
+
+def pack_weights(c: Cascade, target: Any) -> Cascade:
+    """``c`` with each weight that a GEMM streams along its columns (``W[k,n]``, as
+    :func:`transpose_weights` leaves it) stored as the register tile's column panels,
+    ``W_p[n//nr, k, n%nr]``: the schedule then reads each panel where it lies instead of copying
+    it out on every call (a copy that, for a weight past the TLB's reach, also misses the TLB on
+    every row). On a CPU, for static sizes the register tile divides, unless the GEMV schedule
+    (which streams the weight's rows) is still estimated faster."""
+    if target.kind != "cpu":
+        return c
+    sizes = {r.name: r.size for r in c.ranks}
+    if not all(isinstance(v, int) for v in sizes.values()):
+        return c
+    decls = declarations(c)
+    ranks, tensors, params, made = list(c.ranks), list(c.tensors), dict(c.params), {}
+    stmts = []
+    for s in c.stmts:
+        panel = _panel(c, s, decls, sizes, target) if isinstance(s, Einsum) else None
+        if panel is not None:
+            weight, nr = panel
+            if (weight.tensor, nr) not in made:
+                made[(weight.tensor, nr)] = _packed(weight.tensor, nr, decls, sizes, ranks, tensors, params)
+            s = replace(s, rhs=_panel_read(s.rhs, weight, made[(weight.tensor, nr)], nr))
+        stmts.append(s)
+    return replace(c, ranks=tuple(ranks), tensors=tuple(tensors), stmts=tuple(stmts), params=params)
+
+
+def panel_read(a: Access) -> bool:
+    """Whether ``a`` reads a weight packed by :func:`pack_weights` (``W_p[n//nr, k, n%nr]``)."""
+    last = a.indices[-1].expr if a.indices else None
+    return isinstance(last, IBin) and last.op == "%" and len(a.indices) == 3
+
+
+def _panel(c: Cascade, e: Einsum, decls: dict, sizes: dict, target: Any) -> tuple[Access, int] | None:
+    """The weight read ``W[k,n]`` of GEMM ``e`` and the register tile's width, if it is packed."""
+    from ..targets import cost
+    from .schedules.cpu import register_tile
+    dims = cost.contraction_dims(c, e, sizes)
+    if dims is None or e.reduce is not None or not isinstance(e.rhs, Call) or e.rhs.op != "mul":
+        return None
+    inner = lhs_vars(e)[-1]
+    streamed = [a for a in reads(e) if inner in access_vars(a)]
+    w = streamed[0]
+    names = [ix.expr.name if isinstance(ix.expr, IVar) else None for ix in w.indices]
+    if decls[w.tensor].role != "param" or w.tensor not in c.params or any(ix.filter for ix in w.indices) \
+            or len(names) != 2 or names[1] != inner or names[0] not in reduced_vars(e):
+        return None
+    batch, rows, cols, depth = dims
+    mr, nr = register_tile(target, cols, rows)
+    if rows % mr or cols % nr or cost.prefers_gemv(cost.nominal(target), batch, rows, cols, depth, packed=True):
+        return None
+    return w, nr
+
+
+def _packed(name: str, nr: int, decls: dict, sizes: dict, ranks: list, tensors: list, params: dict) -> str:
+    """Declare ``name``'s panels (new ranks for the panel index and its ``nr`` lanes) and their data."""
+    decl = decls[name]
+    depth, cols = (sizes[r.rank] for r in decl.ranks)
+    taken = {r.name for r in ranks}
+    panels = fresh_name(f"{name.upper()}_P", taken)
+    lanes = fresh_name(f"{name.upper()}_L", taken | {panels})
+    ranks += [Rank(panels, cols // nr), Rank(lanes, nr)]
+    packed = fresh_name(f"{name}_p", {t.name for t in tensors})
+    tensors.append(TensorDecl(packed, (TensorRank(panels), decl.ranks[0], TensorRank(lanes)), "param", decl.dtype,
+                              decl.empty))
+    params[packed] = np.ascontiguousarray(params[name].reshape(depth, cols // nr, nr).transpose(1, 0, 2))
+    return packed
+
+
+def _panel_read(x: Expr, weight: Access, packed: str, nr: int) -> Expr:
+    """``x`` with the read ``weight`` (``W[k,n]``) replaced by ``packed[n//nr, k, n%nr]``."""
+    if isinstance(x, Call):
+        return replace(x, args=tuple(_panel_read(a, weight, packed, nr) for a in x.args))
+    if x != weight:
+        return x
+    k, n = (ix.expr for ix in weight.indices)
+    return Access(packed, (Index(IBin("//", n, IConst(nr))), Index(k), Index(IBin("%", n, IConst(nr)))))
 
 
 def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Cascade:

@@ -123,9 +123,10 @@ def combine(m: Machine, flops: float, work_seconds: float, dram: float, cache: f
 
 
 def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[int, int], extra_flops: float = 0.0,
-         dtype_bytes: int = 4) -> Estimate:
+         dtype_bytes: int = 4, packed: bool = False) -> Estimate:
     """A (batched) ``rows x depth @ depth x cols`` contraction on a ``tile`` = (rows, lanes)
-    register tile, column panels packed and reused by every row tile (codegen/schedules/cpu.py)."""
+    register tile, column panels packed and reused by every row tile (codegen/schedules/cpu.py);
+    ``packed``: the panels were packed at compile time (a weight: codegen/layout.pack_weights)."""
     mr, nr = tile
     row_tiles, panels = -(-rows // mr), -(-cols // nr)
     done = 2.0 * batch * row_tiles * mr * panels * nr * depth
@@ -139,7 +140,7 @@ def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[i
     # the panels are copied out first (a phase of its own), reading a few columns of each row of
     # the operand: a TLB miss per row once the operand is past the TLB's reach and its rows a page
     walks = batch * depth * panels if b / batch > TLB_REACH and cols * dtype_bytes >= PAGE else 0
-    serial = 2 * b / m.cache + walks * PAGE_WALK / m.cores
+    serial = 0.0 if packed else 2 * b / m.cache + walks * PAGE_WALK / m.cores
     return combine(m, 2.0 * batch * rows * cols * depth + extra_flops, work, dram, cache, serial)
 
 
@@ -153,12 +154,14 @@ def gemv(m: Machine, rows: int, cols: int, depth: int, extra_flops: float = 0.0,
     return combine(m, flops + extra_flops, work, moved, 0.0)
 
 
-def prefers_gemv(m: Machine, batch: int, rows: int, cols: int, depth: int) -> bool:
+def prefers_gemv(m: Machine, batch: int, rows: int, cols: int, depth: int, packed: bool = False) -> bool:
     """Whether a contraction is run as a GEMV (an unbatched one whose columns split into whole
     vectors per core) because its estimate beats the register tiles' (1 x 4096 x 4096: 2.6
-    against 7.9 ms measured; from 16 rows of 4096, or 8 of 1024, the tiles win)."""
-    return batch == 1 and cols % (m.cores * m.lanes) == 0 and \
-        gemv(m, rows, cols, depth).seconds < gemm(m, 1, rows, cols, depth, register_tile(m, rows, cols)).seconds
+    against 7.9 ms measured; from 16 rows of 4096, or 8 of 1024, the tiles win), with the
+    panels ``packed`` at compile time or copied out on every call. A tie (both bound by reading
+    the weight from memory) goes to the GEMV: 1 x 4096 x 4096 ran in 2.6 ms against 2.8 on packed tiles."""
+    tiles = gemm(m, 1, rows, cols, depth, register_tile(m, rows, cols), packed=packed)
+    return batch == 1 and cols % (m.cores * m.lanes) == 0 and gemv(m, rows, cols, depth).seconds <= tiles.seconds
 
 
 def tile_efficiency(m: Machine, mr: int, nr: int) -> float:
@@ -295,11 +298,13 @@ def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) 
     moved = float(tensors_bytes(c, kernel.inputs + (kernel.output,)).subs(at))
     dims = [contraction_dims(c, e, sizes) for e in einsums]
     if kernel.kind in ("", "epilogue") and any(dims):
-        batch, rows, cols, depth = next(d for d in dims if d)
+        from ..codegen.layout import panel_read
+        e, (batch, rows, cols, depth) = next((e, d) for e, d in zip(einsums, dims) if d)
         extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(einsums, dims) if not d)
-        if prefers_gemv(m, batch, rows, cols, depth):
+        packed = any(panel_read(a) for a in reads(e))
+        if prefers_gemv(m, batch, rows, cols, depth, packed):
             return gemv(m, rows, cols, depth, float(extra))
-        return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra))
+        return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra), packed=packed)
     fma = sum(2.0 * points(c, e, sizes) for e, d in zip(einsums, dims) if d)
     vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(einsums, dims) if not d)
     work = fma / m.flops + vector / (m.flops / 2)

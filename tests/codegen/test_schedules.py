@@ -2,6 +2,7 @@
 the float64 interpreter, and the layout rewrite that makes padding possible."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import einfuse
-from einfuse.codegen.layout import materialize_operands
+from einfuse.codegen.layout import materialize_operands, pack_weights
 from einfuse.codegen.schedules.cpu import ragged, register_tile
 from einfuse.ir import interpret, parse, to_text
 from einfuse.targets import Target
@@ -205,5 +206,52 @@ def test_a_gemv_streams_the_weights_rows_and_a_gemm_packs_panels(rows: int, gemv
     tir = compiled.source("tir")
     assert [k.kind for k in compiled.kernels] == ["epilogue"]
     assert (f"T.parallel(T.int64({cpu().cores}))" in tir and "_global" not in tir) == gemv
+    with torch.no_grad():
+        assert rel_err(compiled(x).numpy(), model(x).numpy()) <= 1e-5
+
+
+WEIGHT_GEMM = """cascade proj
+rank B=64, D=256, F=768
+tensor X[B,D] input f32
+tensor W[D,F] param f32
+tensor Y[B,F] output f32
+Y[b,f] = X[b,d] * W[d,f]
+"""
+
+
+def test_a_weight_is_stored_as_the_register_tiles_panels(rng: np.random.Generator) -> None:
+    """``W[d,f]`` becomes ``W_p[f//nr, d, f%nr]`` with the data permuted once: the float64
+    interpreter gives the same result from either."""
+    c = parse(WEIGHT_GEMM)
+    w = rng.standard_normal((256, 768))
+    c = replace(c, params={"W": w})
+    packed = pack_weights(c, cpu())
+    _, nr = register_tile(cpu(), 768, 64)
+    assert f"Y[b,f]=X[b,d]*W_p[f//{nr},d,f%{nr}]" in to_text(packed).replace(" ", "")
+    assert packed.params["W_p"].shape == (768 // nr, 256, nr)
+    x = rng.standard_normal((64, 256))
+    assert rel_err(interpret(packed, {"X": x})["Y"], interpret(c, {"X": x})["Y"]) <= 1e-12
+    assert pack_weights(c, Target.parse("accel:fusemax")) is c       # (an accelerator's 2D array has its own layout)
+
+
+class _Projection(torch.nn.Module):
+    def __init__(self, cols: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(256, cols, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(self.proj(x))
+
+
+@pytest.mark.parametrize("rows, cols, packed", [(64, 768, True), (64, 1000, False), (1, 768, False)])
+def test_a_gemm_reads_prepacked_weight_panels_in_place(rows: int, cols: int, packed: bool, tmp_path: Path) -> None:
+    """Columns the register tile divides: the weight's panels packed at compile time and read
+    where they lie (no per-call copy, a ``_global`` buffer); ragged columns still pack per call,
+    one token still runs the GEMV. All against eager."""
+    model, x = _Projection(cols).eval(), torch.randn(rows, 256)
+    compiled = einfuse.compile(model, (x,), cache_dir=tmp_path)
+    assert any(t.name.endswith("_p") for t in compiled.ir.tensors) == packed
+    tir = compiled.source("tir")
+    assert ("_global" not in tir and f"T.parallel(T.int64({cpu().cores}))" not in tir) == packed
     with torch.no_grad():
         assert rel_err(compiled(x).numpy(), model(x).numpy()) <= 1e-5

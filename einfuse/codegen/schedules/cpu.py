@@ -162,7 +162,8 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
     outer = [lp for d, lp in enumerate(spatial[:-1]) if d != row]
     sch.reorder(*outer, j0, i0, *reduce, i1, j1)
     loads = _loads(blk.body.value)
-    packs = len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1
+    packs = len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1 \
+        and not _reads_panels(blk)
     if packs:
         # pack the reduction x NR panel the streamed operand reads, once per j0, reused by every i0
         region = blk.reads[streamed[0]].region
@@ -194,9 +195,15 @@ def _streams_rows(blk: Any, row: int, target: Target) -> bool:
     kinds = [iv.iter_type for iv in blk.iter_vars]
     spatial = [e for e, k in zip(extents, kinds) if k == tirx.IterVar.DataPar]
     depth = [e for e, k in zip(extents, kinds) if k == tirx.IterVar.CommReduce]
-    if None in spatial + depth or len(depth) != 1 or len(spatial) != 2:
+    if None in spatial + depth or len(depth) != 1 or len(spatial) != 2 or _reads_panels(blk):
         return False
     return cost.prefers_gemv(cost.nominal(target), 1, spatial[row], spatial[-1], depth[0])
+
+
+def _reads_panels(blk: Any) -> bool:
+    """Whether the block reads a weight packed into panels at compile time
+    (``W_p[n//nr, k, n%nr]``, codegen/layout.pack_weights): nothing to copy out."""
+    return any(len(ld.indices) == 3 and isinstance(ld.indices[-1], tirx.FloorMod) for ld in _loads(blk.body.value))
 
 
 def _gemv_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool) -> None:
