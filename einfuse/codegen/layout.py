@@ -96,12 +96,6 @@ def pack_weights(c: Cascade, target: Any) -> Cascade:
     return replace(c, ranks=tuple(ranks), tensors=tuple(tensors), stmts=tuple(stmts), params=params)
 
 
-def panel_read(a: Access) -> bool:
-    """Whether ``a`` reads a weight packed by :func:`pack_weights` (``W_p[n//nr, k, n%nr]``)."""
-    last = a.indices[-1].expr if a.indices else None
-    return isinstance(last, IBin) and last.op == "%" and len(a.indices) == 3
-
-
 def _panel(c: Cascade, e: Einsum, decls: dict, sizes: dict, target: Any) -> tuple[Access, int] | None:
     """The weight read ``W[k,n]`` of GEMM ``e`` and the register tile's width, if it is packed."""
     from ..targets import cost

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..ir import Cascade, Einsum
+from ..ir import Cascade, Einsum, IBin
 from ..ir import ops as ir_ops
 from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
 from . import ATTENTION_ROWS
@@ -280,6 +280,13 @@ def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int,
     return batch, size[row], size[out[-1]], math.prod(size[v] for v in reduce)
 
 
+def reads_panels(e: Einsum) -> bool:
+    """Whether contraction ``e`` reads a weight packed into the register tile's panels at compile
+    time (``W_p[n//nr, k, n%nr]``, codegen/layout.pack_weights)."""
+    return any(len(a.indices) == 3 and isinstance(a.indices[-1].expr, IBin) and a.indices[-1].expr.op == "%"
+               for a in reads(e))
+
+
 def points(c: Cascade, e: Einsum, sizes: dict[str, int]) -> int:
     """Points of ``e``'s iteration space at the given rank sizes."""
     ranks = var_ranks(c)
@@ -298,10 +305,9 @@ def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) 
     moved = float(tensors_bytes(c, kernel.inputs + (kernel.output,)).subs(at))
     dims = [contraction_dims(c, e, sizes) for e in einsums]
     if kernel.kind in ("", "epilogue") and any(dims):
-        from ..codegen.layout import panel_read
         e, (batch, rows, cols, depth) = next((e, d) for e, d in zip(einsums, dims) if d)
         extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(einsums, dims) if not d)
-        packed = any(panel_read(a) for a in reads(e))
+        packed = reads_panels(e)
         if prefers_gemv(m, batch, rows, cols, depth, packed):
             return gemv(m, rows, cols, depth, float(extra))
         return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra), packed=packed)

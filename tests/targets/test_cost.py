@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import einfuse
+from einfuse.api import laid_out
 from einfuse import zoo
 from einfuse.codegen.schedules.cpu import register_tile as schedule_tile
 from einfuse.ir import parse
@@ -139,6 +141,23 @@ def test_a_fused_attention_is_estimated_as_its_tiles() -> None:
     sizes = {r.name: r.size for r in fused.ranks}
     est = cost.kernel_estimate(fused, loop, M, sizes)
     assert est.work_seconds == cost.attention(M, 1, 40, 48, 32, 32, 16, cost.SCORE_OPS)
+
+
+def test_a_gemm_on_weight_panels_packed_at_compile_time_is_estimated_without_the_copy() -> None:
+    c = parse("""cascade proj
+rank B=64, D=256, F=768
+tensor X[B,D] input f32
+tensor W[D,F] param f32
+tensor Y[B,F] output f32
+Y[b,f] = X[b,d] * W[d,f]
+""")
+    laid = laid_out(replace(c, params={"W": np.ones((256, 768))}), host_cpu())
+    (kernel,) = group_kernels(laid)
+    assert any(cost.reads_panels(e) for e in kernel.einsums(laid))
+    sizes = {r.name: r.size for r in laid.ranks}
+    est = cost.kernel_estimate(laid, kernel, M, sizes)
+    assert est == cost.gemm(M, 1, 64, 768, 256, cost.register_tile(M, 64, 768), packed=True)
+    assert est.seconds < cost.gemm(M, 1, 64, 768, 256, cost.register_tile(M, 64, 768)).seconds
 
 
 def test_a_compiled_kernel_is_estimated_as_its_gemm() -> None:
