@@ -41,7 +41,8 @@ VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu"
 FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
 PARALLEL_FMAS = 8
 HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
-GEMV_RATE = 0.25     # a GEMV's share of the FMA rate (one store per FMA: 40 of 160 GFLOP/s, Zen 3)
+GEMV_RATE = 0.4      # a GEMV's share of the FMA rate (an accumulator's load and store per 4 FMAs: 55 and 67
+                     # of 150 GFLOP/s at 8 and 16 x 4096 x 4096, Zen 3)
 PAGE, TLB_REACH = 4096, 2048 * 4096   # the data TLB maps 2048 pages of 4 KiB (Zen 3's L2 DTLB)
 PAGE_WALK = 9e-9     # seconds per TLB miss on a core (26 cycles: fitted at 1 x 4096 x 4096, Zen 3)
 ROW_PADDING = 0.5    # the FMA rate of a row tile overhanging a static row count: its row operand is
@@ -146,8 +147,8 @@ def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[i
 
 def gemv(m: Machine, rows: int, cols: int, depth: int, extra_flops: float = 0.0, dtype_bytes: int = 4) -> Estimate:
     """A ``rows x depth @ depth x cols`` contraction as a GEMV (codegen/schedules/cpu.py): each
-    row of the right operand streamed once, contiguous, into accumulators in L1 (a load and a
-    store per FMA: ``GEMV_RATE`` of the FMA rate), no packing."""
+    row of the right operand streamed once, contiguous, into accumulators in L1 (four rows at a
+    time: a load and a store per 4 FMAs, ``GEMV_RATE`` of the FMA rate), no packing."""
     flops = 2.0 * rows * cols * depth
     moved = dtype_bytes * (rows * depth + depth * cols + rows * cols)
     work = flops / (m.flops * GEMV_RATE) + extra_flops / (m.flops / 2)
@@ -156,10 +157,10 @@ def gemv(m: Machine, rows: int, cols: int, depth: int, extra_flops: float = 0.0,
 
 def prefers_gemv(m: Machine, batch: int, rows: int, cols: int, depth: int, packed: bool = False) -> bool:
     """Whether a contraction is run as a GEMV (an unbatched one whose columns split into whole
-    vectors per core) because its estimate beats the register tiles' (1 x 4096 x 4096: 2.6
-    against 7.9 ms measured; from 16 rows of 4096, or 8 of 1024, the tiles win), with the
-    panels ``packed`` at compile time or copied out on every call. A tie (both bound by reading
-    the weight from memory) goes to the GEMV: 1 x 4096 x 4096 ran in 2.6 ms against 2.8 on packed tiles."""
+    vectors per core) because its estimate beats the register tiles' with the panels ``packed``
+    at compile time or copied out on every call (1 x 4096 x 4096: GEMV 2.1 ms, tiles 9.2
+    packing per call; with packed panels the tiles win from 8 rows of 4096: 3.9 against 4.9).
+    A tie (both bound by reading the weight from memory) goes to the GEMV."""
     tiles = gemm(m, 1, rows, cols, depth, register_tile(m, rows, cols), packed=packed)
     return batch == 1 and cols % (m.cores * m.lanes) == 0 and gemv(m, rows, cols, depth).seconds <= tiles.seconds
 
