@@ -6,8 +6,9 @@
 Workloads: the zoo's models, a 1024^3 matmul, and (by name only) ``gemv1x1024``, ``gemv1x4096``,
 ``gemv8x4096`` and ``gemv16x4096`` (a few rows times a square weight), GPT-2 and Llama at sequence 1024
 (``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
-``attn16384``, with a ``c`` suffix for causal, and ``attnvit`` (the zoo ViT's: B=2, H=4, 785 tokens,
-D=16); eager is then torch's fused ``scaled_dot_product_attention``.
+``attn16384``, with a ``c`` suffix for causal, ``attnvit`` (the zoo ViT's: B=2, H=4, 785 tokens,
+D=16) and ``attn1024w80``, ``attn1024w96`` (D=80, 96); eager is then torch's fused
+``scaled_dot_product_attention``.
 Peak memory of the fused attention: ``python -m benchmarks.memory``.
 
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
@@ -117,6 +118,8 @@ for _n in (1024, 4096, 16384):
     workload(f"attn{_n}")(_attention(_n, False))
     workload(f"attn{_n}c")(_attention(_n, True))
 workload("attnvit")(_attention(785, False, (2, 4, 16)))   # the zoo ViT's attention: 785 tokens, 16-wide heads
+for _width in (80, 96):   # heads wider than a register tile and no power of two (Phi's 80 and 96)
+    workload(f"attn1024w{_width}")(_attention(1024, False, (1, 8, _width)))
 
 
 def median_seconds(fn: Callable[[], Any], repeat: int) -> float:

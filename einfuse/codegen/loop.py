@@ -375,7 +375,12 @@ class LoopBuilder(KernelBuilder):
         variable, the reduction outside; stored through the map ``epilogue`` if there is one."""
         op = self.reduce_op(e)
         extent = self.var_extent(own[-1])
-        unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None, self.row_count)
+        # at most as wide as the rule's tile: a 4 x 24 tile (all 16 AVX2 registers) spilled its
+        # accumulators here, where its row operand is broadcast from the block's buffers
+        # (96-wide heads: 2.3x slower than 6 x 16)
+        widest = rule_tile(self.lanes, self.target.registers, None)[1] // self.lanes if self.lanes > 1 else 4
+        unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None, self.row_count,
+                                      vectors=widest)
         if isinstance(extent, int) and extent > width and extent % width:   # (whole chunks only, below)
             unroll, width = rule_tile(self.lanes, self.target.registers, extent)
         while self.row_count % unroll:
@@ -426,8 +431,14 @@ class LoopBuilder(KernelBuilder):
         stack = ExitStack()
         row = stack.enter_context(_loop(T.unroll, unroll))
         extent = self.var_extent(vector) if span is None else span[1]
-        lanes = stack.enter_context(_loop(self.vectorized if isinstance(extent, int) else T.serial,
-                                          self.sizes.expr(extent)))
+        if isinstance(extent, int) and 1 < self.lanes < extent and extent % self.lanes == 0:
+            # whole vectors, unrolled: a loop vectorized over 24 lanes becomes LLVM vectors it
+            # splits with shuffles (96-wide heads ran 5.7x slower than torch's SDPA)
+            vectors = stack.enter_context(_loop(T.unroll, extent // self.lanes))
+            lanes = vectors * self.lanes + stack.enter_context(_loop(self.vectorized, self.lanes))
+        else:
+            lanes = stack.enter_context(_loop(self.vectorized if isinstance(extent, int) else T.serial,
+                                              self.sizes.expr(extent)))
         column = lanes if span is None else span[0] * span[1] + lanes
         at = {**env, vector: column, "@row": group * unroll + row, "@tile": [row, column]}
         at[self.block] = self.row_at(at["@row"])

@@ -193,13 +193,14 @@ def rule_tile(lanes: int, registers: int, cols: int | None) -> tuple[int, int]:
     return max(1, registers // 2 // vectors), vectors * lanes
 
 
-def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 256) -> tuple[int, int]:
-    """The (rows, lanes) register tile for a ``rows x cols`` output: :func:`rule_tile` unless
-    another tile that fits the registers has an estimate more than ``MARGIN`` faster. Unknown
-    sizes take 256."""
+def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 256,
+                  vectors: int = 4) -> tuple[int, int]:
+    """The (rows, lanes) register tile for a ``rows x cols`` output, at most ``vectors`` vectors
+    wide: :func:`rule_tile` unless another tile that fits the registers has an estimate more
+    than ``MARGIN`` faster. Unknown sizes take 256."""
     rows, cols = rows or 256, cols or 256
     rule = rule_tile(m.lanes, m.registers, cols)
-    widest = min(4, -(-cols // m.lanes))
+    widest = min(vectors, -(-cols // m.lanes))
     options = [(r, v * m.lanes) for v in range(widest, 0, -1)
                for r in range(1, accumulators(m.registers, v) // v + 1)]
     seconds = {t: gemm(m, 1, rows, cols, depth, t).seconds for t in options + [rule]}
@@ -249,8 +250,9 @@ def attention_tile(m: Machine, queries: int, keys: int, head_dim: int, value_dim
 
 
 def _block_tile(m: Machine, rows: int, cols: int) -> tuple[int, int]:
-    """The register tile codegen/loop.py uses for a block of ``rows`` rows: its rows divide them."""
-    mr, nr = register_tile(m, rows, cols)
+    """The register tile codegen/loop.py uses for a block of ``rows`` rows: no wider than the
+    rule's, its rows dividing them."""
+    mr, nr = register_tile(m, rows, cols, vectors=rule_tile(m.lanes, m.registers, None)[1] // m.lanes)
     while rows % mr:
         mr -= 1
     return mr, nr

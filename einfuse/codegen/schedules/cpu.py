@@ -32,12 +32,14 @@ from ...passes.group_kernels import Kernel
 WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
 
 
-def register_tile(target: Target, cols: int | None = None, rows: int | None = None) -> tuple[int, int]:
-    """A contraction's register tile, (rows, lanes), for a ``rows x cols`` output: the one the
-    cost model prefers (:func:`einfuse.targets.cost.register_tile`), or with ``target.tiles ==
-    "fixed"`` the rule of thumb (:func:`einfuse.targets.cost.rule_tile`)."""
+def register_tile(target: Target, cols: int | None = None, rows: int | None = None,
+                  vectors: int = 4) -> tuple[int, int]:
+    """A contraction's register tile, (rows, lanes), for a ``rows x cols`` output, at most
+    ``vectors`` vectors wide: the one the cost model prefers
+    (:func:`einfuse.targets.cost.register_tile`), or with ``target.tiles == "fixed"`` the rule
+    of thumb (:func:`einfuse.targets.cost.rule_tile`)."""
     if target.tiles == "model":
-        return cost.register_tile(cost.nominal(target), rows, cols)
+        return cost.register_tile(cost.nominal(target), rows, cols, vectors=vectors)
     return cost.rule_tile(target.vector_lanes, target.registers, cols)
 
 
