@@ -41,7 +41,7 @@ from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import ATTENTION_ROWS, Target
 from ..passes.group_kernels import Kernel
-from ..targets.cost import rule_tile
+from ..targets.cost import rule_tile, rule_vectors
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
 from .schedules.cpu import register_tile
 
@@ -378,7 +378,7 @@ class LoopBuilder(KernelBuilder):
         # at most as wide as the rule's tile: a 4 x 24 tile (all 16 AVX2 registers) spilled its
         # accumulators here, where its row operand is broadcast from the block's buffers
         # (96-wide heads: 2.3x slower than 6 x 16)
-        widest = rule_tile(self.lanes, self.target.registers, None)[1] // self.lanes if self.lanes > 1 else 4
+        widest = rule_vectors(self.target.registers) if self.lanes > 1 else 4
         unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None, self.row_count,
                                       vectors=widest)
         if isinstance(extent, int) and extent > width and extent % width:   # (whole chunks only, below)

@@ -183,11 +183,16 @@ def accumulators(registers: int, vectors: int) -> int:
     return half if half >= PARALLEL_FMAS * HEADROOM else registers - vectors - 1
 
 
+def rule_vectors(registers: int) -> int:
+    """The rule of thumb's register tile width in vectors: 4, or 2 with 16 registers."""
+    return 4 if registers >= 32 else 2
+
+
 def rule_tile(lanes: int, registers: int, cols: int | None) -> tuple[int, int]:
     """The rule of thumb's register tile, (rows, lanes): half the vector registers hold
-    accumulators, up to 4 vectors wide (2 with 16 registers), narrower when the output is (a
-    16-wide attention head takes 1 x 16)."""
-    vectors = 4 if registers >= 32 else 2
+    accumulators, :func:`rule_vectors` wide, narrower when the output is (a 16-wide attention
+    head takes 1 x 16)."""
+    vectors = rule_vectors(registers)
     if cols is not None:
         vectors = max(1, min(vectors, -(-cols // lanes)))
     return max(1, registers // 2 // vectors), vectors * lanes
@@ -252,7 +257,7 @@ def attention_tile(m: Machine, queries: int, keys: int, head_dim: int, value_dim
 def _block_tile(m: Machine, rows: int, cols: int) -> tuple[int, int]:
     """The register tile codegen/loop.py uses for a block of ``rows`` rows: no wider than the
     rule's, its rows dividing them."""
-    mr, nr = register_tile(m, rows, cols, vectors=rule_tile(m.lanes, m.registers, None)[1] // m.lanes)
+    mr, nr = register_tile(m, rows, cols, vectors=rule_vectors(m.registers))
     while rows % mr:
         mr -= 1
     return mr, nr
