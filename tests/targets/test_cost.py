@@ -16,6 +16,7 @@ from einfuse.ir import parse
 from einfuse.passes import PassManager, pipeline
 from einfuse.passes.group_kernels import group_kernels
 from einfuse.targets import Target, cost, host_cpu
+from tests.codegen.test_schedules import WEIGHT_GEMM
 
 M = cost.Machine(flops=100e9, dram=10e9, cache=50e9, cache_bytes=1 << 20, llc_bytes=8 << 20, lanes=8,
                  registers=16, launch=1e-6)
@@ -145,14 +146,7 @@ def test_a_fused_attention_is_estimated_as_its_tiles() -> None:
 
 
 def test_a_gemm_on_weight_panels_packed_at_compile_time_is_estimated_without_the_copy() -> None:
-    c = parse("""cascade proj
-rank B=64, D=256, F=768
-tensor X[B,D] input f32
-tensor W[D,F] param f32
-tensor Y[B,F] output f32
-Y[b,f] = X[b,d] * W[d,f]
-""")
-    laid = laid_out(replace(c, params={"W": np.ones((256, 768))}), host_cpu())
+    laid = laid_out(replace(parse(WEIGHT_GEMM), params={"W": np.ones((256, 768))}), host_cpu())
     (kernel,) = group_kernels(laid)
     assert any(cost.reads_panels(e) for e in kernel.einsums(laid))
     sizes = {r.name: r.size for r in laid.ranks}
