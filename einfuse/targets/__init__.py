@@ -43,8 +43,7 @@ class Target:
         """``cpu``, ``cuda`` or ``accel``."""
         return self.name.split(":", 1)[0] if self.device is not None else "cpu"
 
-    def attention_tile(self, head_dim: int, value_dim: int, keys: int | None = None,
-                       queries: int | None = None) -> int:
+    def attention_tile(self, head_dim: int, value_dim: int, keys: int | None = None) -> int:
         """Keys per tile of the 1-pass attention. A CPU: the tile whose cost-model estimate is
         lowest (:func:`einfuse.targets.cost.attention_tile`, on the target's nominal numbers;
         4096 keys where the length is not known, as many queries as keys). An accelerator: as
@@ -55,7 +54,7 @@ class Target:
             return 64
         from . import cost
         keys = keys or 4096
-        return cost.attention_tile(cost.nominal(self), queries or keys, keys, head_dim, value_dim)
+        return cost.attention_tile(cost.nominal(self), keys, keys, head_dim, value_dim)
 
     @property
     def vector_lanes(self) -> int:
