@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..errors import EinfuseError
 from . import presets
 
 ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (codegen/loop.py): a
@@ -81,18 +82,39 @@ class Target:
         raise presets.unknown(spec)
 
 
+#: ``EINFUSE_CPU_ISA=avx2|avx512`` schedules for that vector ISA whatever the host is, so that a
+#: test suite exercises both paths (register tiles, packing, GEMV choices) on any machine.
+ISA_VARIABLE = "EINFUSE_CPU_ISA"
+_ISAS = {"avx2": (32, 16), "avx512": (64, 32)}   # vector bytes, vector registers
+
+
 @lru_cache(maxsize=1)
 def host_cpu() -> Target:
-    """The machine this runs on, with its real ISA in the LLVM target."""
+    """The machine this runs on, with its real ISA in the LLVM target (or the one
+    ``$EINFUSE_CPU_ISA`` forces: :func:`_forced_isa`)."""
     import tvm
     mcpu = str(tvm.get_global_func("target.llvm_get_system_cpu")())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     wide = any(mcpu.startswith(p) for p in _AVX512)
+    isa = _forced_isa() or ("avx512" if wide else "avx2")
+    if wide and isa == "avx2":
+        mcpu = "haswell"   # (AVX2 code on an AVX-512 host: a subset of its ISA, so it runs there)
     tvm_target: dict[str, Any] = {"kind": "llvm", "mcpu": mcpu, "num-cores": cores}
-    if wide:  # LLVM splits 512-bit vectors in two on these CPUs unless told not to; tiles assume 512
+    if wide and isa == "avx512":  # LLVM splits 512-bit vectors in two on these CPUs unless told not to
         tvm_target["mattr"] = ["-prefer-256-bit"]
-    return Target("cpu", tvm_target, cores, 64 if wide else 32, 32 if wide else 16, _cache_bytes(2, 1 << 20),
+    vector_bytes, registers = _ISAS[isa]
+    # (AVX-512 forced on an AVX2 host keeps the host's mcpu: LLVM splits each 512-bit vector in
+    # two, so the code is right, if slower, and exercises the wide tiles)
+    return Target("cpu", tvm_target, cores, vector_bytes, registers, _cache_bytes(2, 1 << 20),
                   _cache_bytes(3, 8 << 20), l1_bytes=_cache_bytes(0, 32 << 10))
+
+
+def _forced_isa() -> str | None:
+    """The ISA ``$EINFUSE_CPU_ISA`` names, or None when it is unset; anything else is an error."""
+    isa = os.environ.get(ISA_VARIABLE, "").strip().lower()
+    if isa and isa not in _ISAS:
+        raise EinfuseError(f"{ISA_VARIABLE}={isa!r}: expected one of {', '.join(_ISAS)}")
+    return isa or None
 
 
 def _cache_bytes(index: int, otherwise: int) -> int:

@@ -72,3 +72,35 @@ def test_an_unknown_target_lists_the_known_ones(name: str) -> None:
     with pytest.raises(EinfuseError, match=rf"unknown target '{name}'; known targets: cpu, cuda:sm_80, cuda:a100, "
                                            r"cuda:sm_90, cuda:h100, cuda:h200, cuda:sm_XX, accel:fusemax"):
         Target.parse(name)
+
+
+@pytest.mark.parametrize("isa, vector_bytes, registers", [("avx2", 32, 16), ("avx512", 64, 32)])
+def test_the_isa_can_be_forced_and_its_code_runs_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                       rng: "np.random.Generator", isa: str, vector_bytes: int,
+                                                       registers: int) -> None:
+    import numpy as np
+    import torch
+    import einfuse
+    monkeypatch.setenv("EINFUSE_CPU_ISA", isa)
+    host_cpu.cache_clear()
+    try:
+        cpu = host_cpu()
+        assert (cpu.vector_bytes, cpu.registers) == (vector_bytes, registers)
+        model = torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+        x = torch.from_numpy(rng.standard_normal((8, 48)).astype(np.float32))
+        got = einfuse.compile(model, (x,), cache_dir=tmp_path, tuning_db=False)(x)
+        want = model(x).detach()
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    finally:
+        host_cpu.cache_clear()
+
+
+def test_an_unknown_forced_isa_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EINFUSE_CPU_ISA", "sse2")
+    host_cpu.cache_clear()
+    try:
+        with pytest.raises(EinfuseError, match="EINFUSE_CPU_ISA='sse2'"):
+            host_cpu()
+    finally:
+        monkeypatch.delenv("EINFUSE_CPU_ISA")
+        host_cpu.cache_clear()
