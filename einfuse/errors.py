@@ -53,3 +53,9 @@ class UnsupportedOperatorError(CaptureError):
         lines += [f"  {op} at {where}" for op, where in ops]
         lines.append("register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)")
         super().__init__("\n".join(lines))
+
+
+class LoadError(EinfuseError):
+    """A compiled model on disk cannot be loaded: a file is missing, damaged (its size or sha256
+    differs from what ``model.json`` recorded) or malformed, or it was written by another einfuse,
+    TVM or torch version, or for another CPU; the message names which."""
