@@ -289,7 +289,7 @@ def _apply(op: str, args: list[Any], work: str) -> Any:
         "ge": lambda: flag(a >= b), "eq": lambda: flag(tirx.EQ(a, b)), "ne": lambda: flag(tirx.NE(a, b)),
         "and": lambda: flag(tirx.And(tirx.NE(a, zero), tirx.NE(b, zero))),
         "or": lambda: flag(tirx.Or(tirx.NE(a, zero), tirx.NE(b, zero))),
-        "xor": lambda: flag(tirx.NE(tirx.NE(a, zero), tirx.NE(b, zero))),
+        "xor": lambda: flag(tirx.NE(_cast(tirx.NE(a, zero), "int8"), _cast(tirx.NE(b, zero), "int8"))),  # (NE of bools: fcmp)
         "where": lambda: tirx.Select(tirx.NE(a, zero), b, args[2]),
     }
     if op not in table:

@@ -33,13 +33,6 @@ def rule(*names: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def overloads(op: str, *names: str) -> list[str]:
-    """The rule keys ``aten.OP.NAME`` of those overloads of ``aten.OP`` that exist in this torch."""
-    import torch
-    packet = getattr(torch.ops.aten, op)
-    return [f"aten.{op}.{n}" for n in names if n in packet.overloads()]
-
-
 class RuleError(Exception):
     """A rule cannot translate this use of its op (an unsupported argument); the frontend turns
     it into an UnsupportedOperatorError naming the op and the source line."""

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..builder import Ref
-from . import Ctx, RuleError, overloads, rule
+from . import Ctx, RuleError, rule
 
 _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh",
@@ -13,15 +13,17 @@ _UNARY = {
 for _aten, _op in _UNARY.items():
     rule(f"aten.{_aten}.default")((lambda op: lambda ctx: ctx.map(op, ctx.arg(0)))(_op))
 
+#: aten op -> (IR op, its overloads that take tensors or scalars; ``.default`` where torch has only that)
 _BINARY = {
-    "mul": "mul", "div": "div", "maximum": "max", "minimum": "min", "pow": "pow",
-    "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
-    "logical_and": "and", "logical_or": "or", "logical_xor": "xor", "remainder": "mod",
-    "floor_divide": "floordiv",
+    "mul": ("mul", "Tensor", "Scalar"), "div": ("div", "Tensor", "Scalar"),
+    "maximum": ("max", "default"), "minimum": ("min", "default"),
+    "pow": ("pow", "Tensor_Tensor", "Tensor_Scalar", "Scalar"),
+    **{cmp: (cmp, "Tensor", "Scalar") for cmp in ("eq", "ne", "lt", "le", "gt", "ge")},
+    "logical_and": ("and", "default"), "logical_or": ("or", "default"), "logical_xor": ("xor", "default"),
+    "remainder": ("mod", "Tensor", "Scalar", "Scalar_Tensor"), "floor_divide": ("floordiv", "default", "Scalar"),
 }
-for _aten, _op in _BINARY.items():
-    rule(*overloads(_aten, "Tensor", "Scalar", "Tensor_Scalar", "Tensor_Tensor", "Scalar_Tensor"))(
-        (lambda op: lambda ctx: ctx.map(op, ctx.arg(0), ctx.arg(1)))(_op))
+for _aten, (_op, *_overloads) in _BINARY.items():
+    rule(*(f"aten.{_aten}.{o}" for o in _overloads))((lambda op: lambda ctx: ctx.map(op, ctx.arg(0), ctx.arg(1)))(_op))
 
 
 @rule("aten.bitwise_and.Tensor", "aten.bitwise_and.Scalar", "aten.bitwise_or.Tensor", "aten.bitwise_or.Scalar",
