@@ -27,7 +27,7 @@ from .nodes import (Access, Call, Cascade, Const, Coord, Einsum, Expr, IAccess, 
                     ISym, IVar, Loop, Stmt, TensorDecl)
 from .scope import declarations, expr_vars, iteration_vars, reduced_vars, var_ranks
 from .sizes import bind_sizes
-from .verify import verify
+from .verify import describe, verify
 
 _CMP = {"<": np.less, "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal,
         "==": np.equal, "!=": np.not_equal}
@@ -103,7 +103,10 @@ class _Env:
                 for i in range(self.sizes[s.rank]):
                     self.run(s.body, {**bound, s.var: i})
             else:
-                _EinsumEval(self, s, bound).run()
+                try:
+                    _EinsumEval(self, s, bound).run()
+                except (ArithmeticError, ValueError, MemoryError) as exc:   # (a tensor too large, ...)
+                    raise InterpretError(f"{describe(s)}: cannot evaluate: {exc}") from exc
 
     def storage(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         if name not in self.values:

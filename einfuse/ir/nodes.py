@@ -16,6 +16,11 @@ import sympy
 Size = Union[int, sympy.Expr]
 ROLES = ("input", "param", "temp", "output")
 
+#: How deeply a statement's nodes may nest (loops, ops, accesses, index arithmetic, gathers): the
+#: parser and the verifier refuse deeper ones, so every recursive walk over the IR stays far from
+#: Python's recursion limit. Real models nest under 10 deep.
+MAX_DEPTH = 64
+
 
 @dataclass(frozen=True, slots=True)
 class Rank:
@@ -226,6 +231,9 @@ class Cascade:
     #: The kernel groups (``passes.group_kernels.Kernel``, in execution order) once the
     #: ``group-kernels`` pass ran: the mapping side table, not part of the IR or its equality.
     groups: tuple = field(default=(), compare=False, repr=False)
+    #: The range ``(least, greatest or None)`` a size symbol may take (a ``torch.export.Dim``'s
+    #: ``min``/``max``), by symbol name: what a compiled model checks its inputs against.
+    size_ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
 
     def __str__(self) -> str:
         from .text import to_text
@@ -252,6 +260,29 @@ def walk(stmts: tuple[Stmt, ...], loops: tuple[Loop, ...] = ()) -> Iterator[tupl
         else:
             yield s, loops
 
+
+def depth(node: Any) -> int:
+    """How many IR nodes nest under and including ``node`` (a leaf is 1; tuples do not count).
+
+    Iterative, so it measures trees of any depth (the verifier's guard against deep ones)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        x, d = stack.pop()
+        if isinstance(x, tuple):
+            stack.extend((y, d) for y in x)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            deepest = max(deepest, d)
+            stack.extend((getattr(x, f.name), d + 1) for f in dataclasses.fields(x))
+    return deepest
+
+
+def nesting_problem(e: Einsum, loops: int = 0) -> str | None:
+    """Why ``e`` inside ``loops`` enclosing loops nests too deep (None when it does not)."""
+    n = depth(e) + loops
+    if n <= MAX_DEPTH:
+        return None
+    return (f"the einsum writing '{e.lhs.tensor}' nests {n} deep; the limit is {MAX_DEPTH} "
+            "(split it into several Einsums)")
 
 
 def rewrite(node: Any, fn: Callable[[Any], Any]) -> Any:

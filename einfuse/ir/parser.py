@@ -3,19 +3,25 @@
 The grammar (see ``docs/ir.md``) is line oriented: a ``cascade`` header, ``rank`` and ``tensor``
 declarations, one Einsum per line, and ``for v in R {`` ... ``}`` loops. Errors carry the line,
 column and offending text.
+
+Nothing in any text makes it fail otherwise: brackets, calls, unary minus and loops nest at most
+``MAX_DEPTH`` deep (and a statement's tree no deeper), integer literals are at most ``MAX_SIZE``,
+float literals stay in range, sizes are read by a grammar of their own (``sizes.SizeReader``), and
+the time taken is linear in the text.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
-import sympy
-
-from ..errors import IRParseError
+from ..errors import EinfuseError, IRParseError
 from . import ops
-from .nodes import (ROLES, Access, Call, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess, IBin,
-                    IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
-                    Stmt, TensorDecl, TensorRank)
+from .nodes import (MAX_DEPTH, ROLES, Access, Call, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess,
+                    IBin, IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
+                    Stmt, TensorDecl, TensorRank, nesting_problem)
+from .sizes import SizeReader, literal
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
@@ -24,7 +30,7 @@ _TOKEN = re.compile(r"""
   | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
   | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
   | (?P<op>::|<-|->|<=|>=|==|!=|//|[-+*/%<>=()\[\]{},:@&])
-""", re.VERBOSE)
+""", re.VERBOSE | re.ASCII)
 
 _CMPS = ("<", "<=", ">", ">=", "==", "!=")
 
@@ -56,6 +62,17 @@ class _Line:
         self.text, self.lineno = text, lineno
         self.toks = tokenize(text, lineno)
         self.i = 0
+        self.depth = 0   # brackets, calls and unary minus open at the cursor
+
+    def enter(self, tok: Token) -> None:
+        """Open one level of nesting at ``tok``; refused past ``MAX_DEPTH``."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.error(f"expression nested more than {MAX_DEPTH} deep", tok)
+
+    def leave(self) -> None:
+        """Close the level the last :meth:`enter` opened."""
+        self.depth -= 1
 
     def peek(self, offset: int = 0) -> Token | None:
         j = self.i + offset
@@ -107,12 +124,40 @@ def parse(text: str) -> Cascade:
     return _Parser(text).cascade()
 
 
+def parse_file(path: str | Path) -> Cascade:
+    """Parse a ``.ein`` file: IRParseError where it is not UTF-8 or not a cascade, EinfuseError
+    where it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise EinfuseError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = data.rfind(b"\n", 0, exc.start) + 1
+        line = data[start:data.find(b"\n", exc.start) % (len(data) + 1)].decode("utf-8", "replace")
+        raise IRParseError("the file is not UTF-8", data.count(b"\n", 0, exc.start) + 1,
+                           len(data[start:exc.start].decode("utf-8", "replace")) + 1, line) from None
+    return parse(text)
+
+
+def _number(ln: _Line, t: Token) -> float:
+    """The float a number token (or ``inf``) spells; refused where it overflows to infinity."""
+    value = float(t.text)
+    if math.isinf(value) and t.text != "inf":
+        shown = t.text if len(t.text) <= 24 else t.text[:20] + "..."
+        raise ln.error(f"the number {shown} is out of the float range (write inf)", t)
+    return value
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
         self.name: str | None = None
-        self.ranks: list[Rank] = []
-        self.tensors: list[TensorDecl] = []
+        self.ranks: dict[str, Rank] = {}
+        self.sizes: dict[str, Size] = {}
+        self.tensors: dict[str, TensorDecl] = {}
+        self.tensor_ranks: list[tuple[str, Token, _Line]] = []   # to check once every rank is declared
 
     def cascade(self) -> Cascade:
         stack: list[tuple[list[Stmt], str, int]] = [([], "", 0)]
@@ -137,9 +182,11 @@ class _Parser:
             elif ln.keyword() == "tensor":
                 self.tensor_line(ln)
             elif ln.keyword() == "for":
+                if len(stack) > MAX_DEPTH:
+                    raise ln.error(f"'for' loops nested more than {MAX_DEPTH} deep", ln.toks[0])
                 stack.append(([], self.loop_head(ln), lineno))
             else:
-                stack[-1][0].append(self.einsum(ln))
+                stack[-1][0].append(self.einsum(ln, len(stack) - 1))
         if self.name is None:
             raise IRParseError("expected 'cascade NAME' as the first line", 1, 1,
                                self.lines[0] if self.lines else "")
@@ -147,7 +194,10 @@ class _Parser:
             _, rank, start = stack[-1]
             raise IRParseError(f"loop 'for {rank.lower()} in {rank}' is never closed with '}}'", start, 1,
                                self.lines[start - 1])
-        return Cascade(self.name, tuple(self.ranks), tuple(self.tensors), tuple(stack[0][0]))
+        for tensor, tok, ln in self.tensor_ranks:
+            if tok.text not in self.ranks:
+                raise ln.error(f"tensor '{tensor}' uses undeclared rank '{tok.text}'", tok)
+        return Cascade(self.name, tuple(self.ranks.values()), tuple(self.tensors.values()), tuple(stack[0][0]))
 
     # ---- declarations -------------------------------------------------------------------
 
@@ -164,49 +214,21 @@ class _Parser:
             tok = ln.name("a rank name")
             if not tok.text[0].isupper():
                 raise ln.error(f"rank name '{tok.text}' must start with an upper-case letter", tok)
-            if any(r.name == tok.text for r in self.ranks):
+            if tok.text in self.ranks:
                 raise ln.error(f"rank '{tok.text}' is declared twice", tok)
             ln.expect("=", f" after rank '{tok.text}'")
-            self.ranks.append(Rank(tok.text, self.size(ln, tok.text)))
+            self.sizes[tok.text] = SizeReader(ln, tok.text, self.sizes).read()
+            self.ranks[tok.text] = Rank(tok.text, self.sizes[tok.text])
             if ln.peek() is None:
                 return
-            ln.expect(",", " between rank declarations")
-
-    def size(self, ln: _Line, rank: str) -> Size:
-        start, depth = ln.peek(), 0
-        if start is None:
-            raise ln.error(f"expected a size for rank '{rank}'")
-        toks = []
-        while ln.peek() is not None and not (depth == 0 and ln.at(",")):
-            t = ln.next("size")
-            depth += {"(": 1, ")": -1}.get(t.text, 0)
-            toks.append(t)
-        return self.size_expr(ln, start, toks, rank)
-
-    def size_expr(self, ln: _Line, start: Token, toks: list[Token], rank: str) -> Size:
-        names: dict[str, object] = {"floor": sympy.floor, "ceiling": sympy.ceiling,
-                                    "Max": sympy.Max, "Min": sympy.Min}
-        for t in toks:
-            if t.kind == "name" and t.text not in names:
-                known = next((r for r in self.ranks if r.name == t.text), None)
-                names[t.text] = known.size if known else sympy.Symbol(t.text, integer=True, positive=True)
-            elif t.kind not in ("name", "number") and t.text not in "+-*/()," and t.text != "//":
-                raise ln.error(f"unexpected '{t.text}' in the size of rank '{rank}'", t)
-        source = " ".join(t.text for t in toks)
-        try:
-            value = sympy.sympify(source, locals=names, rational=True)
-        except (sympy.SympifyError, SyntaxError, TypeError) as exc:
-            raise ln.error(f"cannot read the size of rank '{rank}': {exc}", start) from None
-        if value.is_Integer:
-            if int(value) <= 0:
-                raise ln.error(f"rank '{rank}' has size {value}; sizes must be positive", start)
-            return int(value)
-        return value
+            if not ln.at(","):
+                raise ln.error(f"unexpected '{ln.peek().text}' in the size of rank '{tok.text}'")
+            ln.next(",")
 
     def tensor_line(self, ln: _Line) -> None:
         ln.next("tensor")
         tok = ln.name("a tensor name")
-        if any(t.name == tok.text for t in self.tensors):
+        if tok.text in self.tensors:
             raise ln.error(f"tensor '{tok.text}' is declared twice", tok)
         ln.expect("[", f" after tensor name '{tok.text}'")
         ranks: list[TensorRank] = []
@@ -216,6 +238,7 @@ class _Parser:
             if iterative:
                 ln.next("+")
             ranks.append(TensorRank(r.text, iterative))
+            self.tensor_ranks.append((tok.text, r, ln))
             if not ln.at("]"):
                 ln.expect(",", f" or ']' in the ranks of '{tok.text}'")
         ln.expect("]")
@@ -235,7 +258,7 @@ class _Parser:
             raise ln.error(f"the role of '{tok.text}' must come before its dtype "
                            f"('tensor {tok.text}[...] {ln.peek().text} {dt.text}')")
         ln.done()
-        self.tensors.append(TensorDecl(tok.text, tuple(ranks), role, dt.text, empty))
+        self.tensors[tok.text] = TensorDecl(tok.text, tuple(ranks), role, dt.text, empty)
 
     def number(self, ln: _Line, what: str) -> float:
         sign = -1.0 if ln.at("-") else 1.0
@@ -243,7 +266,7 @@ class _Parser:
             ln.next("-")
         t = ln.next(what)
         if t.kind == "number" or t.text == "inf":
-            return sign * float(t.text)
+            return sign * _number(ln, t)
         raise ln.error(f"expected a number for {what}, found '{t.text}'", t)
 
     def loop_head(self, ln: _Line) -> str:
@@ -260,7 +283,8 @@ class _Parser:
 
     # ---- statements -----------------------------------------------------------------------
 
-    def einsum(self, ln: _Line) -> Einsum:
+    def einsum(self, ln: _Line, loops: int) -> Einsum:
+        """One Einsum statement inside ``loops`` enclosing loops."""
         first = ln.peek()
         if first is None or first.kind != "name" or ln.peek(1) is None or ln.peek(1).text != "[":
             raise ln.error("expected a statement 'TENSOR[indices] = expression', a declaration "
@@ -286,7 +310,11 @@ class _Parser:
                                "then ':: from', each at most once)", kw)
         if not ln.at("::") and ln.peek() is not None:
             raise ln.error(f"unexpected '{ln.peek().text}' after the expression")
-        return Einsum(lhs, rhs, reduce, populate, provenance, line=ln.lineno)
+        e = Einsum(lhs, rhs, reduce, populate, provenance, line=ln.lineno)
+        problem = nesting_problem(e, loops)
+        if problem:
+            raise ln.error(problem, ln.toks[0])
+        return e
 
     def reduce(self, ln: _Line) -> Reduce:
         ln.expect("[", " after 'reduce'")
@@ -309,9 +337,9 @@ class _Parser:
         if ops.POPULATE_OPS[t.text][1]:
             ln.expect("(", f" after '{t.text}' (write {t.text}(K))")
             kt = ln.next("an integer K")
-            if kt.kind != "number" or not kt.text.isdigit() or int(kt.text) < 1:
+            if kt.kind != "number" or not kt.text.isdigit() or kt.text.strip("0") == "":
                 raise ln.error(f"{t.text} needs a positive integer K, found '{kt.text}'", kt)
-            k = int(kt.text)
+            k = literal(ln, kt, f"K of {t.text}")
             ln.expect(")")
         return Populate(names[0], t.text, k)
 
@@ -348,35 +376,40 @@ class _Parser:
                 raise ln.error("comparisons do not chain; add parentheses")
         return left
 
-    _LEVELS = {1: ("<-", "->"), 2: ("+", "-"), 3: ("*", "/")}
+    _PRECEDENCE = {"<-": 1, "->": 1, "+": 2, "-": 2, "*": 3, "/": 3}
 
     def binary(self, ln: _Line, level: int) -> Expr:
-        if level > 3:
-            return self.unary(ln)
-        left = self.binary(ln, level + 1)
-        while ln.at(*self._LEVELS[level]):
-            op = ops.INFIX[ln.next("operator").text]
+        """Operators binding at least as tightly as ``level``, left-associative (precedence
+        climbing: one frame per level of brackets, not per precedence level)."""
+        left = self.unary(ln)
+        while ln.peek() is not None and self._PRECEDENCE.get(ln.peek().text, 0) >= level:
+            tok = ln.next("operator")
             merge = self.merge(ln)
-            left = Call(op.name, (left, self.binary(ln, level + 1)), merge)
+            left = Call(ops.INFIX[tok.text].name, (left, self.binary(ln, self._PRECEDENCE[tok.text] + 1)), merge)
         return left
 
     def unary(self, ln: _Line) -> Expr:
         if ln.at("-"):
-            ln.next("-")
+            minus = ln.next("-")
             t = ln.peek()
             if t is not None and (t.kind == "number" or t.text == "inf"):
                 ln.next("number")
-                return Const(-float(t.text))
-            return Call("neg", (self.unary(ln),))
+                return Const(-_number(ln, t))
+            ln.enter(minus)
+            inner = self.unary(ln)
+            ln.leave()
+            return Call("neg", (inner,))
         return self.primary(ln)
 
     def primary(self, ln: _Line) -> Expr:
         t = ln.next("an expression")
         if t.kind == "number" or t.text == "inf":
-            return Const(float(t.text))
+            return Const(_number(ln, t))
         if t.text == "(":
+            ln.enter(t)
             inner = self.expr(ln)
             ln.expect(")", " to close '('")
+            ln.leave()
             return inner
         if t.kind != "name":
             ln.i -= 1
@@ -385,33 +418,36 @@ class _Parser:
             ln.i -= 1
             return self.access(ln)
         if t.text == "idx" and ln.at("("):
-            ln.next("(")
+            ln.enter(ln.next("("))
             coord = Coord(self.iexpr(ln))
             ln.expect(")", " to close 'idx('")
+            ln.leave()
             return coord
         merge = self.merge(ln)
         if not ln.at("("):
             raise ln.error(f"'{t.text}' is neither a tensor access ('{t.text}[...]') nor an op call "
                            f"('{t.text}(...)')", t)
-        ln.next("(")
+        ln.enter(ln.next("("))
         args = [self.expr(ln)]
         while ln.at(","):
             ln.next(",")
             args.append(self.expr(ln))
         ln.expect(")", f" to close the arguments of '{t.text}'")
+        ln.leave()
         return Call(t.text, tuple(args), merge)
 
     # ---- accesses and indices -----------------------------------------------------------------
 
     def access(self, ln: _Line) -> Access:
         name = ln.name("a tensor name")
-        ln.expect("[")
+        ln.enter(ln.expect("["))
         indices: list[Index] = []
         while not ln.at("]"):
             indices.append(self.index(ln))
             if not ln.at("]"):
                 ln.expect(",", f" or ']' in the indices of '{name.text}'")
         ln.expect("]")
+        ln.leave()
         return Access(name.text, tuple(indices))
 
     def index(self, ln: _Line) -> Index:
@@ -449,8 +485,10 @@ class _Parser:
         if t.kind == "number":
             return IConst(self.int_token(ln, t))
         if t.text == "(":
+            ln.enter(t)
             inner = self.iexpr(ln)
             ln.expect(")", " to close '(' in an index")
+            ln.leave()
             return inner
         if t.kind != "name":
             ln.i -= 1
@@ -463,4 +501,4 @@ class _Parser:
     def int_token(self, ln: _Line, t: Token) -> int:
         if not t.text.isdigit():
             raise ln.error(f"indices are integers, found '{t.text}'", t)
-        return int(t.text)
+        return literal(ln, t, "the index")

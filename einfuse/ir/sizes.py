@@ -1,12 +1,175 @@
-"""Binding symbolic rank sizes to numbers from the shapes of the arrays a caller passes."""
+"""Rank sizes: reading them from text, checking them, and binding symbolic sizes to numbers from
+the shapes of the arrays a caller passes.
+
+A size is read by a small grammar of its own (never by ``sympify``, which evaluates what it reads):
+integers, size symbols, earlier ranks, ``+ - * / //``, ``**`` with a small integer exponent,
+parentheses and ``floor ceiling Max Min``. Every number in a size is at most ``MAX_SIZE``.
+"""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import sympy
 
 from ..errors import InterpretError
 from .nodes import Cascade, IBin, IConst, IndexExpr, ISym, IVar, Size, TensorDecl
+
+#: The largest integer literal the IR accepts (a size, an index, a topk K) and the largest size.
+MAX_SIZE = 2 ** 62
+#: The largest exponent in a size (``S**2``).
+MAX_EXPONENT = 64
+_FUNCTIONS: dict[str, tuple[Callable[..., sympy.Expr], int | None]] = {
+    "floor": (sympy.floor, 1), "ceiling": (sympy.ceiling, 1), "Max": (sympy.Max, None), "Min": (sympy.Min, None)}
+
+
+class Cursor(Protocol):
+    """What the size reader needs of the parser's token cursor over one line."""
+
+    def peek(self, offset: int = 0) -> Any: ...
+    def next(self, what: str) -> Any: ...
+    def at(self, *texts: str) -> bool: ...
+    def expect(self, text: str, what: str = "") -> Any: ...
+    def error(self, message: str, tok: Any = None) -> Exception: ...
+    def enter(self, tok: Any) -> None: ...
+    def leave(self) -> None: ...
+
+
+def literal(ln: Cursor, tok: Any, what: str) -> int:
+    """The non-negative integer a number token spells, refused past ``MAX_SIZE`` (no int() of a
+    thousand digits)."""
+    if tok.kind != "number" or not tok.text.isdigit():
+        raise ln.error(f"{what} must be a whole number, found '{_short(tok.text)}'", tok)
+    if len(tok.text) > len(str(MAX_SIZE)) or int(tok.text) > MAX_SIZE:
+        raise ln.error(f"{what} {_short(tok.text)} is larger than 2**62", tok)
+    return int(tok.text)
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 24 else text[:20] + "..."
+
+
+class SizeReader:
+    """Reads the size of one rank from a line's tokens up to a ``,`` or the end of the line."""
+
+    def __init__(self, ln: Cursor, rank: str, known: Mapping[str, Size]) -> None:
+        self.ln, self.rank, self.known = ln, rank, known
+
+    def read(self) -> Size:
+        """The size, checked (:func:`size_problem`); an int when it is a number."""
+        start = self.ln.peek()
+        value = self.sum()
+        problem = size_problem(value)
+        if problem:
+            raise self.ln.error(f"rank '{self.rank}' {problem}", start)
+        return int(value) if value.is_Integer else value
+
+    def sum(self) -> sympy.Expr:
+        terms = [self.term()]
+        while self.ln.at("+", "-"):
+            sign = self.ln.next("+ or -").text
+            terms.append(self.term() if sign == "+" else -self.term())
+        return sympy.Add(*terms)
+
+    def term(self) -> sympy.Expr:
+        factors = [self.unary()]
+        while self.ln.at("*", "/", "//"):
+            op = self.ln.next("operator")
+            operand = self.unary()
+            if op.text != "*" and operand.is_zero:
+                raise self.ln.error(f"division by zero in the size of rank '{self.rank}'", op)
+            if op.text == "//":
+                factors = [sympy.floor(sympy.Mul(*factors) / operand)]
+            else:
+                factors.append(operand if op.text == "*" else 1 / operand)
+        return sympy.Mul(*factors)
+
+    def unary(self) -> sympy.Expr:
+        if not self.ln.at("-"):
+            return self.power()
+        self.ln.enter(self.ln.next("-"))
+        value = -self.unary()
+        self.ln.leave()
+        return value
+
+    def power(self) -> sympy.Expr:
+        base = self.atom()
+        star, second = self.ln.peek(), self.ln.peek(1)
+        if star is None or star.text != "*" or second is None or second.text != "*":
+            return base
+        if second.col != star.col + 1:
+            raise self.ln.error("'**' is written without a space", second)
+        self.ln.next("*"), self.ln.next("*")
+        n = literal(self.ln, self.ln.next("an exponent"), "an exponent")
+        if self.ln.at("*") and self.ln.peek(1) is not None and self.ln.peek(1).text == "*":
+            raise self.ln.error("an exponent is one number: write (a**b)**c", self.ln.peek())
+        biggest = max((abs(x.p).bit_length() + x.q.bit_length() for x in base.atoms(sympy.Rational)), default=0)
+        if n > MAX_EXPONENT or biggest * n > 4 * 62 or _largest_exponent(base) * n > MAX_EXPONENT:
+            raise self.ln.error(f"the exponent {n} makes the size of rank '{self.rank}' too large "
+                                f"(exponents in a size are at most {MAX_EXPONENT})", star)
+        return base ** n
+
+    def atom(self) -> sympy.Expr:
+        t = self.ln.next(f"a size for rank '{self.rank}'")
+        if t.kind == "number":
+            return sympy.Integer(literal(self.ln, t, f"a number in the size of rank '{self.rank}'"))
+        if t.text == "(":
+            self.ln.enter(t)
+            inner = self.sum()
+            self.ln.expect(")", f" to close '(' in the size of rank '{self.rank}'")
+            self.ln.leave()
+            return inner
+        if t.kind != "name":
+            raise self.ln.error(f"expected a size for rank '{self.rank}', found '{t.text}'", t)
+        if t.text in _FUNCTIONS:
+            return self.call(t)
+        if self.ln.at("("):
+            raise self.ln.error(f"unknown function '{t.text}' in the size of rank '{self.rank}' "
+                                f"(sizes may call {', '.join(_FUNCTIONS)})", t)
+        if t.text in self.known:
+            return sympy.sympify(self.known[t.text])
+        return sympy.Symbol(t.text, integer=True, positive=True)
+
+    def call(self, name: Any) -> sympy.Expr:
+        fn, arity = _FUNCTIONS[name.text]
+        self.ln.enter(name)
+        self.ln.expect("(", f" after '{name.text}'")
+        args = [self.sum()]
+        while self.ln.at(","):
+            self.ln.next(",")
+            args.append(self.sum())
+        self.ln.expect(")", f" to close the arguments of '{name.text}'")
+        self.ln.leave()
+        if arity is not None and len(args) != arity:
+            raise self.ln.error(f"{name.text} takes {arity} argument, given {len(args)}", name)
+        return fn(*args)
+
+
+def _largest_exponent(x: sympy.Expr) -> int:
+    return max((abs(int(p.exp)) for p in x.atoms(sympy.Pow) if p.exp.is_Integer), default=1)
+
+
+def size_problem(size: Any) -> str | None:
+    """Why ``size`` is not a rank size, as the end of a sentence naming the rank (None if it is).
+
+    A size is a positive integer up to ``MAX_SIZE``, or a sympy expression of size symbols that
+    is not provably zero, negative, fractional or infinite, whose numbers are at most
+    ``MAX_SIZE`` and whose exponents are integers up to ``MAX_EXPONENT``. (A symbolic size that
+    may still be fractional, ``S/64``, is checked when it is bound to a number.)
+    """
+    if isinstance(size, bool) or not isinstance(size, (int, sympy.Basic)):
+        return f"has size {size!r}; a size is an integer or a sympy expression"
+    value = sympy.sympify(size)
+    if not isinstance(value, sympy.Expr) or value.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
+        return f"has size {value}, which is not a finite number"
+    if any(abs(x.p) > MAX_SIZE or x.q > MAX_SIZE for x in value.atoms(sympy.Rational)):
+        return f"has size {_short(str(value))}, with a number larger than 2**62"
+    if any(not p.exp.is_Integer or abs(p.exp) > MAX_EXPONENT for p in value.atoms(sympy.Pow)):
+        return f"has size {value}; exponents in a size are integers up to {MAX_EXPONENT}"
+    if value.is_positive is False:
+        return f"has size {value}; sizes must be positive"
+    if value.is_integer is False:
+        return f"has size {value}; sizes must be whole numbers"
+    return None
 
 
 def extent(size: Size, iterative: bool) -> Size:
@@ -77,7 +240,7 @@ def bind_sizes(c: Cascade, decls: Mapping[str, TensorDecl], shapes: Mapping[str,
             expr = expr.subs(env)
             unknown = sorted(expr.free_symbols, key=str)
             if not unknown:
-                if int(expr) != n:
+                if not expr.is_Integer or int(expr) != n:
                     raise InterpretError(f"'{name}' dimension {dim} (rank {rank}) has extent {n} but "
                                          f"the cascade declares {expr}")
                 pending.remove(item)
@@ -99,7 +262,10 @@ def bind_sizes(c: Cascade, decls: Mapping[str, TensorDecl], shapes: Mapping[str,
 
 
 def _solve(sym: sympy.Symbol, expr: sympy.Expr, n: int, name: str, dim: int) -> int:
-    solutions = [s for s in sympy.solve(sympy.Eq(expr, n), sym) if s.is_Integer and s > 0]
+    try:
+        solutions = [s for s in sympy.solve(sympy.Eq(expr, n), sym) if s.is_Integer and s > 0]
+    except NotImplementedError:   # (sympy solves no equation in floor or Max)
+        solutions = []
     if len(solutions) != 1:
         raise InterpretError(f"cannot determine {sym} from '{name}' dimension {dim}: {expr} = {n} "
                              "has no single positive integer solution")

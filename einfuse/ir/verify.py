@@ -1,6 +1,8 @@
 """The verifier: every rule a well-formed cascade obeys, each broken rule a precise error.
 
 Errors name the Einsum (its text, and its line when it was parsed from text) and the rule.
+Nothing in a cascade makes it fail otherwise: nesting past ``MAX_DEPTH``, sizes that are not
+sizes and integers past ``MAX_SIZE`` are broken rules, checked before any recursive walk.
 """
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import math
 
 from ..errors import VerificationError
 from . import ops
-from .nodes import (ROLES, Access, Call, Cascade, Coord, Einsum, Expr, IBin, IConst, IndexExpr, ISym, IVar,
-                    Loop, Stmt)
+from .nodes import (MAX_DEPTH, ROLES, Access, Call, Cascade, Coord, Einsum, Expr, IBin, IConst, IndexExpr,
+                    ISym, IVar, Loop, Stmt, nesting_problem)
 from .scope import (declarations, gathers, index_atoms, iteration_vars, loop_vars, reads,
                     reduced_vars, undeclarable, var_ranks)
+from .sizes import MAX_SIZE, size_problem
 from .text import access_text, einsum_text
 
 
@@ -20,17 +23,37 @@ def verify(c: Cascade) -> Cascade:
 
     Returns ``c`` so calls can be chained.
     """
+    _check_nesting(c)
     _check_declarations(c)
     _Checker(c).stmts(c.stmts, ())
     return c
 
 
-def _where(e: Einsum) -> str:
+def describe(e: Einsum) -> str:
+    """An Einsum as error messages name it: ``line 7: einsum `Z[m] = A[m]```."""
     line = f"line {e.line}: " if e.line is not None else ""
     return f"{line}einsum `{einsum_text(e)}`"
 
 
+def _check_nesting(c: Cascade) -> None:
+    """No statement nests deeper than ``MAX_DEPTH`` (walked with a stack: any depth is measured)."""
+    stack: list[tuple[Stmt, int]] = [(s, 0) for s in reversed(c.stmts)]
+    while stack:
+        s, loops = stack.pop()
+        line = f"line {s.line}: " if s.line is not None else ""
+        if isinstance(s, Loop):
+            if loops >= MAX_DEPTH:
+                raise VerificationError(f"{line}'for' loops nested more than {MAX_DEPTH} deep")
+            stack.extend((b, loops + 1) for b in reversed(s.body))
+        elif nesting_problem(s, loops):
+            raise VerificationError(f"{line}{nesting_problem(s, loops)}")
+
+
 def _check_declarations(c: Cascade) -> None:
+    for r in c.ranks:
+        problem = size_problem(r.size)
+        if problem:
+            raise VerificationError(f"rank '{r.name}' {problem}")
     seen: dict[str, str] = {}
     for r in c.ranks:
         if r.var in seen:
@@ -63,7 +86,7 @@ class _Checker:
         bad = undeclarable(c)
         if bad:
             first = next(e for e, _ in c.einsums() if e.lhs.tensor == bad[0])
-            raise VerificationError(f"{_where(first)}: cannot infer the ranks of '{bad[0]}' from its "
+            raise VerificationError(f"{describe(first)}: cannot infer the ranks of '{bad[0]}' from its "
                                     f"writes; declare it with a 'tensor {bad[0]}[...]' line")
 
     def stmts(self, stmts: tuple[Stmt, ...], loops: tuple[Loop, ...]) -> None:
@@ -89,7 +112,7 @@ class _Checker:
         self.stmts(lp.body, loops + (lp,))
 
     def einsum(self, e: Einsum, loops: tuple[Loop, ...]) -> None:
-        where = _where(e)
+        where = describe(e)
         bound = loop_vars(loops)
         out = self.decls[e.lhs.tensor]
         if out.role in ("input", "param"):
@@ -121,6 +144,8 @@ class _Checker:
 
     def index_names(self, e: IndexExpr, where: str) -> None:
         for atom in index_atoms(e):
+            if isinstance(atom, IConst) and abs(atom.value) > MAX_SIZE:
+                raise VerificationError(f"{where}: the index constant {atom.value} is larger than 2**62")
             if isinstance(atom, IVar) and atom.name not in self.ranks:
                 raise VerificationError(f"{where}: unknown variable '{atom.name}' (no rank "
                                         f"'{atom.name.upper()}' is declared)")
@@ -170,8 +195,8 @@ class _Checker:
                 raise VerificationError(f"{where}: unknown populate op '{p.op}'")
             if p.var not in iteration_vars(e, bound) or p.var in reduced:
                 raise VerificationError(f"{where}: populate[{p.var}] must name a variable of the output")
-            if p.k < 1:
-                raise VerificationError(f"{where}: populate {p.op}({p.k}) needs k >= 1")
+            if not 1 <= p.k <= MAX_SIZE:
+                raise VerificationError(f"{where}: populate {p.op}({p.k}) needs 1 <= k <= 2**62")
 
     def self_reads(self, e: Einsum, where: str, bound: frozenset[str]) -> None:
         own = [a for a in reads(e) if a.tensor == e.lhs.tensor]
