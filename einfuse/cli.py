@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import EinfuseError
-from .ir import Cascade, parse, verify
+from .ir import Cascade, verify
+from .ir.parser import parse_file
 from .ir.analysis import analyze_passes, cascade_costs, compulsory_bytes, format_number, format_table, total_cost
 from .ir.scope import loop_vars, reduced_vars
 from .ir.text import access_text
@@ -186,7 +187,7 @@ def load_torch_model(spec: str) -> tuple:
         raise EinfuseError("no such file")
     if path.endswith(".py"):
         return _call_builder(Path(path), function)
-    return verify(parse(Path(path).read_text())), None
+    return verify(parse_file(path)), None
 
 
 def load_model(spec: str) -> Cascade:
