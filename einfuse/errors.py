@@ -59,3 +59,9 @@ class LoadError(EinfuseError):
     """A compiled model on disk cannot be loaded: a file is missing, damaged (its size or sha256
     differs from what ``model.json`` recorded) or malformed, or it was written by another einfuse,
     TVM or torch version, or for another CPU; the message names which."""
+
+
+class InputError(EinfuseError):
+    """Inputs a model cannot take: at capture, ``None``, non-tensors, ``meta`` tensors, unsupported
+    dtypes or the wrong arguments for ``forward``; at a call of a compiled model, the wrong number,
+    dtype, rank or shape for what it was compiled for, or a size outside its ``Dim``'s range."""

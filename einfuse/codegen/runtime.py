@@ -23,7 +23,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if has
                                              else os.cpu_count() or 1))
 from tvm import relax
 
-from ..errors import EinfuseError, InterpretError
+from ..errors import EinfuseError, InputError, InterpretError
 from ..frontends.torch_export import DTYPES
 from ..ir import Cascade, parse, to_text
 from ..ir.analysis import einsum_cost, format_number, format_table, tensors_bytes
@@ -33,10 +33,6 @@ from ..targets import host_peaks
 from ..passes.group_kernels import Kernel, group_kernels
 
 TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
-
-
-class InputError(EinfuseError):
-    """The tensors given to a compiled model do not match what it was compiled for."""
 
 
 class CompiledModel:
@@ -60,6 +56,7 @@ class CompiledModel:
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
         self.outputs = [t.name for t in cascade.tensors if t.role == "output"]
         self._shapes_seen: set[tuple] = set()   # input shapes already checked against the sizes
+        self.size_ranges = dict(cascade.size_ranges)   # each Dim symbol's (min, max or None)
 
     def __call__(self, *args: Any) -> Any:
         """Run on torch tensors; one output comes back as a tensor, several as a tuple."""
@@ -88,12 +85,7 @@ class CompiledModel:
             raise InputError(f"expected {len(self.inputs)} input(s) ({', '.join(self.inputs)}), got {len(args)}")
         out, shapes = [], {}
         for name, x in zip(self.inputs, args):
-            decl = self._decls[name]
-            if not isinstance(x, torch.Tensor):
-                x = torch.as_tensor(np.asarray(x))
-            if x.dtype != TORCH_DTYPES[decl.dtype]:
-                raise InputError(f"input '{name}' has dtype {x.dtype}; the model was compiled for "
-                                 f"{TORCH_DTYPES[decl.dtype]}")
+            x = self._checked(name, x)
             shapes[name] = tuple(x.shape)
             if x.device.type != self.device:
                 x = x.to(self.device)
@@ -108,8 +100,37 @@ class CompiledModel:
                 bind_sizes(self.ir, self._decls, shapes)
             except InterpretError as exc:
                 raise InputError(str(exc)) from None
+            self._check_ranges(shapes)
             self._shapes_seen.add(key)
         return out
+
+    def _checked(self, name: str, x: Any) -> torch.Tensor:
+        """Input ``name`` as a torch tensor (a numpy array is taken as one) of the compiled dtype,
+        or an InputError saying what it is instead."""
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x) if x.dtype.kind in "biuf" else x
+        if not isinstance(x, torch.Tensor):
+            kind = type(x).__name__ if type(x).__module__ == "builtins" else f"{type(x).__module__}.{type(x).__name__}"
+            raise InputError(f"input '{name}' is {'None' if x is None else f'of type {kind}'}; "
+                             "the model takes torch tensors (or numpy arrays)")
+        if x.is_meta or x.layout != torch.strided:
+            raise InputError(f"input '{name}' is a {'meta' if x.is_meta else str(x.layout)} tensor; "
+                             "the model takes dense tensors with data")
+        want = TORCH_DTYPES[self._decls[name].dtype]
+        if x.dtype != want:
+            raise InputError(f"input '{name}' has dtype {x.dtype}; the model was compiled for {want}")
+        return x
+
+    def _check_ranges(self, shapes: dict[str, tuple]) -> None:
+        """An InputError for a dimension over a Dim symbol whose size lies outside the Dim's
+        ``min``/``max`` (the range the model was captured for)."""
+        for name, shape in shapes.items():
+            for dim, (tr, n) in enumerate(zip(self._decls[name].ranks, shape)):
+                symbol = str(self.ir.rank(tr.rank).size)
+                lo, hi = self.size_ranges.get(symbol, (1, None))
+                if not tr.iterative and (n < lo or (hi is not None and n > hi)):
+                    raise InputError(f"input '{name}' dimension {dim} (Dim '{symbol}') is {n}, outside the range "
+                                     f"the model was captured for: {lo} <= {symbol} <= {'inf' if hi is None else hi}")
 
     # ---- inspection --------------------------------------------------------------------------
 

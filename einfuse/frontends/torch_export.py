@@ -8,15 +8,21 @@ and translated to FuseMax's attention cascade.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import operator
 import os
 import re
-from typing import Any, Mapping
+import warnings
+from dataclasses import replace
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import sympy
 import torch
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from ..errors import CaptureError, UnsupportedOperatorError
+from ..errors import CaptureError, InputError, UnsupportedOperatorError
 from ..ir import Cascade, verify
 from .aten import RULES, Ctx, RuleError
 from .builder import Builder, Ref
@@ -28,6 +34,11 @@ DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", to
 SHORT_NAMES = {"native_layer_norm": "layernorm", "scaled_dot_product_attention": "attn",
                "_native_batch_norm_legit_no_training": "batchnorm", "_softmax": "softmax",
                "max_pool2d_with_indices": "maxpool", "_adaptive_avg_pool2d": "avgpool", "convolution": "conv"}
+
+#: torch 2.13's own deprecation warning from inside ``torch.export`` (its pytree ``LeafSpec``),
+#: printed on every capture although nothing the user wrote causes it: ignored, and only it.
+LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
 
 #: ops that only assert metadata: they produce nothing the cascade needs
 IGNORED = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
@@ -45,16 +56,28 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | Non
     The cascade is named after the model's class (or its ``einfuse_name``). Raises :class:`~einfuse.errors.CaptureError` for bad
     arguments or a failed export, and :class:`~einfuse.errors.UnsupportedOperatorError` listing
     every op that has no rule.
+    Inputs that cannot be captured (``None``, non-tensors, ``meta`` tensors, unsupported dtypes,
+    empty dimensions, the wrong number of arguments) raise :class:`~einfuse.errors.InputError`;
+    an op whose output shape depends on the data (``x[x > 0]``, ``nonzero``) a ``CaptureError``
+    naming it and its source line. Each ``Dim``'s ``min``/``max`` travel as ``size_ranges``.
     """
     _check_arguments(model, args, kwargs)
+    check_inputs(model, tuple(args), dict(kwargs or {}))
     exported = _export(model, tuple(args), dict(kwargs or {}), dynamic_shapes)
+    dependent = data_dependent_ops(exported.graph)
+    if dependent:
+        raise CaptureError("\n".join(["the shape of a result depends on the values in a tensor, which a "
+                                      "compiled cascade cannot follow (its shapes are fixed or Dim symbols):"]
+                                     + [f"  {op} at {where}" for op, where in dependent]
+                                     + ["compute with a fixed shape instead: torch.where(mask, x, 0) for x[mask]"]))
     missing = unsupported_ops(exported.graph)
     if missing:
         raise UnsupportedOperatorError(missing)
     symbols = _symbol_names(exported, dynamic_shapes)
     name = re.sub(r"\W", "_", getattr(model, "einfuse_name", type(model).__name__).lower()).strip("_") or "model"
     names = rank_names if rank_names is not None else getattr(model, "einfuse_rank_names", None)
-    return verify(_Translator(exported, Builder(names), symbols).run(name))
+    cascade = verify(_Translator(exported, Builder(names), symbols).run(name))
+    return replace(cascade, size_ranges=_size_ranges(exported, symbols))
 
 
 def _check_arguments(model: Any, args: Any, kwargs: Any) -> None:
@@ -67,16 +90,75 @@ def _check_arguments(model: Any, args: Any, kwargs: Any) -> None:
         raise CaptureError(f"capture: kwargs must be a dict, got {type(kwargs).__name__}")
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+def check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`~einfuse.errors.InputError` unless ``model.forward`` takes ``args`` and
+    ``kwargs`` and every value among them (lists, tuples and dicts looked into) is a real tensor
+    of a supported dtype with no empty dimension."""
     try:
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    except Exception as exc:  # torch.export raises many unrelated types; all mean "could not export"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
-                           f"{first}") from exc
-    table = torch.export.default_decompositions()
-    table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
-    return exported.run_decompositions(table)
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputError(f"{type(model).__name__}.forward cannot take these arguments: {exc}") from None
+    for name, value in bound.arguments.items():
+        leaves, _ = torch.utils._pytree.tree_flatten(value)
+        if value is None:
+            raise InputError(f"input '{name}' is None; leave an optional input out (pass the others by "
+                             "keyword) or give a tensor")
+        for leaf in leaves:
+            problem = input_problem(leaf)
+            if problem:
+                raise InputError(f"input '{name}' {problem}")
+
+
+def input_problem(x: Any) -> str | None:
+    """Why ``x`` cannot be a model input (None when it can): the end of ``"input 'x' ..."``."""
+    if not isinstance(x, torch.Tensor):
+        kind = type(x).__name__ if type(x).__module__ == "builtins" else f"{type(x).__module__}.{type(x).__name__}"
+        hint = " (torch.from_numpy(x) makes it one)" if isinstance(x, np.ndarray) else ""
+        return f"is of type {kind}; einfuse takes tensor inputs only{hint}"
+    if x.is_meta:
+        return f"is a meta tensor {tuple(x.shape)} (it has no data); give a tensor with values"
+    if x.layout != torch.strided:
+        return f"has layout {x.layout}; give a dense tensor (x.to_dense())"
+    if x.dtype not in DTYPES:
+        return f"has dtype {x.dtype}; supported: {', '.join(str(t) for t in DTYPES)}"
+    if 0 in x.shape:
+        return f"has an empty dimension {tuple(x.shape)}; every size must be at least 1"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Ignore :data:`LEAFSPEC_WARNING` here too (a test or a ``-W`` option may have reset the
+    filter set at import)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+        yield
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    with _quiet_torch():
+        try:
+            exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # torch.export raises many unrelated types; all mean "could not export"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
+                               f"{first}") from exc
+        table = torch.export.default_decompositions()
+        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+        return exported.run_decompositions(table)
+
+
+def data_dependent_ops(graph: torch.fx.Graph) -> list[tuple[str, str]]:
+    """Every call whose result has a size (or is a number) known only from the data, an
+    *unbacked* symbol it does not read from its arguments, with its source location."""
+    out = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is operator.getitem:
+            continue
+        read = set().union(*(free_unbacked_symbols(a.meta.get("val")) for a in node.all_input_nodes))
+        if free_unbacked_symbols(node.meta.get("val")) - read:
+            out.append((str(node.target), source_location(node, code=True)))
+    return out
 
 
 def unsupported_ops(graph: torch.fx.Graph) -> list[tuple[str, str]]:
@@ -121,6 +203,18 @@ def _symbol_names(exported: torch.export.ExportedProgram, dynamic_shapes: Any) -
             if isinstance(size, torch.SymInt) and getattr(dim, "__name__", None) and size.node.expr.is_Symbol:
                 names[size.node.expr] = sympy.Symbol(dim.__name__, integer=True, positive=True)
     return names
+
+
+def _size_ranges(exported: torch.export.ExportedProgram,
+                 symbols: dict[sympy.Symbol, sympy.Symbol]) -> dict[str, tuple[int, int | None]]:
+    """Each size symbol's ``(least, greatest)`` (None: unbounded) from the export's constraints."""
+    ranges = {}
+    for symbol, bounds in exported.range_constraints.items():
+        name = symbols.get(symbol)
+        if name is not None:
+            hi = int(bounds.upper) if bounds.upper.is_Integer else None
+            ranges[str(name)] = (max(int(bounds.lower), 1), hi)
+    return ranges
 
 
 class _Translator:

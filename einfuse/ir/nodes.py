@@ -234,6 +234,9 @@ class Cascade:
     #: The range ``(least, greatest or None)`` a size symbol may take (a ``torch.export.Dim``'s
     #: ``min``/``max``), by symbol name: what a compiled model checks its inputs against.
     size_ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
+    #: The range ``(least, greatest or None)`` a size symbol may take (a ``torch.export.Dim``'s
+    #: ``min``/``max``), by symbol name: what a compiled model checks its inputs against.
+    size_ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
 
     def __str__(self) -> str:
         from .text import to_text

@@ -90,3 +90,149 @@ def test_maximum_minimum_and_logical_ops_compile_and_match_eager(tmp_path: Path,
     compiled = einfuse.compile(_MinMaxLogical(), (x, y), cache_dir=tmp_path)
     x, y = (torch.from_numpy(rng.standard_normal((4, 16)).astype(np.float32)) for _ in range(2))
     assert rel_err(compiled(x, y).numpy(), _eager(_MinMaxLogical(), (x, y))) <= 1e-5
+
+
+# ---- data-dependent shapes -------------------------------------------------------------------
+
+class _MaskedSelect(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[x > 0] * 2
+
+
+class _NonZero(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(x).float()
+
+
+class _MaskedSelectOp(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.masked_select(x, x > 0)
+
+
+@pytest.mark.parametrize("model, op, line", [
+    (_MaskedSelect(), "aten.index.Tensor", "return x[x > 0] * 2"),
+    (_NonZero(), "aten.nonzero.default", "return torch.nonzero(x).float()"),
+    (_MaskedSelectOp(), "aten.masked_select.default", "return torch.masked_select(x, x > 0)"),
+])
+def test_a_data_dependent_shape_is_a_capture_error_naming_the_op_and_line(model: torch.nn.Module, op: str,
+                                                                          line: str) -> None:
+    with pytest.raises(einfuse.errors.CaptureError) as info:
+        capture(model, (torch.randn(3, 4),))
+    assert not isinstance(info.value, einfuse.errors.UnsupportedOperatorError)
+    message = str(info.value)
+    assert "depends on the values in a tensor" in message
+    assert f"{op} at {__file__}:" in message and f"in forward: {line}" in message
+
+
+# ---- bad inputs at capture -------------------------------------------------------------------
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return x * y if mask is None else x * y + mask
+
+
+_X = torch.ones(3, 4)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((torch.empty(3, 4, device="meta"), _X), {}, "input 'x' is a meta tensor (3, 4) (it has no data)"),
+    ((None, _X), {}, "input 'x' is None"),
+    ((_X, _X, None), {}, "input 'mask' is None; leave an optional input out"),
+    ((_X,), {}, "_TwoInputs.forward cannot take these arguments: missing a required argument: 'y'"),
+    ((_X, _X, _X, _X), {}, "_TwoInputs.forward cannot take these arguments: too many positional arguments"),
+    ((_X,), {"z": _X}, "_TwoInputs.forward cannot take these arguments: missing a required argument: 'y'"),
+    ((_X, 2.0), {}, "input 'y' is of type float; einfuse takes tensor inputs only"),
+    ((_X, "2"), {}, "input 'y' is of type str"),
+    ((_X, np.ones((3, 4), np.float32)), {}, "input 'y' is of type numpy.ndarray; einfuse takes tensor inputs "
+                                            "only (torch.from_numpy(x) makes it one)"),
+    ((_X, [_X, 1]), {}, "input 'y' is of type int"),
+    ((_X, _X.to(torch.complex64)), {}, "input 'y' has dtype torch.complex64; supported: torch.float16"),
+    ((_X, _X.to(torch.uint8)), {}, "input 'y' has dtype torch.uint8"),
+    ((_X, _X.to_sparse()), {}, "input 'y' has layout torch.sparse_coo"),
+    ((torch.ones(0, 4), _X), {}, "input 'x' has an empty dimension (0, 4); every size must be at least 1"),
+])
+def test_bad_inputs_at_capture_are_input_errors(args: tuple, kwargs: dict, message: str) -> None:
+    with pytest.raises(einfuse.errors.InputError, match=re.escape(message)):
+        capture(_TwoInputs(), args, kwargs)
+
+
+def test_an_optional_input_left_out_captures() -> None:
+    cascade = capture(_TwoInputs(), (_X, _X))
+    assert [t.name for t in cascade.tensors if t.role == "input"] == ["x", "y"]
+
+
+# ---- bad inputs of a compiled model ----------------------------------------------------------
+
+class _Scale(torch.nn.Module):
+    """A per-column scale and a row sum: a (rows, 8) float input and a (rows,) int64 one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.linspace(0.5, 2.0, 8))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return (x * self.weight).sum(-1) + ids
+
+
+@pytest.fixture(scope="module")
+def dynamic(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    rows = torch.export.Dim("rows", min=2, max=16)
+    example = (torch.ones(4, 8), torch.ones(4, dtype=torch.int64))
+    compiled = einfuse.compile(_Scale(), example, dynamic_shapes={"x": {0: rows}, "ids": {0: rows}},
+                               cache_dir=tmp_path_factory.mktemp("cache"))
+    return _Scale(), compiled
+
+
+def test_a_dynamic_capture_records_each_dims_range() -> None:
+    rows, cols = torch.export.Dim("rows", min=2, max=16), torch.export.Dim("cols")
+    cascade = capture(_Scale(), (torch.ones(4, 8), torch.ones(4, dtype=torch.int64)),
+                      dynamic_shapes={"x": {0: rows}, "ids": {0: rows}})
+    assert cascade.size_ranges == {"rows": (2, 16)}
+    free = capture(torch.nn.Flatten(0), (torch.ones(4, 8),), dynamic_shapes={"input": {1: cols}})
+    assert free.size_ranges == {"cols": (1, None)}
+
+
+def test_a_dynamic_model_serves_its_range_and_refuses_sizes_outside_it(dynamic: tuple,
+                                                                        rng: np.random.Generator) -> None:
+    model, compiled = dynamic
+    for n in (2, 7, 16):
+        x = torch.from_numpy(rng.standard_normal((n, 8)).astype(np.float32))
+        ids = torch.from_numpy(rng.integers(0, 9, n))
+        with torch.no_grad():
+            assert rel_err(compiled(x, ids).numpy(), model(x, ids).numpy()) <= 1e-5
+    for n in (1, 17, 40):
+        with pytest.raises(einfuse.errors.InputError, match=re.escape(
+                f"input 'x' dimension 0 (Dim 'rows') is {n}, outside the range the model was captured for: "
+                "2 <= rows <= 16")):
+            compiled(torch.ones(n, 8), torch.ones(n, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.ones(4, 8),), "expected 2 input(s) (x, ids), got 1"),
+    ((torch.ones(4, 8), torch.ones(4, dtype=torch.int64), torch.ones(4)), "expected 2 input(s) (x, ids), got 3"),
+    ((None, torch.ones(4, dtype=torch.int64)), "input 'x' is None; the model takes torch tensors"),
+    ((torch.ones(4, 8), [1, 2, 3, 4]), "input 'ids' is of type list; the model takes torch tensors"),
+    ((torch.ones(4, 8), 3), "input 'ids' is of type int"),
+    ((torch.empty(4, 8, device="meta"), torch.ones(4, dtype=torch.int64)), "input 'x' is a meta tensor"),
+    ((torch.ones(4, 8).to_sparse(), torch.ones(4, dtype=torch.int64)), "input 'x' is a torch.sparse_coo tensor"),
+    ((torch.ones(4, 8, dtype=torch.float64), torch.ones(4, dtype=torch.int64)),
+     "input 'x' has dtype torch.float64; the model was compiled for torch.float32"),
+    ((torch.ones(4, 8), torch.ones(4)), "input 'ids' has dtype torch.float32; the model was compiled for torch.int64"),
+    ((torch.ones(4, 8, 1), torch.ones(4, dtype=torch.int64)), "'x' has 3 dimensions (4, 8, 1) but is declared with 2"),
+    ((torch.ones(4, 7), torch.ones(4, dtype=torch.int64)), "'x' dimension 1 (rank N8) has extent 7 but the "
+                                                          "cascade declares 8"),
+    ((torch.ones(4, 8), torch.ones(5, dtype=torch.int64)), "'ids' dimension 0 (rank ROWS) has extent 5 but the "
+                                                          "cascade declares 4"),
+])
+def test_bad_inputs_of_a_compiled_model_are_input_errors(dynamic: tuple, args: tuple, message: str) -> None:
+    _, compiled = dynamic
+    with pytest.raises(einfuse.errors.InputError, match=re.escape(message)):
+        compiled(*args)
+
+
+def test_a_compiled_model_takes_numpy_arrays(dynamic: tuple, rng: np.random.Generator) -> None:
+    model, compiled = dynamic
+    x, ids = rng.standard_normal((5, 8)).astype(np.float32), rng.integers(0, 9, 5)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x), torch.from_numpy(ids)).numpy()
+    assert rel_err(compiled(x, ids).numpy(), want) <= 1e-5
