@@ -3,6 +3,9 @@ are einfuse errors naming what is wrong, a dynamic model refuses sizes outside i
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +93,28 @@ def test_maximum_minimum_and_logical_ops_compile_and_match_eager(tmp_path: Path,
     compiled = einfuse.compile(_MinMaxLogical(), (x, y), cache_dir=tmp_path)
     x, y = (torch.from_numpy(rng.standard_normal((4, 16)).astype(np.float32)) for _ in range(2))
     assert rel_err(compiled(x, y).numpy(), _eager(_MinMaxLogical(), (x, y))) <= 1e-5
+
+
+# ---- warnings ---------------------------------------------------------------------------------
+
+def test_capturing_a_model_emits_no_future_warning() -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        capture(_MinMaxLogical(), (_X, _X))
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+
+
+def test_a_capture_in_a_fresh_process_prints_no_warning_and_other_warnings_still_show() -> None:
+    script = ("import warnings, torch, einfuse\n"
+              "einfuse.capture(torch.nn.Linear(4, 3), (torch.ones(2, 4),))\n"
+              "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated', FutureWarning)\n"
+              "warnings.warn('`isinstance(treespec, LeafSpec)` is deprecated', DeprecationWarning)\n"
+              "warnings.warn('another deprecation', FutureWarning)\n")
+    run = subprocess.run([sys.executable, "-W", "default", "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    shown = re.findall(r"(\w+Warning): (.*)", run.stderr)
+    assert shown == [("DeprecationWarning", "`isinstance(treespec, LeafSpec)` is deprecated"),
+                     ("FutureWarning", "another deprecation")]
 
 
 # ---- data-dependent shapes -------------------------------------------------------------------
