@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -147,18 +146,37 @@ def tuning_database(tuning_db: str | Path | bool | None, target: str, cache: Pat
 
 def _compile_cascade(cascade: Cascade, target_name: str, cache: Path, tuning: Any = None) -> Any:
     from .codegen.build import build, cache_key
-    from .codegen.runtime import load
     from .targets import Target
     target = Target.parse(target_name)
     cascade = laid_out(cascade, target)
     if target.kind != "cpu":   # (a GPU library holds CUDA source that loads only where a GPU is: not cached)
         return build(cascade, target, tuning)
     entry = cache / cache_key(cascade, target, tuning)
-    if (entry / "model.so").is_file():
-        try:
-            return load(entry)
-        except Exception:  # a damaged cache entry is removed and rebuilt, never trusted
-            shutil.rmtree(entry, ignore_errors=True)
-    model = build(cascade, target, tuning)
-    model.export(entry)
+    model = _cached(entry)
+    if model is None:
+        model = build(cascade, target, tuning)
+        _store(model, cache, entry)
     return model
+
+
+def _cached(entry: Path) -> Any:
+    """The model the cache entry holds, or None where it has none or a damaged one (rebuilt and
+    replaced, never trusted: every file is checked before the library is loaded)."""
+    from .codegen.persist import load
+    from .errors import LoadError
+    try:
+        return load(entry) if (entry / "model.so").is_file() else None
+    except (LoadError, OSError):
+        return None
+
+
+def _store(model: Any, cache: Path, entry: Path) -> None:
+    """Write ``model`` as the cache entry ``entry`` (built beside it, renamed into place: an entry
+    another process wrote first is kept); a cache that cannot be written is reported once."""
+    from .cache import warn_once
+    from .codegen.persist import store
+    try:
+        store(model, entry)
+    except (OSError, RuntimeError) as exc:   # (RuntimeError: TVM's linker, e.g. on a full disk)
+        warn_once(f"store {cache}", f"einfuse cannot write the compile cache {cache} ({type(exc).__name__}: "
+                  f"{exc}); the model works but is not cached (set EINFUSE_CACHE or cache_dir=)")

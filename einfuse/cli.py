@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EinfuseError as err:
         print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)
         return 1
+    except OSError as err:   # (a path given on the command line: missing, unwritable, a file for a directory)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
 
 
 def _ir(args: argparse.Namespace) -> int:
@@ -107,6 +111,9 @@ def _compile(args: argparse.Namespace) -> int:
 
     from .api import compile as compile_cascade
     from .api import default_cache_dir
+    from .codegen.persist import check_destination
+    out = Path(args.output)
+    check_destination(out)   # (before minutes of compiling)
     model, example = load_torch_model(args.model)
     tuning = False if args.no_tuning else args.tuning_db
     if tuning is None and args.no_cache and (default_cache_dir() / "tuning").is_dir():
@@ -114,9 +121,8 @@ def _compile(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
                                    cache_dir=scratch if args.no_cache else None, tuning_db=tuning)
-    out = compiled.export(args.output)
     report = compiled.report(example if not isinstance(model, Cascade) else None)
-    (out / "report.txt").write_text(report + "\n")
+    compiled.export(out, {"report.txt": report + "\n"})
     print(report)
     print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
     return 0

@@ -25,6 +25,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from .cache import read_json, write_atomic
 from .errors import EinfuseError
 from .ir import Cascade
 
@@ -130,19 +131,18 @@ class TuningDatabase:
 
     def budgets(self) -> dict[str, int]:
         """The trials each workload was tuned with (by :func:`_key`): a search that ran out of
-        candidates before its budget holds fewer records, and is done all the same."""
-        path = self.path / "budgets.json"
-        try:
-            return {str(k): int(v) for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
-        except (ValueError, AttributeError) as exc:
-            warnings.warn(f"{path} is unreadable and is ignored ({exc})", TuningDatabaseWarning, stacklevel=2)
-            return {}
+        candidates before its budget holds fewer records, and is done all the same. A file that
+        is unreadable or holds anything but positive integers is reported and ignored (its tasks
+        are tuned again, and the file rewritten)."""
+        def whole(budgets: Any) -> bool:
+            return isinstance(budgets, dict) and all(type(v) is int and v > 0 for v in budgets.values())
+        return read_json(self.path / "budgets.json", whole, TuningDatabaseWarning) or {}
 
     def record_budgets(self, tuned: dict[str, int]) -> None:
-        """Note that these workloads were tuned with these budgets."""
+        """Note that these workloads were tuned with these budgets (written atomically)."""
         budgets = self.budgets()
         budgets.update({k: max(v, budgets.get(k, 0)) for k, v in tuned.items()})
-        (self.path / "budgets.json").write_text(json.dumps(budgets, indent=0, sort_keys=True))
+        write_atomic(self.path / "budgets.json", json.dumps(budgets, indent=0, sort_keys=True))
 
     def digest(self) -> str:
         """A digest of the records (part of a compiled model's cache key)."""

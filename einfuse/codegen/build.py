@@ -104,12 +104,12 @@ def reproducer(cascade: Cascade, kernel: Any) -> str:
 
 def cache_key(cascade: Cascade, target: Any, tuning: Any = None) -> str:
     """A digest of everything a compiled library depends on: the cascade, its weights, the target,
-    the versions, the tuning records and the code generator's own source (a changed compiler
-    recompiles)."""
-    from .. import __version__
+    the versions (:func:`~einfuse.codegen.persist.versions`), the tuning records and the code
+    generator's own source (a changed compiler recompiles)."""
+    from .persist import versions
     digest = hashlib.sha256()
     records = tuning.digest() if tuning is not None else ""
-    for part in (to_text(cascade), repr(sorted(target.tvm.items())), target.tiles, tvm.__version__, __version__,
+    for part in (to_text(cascade), repr(sorted(target.tvm.items())), target.tiles, repr(sorted(versions().items())),
                  records):
         digest.update(part.encode())
     for source in sorted(Path(__file__).parent.rglob("*.py")):

@@ -7,9 +7,7 @@ tensors sharing TVM's memory.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,12 +23,12 @@ from tvm import relax
 
 from ..errors import EinfuseError, InputError, InterpretError
 from ..frontends.torch_export import DTYPES
-from ..ir import Cascade, parse, to_text
+from ..ir import Cascade
 from ..ir.analysis import einsum_cost, format_number, format_table, tensors_bytes
 from ..ir.scope import declarations
 from ..ir.sizes import bind_sizes
 from ..targets import host_peaks
-from ..passes.group_kernels import Kernel, group_kernels
+from ..passes.group_kernels import Kernel
 
 TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
 
@@ -39,7 +37,7 @@ class CompiledModel:
     """A compiled model: call it with torch tensors (positionally, in the cascade's input order)."""
 
     def __init__(self, cascade: Cascade, executable: Any, kernels: list[Kernel], target: str,
-                 compile_seconds: float, sources: dict[str, str] | None = None, library: Path | None = None,
+                 compile_seconds: float, sources: dict[str, str] | None = None, library: Any = None,
                  tuning: Any = None, tuned: Sequence[str] = ()) -> None:
         self.ir = cascade
         self.executable = executable
@@ -47,7 +45,7 @@ class CompiledModel:
         self.target = target
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
-        self._library = library  # the .so this model was loaded from (a loaded module cannot be re-exported)
+        self._library = library  # the persist.Library it was loaded from (a loaded module cannot be re-exported)
         self.tuning = tuning     # the TuningDatabase its kernels' schedules came from, if any
         self.tuned = list(tuned)  # the kernels scheduled from a tuning record
         self.device = "cuda" if target.startswith("cuda:") else "cpu"   # (where inputs go and outputs are)
@@ -209,37 +207,19 @@ class CompiledModel:
 
     # ---- persistence ---------------------------------------------------------------------------
 
-    def export(self, path: str | Path) -> Path:
-        """Write ``model.so`` (kernels, graph and weights) and ``model.json`` into directory ``path``."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        if self._library is not None:
-            shutil.copyfile(self._library, path / "model.so")
-        else:
-            self.executable.export_library(str(path / "model.so"))
-        meta = {"cascade": to_text(self.ir), "target": self.target, "compile_seconds": self.compile_seconds,
-                "tuned": self.tuned, "tuning": str(self.tuning.path) if self.tuning is not None else None}
-        (path / "model.json").write_text(json.dumps(meta))
-        (path / "kernels.tir").write_text(self.source("tir"))
-        return path
+    def export(self, path: str | Path, extra: dict[str, str] | None = None) -> Path:
+        """Write ``model.so`` (kernels, graph and weights), ``kernels.tir`` and ``model.json``
+        (with the text files ``extra``, by name) into directory ``path``, replacing an export
+        there as a whole (:mod:`einfuse.codegen.persist`)."""
+        from .persist import export
+        return export(self, path, extra)
 
 
 def load(path: str | Path) -> CompiledModel:
-    """A model written by :meth:`CompiledModel.export`."""
-    path = Path(path)
-    if not (path / "model.so").is_file() or not (path / "model.json").is_file():
-        raise EinfuseError(f"{path} does not hold an exported einfuse model (model.so, model.json)")
-    meta = json.loads((path / "model.json").read_text())
-    executable = tvm.runtime.load_module(str(path / "model.so"))
-    cascade = parse(meta["cascade"])
-    kernels = group_kernels(cascade)
-    tir = (path / "kernels.tir").read_text() if (path / "kernels.tir").is_file() else ""
-    tuning = None
-    if meta.get("tuning"):
-        from ..tuning import TuningDatabase
-        tuning = TuningDatabase.at(Path(meta["tuning"]))
-    return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir},
-                         path / "model.so", tuning, meta.get("tuned", ()))
+    """A model written by :meth:`CompiledModel.export`, checked before it is loaded (a damaged,
+    foreign or other-version export is a :class:`~einfuse.errors.LoadError`)."""
+    from .persist import load as load_export
+    return load_export(path)
 
 
 def _aligned_copy(x: torch.Tensor) -> torch.Tensor:

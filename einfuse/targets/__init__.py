@@ -143,20 +143,26 @@ class Peaks:
 
 
 def host_peaks(cache_dir: "str | os.PathLike[str] | None" = None) -> Peaks:
-    """The host's peaks, measured once by micro-benchmarks (a few seconds) and cached per CPU."""
+    """The host's peaks, measured once by micro-benchmarks (a few seconds) and cached per CPU. A
+    cached file that is unreadable or holds anything but positive finite numbers is reported and
+    measured again (and replaced, atomically); a cache that cannot be written is reported once."""
     import json
-    from pathlib import Path
-    target = host_cpu()
+
     from ..api import default_cache_dir
+    from ..cache import positive, read_json, warn_once, write_atomic
+    target = host_cpu()
     base = Path(cache_dir) if cache_dir else default_cache_dir()
     path = base / f"peaks-{target.tvm['mcpu']}-{target.cores}.json"
-    if path.is_file():
-        data = json.loads(path.read_text())
-        if {"flops", "bandwidth", "cache", "launch"} <= set(data):   # (an older file lacks the last two)
-            return Peaks(data["flops"], data["bandwidth"], data["cache"], data["launch"])
+    fields = ("flops", "bandwidth", "cache", "launch")
+    data = read_json(path, lambda d: isinstance(d, dict) and all(positive(d.get(f)) for f in fields))
+    if data is not None:
+        return Peaks(*(float(data[f]) for f in fields))
     peaks = _measure_peaks(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(peaks.__dict__))
+    try:
+        write_atomic(path, json.dumps(peaks.__dict__))
+    except OSError as exc:
+        warn_once(f"peaks {base}", f"einfuse cannot write {path} ({type(exc).__name__}: {exc}); "
+                  "the host's peaks will be measured again in the next process")
     return peaks
 
 
