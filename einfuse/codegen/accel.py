@@ -361,7 +361,8 @@ def simulate(c: Cascade, target: Target | str, inputs: dict[str, np.ndarray]) ->
         made = library(c, target, path)
         module, runtime = tvm.runtime.load_module(str(path)), ctypes.CDLL(str(path))
         runtime.fm_reset()
-        values = {n: np.ascontiguousarray(v, dtype=DTYPES[decls[n].dtype]) for n, v in {**c.params, **inputs}.items()}
+        values = {n: np.asarray(v, dtype=DTYPES[decls[n].dtype], order="C")   # (ascontiguousarray makes 0-d 1-d)
+                  for n, v in {**c.params, **inputs}.items()}
         for k in c.groups:
             args = [tvm.runtime.tensor(values[n]) for n in k.inputs]
             out = tvm.runtime.tensor(np.zeros(_shape(c, k.output), DTYPES[decls[k.output].dtype]))

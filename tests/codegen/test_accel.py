@@ -168,3 +168,24 @@ def test_kernels_for_a_dynamic_length_and_a_changed_target_carry_their_numbers(t
     # a symbolic length cannot be padded to whole tiles: the scores' contraction is charged
     (scores,) = [s for name, s in sources.items() if name.endswith("attn_qk")]
     assert "fm_2d(" in scores and "fm_mac2d" not in scores
+
+
+class _ZeroDim(torch.nn.Module):
+    """A 0-d buffer and a 0-d parameter, as Gemma's ``embed_scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("embed_scale", torch.tensor(2.5))
+        self.shift = torch.nn.Parameter(torch.tensor(-0.75))
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x * self.embed_scale) + self.shift
+
+
+def test_simulate_takes_0d_buffers_and_parameters(rng: np.random.Generator) -> None:
+    model = _ZeroDim()
+    x = torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32))
+    sim = einfuse.simulate(model, (x,), target=SMALL)
+    with torch.no_grad():
+        assert rel_err(sim.outputs["out0"], model(x).numpy()) <= 1e-5
