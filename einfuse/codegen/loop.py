@@ -42,12 +42,12 @@ from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import ATTENTION_ROWS, Target
 from ..passes.group_kernels import Kernel
 from ..targets.cost import rule_tile, rule_vectors
-from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
+from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min
 from .schedules.cpu import register_tile
 
 
 _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
-_COMBINE = {"+": lambda a, b: a + b, "max": tirx.max, "min": tirx.min}
+_COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see lower.nan_max)
 
 
 class LoopBuilder(KernelBuilder):
@@ -234,12 +234,14 @@ class LoopBuilder(KernelBuilder):
                 and set(self.layout.get(e.lhs.tensor, [])) <= {"row", "drop"})
 
     def any_above(self, name: str) -> Any:
-        """Whether a row of the block has its ``name`` (one value per row) above ``-inf``."""
+        """Whether a row of the block has its ``name`` (one value per row) other than ``-inf``
+        (above it, or ``nan``: a ``nan`` score reaches every running value)."""
         flag = T.decl_buffer([1], "float32", scope="local")
-        T.buffer_store(flag, _const(-math.inf, "float32"), [0])
+        T.buffer_store(flag, _const(0.0, "float32"), [0])
         with _loop(T.serial, self.row_count) as r:
-            T.buffer_store(flag, tirx.max(flag[0], tirx.BufferLoad(self.buffers[name], [r])), [0])
-        return flag[0] > _const(-math.inf, "float32")
+            masked = tirx.EQ(tirx.BufferLoad(self.buffers[name], [r]), _const(-math.inf, "float32"))
+            T.buffer_store(flag, tirx.Select(masked, flag[0], _const(1.0, "float32")), [0])
+        return flag[0] > _const(0.0, "float32")
 
     def fused(self, e: Einsum, after: Einsum, bound: frozenset[str]) -> bool:
         """Whether ``after`` reduces, one row at a time, along the one variable the map ``e`` adds

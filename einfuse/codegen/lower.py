@@ -159,6 +159,8 @@ class KernelBuilder:
             value = tirx.Select(valid, value, _const(identity, work))
         if op == "+":
             return te.sum(value, axis=axes)
+        if op in ("max", "min") and work.startswith("float"):
+            return NAN_REDUCERS[op](value, axis=axes)
         if op == "max":
             return te.max(value, axis=axes)
         if op == "min":
@@ -178,11 +180,21 @@ class KernelBuilder:
             return self.read(x, env, work)
         args = [self.expr(a, env, work) for a in x.args]
         value = _apply(x.op, [a for a, _ in args], work)
+        if x.op == "sub" and all(self.absent_is_minus_inf(a) for a in x.args):
+            value = _absent_difference(args[0][0], args[1][0], value)
         valid = None
         if x.op == "mul":
             conds = [v for _, v in args if v is not None]
             valid = _fold(tirx.And, conds) if conds else None
         return value, valid
+
+    def absent_is_minus_inf(self, x: Expr) -> bool:
+        """Whether ``x`` reads a computed tensor whose absent points are ``-inf`` (``empty=-inf``:
+        masked scores, their maxima), where a ``-inf`` value is an absent point."""
+        if not isinstance(x, Access):
+            return False
+        d = self.decls[x.tensor]
+        return d.empty == -math.inf and d.role not in ("input", "param")
 
     def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
         d = self.decls[a.tensor]
@@ -241,6 +253,13 @@ _INDEX_OPS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
+def _absent_difference(a: Any, b: Any, difference: Any) -> Any:
+    """``a - b`` of two points of ``empty=-inf`` tensors: absent (``-inf``) where both are, as the
+    interpreter has it, not IEEE's ``nan`` (a fully masked row's ``exp(score - max)`` is 0)."""
+    minus_inf = _const(-math.inf, _dtype(a))
+    return tirx.Select(tirx.And(tirx.EQ(a, minus_inf), tirx.EQ(b, minus_inf)), minus_inf, difference)
+
+
 def _work_dtype(out: str, operands: list[str]) -> str:
     """The dtype an Einsum computes in: its output's if float, else float32 when it reads floats."""
     if out in ("f16", "bf16", "f32", "f64"):
@@ -265,8 +284,17 @@ def _cast(x: Any, dtype: str) -> Any:
     if _dtype(x) == dtype:
         return x
     if dtype == "bool":
-        return tirx.NE(x, tirx.const(0, _dtype(x)))
+        return _ne(x, tirx.const(0, _dtype(x)))
     return tirx.Cast(dtype, x)
+
+
+def _ne(a: Any, b: Any) -> Any:
+    """``a != b``, true where either is ``nan`` as in torch (TIR's float ``!=`` is ordered: false
+    there, and TVM's simplifier turns ``!(a == b)`` back into it)."""
+    if not _dtype(a).startswith(("float", "bfloat")):
+        return tirx.NE(a, b)
+    nan = [tirx.isnan(x) for x in (a, b) if not isinstance(x, tirx.FloatImm)]
+    return _fold(tirx.Or, [tirx.NE(a, b), *nan])
 
 
 def _apply(op: str, args: list[Any], work: str) -> Any:
@@ -281,16 +309,16 @@ def _apply(op: str, args: list[Any], work: str) -> Any:
     b = args[1] if len(args) > 1 else None
     table: dict[str, Callable[[], Any]] = {
         "add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "div": lambda: a / b,
-        "max": lambda: tirx.max(a, b), "min": lambda: tirx.min(a, b), "pow": lambda: _pow(a, b),
+        "max": lambda: nan_max(a, b), "min": lambda: nan_min(a, b), "pow": lambda: _pow(a, b),
         "floordiv": lambda: tirx.floor(a / b) if work.startswith("float") else tirx.floordiv(a, b),
         "mod": lambda: a - tirx.floor(a / b) * b if work.startswith("float") else tirx.floormod(a, b),
         "take_left": lambda: a, "take_right": lambda: b,
         "lt": lambda: flag(a < b), "le": lambda: flag(a <= b), "gt": lambda: flag(a > b),
-        "ge": lambda: flag(a >= b), "eq": lambda: flag(tirx.EQ(a, b)), "ne": lambda: flag(tirx.NE(a, b)),
-        "and": lambda: flag(tirx.And(tirx.NE(a, zero), tirx.NE(b, zero))),
-        "or": lambda: flag(tirx.Or(tirx.NE(a, zero), tirx.NE(b, zero))),
-        "xor": lambda: flag(tirx.NE(_cast(tirx.NE(a, zero), "int8"), _cast(tirx.NE(b, zero), "int8"))),  # (NE of bools: fcmp)
-        "where": lambda: tirx.Select(tirx.NE(a, zero), b, args[2]),
+        "ge": lambda: flag(a >= b), "eq": lambda: flag(tirx.EQ(a, b)), "ne": lambda: flag(_ne(a, b)),
+        "and": lambda: flag(tirx.And(_ne(a, zero), _ne(b, zero))),
+        "or": lambda: flag(tirx.Or(_ne(a, zero), _ne(b, zero))),
+        "xor": lambda: flag(tirx.NE(_cast(_ne(a, zero), "int8"), _cast(_ne(b, zero), "int8"))),  # (NE of bools: fcmp)
+        "where": lambda: tirx.Select(_ne(a, zero), b, args[2]),
     }
     if op not in table:
         raise CompileError(f"no code generation for op '{op}'")
@@ -308,21 +336,55 @@ def _exp(x: Any) -> Any:
     times a degree-5 polynomial of the fraction, t = x*log2(e): a near-minimax fit of 2^f on
     [-1/2, 1/2] (``_EXP2``; relative error 7.5e-8 exact, 2.3e-7 in float32, the degree-6 Taylor
     series it replaced had 2.4e-7 with one more multiply-add).
-    Below 2^-125 (masked scores, exp(-inf)) it is exactly 0: tiny results would turn into
-    denormals downstream, which x86 computes two orders of magnitude slower."""
+
+    IEEE as torch: the polynomial carries a factor 2 (exact: its coefficients doubled) and the
+    power of two one less, so t up to 128 keeps a normal exponent and the product overflows to
+    ``inf`` where exp does (x > 88.72, ``+inf``); ``nan`` stays ``nan`` (one select, which
+    vectorizes). Below 2^-125 (masked scores, exp(-inf)) it is exactly 0: tiny results would turn
+    into denormals downstream, which x86 computes two orders of magnitude slower."""
     if _dtype(x) != "float32":
         return tirx.exp(x)
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     raw = x * f32(1.4426950408889634)
-    t = tirx.min(tirx.max(raw, f32(-125.0)), f32(127.0))
+    t = tirx.min(tirx.max(raw, f32(-125.0)), f32(128.0))   # (nan becomes -125 here: a valid exponent)
     whole = tirx.round(t)   # (TVM vectorizes round, not nearbyint: a loop with both was scalar)
     frac = t - whole
-    poly = f32(_EXP2[-1])
+    poly = f32(2 * _EXP2[-1])
     for coefficient in reversed(_EXP2[:-1]):  # Horner: one multiply-add per degree
-        poly = poly * frac + f32(coefficient)
-    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", whole) + tirx.const(127, "int32"),
+        poly = poly * frac + f32(2 * coefficient)
+    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", whole) + tirx.const(126, "int32"),
                                                         tirx.const(23, "int32")))
-    return tirx.Select(raw < f32(-125.0), f32(0.0), poly * scale)
+    value = tirx.Select(raw < f32(-125.0), f32(0.0), poly * scale)
+    return tirx.Select(tirx.isnan(raw), raw, value)
+
+
+def nan_max(a: Any, b: Any) -> Any:
+    """``torch.maximum``: ``nan`` if either is (TIR's ``max`` is ``a > b ? a : b``, which drops a
+    ``nan`` ``a``). Against a constant one compare-select, which x86 does in one ``maxps``."""
+    return _nan_pick(tirx.max, lambda p, q: p > q, a, b)
+
+
+def nan_min(a: Any, b: Any) -> Any:
+    """``torch.minimum``: ``nan`` if either is (see :func:`nan_max`)."""
+    return _nan_pick(tirx.min, lambda p, q: p < q, a, b)
+
+
+def _nan_pick(pick: Callable[[Any, Any], Any], beats: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
+    if not _dtype(a).startswith(("float", "bfloat")):
+        return pick(a, b)
+    if isinstance(a, tirx.FloatImm):
+        a, b = b, a
+    if isinstance(b, tirx.FloatImm) and not math.isnan(float(b.value)):
+        return tirx.Select(beats(b, a), b, a)      # (a nan fails the compare and stays)
+    return tirx.Select(tirx.isnan(a), a, pick(a, b))   # (pick(a, b) is b when b is nan)
+
+
+#: Float max/min reductions as torch's: ``nan`` once a point is. (TIR's ``rfactor`` knows only
+#: its own reducers, so these are reduced serially: see ``schedules.cpu._partial_reduction``.)
+NAN_REDUCERS = {
+    "max": te.comm_reducer(nan_max, lambda t: tirx.const(-math.inf, t), name="nan_max"),
+    "min": te.comm_reducer(nan_min, lambda t: tirx.const(math.inf, t), name="nan_min"),
+}
 
 
 def _erf(x: Any) -> Any:
@@ -374,7 +436,7 @@ _UNARY: dict[str, Callable[..., Any]] = {
     "rsqrt": lambda x, one, zero, flag: tirx.rsqrt(x),
     "tanh": lambda x, one, zero, flag: _tanh(x, one),
     "sigmoid": lambda x, one, zero, flag: _sigmoid(x, one),
-    "relu": lambda x, one, zero, flag: tirx.max(x, zero),
+    "relu": lambda x, one, zero, flag: nan_max(x, zero),
     "gelu": _gelu,
     "gelu_tanh": _gelu_tanh,
     "silu": lambda x, one, zero, flag: x * _sigmoid(x, one),

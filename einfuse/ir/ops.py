@@ -111,7 +111,7 @@ _UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "floor": np.floor,
     "trunc": np.trunc,
     "ceil": np.ceil,
-    "sign": np.sign,
+    "sign": lambda x: (x > 0).astype(np.float64) - (x < 0).astype(np.float64),   # (0 for nan, as torch.sign)
     "not": lambda x: (x == 0).astype(np.float64),
 }
 for _name, _fn in _UNARY.items():

@@ -34,10 +34,12 @@ model estimates fastest for these widths and this length, see docs/tuning.md) or
 (``fuse-attention{tile=128}``; ``{target=cpu}`` names the target). Patterns counted: ``attention`` (fused),
 and ``not-fused:<reason>`` for an attention-shaped Einsum that was left alone (symbolic key
 length, scores read outside the attention, ...). The old Einsums become dead; ``canonicalize``
-removes them. A row whose every key is masked gives NaN here as in the original (0/0).
+removes them. A row whose every key is masked gives what the original gives (see
+``_normalized``): 0 where masked scores are absent (SDPA's), NaN where they are ``-inf`` values.
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
@@ -61,6 +63,7 @@ class _Match:
     score: Any                  # MK's expression with the element-wise chain from QK inlined
     value: Access               # V's access
     group: set[str]             # the temps the attention computes
+    absent: bool                # masked scores are absent points (MK has empty=-inf), not -inf values
 
 
 @register
@@ -141,7 +144,7 @@ def _match(c: Cascade, o: Einsum, writers: dict, readers: Counter, stats: Counte
         if any(readers[t] > _uses_inside(t, group | {o.lhs.tensor}, writers) or roles[t] != "temp" for t in group):
             stats["not-fused:intermediate-read-elsewhere"] += 1
             return None
-        return _Match(o, key, rows, qk, score, v, group)
+        return _Match(o, key, rows, qk, score, v, group, declarations(c)[mk.tensor].empty == -math.inf)
     return None
 
 
@@ -259,12 +262,26 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     init = (Einsum(Access(names["rm"], (zero, *rows)), Const(float("-inf"))),
             Einsum(Access(names["rd"], (zero, *rows)), Const(0.0)),
             Einsum(Access(names["rnv"], (zero, *rows, *vf)), Const(0.0)))
-    final = replace(m.out, rhs=Call("div", (Access(names["rnv"], (last, *rows, *vf)), Access(names["rd"], (last, *rows)))))
+    final = replace(m.out, rhs=_normalized(Access(names["rnv"], (last, *rows, *vf)), Access(names["rd"], (last, *rows)),
+                                           m.absent))
     stmts: list = []
     for s in c.stmts:
         stmts += [*init, Loop(tiles, body), final] if s is m.out else [s]
     new_ranks = (Rank(tiles, -(-n // tile) if static else sympy.ceiling(n / tile)), Rank(inner, tile))
     return replace(c, ranks=c.ranks + new_ranks, tensors=c.tensors + tuple(decls), stmts=tuple(stmts))
+
+
+def _normalized(numerator: Access, denominator: Access, absent: bool) -> Call:
+    """The output ``RNV / RD`` as the original gives a row whose every key is masked (no score
+    present, so ``RD`` is 0 or absent): with masked scores absent (SDPA's, ``empty=-inf``) the
+    original's output is absent there, 0, as ``RD == 0`` picks; with masked scores ``-inf``
+    values (a spelled-out ``softmax(QK + mask)``) it is ``exp(-inf - -inf)``, NaN, as ``0 / 0``
+    gives at every point (``@all``: here the tiles' scores are absent whatever the original had).
+    Any other row has ``RD >= 1`` (its max's ``exp(0)``) or NaN."""
+    if not absent:
+        return Call("div", (numerator, denominator), merge="all")
+    empty = Call("eq", (denominator, Const(0.0)))
+    return Call("where", (empty, Const(0.0), Call("div", (numerator, denominator))))
 
 
 # ---- small helpers ---------------------------------------------------------------------------
