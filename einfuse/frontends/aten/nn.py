@@ -103,7 +103,8 @@ def sdpa(ctx: Ctx) -> Ref:
     if mask is not None:
         bias = mask if mask.dtype != "bool" else ctx.map("where", mask, 0.0, -math.inf, shape=mask.shape,
                                                              dtype=q.dtype, hint=f"{ctx.name}_bias")
-        scores = ctx.map("add", scores, bias, shape=scores.shape, dtype=q.dtype, hint=f"{ctx.name}_masked")
+        scores = ctx.map("add", scores, bias, shape=scores.shape, dtype=q.dtype, hint=f"{ctx.name}_masked",
+                         empty=-math.inf)   # (masked keys are absent: a row of none gives 0, as eager's SDPA)
     gm = reduce_ref(b, f"{ctx.name}_max", scores, [len(scores.shape) - 1], True, "max", q.dtype)
     sn = ctx.map("exp", ctx.map("sub", scores, gm, shape=scores.shape, dtype=q.dtype, hint=f"{ctx.name}_shift"),
                  shape=scores.shape, dtype=q.dtype, hint=f"{ctx.name}_exp")
