@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -348,6 +350,49 @@ def library(c: Cascade, target: Target, path: Path) -> list[AccelKernel]:
     executable, made = compile_c(c, target)
     executable.export_library(str(path), options=[str(RUNTIME / "fusemax_rt.c"), *CFLAGS])
     return made
+
+
+#: What ``write_runtime`` puts in a kernels directory's ``Makefile`` and ``report.md`` (K: a kernel).
+BUILD = "cc -O2 -fPIC -shared -Iinclude -I. '-Dinff=__builtin_inff()' -o K.so K.c fusemax_rt.c -lm"
+_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
+
+
+def write_runtime(directory: Path, kernels: list[str]) -> str:
+    """Make ``directory``, which holds ``K.c`` for each kernel ``K`` of ``kernels``, build on its
+    own: the runtime (``fusemax.h``, ``fusemax_rt.c``), the TVM headers the C includes (copied
+    from the installed TVM into ``include/``) and a ``Makefile`` making each ``K.so`` (each C file
+    defines TVM's library context, so each kernel is a library). Returns report.md's line on it."""
+    for name in ("fusemax.h", "fusemax_rt.c"):
+        shutil.copyfile(RUNTIME / name, directory / name)
+    _copy_headers([directory / f"{k}.c" for k in kernels], directory / "include")
+    rule = BUILD.replace("-o K.so K.c", "-o $@ $<").replace("cc ", "$(CC) ", 1)
+    (directory / "Makefile").write_text(
+        f"# einfuse kernels: each kernel with the FuseMax runtime as a shared library\nCC ?= cc\n"
+        f"KERNELS = {' '.join(kernels)}\nall: $(KERNELS:=.so)\n%.so: %.c fusemax_rt.c fusemax.h\n\t{rule}\n"
+        "clean:\n\trm -f $(KERNELS:=.so)\n.PHONY: all clean\n")
+    return (f"Build: `make`, or for one kernel K: `{BUILD}`. The libraries call TVM's runtime "
+            "(TVMBackendAllocWorkspace, TVMFFIErrorSetRaisedFromCStrParts), which loads them: "
+            "`tvm.runtime.load_module(\"K.so\")[\"K\"](*inputs, output)`.")
+
+
+def _copy_headers(sources: list[Path], include: Path) -> None:
+    """Copy the headers ``sources`` include, and those they include, from the installed TVM's
+    include directories into ``include`` (a header found in none is the C library's)."""
+    import tvm.libinfo
+    import tvm_ffi.libinfo
+    found = tvm.libinfo.find_include_path()
+    roots = [Path(r) for r in ([found] if isinstance(found, str) else found)] + \
+        [Path(r) for r in tvm_ffi.libinfo.include_paths()]
+    pending = [name for source in sources for name in _INCLUDE.findall(source.read_text())]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        header = next((r / name for r in roots if name not in seen and (r / name).is_file()), None)
+        seen.add(name)
+        if header is not None:
+            (include / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(header, include / name)
+            pending += _INCLUDE.findall(header.read_text())
 
 
 def simulate(c: Cascade, target: Target | str, inputs: dict[str, np.ndarray]) -> Simulation:

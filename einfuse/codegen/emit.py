@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,9 +121,8 @@ def _accel_files(c: Cascade, target: Target, directory: Path, at: dict) -> None:
     """The runtime the accelerator's kernels call and ``report.md``, their modelled timing (with
     the whole model's where every size is bound)."""
     from ..targets.accel import Timing, kernel_work, timing
-    from .accel import RUNTIME
-    for name in ("fusemax.h", "fusemax_rt.c"):
-        shutil.copyfile(RUNTIME / name, directory / name)
+    from .accel import write_runtime
+    building = write_runtime(directory, [k.name for k in c.groups])
     acc = target.device
     lines = [f"# {len(c.groups)} kernels for {target.name}", "",
              "| kernel | 2D-array ops | 1D-array ops | DRAM bytes | cycles | 2D util | 1D util |", "|---" * 7 + "|"]
@@ -139,7 +137,7 @@ def _accel_files(c: Cascade, target: Target, directory: Path, at: dict) -> None:
         lines += ["", f"Whole model: {total.latency:.0f} cycles = {total.latency / acc.mhz / 1e3:.4g} ms at "
                       f"{acc.mhz:g} MHz; 2D array busy {total.utilisation()[0]:.2f}, 1D array "
                       f"{total.utilisation()[1]:.2f} of that time."]
-    (directory / "report.md").write_text("\n".join(lines) + "\n")
+    (directory / "report.md").write_text("\n".join(lines + ["", building]) + "\n")
 
 
 def _cycles(row: Any) -> str:

@@ -3,7 +3,9 @@ matches the interpreter and torch, the runtime's counters against the model, ein
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +191,33 @@ def test_simulate_takes_0d_buffers_and_parameters(rng: np.random.Generator) -> N
     sim = einfuse.simulate(model, (x,), target=SMALL)
     with torch.no_grad():
         assert rel_err(sim.outputs["out0"], model(x).numpy()) <= 1e-5
+
+
+def test_the_kernels_directory_builds_with_cc_alone_and_its_libraries_run(tmp_path: Path,
+                                                                          rng: np.random.Generator) -> None:
+    import subprocess
+
+    import tvm
+    assert shutil.which("cc"), "the test needs a C compiler"
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.from_numpy(rng.standard_normal((8, 16)).astype(np.float32))
+    einfuse.kernels(model, (x,), target=SMALL, output=tmp_path / "out")
+    out = tmp_path / "out"
+    command = re.search(r"for one kernel K: `([^`]+)`", (out / "report.md").read_text()).group(1)
+    env = {k: v for k, v in os.environ.items() if k not in ("CPATH", "C_INCLUDE_PATH", "LIBRARY_PATH")}
+    c, _ = _grouped(model, (x,), "default")
+    for k in c.groups:
+        build = subprocess.run(command.replace("K.", f"{k.name}."), shell=True, cwd=out, env=env,
+                               capture_output=True, text=True, timeout=300)
+        assert build.returncode == 0, build.stderr
+    # run the libraries cc built, in order, on the laid-out weights: the model's output
+    (name,) = [t.name for t in c.tensors if t.role == "input"]
+    values = {n: np.asarray(v, np.float32) for n, v in c.params.items()} | {name: x.numpy()}
+    for k in c.groups:
+        shape = next(tuple(int(c.rank(r.rank).size) for r in t.ranks) for t in c.tensors if t.name == k.output)
+        result = tvm.runtime.tensor(np.zeros(shape, np.float32))
+        tvm.runtime.load_module(str(out / f"{k.name}.so"))[k.name](
+            *[tvm.runtime.tensor(values[n]) for n in k.inputs], result)
+        values[k.output] = result.numpy()
+    with torch.no_grad():
+        assert rel_err(values["out0"], model(x).numpy()) <= 1e-4
