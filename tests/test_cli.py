@@ -91,6 +91,25 @@ def test_compile_writes_library_and_report(tmp_path: Path, capsys: pytest.Captur
     assert "k0_QK" in capsys.readouterr().out
 
 
+def test_unusable_output_paths_are_one_error_line_and_a_non_zero_exit(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(EXAMPLES / "attention.ein")
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["compile", model, "-o", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"einfuse: error: {model}: cannot export to {out}: ") and err.count("\n") == 1, err
+    assert main(["ir", model, "--dump-ir-to", str(tmp_path / "file")]) == 1   # (an OSError)
+    err = capsys.readouterr().err
+    assert err.startswith(f"einfuse: error: {model}: ") and err.count("\n") == 1, err
+    assert (tmp_path / "file").read_text() == "mine"
+    done = subprocess.run([sys.executable, "-m", "einfuse", "compile", model, "-o", str(tmp_path / "file")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert [ln for ln in done.stderr.splitlines() if ln.startswith("einfuse: error: ")] == \
+        [f"einfuse: error: {model}: cannot export to {tmp_path / 'file'}: it is a file, not a directory"]
+
+
 def test_ir_runs_a_pipeline_with_inspection_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from .passes.test_manager import AFTER, BEFORE
     path = tmp_path / "ex.ein"

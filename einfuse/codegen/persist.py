@@ -98,10 +98,16 @@ def store(model: Any, entry: Path) -> bool:
 
 
 def check_destination(path: Path) -> None:
-    """Refuse to export to ``path`` where that would lose something: a file, or a directory
-    holding files that are not an einfuse export."""
+    """Refuse to export to ``path`` where that would lose something (a file, or a directory
+    holding files that are not an einfuse export) or cannot work (under a file, or in a
+    directory this process cannot write)."""
     if path.exists() and not path.is_dir():
         raise EinfuseError(f"cannot export to {path}: it is a file, not a directory")
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise EinfuseError(f"cannot export to {path}: {above} is a file, not a directory")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise EinfuseError(f"cannot export to {path}: the directory {above} is not writable")
     foreign = sorted(p.name for p in path.iterdir() if p.name not in EXPORT_FILES) if path.is_dir() else []
     if foreign:
         raise EinfuseError(f"cannot export to {path}: it holds files that are not an einfuse export "
