@@ -7,6 +7,7 @@ See ``docs/ir.md`` for the text syntax and semantics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Union
 
@@ -234,9 +235,6 @@ class Cascade:
     #: The range ``(least, greatest or None)`` a size symbol may take (a ``torch.export.Dim``'s
     #: ``min``/``max``), by symbol name: what a compiled model checks its inputs against.
     size_ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
-    #: The range ``(least, greatest or None)`` a size symbol may take (a ``torch.export.Dim``'s
-    #: ``min``/``max``), by symbol name: what a compiled model checks its inputs against.
-    size_ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)
 
     def __str__(self) -> str:
         from .text import to_text
@@ -271,12 +269,19 @@ def depth(node: Any) -> int:
     deepest, stack = 0, [(node, 1)]
     while stack:
         x, d = stack.pop()
-        if isinstance(x, tuple):
-            stack.extend((y, d) for y in x)
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-            deepest = max(deepest, d)
-            stack.extend((getattr(x, f.name), d + 1) for f in dataclasses.fields(x))
+        deepest = max(deepest, d)
+        for name in _field_names(type(x)):
+            value = getattr(x, name)
+            for child in value if type(value) is tuple else (value,):
+                if _field_names(type(child)):
+                    stack.append((child, d + 1))
     return deepest
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    """The fields of a node class; none for anything else."""
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
 
 
 def nesting_problem(e: Einsum, loops: int = 0) -> str | None:

@@ -3,7 +3,8 @@ the shapes of the arrays a caller passes.
 
 A size is read by a small grammar of its own (never by ``sympify``, which evaluates what it reads):
 integers, size symbols, earlier ranks, ``+ - * / //``, ``**`` with a small integer exponent,
-parentheses and ``floor ceiling Max Min``. Every number in a size is at most ``MAX_SIZE``.
+parentheses and ``floor ceiling Max Min``. Every number in a size is at most ``MAX_SIZE``, and a
+size is at most ``MAX_SIZE_TOKENS`` tokens long (sympy's simplification is superlinear).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from .nodes import Cascade, IBin, IConst, IndexExpr, ISym, IVar, Size, TensorDec
 MAX_SIZE = 2 ** 62
 #: The largest exponent in a size (``S**2``).
 MAX_EXPONENT = 64
+#: The most tokens one size may take (``ceiling(S/64)`` is 6).
+MAX_SIZE_TOKENS = 32
 _FUNCTIONS: dict[str, tuple[Callable[..., sympy.Expr], int | None]] = {
     "floor": (sympy.floor, 1), "ceiling": (sympy.ceiling, 1), "Max": (sympy.Max, None), "Min": (sympy.Min, None)}
 
@@ -57,11 +60,21 @@ class SizeReader:
     def read(self) -> Size:
         """The size, checked (:func:`size_problem`); an int when it is a number."""
         start = self.ln.peek()
+        self.check_length()
         value = self.sum()
         problem = size_problem(value)
         if problem:
             raise self.ln.error(f"rank '{self.rank}' {problem}", start)
         return int(value) if value.is_Integer else value
+
+    def check_length(self) -> None:
+        """Refuse a size longer than ``MAX_SIZE_TOKENS`` before sympy sees any of it."""
+        depth, n = 0, 0
+        while (t := self.ln.peek(n)) is not None and not (depth == 0 and t.text == ","):
+            depth += {"(": 1, ")": -1}.get(t.text, 0)
+            n += 1
+            if n > MAX_SIZE_TOKENS:
+                raise self.ln.error(f"the size of rank '{self.rank}' is longer than {MAX_SIZE_TOKENS} tokens", t)
 
     def sum(self) -> sympy.Expr:
         terms = [self.term()]
@@ -99,14 +112,26 @@ class SizeReader:
         if second.col != star.col + 1:
             raise self.ln.error("'**' is written without a space", second)
         self.ln.next("*"), self.ln.next("*")
-        n = literal(self.ln, self.ln.next("an exponent"), "an exponent")
+        n = self.exponent()
         if self.ln.at("*") and self.ln.peek(1) is not None and self.ln.peek(1).text == "*":
             raise self.ln.error("an exponent is one number: write (a**b)**c", self.ln.peek())
         biggest = max((abs(x.p).bit_length() + x.q.bit_length() for x in base.atoms(sympy.Rational)), default=0)
-        if n > MAX_EXPONENT or biggest * n > 4 * 62 or _largest_exponent(base) * n > MAX_EXPONENT:
+        if abs(n) > MAX_EXPONENT or biggest * abs(n) > 4 * 62 or _largest_exponent(base) * abs(n) > MAX_EXPONENT:
             raise self.ln.error(f"the exponent {n} makes the size of rank '{self.rank}' too large "
                                 f"(exponents in a size are at most {MAX_EXPONENT})", star)
+        if n < 0 and base.is_zero:
+            raise self.ln.error(f"division by zero in the size of rank '{self.rank}'", star)
         return base ** n
+
+    def exponent(self) -> int:
+        """``N``, or ``(-N)`` as sympy prints a negative exponent."""
+        if not self.ln.at("("):
+            return literal(self.ln, self.ln.next("an exponent"), "an exponent")
+        self.ln.next("(")
+        self.ln.expect("-", " in a negative exponent (-N)")
+        n = literal(self.ln, self.ln.next("an exponent"), "an exponent")
+        self.ln.expect(")", " to close the exponent")
+        return -n
 
     def atom(self) -> sympy.Expr:
         t = self.ln.next(f"a size for rank '{self.rank}'")

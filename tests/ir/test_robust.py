@@ -133,6 +133,9 @@ def test_index_literals_up_to_the_bound_parse() -> None:
     ("S * * 2", "'**' is written without a space"),
     ("floor(S, 2)", "floor takes 1 argument"),
     ("Max()", "expected a size"),
+    ("S**(2)", "expected '-' in a negative exponent"),
+    ("0**(-1)", "division by zero in the size of rank 'M'"),
+    ("Max(" + ",".join(f"S{i}" for i in range(16)) + ")", "the size of rank 'M' is longer than 32 tokens"),
     ("exp(S)", "unknown function 'exp'"),
     ("S S", "unexpected 'S'"),
     ("S + ", "expected a size"),
@@ -147,12 +150,12 @@ def test_bad_sizes_are_parse_errors_naming_the_rank(size: str, message: str) -> 
 
 def test_sizes_are_read_without_sympify() -> None:
     c = parse("cascade c\nrank M0=64, M1=S/M0, P=2*S + 1, Q=ceiling(S/4)*Max(T, 2), R=S**2, U=None, "
-              "V=floor((S + 1)//2), W=2**10\n")
+              "V=floor((S + 1)//2), W=2**10, X=1/S/S\n")
     s, t = (sympy.Symbol(n, integer=True, positive=True) for n in "ST")
     sizes = {r.name: r.size for r in c.ranks}
     assert sizes == {"M0": 64, "M1": s / 64, "P": 2 * s + 1, "Q": sympy.ceiling(s / 4) * sympy.Max(t, 2),
                      "R": s ** 2, "U": sympy.Symbol("None", integer=True, positive=True),
-                     "V": sympy.floor(sympy.floor((s + 1) / 2)), "W": 1024}
+                     "V": sympy.floor(sympy.floor((s + 1) / 2)), "W": 1024, "X": s ** -2}
     assert parse(to_text(c)) == c
 
 
