@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Mapping
 
 import torch
 import tvm
@@ -52,7 +52,7 @@ class Library:
             self._file.close()
             raise LoadError(f"{path} has {size} bytes where {META} recorded {record['bytes']}: it is damaged "
                             "or was not written completely")
-        if hashlib.file_digest(self._file, "sha256").hexdigest() != self.sha256:
+        if _sha256(self._file) != self.sha256:
             self._file.close()
             raise LoadError(f"{path} is damaged: its sha256 differs from the one {META} recorded")
 
@@ -68,20 +68,17 @@ class Library:
 
     def copy_to(self, dest: Path) -> None:
         """Write the checked bytes to ``dest``, checking them again on the way."""
-        digest = hashlib.sha256()
-        self._file.seek(0)
         with open(dest, "wb") as out:
-            while chunk := self._file.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != self.sha256:
+            digest = _sha256(self._file, out)
+        if digest != self.sha256:
             raise LoadError(f"{self.path} changed on disk since it was loaded; compile the model again to export it")
 
 
 def export(model: Any, path: str | Path, extra: Mapping[str, str] | None = None) -> Path:
     """Write ``model`` (a CompiledModel) into directory ``path``, with the text files ``extra``
-    (name -> text, such as the CLI's ``report.txt``); an export already there is replaced."""
-    path = Path(path)
+    (name -> text, such as the CLI's ``report.txt``); an export already there is replaced (one
+    a link points to: in its place)."""
+    path = Path(path).resolve() if Path(path).is_symlink() else Path(path)
     check_destination(path)
     with staged_dir(path) as staged:
         write(model, staged, extra)
@@ -231,7 +228,18 @@ def _mcpu(target: str) -> str | None:
 def _record(file: Path) -> dict[str, Any]:
     """A file's size and sha256, as ``model.json`` records them."""
     with open(file, "rb") as f:
-        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": _sha256(f)}
+
+
+def _sha256(file: BinaryIO, copy: BinaryIO | None = None) -> str:
+    """The sha256 of the whole of the open ``file`` (read from its start), copied to ``copy``."""
+    digest = hashlib.sha256()
+    file.seek(0)
+    while chunk := file.read(1 << 20):
+        digest.update(chunk)
+        if copy is not None:
+            copy.write(chunk)
+    return digest.hexdigest()
 
 
 def _read_checked(file: Path, record: Mapping[str, Any]) -> str:

@@ -292,3 +292,14 @@ def test_corrupt_tuning_budgets_are_ignored_and_rewritten(text: str, tmp_path: P
         database.record_budgets({"b": 8})
     assert json.loads((tmp_path / "budgets.json").read_text()) == {"b": 8}
     assert database.budgets() == {"b": 8}
+
+
+def test_clear_removes_what_interrupted_writes_left(tmp_path: Path) -> None:
+    from einfuse import cache
+    (tmp_path / f".{'0' * 24}.tmp-0123abcd").mkdir()       # (a compile killed while writing its entry)
+    (tmp_path / f".{'1' * 24}.old-0123abcd").mkdir()       # (... while replacing a damaged one)
+    (tmp_path / ".peaks-x-2.json.tmp-89abcdef").write_text("{")
+    (tmp_path / ".notes.txt").write_text("not einfuse's")
+    assert cache.status(tmp_path).bytes == 1
+    cache.clear(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [".notes.txt"]
