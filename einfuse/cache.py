@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 _KEY = re.compile(r"[0-9a-f]{24}")
-_LEFTOVER = re.compile(r"\.([0-9a-f]{24}|peaks-.+\.json)\.(tmp|old)-[0-9a-f]{8}")   # (what a process killed mid-write leaves)
+_LEFTOVER = re.compile(r"\.([0-9a-f]{24}|peaks-.+\.json)\.(tmp|old)-[0-9a-f]{8}")   # (left by a killed writer)
 _warned: set[str] = set()
 
 
