@@ -109,7 +109,8 @@ def cache_key(cascade: Cascade, target: Any, tuning: Any = None) -> str:
     from .persist import versions
     digest = hashlib.sha256()
     records = tuning.digest() if tuning is not None else ""
-    for part in (to_text(cascade), repr(sorted(target.tvm.items())), target.tiles, repr(sorted(versions().items())),
+    for part in (to_text(cascade), repr(sorted(cascade.size_ranges.items())), repr(sorted(target.tvm.items())),
+                 target.tiles, f"{target.vector_bytes}x{target.registers}", repr(sorted(versions().items())),
                  records):
         digest.update(part.encode())
     for source in sorted(Path(__file__).parent.rglob("*.py")):

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
@@ -33,7 +34,8 @@ LIBRARY, META, TIR = "model.so", "model.json", "kernels.tir"
 EXPORT_FILES = frozenset({LIBRARY, META, TIR, "report.txt"})   # (what an export directory may hold)
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": int, "einfuse": str, "tvm": str, "torch": str, "target": str, "mcpu": (str, type(None)),
-    "cascade": str, "compile_seconds": (int, float), "tuned": list, "tuning": (str, type(None)), "files": dict}
+    "cascade": str, "compile_seconds": (int, float), "tuned": list, "tuning": (str, type(None)), "files": dict,
+    "size_ranges": dict}
 _VERSIONS = {"einfuse": "einfuse", "tvm": "TVM", "torch": "torch"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -122,7 +124,8 @@ def write(model: Any, directory: Path, extra: Mapping[str, str] | None = None) -
     meta = {"format": FORMAT, **versions(), "target": model.target, "mcpu": _mcpu(model.target),
             "cascade": to_text(model.ir), "compile_seconds": model.compile_seconds, "tuned": list(model.tuned),
             "tuning": str(model.tuning.path) if model.tuning is not None else None,
-            "files": {name: _record(directory / name) for name in (LIBRARY, TIR)}}
+            "files": {name: _record(directory / name) for name in (LIBRARY, TIR)},
+            "size_ranges": {name: list(bounds) for name, bounds in model.ir.size_ranges.items()}}
     for name, text in (extra or {}).items():
         (directory / name).write_text(text)
     (directory / META).write_text(json.dumps(meta, indent=1))
@@ -142,7 +145,7 @@ def load(path: str | Path) -> Any:
     except OSError as exc:
         raise LoadError(f"{path}: cannot read {exc.filename}: {exc.strerror}") from None
     try:
-        cascade = parse(meta["cascade"])
+        cascade = replace(parse(meta["cascade"]), size_ranges=_size_ranges(meta["size_ranges"]))
         kernels = group_kernels(cascade)
     except EinfuseError as exc:
         raise LoadError(f"{path / META}: its cascade is malformed: {exc}") from None
@@ -157,6 +160,16 @@ def load(path: str | Path) -> Any:
         tuning = TuningDatabase.at(Path(meta["tuning"]))
     return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir},
                          library, tuning, meta["tuned"])
+
+
+def _size_ranges(ranges: Mapping[str, Any]) -> dict[str, tuple[int, int | None]]:
+    """The ``Dim`` ranges as ``model.json`` records them (``name: [min, max or null]``), checked."""
+    def bound(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    if not all(isinstance(v, list) and len(v) == 2 and bound(v[0]) and (v[1] is None or bound(v[1]))
+               for v in ranges.values()):
+        raise EinfuseError(f"size_ranges must map each size to [min, max or null], not {ranges!r}")
+    return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
 
 
 def valid(path: Path) -> bool:

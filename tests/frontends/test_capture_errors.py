@@ -232,6 +232,23 @@ def test_a_dynamic_model_serves_its_range_and_refuses_sizes_outside_it(dynamic: 
             compiled(torch.ones(n, 8), torch.ones(n, dtype=torch.int64))
 
 
+def test_the_range_survives_the_cache_and_an_export(tmp_path: Path) -> None:
+    rows = torch.export.Dim("rows", min=2, max=16)
+    example = (torch.ones(4, 8), torch.ones(4, dtype=torch.int64))
+    shapes = {"x": {0: rows}, "ids": {0: rows}}
+    first = einfuse.compile(_Scale(), example, dynamic_shapes=shapes, cache_dir=tmp_path / "cache")
+    first.export(tmp_path / "export")
+    wider = einfuse.compile(_Scale(), example, dynamic_shapes={"x": {0: torch.export.Dim("rows", min=2, max=32)},
+                                                               "ids": {0: torch.export.Dim("rows", min=2, max=32)}},
+                            cache_dir=tmp_path / "cache")
+    assert wider.size_ranges == {"rows": (2, 32)}   # (another range is another cache entry)
+    for model in (einfuse.compile(_Scale(), example, dynamic_shapes=shapes, cache_dir=tmp_path / "cache"),
+                  einfuse.load(tmp_path / "export")):
+        assert model.size_ranges == {"rows": (2, 16)}
+        with pytest.raises(einfuse.errors.InputError, match="outside the range"):
+            model(torch.ones(17, 8), torch.ones(17, dtype=torch.int64))
+
+
 @pytest.mark.parametrize("args, message", [
     ((torch.ones(4, 8),), "expected 2 input(s) (x, ids), got 1"),
     ((torch.ones(4, 8), torch.ones(4, dtype=torch.int64), torch.ones(4)), "expected 2 input(s) (x, ids), got 3"),
