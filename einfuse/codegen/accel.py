@@ -160,7 +160,7 @@ def map1d_intrinsics(lanes: int, op: str) -> tuple[str, ...]:
     for broadcast in (False, True):
         buffers = {"A": (lanes,), "B": (1,) if broadcast else (lanes,), "C": (lanes,)}
         b = "B[0]" if broadcast else "B[vk]"
-        value = f"T.max(A[vk], {b})" if op == "max" else f"A[vk] {_MAPS[op]} {b}"
+        value = _nan_max("A[vk]", b) if op == "max" else f"A[vk] {_MAPS[op]} {b}"
         update = [f"for k in T.serial({lanes}):", "    with T.sblock('update'):",
                   "        vk = T.axis.remap('S', [k])", f"        C[vk] = {value}"]
         call = _call("fm_vec", "C.access_ptr('w')", "A.access_ptr('r')", "B.access_ptr('r')", f"T.int32({lanes})",
@@ -171,11 +171,16 @@ def map1d_intrinsics(lanes: int, op: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _nan_max(a: str, b: str) -> str:
+    """TVMScript of ``lower.nan_max(a, b)``, the NaN-propagating max the lowering emits."""
+    return f"T.Select(T.isnan({a}), {a}, T.max({a}, {b}))"
+
+
 @lru_cache(maxsize=None)
 def reduce1d_intrinsic(lanes: int, op: str) -> str:
     """Register ``fm_reduce``: ``lanes`` elements of X summed (or maxed) into Y[0]; its name."""
     buffers = {"X": (lanes,), "Y": (1,)}
-    value = "T.max(Y[0], X[vk])" if op == "max" else "Y[0] + X[vk]"
+    value = _nan_max("Y[0]", "X[vk]") if op == "max" else "Y[0] + X[vk]"
     update = [f"for k in T.serial({lanes}):", "    with T.sblock('update'):",
               "        vk = T.axis.remap('R', [k])", f"        Y[0] = {value}"]
     call = _call("fm_reduce", "Y.access_ptr('rw')", "X.access_ptr('r')", f"T.int32({lanes})",

@@ -68,6 +68,29 @@ def test_exp_costs_what_the_target_says_on_each_array() -> None:
     assert (op_cost("exp", baseline, "2d"), op_cost("exp", baseline, "1d"), op_cost("max", baseline, "1d")) == (7, 1, 1)
 
 
+ROW_MAX = """cascade rowmax
+rank M=32, P=16
+tensor X[M,P] input f32
+tensor Y[M,P] input f32
+tensor G[P] output f32
+tensor H[M,P] output f32
+G[p] = X[m,p] :: reduce[m] max
+H[m,p] = max(X[m,p], Y[m,p])
+"""
+
+
+def test_the_accelerators_max_propagates_nan_as_the_interpreters(rng: np.random.Generator) -> None:
+    x, y = rng.standard_normal((32, 16)), rng.standard_normal((32, 16))
+    x[5, 3], y[7, 9] = np.nan, np.nan   # (fm_reduce's row max and fm_vec's max must keep them)
+    sim = einfuse.simulate(parse(ROW_MAX), (x, y), target=SMALL, pipeline="none")
+    assert sorted(t for *_, ts in sim.kernels for t in ts) == ["G", "H"]
+    want = interpret(parse(ROW_MAX), {"X": x, "Y": y})
+    for name in ("G", "H"):
+        got = sim.outputs[name]
+        assert (np.isnan(got) == np.isnan(want[name])).all() and np.isnan(want[name]).any()
+        assert rel_err(np.nan_to_num(got), np.nan_to_num(want[name])) <= 1e-6
+
+
 @pytest.mark.parametrize("pipeline", ["unfused", "default"])
 def test_emitted_c_runs_matches_the_interpreter_and_counts_what_the_model_says(pipeline: str) -> None:
     rng = np.random.default_rng(7)

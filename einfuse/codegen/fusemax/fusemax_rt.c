@@ -99,6 +99,9 @@ static void charge_1d(int32_t n) {
   }
 }
 
+/* torch.maximum: NaN if either operand is (a bare compare would drop a NaN). */
+static float nan_max(float u, float v) { return u != u || v != v ? u + v : (u > v ? u : v); }
+
 int32_t fm_vec(void *c, void *a, void *b, int32_t n, int32_t op, int32_t b_step) {
   float *out = (float *)c;
   const float *x = (const float *)a, *y = (const float *)b;
@@ -109,7 +112,7 @@ int32_t fm_vec(void *c, void *a, void *b, int32_t n, int32_t op, int32_t b_step)
       case 1: out[k] = u - v; break;
       case 2: out[k] = u * v; break;
       case 3: out[k] = u / v; break;
-      default: out[k] = u > v ? u : v; break;
+      default: out[k] = nan_max(u, v); break;
     }
   }
   charge_1d(n);
@@ -120,7 +123,7 @@ int32_t fm_reduce(void *y, void *x, int32_t n, int32_t op) {
   float *acc = (float *)y;
   const float *in = (const float *)x;
   float r = acc[0];
-  for (int32_t k = 0; k < n; ++k) r = op == 0 ? r + in[k] : (in[k] > r ? in[k] : r);
+  for (int32_t k = 0; k < n; ++k) r = op == 0 ? r + in[k] : nan_max(r, in[k]);
   acc[0] = r;
   charge_1d(n);
   return 0;
