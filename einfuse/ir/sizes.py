@@ -287,11 +287,23 @@ def bind_sizes(c: Cascade, decls: Mapping[str, TensorDecl], shapes: Mapping[str,
 
 
 def _solve(sym: sympy.Symbol, expr: sympy.Expr, n: int, name: str, dim: int) -> int:
-    try:
-        solutions = [s for s in sympy.solve(sympy.Eq(expr, n), sym) if s.is_Integer and s > 0]
-    except NotImplementedError:   # (sympy solves no equation in floor or Max)
-        solutions = []
-    if len(solutions) != 1:
+    """The one positive integer ``sym`` with ``expr == n``, found by bisection over 1..MAX_SIZE
+    (a size grows or shrinks with its symbol; ``sympy.solve`` can take hours on ``S**63 - S**62``)."""
+    def value(v: int) -> sympy.Expr:
+        x = expr.subs(sym, v)
+        if not (x.is_number and x.is_finite and x.is_real):
+            raise InterpretError(f"cannot determine {sym} from '{name}' dimension {dim}: {expr} is {x} "
+                                 f"at {sym} = {v}; pass sizes={{'{sym}': ...}}")
+        return x
+    rising = value(1) <= value(MAX_SIZE)
+    lo, hi = 1, MAX_SIZE
+    while lo < hi:   # the least v with expr(v) >= n (rising) or <= n (falling)
+        mid = (lo + hi) // 2
+        if (value(mid) >= n) if rising else (value(mid) <= n):
+            hi = mid
+        else:
+            lo = mid + 1
+    if value(lo) != n or (lo < MAX_SIZE and value(lo + 1) == n):
         raise InterpretError(f"cannot determine {sym} from '{name}' dimension {dim}: {expr} = {n} "
-                             "has no single positive integer solution")
-    return int(solutions[0])
+                             f"has no single positive integer solution; pass sizes={{'{sym}': ...}}")
+    return lo

@@ -211,6 +211,16 @@ def test_interpret_reports_an_undeterminable_symbolic_size() -> None:
         interpret(c, {"A": np.ones(3)})
 
 
+def test_interpret_solves_a_size_for_its_symbol_by_bisection(rng: np.random.Generator) -> None:
+    c = parse("cascade c\nrank M=S*(S+1), N=S-1\ntensor A[M] input f32\ntensor Z[N] output f32\nZ[n] = A[n]\n")
+    a = rng.standard_normal(12)
+    assert rel_err(interpret(c, {"A": a})["Z"], a[:2]) == 0
+    hard = parse("cascade c\nrank M=S**63 - S**62 + 5\ntensor A[M] input f32\ntensor Z[M] output f32\nZ[m] = A[m]\n")
+    with pytest.raises(InterpretError, match=re.escape("S**63 - S**62 + 5 = 9 has no single positive integer "
+                                                       "solution; pass sizes={'S': ...}")):
+        interpret(hard, {"A": np.ones(9)})   # (sympy.solve takes hours on this one)
+
+
 def test_interpret_reports_a_size_that_divides_by_zero() -> None:
     c = parse("cascade c\nrank M=S/(S-4)\ntensor A[M] input f32\ntensor Z[M] output f32\nZ[m] = A[m]\n")
     with pytest.raises(InterpretError, match=re.escape("'A' dimension 0 (rank M) has extent 3 but the cascade "
