@@ -60,26 +60,25 @@ def mutation(draw: st.DrawFn, text: str) -> str:
             return text[:m.start()] + big + text[m.end():]
         return text
     if kind == "lines":
-        lines = text.split("\n")
-        a, b = draw(st.integers(0, len(lines) - 1)), draw(st.integers(0, len(lines) - 1))
-        op = draw(st.sampled_from(["delete", "duplicate", "swap"]))
-        if op == "delete":
-            del lines[a]
-        elif op == "duplicate":
-            lines.insert(b, lines[a])
-        else:
-            lines[a], lines[b] = lines[b], lines[a]
-        return "\n".join(lines)
-    tokens = TOKEN.findall(text)   # ("tokens", or a swap at the end of the text)
-    a, b = draw(st.integers(0, len(tokens) - 1)), draw(st.integers(0, len(tokens) - 1))
+        return "\n".join(draw(list_edit(text.split("\n"))))
+    return "".join(draw(list_edit(TOKEN.findall(text))))   # ("tokens", or a swap at the end of the text)
+
+
+@st.composite
+def list_edit(draw: st.DrawFn, items: list[str]) -> list[str]:
+    """``items`` with one deleted, duplicated, or two swapped."""
+    items = list(items)
+    if not items:
+        return items
+    a, b = draw(st.integers(0, len(items) - 1)), draw(st.integers(0, len(items) - 1))
     op = draw(st.sampled_from(["delete", "duplicate", "swap"]))
     if op == "delete":
-        del tokens[a]
+        del items[a]
     elif op == "duplicate":
-        tokens.insert(b, tokens[a])
+        items.insert(b, items[a])
     else:
-        tokens[a], tokens[b] = tokens[b], tokens[a]
-    return "".join(tokens)
+        items[a], items[b] = items[b], items[a]
+    return items
 
 
 @st.composite
