@@ -177,9 +177,10 @@ def _kernels(args: argparse.Namespace) -> int:
     manifest = kernels(model, example, target=args.target, output=args.output, pipeline=args.pipeline)
     print(f"wrote {len(json.loads(manifest.read_text())['kernels'])} kernels and {manifest}")
     report = manifest.parent / "report.md"
-    last = report.read_text().strip().splitlines()[-1] if report.is_file() else ""
-    if last.startswith("Whole model"):   # (an accelerator's modelled timing, its sizes bound)
-        print(f"{last} ({report})")
+    lines = report.read_text().splitlines() if report.is_file() else []
+    for line in lines:
+        if line.startswith("Whole model"):   # (an accelerator's modelled timing, its sizes bound)
+            print(f"{line} ({report})")
     return 0
 
 

@@ -74,7 +74,7 @@ def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any, tuni
     gpu = target.kind == "cuda"
     if kernel.kind == "loop":
         return (GPULoopBuilder if gpu else LoopBuilder)(cascade, kernel, sizes, target).prim_func()
-    func = KernelBuilder(cascade, kernel, sizes).prim_func()
+    func = KernelBuilder(cascade, kernel, sizes, nan_reductions=not gpu).prim_func()
     tuned = tuning.schedule(func, kernel.name) if tuning is not None else None
     if tuned is not None:
         return tuned.with_attr(TUNED, True)

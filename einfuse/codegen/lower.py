@@ -68,8 +68,11 @@ def _fold(fn: Callable[[Any, Any], Any], items: list[Any]) -> Any:
 class KernelBuilder:
     """Builds the TE tensors of one kernel and turns them into a PrimFunc."""
 
-    def __init__(self, c: Cascade, kernel: Kernel, sizes: SizeVars) -> None:
+    def __init__(self, c: Cascade, kernel: Kernel, sizes: SizeVars, nan_reductions: bool = True) -> None:
+        """``nan_reductions``: float max/min reductions propagate NaN (:data:`NAN_REDUCERS`); off
+        for a GPU, whose schedules (dlight's cross-thread reductions) know only TIR's own reducers."""
         self.c, self.k, self.sizes = c, kernel, sizes
+        self.nan_reductions = nan_reductions
         self.decls = declarations(c)
         self.ranks = var_ranks(c)
         self.rank_size = {r.name: r.size for r in c.ranks}
@@ -159,7 +162,7 @@ class KernelBuilder:
             value = tirx.Select(valid, value, _const(identity, work))
         if op == "+":
             return te.sum(value, axis=axes)
-        if op in ("max", "min") and work.startswith("float"):
+        if op in ("max", "min") and work.startswith("float") and self.nan_reductions:
             return NAN_REDUCERS[op](value, axis=axes)
         if op == "max":
             return te.max(value, axis=axes)
