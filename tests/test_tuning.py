@@ -49,6 +49,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list[st
     return root, results, lines
 
 
+@pytest.mark.slow
 def test_tune_measures_each_task_and_reports_progress(tuned: tuple[Path, list, list[str]]) -> None:
     root, results, lines = tuned
     assert len(results) == 2   # (the two GEMM + ReLU kernels are one task)
@@ -60,6 +61,7 @@ def test_tune_measures_each_task_and_reports_progress(tuned: tuple[Path, list, l
     assert set_aside.read_text() == "this is not json\n"   # (the corrupt file was kept, not deleted)
 
 
+@pytest.mark.slow
 def test_second_tune_measures_nothing_and_compile_uses_the_records(tuned: tuple[Path, list, list[str]]) -> None:
     root, _, _ = tuned
     model, args = small_model()
@@ -74,6 +76,7 @@ def test_second_tune_measures_nothing_and_compile_uses_the_records(tuned: tuple[
     assert untuned.tuned == [] and rel_error(untuned(x), model(x)) < 1e-5
 
 
+@pytest.mark.slow
 def test_cli_tune_with_a_tuned_database_measures_nothing(tuned: tuple[Path, list, list[str]],
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     root, results, _ = tuned
@@ -85,6 +88,7 @@ def test_cli_tune_with_a_tuned_database_measures_nothing(tuned: tuple[Path, list
     assert all(re.search(rf"{r.name}\s+\d+\s+0\s+-", out) for r in results), out
 
 
+@pytest.mark.slow
 def test_rule_based_schedule_is_a_record_and_ties_are_broken_by_trace_text(tuned: tuple[Path, list, list[str]]) -> None:
     from tvm.s_tir import meta_schedule as ms
 
@@ -144,6 +148,7 @@ def test_missing_xgboost_is_said_before_any_work(monkeypatch: pytest.MonkeyPatch
         einfuse.tune(*small_model(), cost_model="gbm")
 
 
+@pytest.mark.slow
 def test_tune_through_an_rpc_tracker_on_loopback(tmp_path: Path) -> None:
     from tvm.rpc.server import Server
     from tvm.rpc.tracker import Tracker

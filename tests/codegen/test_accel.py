@@ -19,7 +19,7 @@ from einfuse.cli import main
 from einfuse.ir import interpret, parse
 from einfuse.targets import Target
 from einfuse.targets.accel import cascade_timing, kernel_einsums, kernel_work, placement
-from tests.conftest import rel_err
+from tests.conftest import params, rel_err
 
 SMALL = "accel:fusemax{pe_rows=16,pe_cols=16,vector_pes=16}"
 CASCADES = Path(__file__).parents[1] / "cascades"
@@ -126,7 +126,8 @@ def test_a_tensorized_gemm_issues_one_fm_mac2d_per_tile_and_counts_exactly_the_m
         assert counted.cycles_2d == pytest.approx(modelled[kernel.name].cycles_2d, rel=1e-9)
 
 
-@pytest.mark.parametrize("name", ["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"])
+@pytest.mark.parametrize("name", params(["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"],
+                                        slow=("gpt2", "llama", "bert", "vit", "mixtral")))
 def test_every_zoo_model_runs_as_accelerator_c_and_matches_eager(name: str, tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture) -> None:
     model, args = zoo.build(name)

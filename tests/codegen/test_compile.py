@@ -15,6 +15,7 @@ from einfuse import zoo
 from einfuse.codegen.runtime import InputError
 from einfuse.errors import CompileError
 from einfuse.ir import parse
+from tests.conftest import params
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -28,7 +29,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.mark.parametrize("name", list(zoo.BUILDERS))
+@pytest.mark.parametrize("name", params(list(zoo.BUILDERS), slow=("gpt2", "llama", "bert", "vit", "mixtral")))
 def test_zoo_model_compiles_and_matches_eager(name: str, cache: Path, rng: np.random.Generator) -> None:
     model, example = zoo.build(name)
     compiled = einfuse.compile(model, example, cache_dir=cache)
@@ -38,6 +39,7 @@ def test_zoo_model_compiles_and_matches_eager(name: str, cache: Path, rng: np.ra
     assert rel(compiled(*args), want) <= 1e-4
 
 
+@pytest.mark.slow
 def test_one_dynamic_compile_serves_two_lengths(cache: Path, rng: np.random.Generator) -> None:
     model, example = zoo.build("llama")
     seq = torch.export.Dim("seq", min=2, max=256)

@@ -23,7 +23,7 @@ from einfuse.errors import EinfuseError
 from einfuse.ir import parse
 from tests.codegen.test_loop import _Causal
 from tests.codegen.test_schedules import SOFTMAX
-from tests.conftest import rel_err
+from tests.conftest import params, rel_err
 
 NVCC = shutil.which("nvcc")
 
@@ -35,6 +35,7 @@ def _ptx(source: Path, arch: str) -> bool:
         return len(nvcc.compile_cuda(source.read_text(), target_format="ptx", arch=arch, compiler="nvcc")) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 def test_every_mlp_kernel_compiles_with_nvcc_for_sm_80_and_sm_90(tmp_path: Path) -> None:
     model, args = zoo.build("mlp")
@@ -48,6 +49,7 @@ def test_every_mlp_kernel_compiles_with_nvcc_for_sm_80_and_sm_90(tmp_path: Path)
         assert _ptx(tmp_path / cu, "sm_80") and _ptx(tmp_path / cu, "sm_90")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit", "mixtral", "convnet"])
 def test_every_kernel_of_every_zoo_model_compiles_with_nvcc(name: str, tmp_path: Path) -> None:
@@ -90,7 +92,8 @@ def test_cpu_kernels_are_written_as_tir_and_assembly(tmp_path: Path) -> None:
     assert kernel["roofline_ms"] is None   # (the host has measured peaks, not a datasheet: see report())
 
 
-@pytest.mark.parametrize("name", ["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"])
+@pytest.mark.parametrize("name", params(["mlp", "convnet", "gpt2", "llama", "bert", "vit", "mixtral"],
+                                        slow=("gpt2", "llama", "bert", "vit")))
 def test_cpu_kernels_of_every_zoo_model_are_written(name: str, tmp_path: Path) -> None:
     model, args = zoo.build(name)
     kernels = json.loads(einfuse.kernels(model, args, target="cpu", output=tmp_path).read_text())["kernels"]
@@ -124,7 +127,7 @@ class _SerialThreads(GPULoopBuilder):
         pass
 
 
-@pytest.mark.parametrize("build", ["causal", "gpt2"])
+@pytest.mark.parametrize("build", params(["causal", "gpt2"], slow=("gpt2",)))
 def test_the_gpu_attention_code_computes_attention(build: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What each GPU thread computes, run on the CPU (threads as loops) against torch."""
     monkeypatch.setattr(build_module, "LoopBuilder", _SerialThreads)
@@ -157,6 +160,7 @@ def test_a_model_compiled_for_a_gpu_is_inspectable_where_no_gpu_is() -> None:
         einfuse.compile(parse(SOFTMAX)).source("cuda")
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_runs_end_to_end_as_a_dry_run() -> None:
     from benchmarks.gpu import main
     rows = main(["--dry-run", "--models", "mlp", "--lengths", "128", "--repeat", "2"])

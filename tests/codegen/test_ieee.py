@@ -164,6 +164,7 @@ def test_a_fully_masked_spelled_out_softmax_row_is_nan(tmp_path: Path, rng: np.r
     assert torch.isnan(want[:, empty]).all() and not torch.isnan(want[:, ~empty]).any()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [_SDPA(), _Spelled()], ids=["sdpa", "spelled"])
 def test_one_nan_key_makes_every_row_nan(model: torch.nn.Module, tmp_path: Path, rng: np.random.Generator) -> None:
     q, k, v = attention_inputs(rng, seq=150)   # (more than one key tile and one query block)

@@ -19,7 +19,7 @@ from einfuse.passes import PassManager, pipeline
 from einfuse.passes.group_kernels import group_kernels
 from einfuse.targets import host_cpu
 from tests.codegen.test_schedules import ATTENTION
-from tests.conftest import rel_err
+from tests.conftest import params, rel_err
 
 RUNNING_SUM = """cascade running
 rank P=5, M=12, MT=3, MI=4
@@ -43,7 +43,7 @@ def test_a_loop_with_running_state_is_one_kernel(tmp_path: Path, rng: np.random.
     assert rel_err(compiled(torch.from_numpy(x)).numpy(), interpret(c, {"X": x})["Y"]) <= 1e-6
 
 
-@pytest.mark.parametrize("seq", [37, 64, 150])
+@pytest.mark.parametrize("seq", params([37, 64, 150], slow=(150,)))
 def test_fused_attention_with_a_mask_is_one_loop_kernel(seq: int, tmp_path: Path, rng: np.random.Generator) -> None:
     """Ragged last tiles (37, 150), more tiles than one and more query blocks than one (150)."""
     c = parse(ATTENTION.replace("SEQ", str(seq)))
