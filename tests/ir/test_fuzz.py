@@ -28,7 +28,12 @@ PIECES = ["(", ")", "[", "]", "{", "}", ",", ":", "::", "=", "+", "-", "*", "/",
 NESTS = [("(", ")"), ("exp(", ")"), ("-", ""), ("max(0, ", ")"), ("[", "]"), ("A[", ",m]"), ("idx(", ")")]
 TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
 NUMBER = re.compile(r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?")
+RHS = re.compile(r"^[ \t]*\w+\[[^\n]*?\] = ([^\n]*?)(?= ::|$)", re.MULTILINE)   # an Einsum's right side
+SIZE = re.compile(r"(?<=[A-Z0-9]=)[^,\n#]+")                                      # a rank's size
+SIZES = ["None", "10**10**10", "4/0", "5/2", "-S", "0", "S - S", "S + 1/2", "S**63 - S**62 + 5", "2**63", "S**2",
+         "Max(S, 4)", "floor(S/2)", "S/64", "ceiling(S/4)", "(S", "S S", "1e999", "9" * 5000, "exp(S)", "S * * 2"]
 WORK = 200_000          # interpret only cascades whose Einsums visit at most this many points in all
+MAX_TEXT = 100_000      # (edits that nest or repeat a right side many times over are kept below this)
 
 
 @st.composite
@@ -38,7 +43,11 @@ def mutation(draw: st.DrawFn, text: str) -> str:
     i, j = sorted((draw(st.integers(0, n)), draw(st.integers(0, n))))
     j = min(j, i + 40)
     kind = draw(st.sampled_from(["delete", "duplicate", "swap", "insert", "identifier", "tokens", "nest",
-                                 "number", "lines"]))
+                                 "number", "lines", "rhs", "rhs", "rhs", "size", "size"]))
+    if kind in ("rhs", "size") and (spots := list((RHS if kind == "rhs" else SIZE).finditer(text))):
+        m = draw(st.sampled_from(spots))
+        start, end = m.span(1 if kind == "rhs" else 0)
+        return text[:start] + draw(deep_rhs(m.group(1)) if kind == "rhs" else st.sampled_from(SIZES)) + text[end:]
     if kind == "delete":
         return text[:i] + text[j:]
     if kind == "duplicate":
@@ -65,6 +74,19 @@ def mutation(draw: st.DrawFn, text: str) -> str:
 
 
 @st.composite
+def deep_rhs(draw: st.DrawFn, rhs: str) -> str:
+    """An Einsum's right side nested, chained or negated many times over (up to ~2,000 deep)."""
+    k = draw(st.sampled_from([1, 10, 63, 64, 65, 100, 300, 2000]))
+    kind = draw(st.sampled_from(["nest", "sum", "minus"]))
+    if kind == "nest":
+        opener, closer = draw(st.sampled_from(NESTS[:2] + NESTS[3:4]))
+        return opener * k + rhs + closer * k
+    if kind == "sum":
+        return " + ".join([f"({rhs})"] * k)
+    return "-" * k + f"({rhs})"
+
+
+@st.composite
 def list_edit(draw: st.DrawFn, items: list[str]) -> list[str]:
     """``items`` with one deleted, duplicated, or two swapped."""
     items = list(items)
@@ -86,7 +108,8 @@ def mutated_cascade(draw: st.DrawFn) -> str:
     """A shipped cascade's text after one to four random edits."""
     text = draw(st.sampled_from(SOURCES))
     for _ in range(draw(st.integers(1, 4))):
-        text = draw(mutation(text))
+        edited = draw(mutation(text))
+        text = edited if len(edited) <= MAX_TEXT else text
     return text
 
 
