@@ -21,7 +21,7 @@ from . import ops
 from .nodes import (MAX_DEPTH, ROLES, Access, Call, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess,
                     IBin, IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
                     Stmt, TensorDecl, TensorRank, nesting_problem)
-from .sizes import SizeReader, literal
+from .sizes import SizeReader, literal, short
 
 _TOKEN = re.compile(r"""
     (?P<ws>\s+)
@@ -134,8 +134,8 @@ def parse_file(path: str | Path) -> Cascade:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        start = data.rfind(b"\n", 0, exc.start) + 1
-        line = data[start:data.find(b"\n", exc.start) % (len(data) + 1)].decode("utf-8", "replace")
+        start, end = data.rfind(b"\n", 0, exc.start) + 1, data.find(b"\n", exc.start)
+        line = data[start:end if end >= 0 else len(data)].decode("utf-8", "replace")
         raise IRParseError("the file is not UTF-8", data.count(b"\n", 0, exc.start) + 1,
                            len(data[start:exc.start].decode("utf-8", "replace")) + 1, line) from None
     return parse(text)
@@ -145,8 +145,7 @@ def _number(ln: _Line, t: Token) -> float:
     """The float a number token (or ``inf``) spells; refused where it overflows to infinity."""
     value = float(t.text)
     if math.isinf(value) and t.text != "inf":
-        shown = t.text if len(t.text) <= 24 else t.text[:20] + "..."
-        raise ln.error(f"the number {shown} is out of the float range (write inf)", t)
+        raise ln.error(f"the number {short(t.text)} is out of the float range (write inf)", t)
     return value
 
 

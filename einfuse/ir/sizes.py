@@ -41,13 +41,14 @@ def literal(ln: Cursor, tok: Any, what: str) -> int:
     """The non-negative integer a number token spells, refused past ``MAX_SIZE`` (no int() of a
     thousand digits)."""
     if tok.kind != "number" or not tok.text.isdigit():
-        raise ln.error(f"{what} must be a whole number, found '{_short(tok.text)}'", tok)
+        raise ln.error(f"{what} must be a whole number, found '{short(tok.text)}'", tok)
     if len(tok.text) > len(str(MAX_SIZE)) or int(tok.text) > MAX_SIZE:
-        raise ln.error(f"{what} {_short(tok.text)} is larger than 2**62", tok)
+        raise ln.error(f"{what} {short(tok.text)} is larger than 2**62", tok)
     return int(tok.text)
 
 
-def _short(text: str) -> str:
+def short(text: str) -> str:
+    """``text``, cut to 20 characters and ``...`` when it is longer than 24 (a literal in a message)."""
     return text if len(text) <= 24 else text[:20] + "..."
 
 
@@ -187,7 +188,7 @@ def size_problem(size: Any) -> str | None:
     if not isinstance(value, sympy.Expr) or value.has(sympy.zoo, sympy.nan, sympy.oo, -sympy.oo):
         return f"has size {value}, which is not a finite number"
     if any(abs(x.p) > MAX_SIZE or x.q > MAX_SIZE for x in value.atoms(sympy.Rational)):
-        return f"has size {_short(str(value))}, with a number larger than 2**62"
+        return f"has size {short(str(value))}, with a number larger than 2**62"
     if any(not p.exp.is_Integer or abs(p.exp) > MAX_EXPONENT for p in value.atoms(sympy.Pow)):
         return f"has size {value}; exponents in a size are integers up to {MAX_EXPONENT}"
     if value.is_positive is False:
