@@ -42,7 +42,7 @@ def literal(ln: Cursor, tok: Any, what: str) -> int:
     thousand digits)."""
     if tok.kind != "number" or not tok.text.isdigit():
         raise ln.error(f"{what} must be a whole number, found '{short(tok.text)}'", tok)
-    if len(tok.text) > len(str(MAX_SIZE)) or int(tok.text) > MAX_SIZE:
+    if len(tok.text.lstrip("0")) > len(str(MAX_SIZE)) or int(tok.text) > MAX_SIZE:
         raise ln.error(f"{what} {short(tok.text)} is larger than 2**62", tok)
     return int(tok.text)
 

@@ -111,7 +111,7 @@ def test_huge_literals_are_parse_errors(stmt: str, message: str) -> None:
 
 
 def test_index_literals_up_to_the_bound_parse() -> None:
-    c = parse(HEAD + f"Z[m,n] = A[m+{MAX_SIZE},n]\n")
+    c = parse(HEAD + f"Z[m,n] = A[m+{MAX_SIZE},n] * A[{'0' * 30}1,n]\n")
     assert parse(to_text(c)) == c
 
 
