@@ -156,6 +156,8 @@ def _compile_cascade(cascade: Cascade, target_name: str, cache: Path, tuning: An
     if model is None:
         model = build(cascade, target, tuning)
         _store(model, cache, entry)
+        from .codegen.persist import stored_library
+        model.stored = stored_library(entry)
     return model
 
 

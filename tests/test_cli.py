@@ -91,6 +91,14 @@ def test_compile_writes_library_and_report(tmp_path: Path, capsys: pytest.Captur
     assert "k0_QK" in capsys.readouterr().out
 
 
+def test_a_first_compile_with_an_export_prints_no_warnings(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EINFUSE_CACHE", str(tmp_path / "cache"))   # (a fresh cache: a real first compile)
+    assert main(["compile", "zoo:mlp", "-o", str(tmp_path / "mlp")]) == 0
+    out, err = capfd.readouterr()   # (file descriptors: TVM's C++ writes its warnings to fd 2)
+    assert "measured: " in out and "Warning" not in err and "warning" not in err.lower()
+
+
 def test_unusable_output_paths_are_one_error_line_and_a_non_zero_exit(tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     model = str(EXAMPLES / "attention.ein")

@@ -116,8 +116,9 @@ def check_destination(path: Path) -> None:
 def write(model: Any, directory: Path, extra: Mapping[str, str] | None = None) -> None:
     """The files of ``model`` in the (new, private) ``directory``, ``model.json`` last."""
     library = directory / LIBRARY
-    if model._library is not None:   # (a loaded model: its checked bytes)
-        model._library.copy_to(library)
+    checked = model._library or model.stored
+    if checked is not None:   # (checked bytes: a loaded model's, or its cache entry's; linking the
+        checked.copy_to(library)   # library again after it has run makes TVM print warnings)
     else:
         model.executable.export_library(str(library))
     (directory / TIR).write_text(model.source("tir"))
@@ -170,6 +171,14 @@ def _size_ranges(ranges: Mapping[str, Any]) -> dict[str, tuple[int, int | None]]
                for v in ranges.values()):
         raise EinfuseError(f"size_ranges must map each size to [min, max or null], not {ranges!r}")
     return {name: (lo, hi) for name, (lo, hi) in ranges.items()}
+
+
+def stored_library(entry: Path) -> Library | None:
+    """The checked library of the export or cache entry ``entry``, or None where it has none."""
+    try:
+        return Library(entry / LIBRARY, read_meta(entry)["files"][LIBRARY])
+    except (LoadError, OSError):
+        return None
 
 
 def valid(path: Path) -> bool:

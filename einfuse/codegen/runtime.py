@@ -46,6 +46,7 @@ class CompiledModel:
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
         self._library = library  # the persist.Library it was loaded from (a loaded module cannot be re-exported)
+        self.stored: Any = None  # the persist.Library of its compile-cache entry, which an export copies
         self.tuning = tuning     # the TuningDatabase its kernels' schedules came from, if any
         self.tuned = list(tuned)  # the kernels scheduled from a tuning record
         self.device = "cuda" if target.startswith("cuda:") else "cpu"   # (where inputs go and outputs are)
