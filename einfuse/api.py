@@ -156,8 +156,6 @@ def _compile_cascade(cascade: Cascade, target_name: str, cache: Path, tuning: An
     if model is None:
         model = build(cascade, target, tuning)
         _store(model, cache, entry)
-        from .codegen.persist import stored_library
-        model.stored = stored_library(entry)
     return model
 
 
@@ -174,11 +172,13 @@ def _cached(entry: Path) -> Any:
 
 def _store(model: Any, cache: Path, entry: Path) -> None:
     """Write ``model`` as the cache entry ``entry`` (built beside it, renamed into place: an entry
-    another process wrote first is kept); a cache that cannot be written is reported once."""
+    another process wrote first is kept) and keep the entry's checked library on the model for its
+    exports; a cache that cannot be written is reported once."""
     from .cache import warn_once
-    from .codegen.persist import store
+    from .codegen.persist import store, stored_library
     try:
         store(model, entry)
+        model.stored = stored_library(entry)
     except (OSError, RuntimeError) as exc:   # (RuntimeError: TVM's linker, e.g. on a full disk)
         warn_once(f"store {cache}", f"einfuse cannot write the compile cache {cache} ({type(exc).__name__}: "
                   f"{exc}); the model works but is not cached (set EINFUSE_CACHE or cache_dir=)")
