@@ -10,9 +10,9 @@ with ``.ein`` files loads neither torch nor TVM); ``einfuse.ir`` is the IR; ``ei
 from typing import Any
 
 from . import errors, ir
+from .version import __version__ as __version__
 
 __all__ = ["capture", "compile", "errors", "ir", "kernels", "load", "simulate", "tune"]
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,10 @@
 """``einfuse.compile``: frontend -> passes -> codegen, nothing else."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from .cache import default_cache_dir
 from .errors import EinfuseError
 from .ir import Cascade, verify
 
@@ -115,11 +115,6 @@ def laid_out(cascade: Cascade, target: Any) -> Cascade:
     cascade = materialize_operands(cascade, lambda rows, cols: ragged(target, rows, cols))
     grouping = GroupKernels(attention=target.kind != "accel")   # (an accelerator's phases go through DRAM)
     return PassManager([grouping]).run(cascade)   # (last: the groups of the code generated)
-
-
-def default_cache_dir() -> Path:
-    """Where compiled models are cached."""
-    return Path(os.environ.get("EINFUSE_CACHE", Path.home() / ".cache" / "einfuse"))
 
 
 def tuning_database(tuning_db: str | Path | bool | None, target: str, cache: Path | None = None) -> Any:

@@ -33,6 +33,11 @@ _LEFTOVER = re.compile(r"\.([0-9a-f]{24}|peaks-.+\.json)\.(tmp|old)-[0-9a-f]{8}"
 _warned: set[str] = set()
 
 
+def default_cache_dir() -> Path:
+    """Where compiled models are cached: ``$EINFUSE_CACHE`` or ``~/.cache/einfuse``."""
+    return Path(os.environ.get("EINFUSE_CACHE", Path.home() / ".cache" / "einfuse"))
+
+
 class CacheWarning(UserWarning):
     """A cache file could not be read or written; einfuse goes on without it."""
 

@@ -110,7 +110,7 @@ def _compile(args: argparse.Namespace) -> int:
     import tempfile
 
     from .api import compile as compile_cascade
-    from .api import default_cache_dir
+    from .cache import default_cache_dir
     from .codegen.persist import check_destination
     out = Path(args.output)
     check_destination(out)   # (before minutes of compiling)
@@ -160,7 +160,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _cache(args: argparse.Namespace) -> int:
     from . import cache
-    from .api import default_cache_dir
+    from .cache import default_cache_dir
     path = Path(args.dir) if args.dir else default_cache_dir()
     if args.action == "status":
         print(cache.status(path))

@@ -73,7 +73,7 @@ class TuningDatabase:
     def at(cls, root: str | Path, target: Any = None) -> "TuningDatabase":
         """The database of ``target`` and these versions under directory ``root`` (with no
         target: the folder ``root`` itself)."""
-        from . import __version__
+        from .version import __version__
         if target is None:
             return cls(Path(root))
         return cls(Path(root) / f"{_slug(target)}-einfuse{__version__}-tvm{tvm.__version__}")
@@ -153,9 +153,9 @@ class TuningDatabase:
 def tasks(cascade: Cascade, target: Any) -> list[Task]:
     """The distinct tunable kernels of a laid-out cascade (static shapes, TE kernels only)."""
     from .codegen.lower import KernelBuilder, SizeVars
-    from .passes.group_kernels import group_kernels
+    from .ir.kernels import kernels_of
     found: dict[str, Task] = {}
-    for kernel in list(cascade.groups) or group_kernels(cascade):
+    for kernel in kernels_of(cascade):
         if kernel.kind == "loop" or kernel.gathers:
             continue
         sizes = SizeVars()

@@ -45,7 +45,7 @@ from tvm.script import tirx as T
 from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Einsum
 from ..ir.scope import declarations, reduced_vars
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 from ..targets import Target
 from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_einsums, kernel_work, placement
 from ..targets.presets import Accelerator

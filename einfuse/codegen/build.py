@@ -17,7 +17,7 @@ import tvm
 
 from ..errors import CompileError
 from ..ir import Cascade, to_text
-from ..passes.group_kernels import group_kernels
+from ..ir.kernels import kernels_of
 from .graph import build_graph
 from .loop import LoopBuilder
 from .loop_gpu import GPULoopBuilder
@@ -43,7 +43,7 @@ def compile_executable(cascade: Cascade, target: Any, tuning: Any = None) -> tup
     """(TVM's executable, the kernels, their scheduled TIR, the names of the tuned ones); errors
     name the kernel and leave a reproducer. For a GPU no device is needed: the executable holds
     the CUDA source."""
-    kernels = list(cascade.groups) or group_kernels(cascade)   # (the side table of group-kernels)
+    kernels = kernels_of(cascade)
     scheduled: list[str] = []
     tuned: list[str] = []
 

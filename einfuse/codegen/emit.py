@@ -27,7 +27,7 @@ from ..errors import CompileError
 from ..ir import Cascade
 from ..ir.analysis import einsum_cost, tensors_bytes
 from ..ir.text import access_text
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 from ..targets import Target
 from .build import kernel_error
 from .lower import SizeVars

@@ -10,7 +10,7 @@ from tvm import relax
 
 from ..ir import Cascade
 from ..ir.scope import declarations
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 from .lower import DTYPES, SizeVars
 
 

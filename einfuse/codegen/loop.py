@@ -40,7 +40,7 @@ from ..ir import Cascade, Einsum, IBin, IConst, ISym, IVar, Loop
 from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import ATTENTION_ROWS, Target
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 from ..targets.cost import rule_tile, rule_vectors
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min
 from .schedules.cpu import register_tile

@@ -24,7 +24,7 @@ from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IConst, ISym, I
 from ..ir.nodes import Expr, IndexExpr
 from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
 from ..ir.sizes import in_range
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 
 DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i8": "int8",
           "i32": "int32", "i64": "int64", "bool": "bool"}

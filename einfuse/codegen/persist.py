@@ -27,15 +27,15 @@ import tvm_ffi
 from ..cache import install_dir, json_loads, staged_dir
 from ..errors import EinfuseError, LoadError
 from ..ir import parse, to_text
-from ..passes.group_kernels import group_kernels
+from ..ir.kernels import kernel_from_record, kernel_record
 
-FORMAT = 1   # (model.json's layout; a reader of another refuses it)
+FORMAT = 2   # (model.json's layout; a reader of another refuses it)
 LIBRARY, META, TIR = "model.so", "model.json", "kernels.tir"
 EXPORT_FILES = frozenset({LIBRARY, META, TIR, "report.txt"})   # (what an export directory may hold)
 _FIELDS: dict[str, type | tuple[type, ...]] = {
     "format": int, "einfuse": str, "tvm": str, "torch": str, "target": str, "mcpu": (str, type(None)),
     "cascade": str, "compile_seconds": (int, float), "tuned": list, "tuning": (str, type(None)), "files": dict,
-    "size_ranges": dict}
+    "size_ranges": dict, "kernels": list}
 _VERSIONS = {"einfuse": "einfuse", "tvm": "TVM", "torch": "torch"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -126,7 +126,8 @@ def write(model: Any, directory: Path, extra: Mapping[str, str] | None = None) -
             "cascade": to_text(model.ir), "compile_seconds": model.compile_seconds, "tuned": list(model.tuned),
             "tuning": str(model.tuning.path) if model.tuning is not None else None,
             "files": {name: _record(directory / name) for name in (LIBRARY, TIR)},
-            "size_ranges": {name: list(bounds) for name, bounds in model.ir.size_ranges.items()}}
+            "size_ranges": {name: list(bounds) for name, bounds in model.ir.size_ranges.items()},
+            "kernels": [kernel_record(k) for k in model.kernels]}
     for name, text in (extra or {}).items():
         (directory / name).write_text(text)
     (directory / META).write_text(json.dumps(meta, indent=1))
@@ -147,8 +148,9 @@ def load(path: str | Path) -> Any:
         raise LoadError(f"{path}: cannot read {exc.filename}: {exc.strerror}") from None
     try:
         cascade = replace(parse(meta["cascade"]), size_ranges=_size_ranges(meta["size_ranges"]))
-        kernels = group_kernels(cascade)
-    except EinfuseError as exc:
+        kernels = [kernel_from_record(cascade, k) for k in meta["kernels"]]
+        cascade = replace(cascade, groups=tuple(kernels))
+    except (EinfuseError, KeyError, TypeError) as exc:
         raise LoadError(f"{path / META}: its cascade is malformed: {exc}") from None
     try:
         executable = library.module()
@@ -222,7 +224,7 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     """The versions a compiled library depends on."""
-    from .. import __version__
+    from ..version import __version__
     return {"einfuse": __version__, "tvm": tvm.__version__, "torch": torch.__version__}
 
 

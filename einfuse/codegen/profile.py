@@ -8,7 +8,7 @@ import tvm
 
 from ..ir import Cascade
 from ..ir.scope import declarations
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 from .build import kernel_function
 from .lower import DTYPES, SizeVars
 

@@ -28,7 +28,7 @@ from ..ir.analysis import einsum_cost, format_number, format_table, tensors_byte
 from ..ir.scope import declarations
 from ..ir.sizes import bind_sizes
 from ..targets import host_peaks
-from ..passes.group_kernels import Kernel
+from ..ir.kernels import Kernel
 
 TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
 

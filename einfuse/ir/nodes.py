@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Union
 
 import numpy as np
 import sympy
+
+if TYPE_CHECKING:
+    from .kernels import Kernel
 
 Size = Union[int, sympy.Expr]
 ROLES = ("input", "param", "temp", "output")
@@ -229,9 +232,9 @@ class Cascade:
     tensors: tuple[TensorDecl, ...]
     stmts: tuple[Stmt, ...]
     params: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
-    #: The kernel groups (``passes.group_kernels.Kernel``, in execution order) once the
+    #: The kernel groups (:class:`~einfuse.ir.kernels.Kernel`, in execution order) once the
     #: ``group-kernels`` pass ran: the mapping side table, not part of the IR or its equality.
-    groups: tuple = field(default=(), compare=False, repr=False)
+    groups: tuple["Kernel", ...] = field(default=(), compare=False, repr=False)
     #: The range ``(least, greatest or None)`` a size symbol may take (a ``torch.export.Dim``'s
     #: ``min``/``max``), by symbol name: what a compiled model checks its inputs against.
     size_ranges: Mapping[str, tuple[int, int | None]] = field(default_factory=dict, compare=False, repr=False)

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
-from typing import Any
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
-from ..ir.analysis import analyze_passes
 from ..ir.nodes import walk
+from ..ir.kernels import Kernel, contraction, rows, stream_levels
 from ..ir.scope import (
     access_vars,
     broadcast,
@@ -52,36 +51,8 @@ from ..ir.scope import (
     lhs_vars,
     reads,
     reduced_vars,
-    var_ranks,
 )
 from .manager import Pass, register
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """One generated function: the Einsums writing ``output`` (in order) and the tensors it reads."""
-
-    name: str
-    output: str
-    writes: tuple[Einsum, ...]
-    internal: tuple[str, ...]
-    inputs: tuple[str, ...]
-    gathers: bool = False
-    stages: tuple[str, ...] = ()   # the internal tensors kept as loop nests (the others are inlined)
-    kind: str = ""                 # "epilogue", "rows" or "attention" once kernels were absorbed
-
-    def comment(self, c: Cascade) -> str:
-        """The kernel as a line of the side table: ``# kernel k3_attn loop along S_2T,S_2I (1 pass):
-        attn_rm, ... -> attn``."""
-        stream, levels = stream_levels(c, self)
-        along = f" along {','.join(stream)} ({len(levels) or 1} pass)" if stream else ""
-        members = ", ".join(self.internal)
-        return f"# kernel {self.name} {self.kind or 'single'}{along}: {members + ' -> ' if members else ''}{self.output}"
-
-    def einsums(self, c: Cascade) -> list[Einsum]:
-        """Every Einsum the kernel computes, in order."""
-        inside = set(self.internal)
-        return [e for e, _ in c.einsums() if e.lhs.tensor in inside] + list(self.writes)
 
 
 @register
@@ -101,48 +72,6 @@ class GroupKernels(Pass):
                 raise CompileError(f"kernel {k.name} fuses Einsums at pass levels {sorted(levels)} along "
                                    f"{','.join(stream)}; FuseMax's legality rule forbids it")
         return replace(c, groups=tuple(kernels))
-
-
-def stream_levels(c: Cascade, k: Kernel) -> tuple[tuple[str, ...], set[int]]:
-    """The ranks kernel ``k`` streams and the pass levels its Einsums take along them: the loop's
-    rank and the ranks its body reduces that are tiled with it (``t*T+i``) for a loop kernel, else
-    the rows of its last write (the variables it runs in parallel)."""
-    stmts = _kernel_stmts(c, k)
-    ranks = var_ranks(c)
-    loop = next((s for s in stmts if isinstance(s, Loop)), None)
-    if loop is not None:
-        bound = frozenset({loop.var})
-        reduced = {v for e, _ in walk(loop.body) for v in reduced_vars(e, bound)}
-        tiled = {v for e, _ in walk(loop.body) for a in reads(e) for ix in a.indices
-                 if loop.var in _index_names(ix.expr) for v in _index_names(ix.expr) & reduced}
-        stream = (loop.rank, *sorted(ranks[v] for v in tiled))
-    else:   # (the rows: a map's or a GEMM's output less its innermost variable, a row reduction's output)
-        last = k.writes[-1]
-        rows = _rows(last)
-        out = lhs_vars(last)
-        stream = tuple(ranks[v] for v in (rows[0] if rows and not _contraction(last) else out[:-1]) or out)
-    if not stream:
-        return (), set()
-    report = analyze_passes(replace(c, stmts=tuple(stmts)), stream)
-    return stream, {x.level for x in report.levels if x.level > 0}
-
-
-def streamed_inputs(c: Cascade, k: Kernel) -> list[str]:
-    """The inputs of kernel ``k`` indexed by a rank it streams (the 1-pass attention's K and V)."""
-    stream, _ = stream_levels(c, k)
-    decls = declarations(c)
-    return [n for n in k.inputs if any(r.rank in stream for r in decls[n].ranks)]
-
-
-def _kernel_stmts(c: Cascade, k: Kernel) -> list:
-    """The top-level statements computing ``k``'s Einsums (a loop kernel's loop whole)."""
-    inside = set(k.internal) | {k.output}
-    return [s for s in c.stmts if (isinstance(s, Loop) and any(e.lhs.tensor in inside for e, _ in walk(s.body)))
-            or (isinstance(s, Einsum) and s.lhs.tensor in inside)]
-
-
-def _index_names(x: Any) -> set[str]:
-    return {a.name for a in index_atoms(x) if isinstance(a, IVar)}
 
 
 def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
@@ -267,7 +196,7 @@ def _single(k: Kernel) -> Einsum | None:
     e = k.writes[0]
     plain = all(isinstance(ix.expr, IVar) for ix in e.lhs.indices)
     filtered = any(ix.filter for ix in e.lhs.indices)  # allowed on a contraction: causal scores
-    return e if plain and not e.populate and (not filtered or _contraction(e)) else None
+    return e if plain and not e.populate and (not filtered or contraction(e)) else None
 
 
 def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bool:
@@ -281,42 +210,26 @@ def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bo
 
 def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
     ea, eb = _single(a), _single(b)
-    return (ea is not None and eb is not None and _contraction(ea) and not eb.reduce
+    return (ea is not None and eb is not None and contraction(ea) and not eb.reduce
             and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
 
 
 def _attention(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
     """A row group (softmax) read by a contraction over its rows' variable (``P[s,t] * V[t,f]``)."""
     ea, eb = _single(a), _single(b)
-    if ea is None or eb is None or not _contraction(eb) or _rows(ea) is None:
+    if ea is None or eb is None or not contraction(eb) or rows(ea) is None:
         return False
-    rows, along = _rows(ea)
-    return (lhs_vars(eb)[:-1] == rows and reduced_vars(eb) == along and bool(rows)
+    row_vars, along = rows(ea)
+    return (lhs_vars(eb)[:-1] == row_vars and reduced_vars(eb) == along and bool(row_vars)
             and _read_plainly(a.output, b, writes))
-
-
-def _rows(e: Einsum) -> tuple[list[str], list[str]] | None:
-    """(row variables, the variable along the row) of an element-wise map or a one-variable reduction."""
-    out, red = lhs_vars(e), reduced_vars(e)
-    if len(out) != len(e.lhs.indices) or not out:
-        return None
-    if not red:
-        return out[:-1], out[-1:]
-    return (out, red) if len(red) == 1 else None
 
 
 def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
     ea, eb = _single(a), _single(b)
-    if ea is None or eb is None or _contraction(eb) or (_contraction(ea) and a.kind != "epilogue"):
+    if ea is None or eb is None or contraction(eb) or (contraction(ea) and a.kind != "epilogue"):
         return False
-    ra, rb = _rows(ea), _rows(eb)
+    ra, rb = rows(ea), rows(eb)
     return ra is not None and ra == rb and bool(ra[0]) and _read_plainly(a.output, b, writes)
-
-
-def _contraction(e: Einsum) -> bool:
-    """A reduction with a read that some output variable does not index (reused across it: a GEMM)."""
-    out = set(lhs_vars(e))
-    return bool(reduced_vars(e)) and any(out - set(access_vars(a)) for a in reads(e))
 
 
 def _reads_each_once(reader: Einsum, tensor: str) -> bool:

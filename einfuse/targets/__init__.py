@@ -148,8 +148,7 @@ def host_peaks(cache_dir: "str | os.PathLike[str] | None" = None) -> Peaks:
     measured again (and replaced, atomically); a cache that cannot be written is reported once."""
     import json
 
-    from ..api import default_cache_dir
-    from ..cache import positive, read_json, warn_once, write_atomic
+    from ..cache import default_cache_dir, positive, read_json, warn_once, write_atomic
     target = host_cpu()
     base = Path(cache_dir) if cache_dir else default_cache_dir()
     path = base / f"peaks-{target.tvm['mcpu']}-{target.cores}.json"

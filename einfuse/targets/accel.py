@@ -39,7 +39,7 @@ from ..ir.sizes import extent
 from .presets import Accelerator
 
 if TYPE_CHECKING:
-    from ..passes.group_kernels import Kernel
+    from ..ir.kernels import Kernel
 
 _TRANSCENDENTAL = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "erf", "sin",
                    "cos"}
@@ -144,7 +144,7 @@ def kernel_work(c: Cascade, kernel: Kernel, acc: Accelerator, counted: frozenset
 def _rereads(c: Cascade, kernel: Kernel, items: list, acc: Accelerator) -> sympy.Expr:
     """Elements of K and V (the inputs indexed by the keys the loop streams) read again for every
     further block of query rows that fits in the global buffer with its Q rows and output rows."""
-    from ..passes.group_kernels import streamed_inputs
+    from ..ir.kernels import streamed_inputs
     size, ranks = {r.name: sympy.sympify(r.size) for r in c.ranks}, var_ranks(c)
     rows = [v for v in lhs_vars(kernel.writes[0]) if all(v in lhs_vars(e) for e, _ in items)]
     row = size[ranks[rows[-1]]]                       # query rows per head

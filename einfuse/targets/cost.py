@@ -341,7 +341,7 @@ def _attention_work(c: Cascade, kernel: Any, einsums: list[Einsum], dims: list, 
     attention: two contractions along a tiled rank, ``Q K^T`` (queries x tile, over the head
     width) then ``P V`` (queries x values, over the tile); the vector ops per score are those of
     its Einsums with one point per score."""
-    from ..passes.group_kernels import stream_levels
+    from ..ir.kernels import stream_levels
     found = [(e, d) for e, d in zip(einsums, dims) if d]
     stream, _ = stream_levels(c, kernel)
     if len(found) != 2 or not stream:
@@ -357,7 +357,7 @@ def _attention_work(c: Cascade, kernel: Any, einsums: list[Einsum], dims: list, 
 def _reread(c: Cascade, kernel: Any, sizes: dict[str, int], at: dict) -> float:
     """Bytes of the loop kernel's inputs indexed by its streamed (key) rank: K and V."""
     from ..ir.analysis import tensors_bytes
-    from ..passes.group_kernels import streamed_inputs
+    from ..ir.kernels import streamed_inputs
     keyed = streamed_inputs(c, kernel)
     return float(tensors_bytes(c, keyed).subs(at)) if keyed else 0.0
 

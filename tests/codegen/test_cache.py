@@ -21,7 +21,7 @@ import torch
 
 import einfuse
 from einfuse.cache import CacheWarning
-from einfuse.codegen.persist import valid
+from einfuse.codegen.persist import FORMAT, valid
 from einfuse.errors import EinfuseError, LoadError
 from einfuse.ir import interpret, parse
 from einfuse.targets import host_cpu, host_peaks
@@ -141,15 +141,16 @@ def edit_meta(path: Path, change: object) -> None:
     (lambda m: m.update(einfuse="0.0.1"), r"was built with einfuse 0\.0\.1, and this is einfuse "),
     (lambda m: m.update(torch="1.0.0"), r"was built with torch 1\.0\.0, and this is torch "),
     (lambda m: m.update(mcpu="pentium"), "was compiled for cpu with mcpu pentium, and this host's is "),
-    (lambda m: m.update(format=7), "has format 7; this einfuse reads format 1"),
+    (lambda m: m.update(format=7), f"has format 7; this einfuse reads format {FORMAT}"),
     (lambda m: m.pop("format"), "has no format version"),
     (lambda m: m.pop("cascade"), "lacks the field 'cascade'"),
     (lambda m: m.update(compile_seconds="fast"), "the field 'compile_seconds' holds str"),
     (lambda m: m.update(target="tpu:v9"), "unknown target"),
     (lambda m: m["files"].pop("model.so"), "the size and sha256 of model.so are missing or malformed"),
     (lambda m: m.update(cascade="cascade broken\nrank M=\n"), "its cascade is malformed"),
+    (lambda m: m["kernels"][0].pop("output"), "its cascade is malformed"),
 ], ids=["tvm", "einfuse", "torch", "mcpu", "format", "no-format", "no-cascade", "bad-type", "target", "no-hash",
-        "bad-cascade"])
+        "bad-cascade", "bad-kernel"])
 def test_a_foreign_or_tampered_model_json_is_a_load_error_naming_it(change: object, message: str,
                                                                     exported: Path) -> None:
     edit_meta(exported, change)

@@ -27,7 +27,7 @@ from typing import Any
 from tvm import s_tir, tirx
 
 from ...targets import Target, cost
-from ...passes.group_kernels import Kernel
+from ...ir.kernels import Kernel
 
 WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
 
