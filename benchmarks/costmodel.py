@@ -72,8 +72,8 @@ def tiles(name: str, compiled: object, args: tuple) -> None:
     fixed rule, and for those, each one's time alone with either tile."""
     from dataclasses import replace
 
+    from einfuse.codegen.backends import backend_for
     from einfuse.codegen.profile import kernel_seconds
-    from einfuse.codegen.schedules.cpu import register_tile
     from einfuse.ir.sizes import bind_sizes
     from einfuse.ir.scope import declarations
     from einfuse.targets import cost, host_cpu
@@ -87,11 +87,12 @@ def tiles(name: str, compiled: object, args: tuple) -> None:
             continue
         contractions += 1
         _, rows, cols, _ = dims[0]
-        if register_tile(target, cols, rows) != register_tile(fixed, cols, rows):
+        if target.register_tile(cols, rows) != fixed.register_tile(cols, rows):
             differ.append(k)
     line = f"{'':8} tiles: {contractions} contraction kernels, the model's tile differs from the rule on {len(differ)}"
     if differ:   # (in alternating rounds: this VM drifts over minutes, and a kernel takes 0.1 ms)
-        rounds = [(kernel_seconds(c, differ, target, sizes), kernel_seconds(c, differ, fixed, sizes))
+        ours_backend, rule_backend = backend_for(target), backend_for(fixed)
+        rounds = [(kernel_seconds(c, differ, ours_backend, sizes), kernel_seconds(c, differ, rule_backend, sizes))
                   for _ in range(ROUNDS)]
         ours, rule = ({k.name: float(np.median([r[side][k.name] for r in rounds])) for k in differ}
                       for side in (0, 1))

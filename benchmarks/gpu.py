@@ -67,12 +67,12 @@ def measure(name: str, build: Callable[[], tuple], target: str, device: str, rep
     """One workload: compile for ``target``, check against eager on the CPU, time both on ``device``."""
     import einfuse
     from einfuse.api import laid_out, optimized
-    from einfuse.codegen.build import compile_executable
+    from einfuse.codegen.backends import backend_for
     from einfuse.targets import Target
     model, args = build()
     start = time.perf_counter()
     gpu = laid_out(optimized(model, args), Target.parse(target))
-    compile_executable(gpu, Target.parse(target))   # (the GPU build, run or not)
+    backend_for(target).compile(gpu)   # (the GPU build, run or not)
     compiled = einfuse.compile(model, args, target=target if device == "cuda" else "cpu")
     compile_s = time.perf_counter() - start
     with torch.no_grad():

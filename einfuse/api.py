@@ -24,13 +24,13 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     model again only loads it. Kernels tuned by ``einfuse tune`` (docs/tuning.md) take their best
     schedule from ``tuning_db`` (default: ``<cache_dir>/tuning`` where it exists; ``False``: none).
     """
-    from .targets import Target
-    if Target.parse(target).kind == "accel":   # (an unknown name fails here, listing the known ones)
-        raise EinfuseError(f"compile: {target} is not a device to run on; einfuse.kernels emits its C and "
-                           "einfuse.simulate runs it here counting its cycles (docs/accelerator.md)")
-    cascade = optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=target)
+    from .codegen.backends import backend_for
+    backend = backend_for(target)   # (an unknown name fails here, listing the known ones)
+    backend.check_runs()
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=backend.target),
+                       backend.target)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    return _compile_cascade(cascade, target, cache, tuning_database(tuning_db, target, cache))
+    return _compile_cascade(cascade, backend, cache, tuning_database(tuning_db, backend.target, cache))
 
 
 def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,
@@ -40,7 +40,7 @@ def kernels(model: Any, args: tuple | None = None, *, target: str, output: str |
     from .codegen.emit import write_kernels
     from .targets import Target
     t = Target.parse(target)
-    cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=t.name), t)
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=t), t)
     return write_kernels(cascade, t, Path(output))
 
 
@@ -49,12 +49,11 @@ def simulate(model: Any, args: tuple | None = None, *, target: str = "accel:fuse
     """Run ``model``'s kernels for the accelerator ``target`` on this CPU as the emitted C, on
     ``args`` (static shapes): a :class:`~einfuse.codegen.accel.Simulation` with the outputs (by
     name) and what the runtime counted per kernel (cycles of each array, DRAM bytes, latency)."""
-    from .codegen.accel import simulate as run
-    from .targets import Target
-    t = Target.parse(target)
-    if t.kind != "accel":
-        raise EinfuseError(f"simulate: {target} is not an accelerator (accel:fusemax{{...}})")
-    cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t.name), t)
+    from .codegen.backends import backend_for
+    backend = backend_for(target)
+    backend.check_simulates()
+    t = backend.target
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t), t)
     inputs = [x.name for x in cascade.tensors if x.role == "input"]
     if len(args or ()) != len(inputs):
         raise EinfuseError(f"simulate: {len(inputs)} inputs ({', '.join(inputs)}), {len(args or ())} given")
@@ -62,7 +61,7 @@ def simulate(model: Any, args: tuple | None = None, *, target: str = "accel:fuse
         values = dict(zip(inputs, args or ()))
     else:
         values = {n: a.detach().numpy() for n, a in zip(inputs, args)}
-    return run(cascade, t, values)
+    return backend.simulate(cascade, values)
 
 
 def tune(model: Any, args: tuple | None = None, *, target: str = "cpu", trials: int = 64,
@@ -71,31 +70,30 @@ def tune(model: Any, args: tuple | None = None, *, target: str = "cpu", trials: 
     """Tune ``model``'s kernels with MetaSchedule, ``trials`` candidates per kernel, into
     ``tuning_db`` (default ``<cache>/tuning``), measuring on the devices of an RPC tracker
     (``HOST:PORT``, with ``rpc_key``) if given; :func:`compile` then uses the records. Returns a
-    :class:`~einfuse.tuning.TaskResult` per task. See docs/tuning.md."""
+    :class:`~einfuse.codegen.tuning.TaskResult` per task. See docs/tuning.md."""
+    from .codegen.tuning import TuningDatabase, check_cost_model
+    from .codegen.tuning import tune as run
     from .targets import Target
-    from .tuning import TuningDatabase, check_cost_model
-    from .tuning import tune as run
     check_cost_model(cost_model)   # (before the minutes of capture and tuning)
     if (rpc_tracker is None) != (rpc_key is None):
         raise EinfuseError("tune: --rpc-tracker and --rpc-key go together")
     t = Target.parse(target)
-    cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t.name), t)
+    cascade = laid_out(optimized(model, args, pipeline=pipeline, target=t), t)
     database = TuningDatabase.at(Path(tuning_db) if tuning_db else default_cache_dir() / "tuning", t)
     rpc = (rpc_tracker, rpc_key) if rpc_tracker is not None and rpc_key is not None else None
     return run(cascade, t, trials, database, rpc=rpc, cost_model=cost_model, progress=progress)
 
 
 def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default", dynamic_shapes: Any = None,
-              target: str = "cpu") -> Cascade:
-    """The cascade of ``model`` (captured with example ``args``, or a Cascade) after ``pipeline``;
-    ``fuse-attention`` without a tile of its own takes ``target``'s."""
-    from dataclasses import replace
-
-    from .passes import FuseAttention, PassManager
+              target: Any = "cpu") -> Cascade:
+    """The cascade of ``model`` (captured with example ``args``, or a Cascade) after ``pipeline``
+    (in which ``codegen`` stands for the target's codegen pipeline), each pass given ``target``
+    (a Target or its name) in its context."""
+    from .passes import PassContext, PassManager
     from .passes import pipeline as named_pipeline
-    passes = named_pipeline(pipeline)  # a named pipeline or pipeline text; bad text fails before capture
-    passes = [replace(p, target=target) if isinstance(p, FuseAttention) and not p.tile and p.target == "cpu" else p
-              for p in passes]
+    from .targets import Target
+    t = Target.parse(target)
+    passes = named_pipeline(pipeline, codegen=codegen_pipeline(t))   # (bad text fails before capture)
     if isinstance(model, Cascade):
         cascade = verify(model)
     else:
@@ -103,25 +101,29 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
             raise EinfuseError("compile: a torch model needs example args, e.g. einfuse.compile(model, (x,))")
         from .frontends import capture
         cascade = capture(model, args, dynamic_shapes=dynamic_shapes)
-    return PassManager(passes).run(cascade)
+    return PassManager(passes).run(cascade, PassContext(t))
 
 
 def laid_out(cascade: Cascade, target: Any) -> Cascade:
-    """``cascade`` with the target's operand layouts, then grouped into kernels (the side table)."""
-    from .codegen.layout import materialize_operands, pack_weights, transpose_weights
-    from .codegen.schedules.cpu import ragged
-    from .passes import GroupKernels, PassManager
-    cascade = pack_weights(transpose_weights(cascade), target)
-    cascade = materialize_operands(cascade, lambda rows, cols: ragged(target, rows, cols))
-    grouping = GroupKernels(attention=target.kind != "accel")   # (an accelerator's phases go through DRAM)
-    return PassManager([grouping]).run(cascade)   # (last: the groups of the code generated)
+    """``cascade`` as ``target``'s backend receives it: its codegen pipeline (the operand layouts,
+    then the grouping into kernels, the side table) run over it."""
+    from .passes import PassContext, PassManager, pipeline
+    from .targets import Target
+    t = Target.parse(target)
+    return PassManager(pipeline(codegen_pipeline(t))).run(cascade, PassContext(t))
+
+
+def codegen_pipeline(target: Any) -> str:
+    """The pipeline text of ``target``'s backend (what ``codegen`` stands for in pipeline text)."""
+    from .codegen.backends import backend_for
+    return backend_for(target).pipeline
 
 
 def tuning_database(tuning_db: str | Path | bool | None, target: str, cache: Path | None = None) -> Any:
-    """The :class:`~einfuse.tuning.TuningDatabase` of ``target`` that ``tuning_db`` names (see
+    """The :class:`~einfuse.codegen.tuning.TuningDatabase` of ``target`` that ``tuning_db`` names (see
     :func:`compile`), or None where there is none to read."""
+    from .codegen.tuning import TuningDatabase
     from .targets import Target
-    from .tuning import TuningDatabase
     if tuning_db is False:
         return None
     explicit = tuning_db not in (None, True)
@@ -131,7 +133,7 @@ def tuning_database(tuning_db: str | Path | bool | None, target: str, cache: Pat
         return database
     if explicit and not database.path.is_dir():  # (an unreadable one was reported by open())
         import warnings
-        from .tuning import TuningDatabaseWarning
+        from .codegen.tuning import TuningDatabaseWarning
         held = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         warnings.warn(f"{root} holds no tuning records for {database.path.name}"
                       + (f" (only for {', '.join(held)})" if held else "") + "; compiling untuned",
@@ -139,17 +141,17 @@ def tuning_database(tuning_db: str | Path | bool | None, target: str, cache: Pat
     return None
 
 
-def _compile_cascade(cascade: Cascade, target_name: str, cache: Path, tuning: Any = None) -> Any:
-    from .codegen.build import build, cache_key
-    from .targets import Target
-    target = Target.parse(target_name)
-    cascade = laid_out(cascade, target)
-    if target.kind != "cpu":   # (a GPU library holds CUDA source that loads only where a GPU is: not cached)
-        return build(cascade, target, tuning)
-    entry = cache / cache_key(cascade, target, tuning)
+def _compile_cascade(cascade: Cascade, backend: Any, cache: Path, tuning: Any = None) -> Any:
+    """The model of a laid-out cascade: from the compile cache where its backend caches and the
+    entry is sound, else built (and stored there)."""
+    from .codegen.build import cache_key
+    from .codegen.runtime import build
+    if not backend.cached:
+        return build(cascade, backend.target, tuning)
+    entry = cache / cache_key(cascade, backend.target, tuning)
     model = _cached(entry)
     if model is None:
-        model = build(cascade, target, tuning)
+        model = build(cascade, backend.target, tuning)
         _store(model, cache, entry)
     return model
 
@@ -157,7 +159,7 @@ def _compile_cascade(cascade: Cascade, target_name: str, cache: Path, tuning: An
 def _cached(entry: Path) -> Any:
     """The model the cache entry holds, or None where it has none or a damaged one (rebuilt and
     replaced, never trusted: every file is checked before the library is loaded)."""
-    from .codegen.persist import load
+    from .codegen.runtime import load
     from .errors import LoadError
     try:
         return load(entry) if (entry / "model.so").is_file() else None

@@ -33,7 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ir.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     ir.add_argument("--stats", action="store_true", help="add FLOPs, bytes, intensity and pass counts")
     ir.add_argument("-p", "--pipeline", default="none",
-                    help="passes to run: a named pipeline (default, none) or text such as 'canonicalize'")
+                    help="passes to run: a named pipeline (default, none), text such as 'canonicalize', and "
+                         "'codegen' for the target's codegen passes ('default,codegen': the IR codegen receives)")
+    ir.add_argument("--target", default="cpu", help="the target the passes are given (default: cpu, the host)")
     ir.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
     ir.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                     help="print the IR after the named pass (repeatable)")
@@ -87,14 +89,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _ir(args: argparse.Namespace) -> int:
-    from .passes import Instruments, PassManager, pipeline
+    from .api import codegen_pipeline
+    from .passes import Instruments, PassContext, PassManager, pipeline
+    from .targets import Target
+    target = Target.parse(args.target)
+    passes = pipeline(args.pipeline, codegen=codegen_pipeline(target))
     before = load_model(args.model)
     instruments = Instruments(
         verify_each=True, print_after_all=args.print_ir_after_all, print_after=frozenset(args.print_ir_after),
         print_after_change=args.print_ir_after_change, dump_dir=Path(args.dump_ir_to) if args.dump_ir_to else None,
         time_passes=args.time_passes or args.stats, disabled=frozenset(args.disable_pass))
-    manager = PassManager(pipeline(args.pipeline), instruments, lambda text: print(text, file=sys.stderr))
-    cascade = manager.run(before)
+    manager = PassManager(passes, instruments, lambda text: print(text, file=sys.stderr))
+    cascade = manager.run(before, PassContext(target))
     print(cascade, end="")
     if args.stats:
         print()
@@ -146,7 +152,7 @@ def _report(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from .api import tune
-    from .tuning import check_cost_model
+    from .codegen.tuning import check_cost_model
     check_cost_model(args.cost_model)   # (before the model is captured)
     model, example = load_torch_model(args.model)
     results = tune(model, example, target=args.target, trials=args.trials, tuning_db=args.db, pipeline=args.pipeline,

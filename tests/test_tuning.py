@@ -16,7 +16,7 @@ import einfuse
 from einfuse.cli import main
 from einfuse.errors import EinfuseError
 from einfuse.targets import Target
-from einfuse.tuning import TuningDatabase, TuningDatabaseWarning
+from einfuse.codegen.tuning import TuningDatabase, TuningDatabaseWarning
 
 TRIALS = 4
 
@@ -93,7 +93,7 @@ def test_rule_based_schedule_is_a_record_and_ties_are_broken_by_trace_text(tuned
     from tvm.s_tir import meta_schedule as ms
 
     from einfuse.codegen.schedules.cpu import rule_schedule
-    from einfuse.tuning import tasks, workload
+    from einfuse.codegen.tuning import tasks, workload
     root, _, _ = tuned
     target = Target.parse("cpu")
     database = TuningDatabase.at(root, target)

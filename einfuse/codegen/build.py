@@ -1,4 +1,5 @@
-"""Build a cascade into a CompiledModel: kernels, lowering, schedules, Relax, ``tvm.compile``.
+"""Build a grouped cascade into one executable: each kernel lowered and scheduled by the
+target's backend, the Relax graph calling them, ``tvm.compile``; the compile cache's key.
 
 Errors from TVM become a :class:`~einfuse.errors.CompileError` naming the kernel, with a
 reproducer file holding the cascade text.
@@ -8,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,37 +19,21 @@ from ..errors import CompileError
 from ..ir import Cascade, to_text
 from ..ir.kernels import kernels_of
 from .graph import build_graph
-from .loop import LoopBuilder
-from .loop_gpu import GPULoopBuilder
-from .lower import KernelBuilder
-from .runtime import CompiledModel
-from .schedules.cpu import schedule
-from .schedules.gpu import schedule as gpu_schedule
-
 
 TUNED = "einfuse.tuned"   # (the attribute of a kernel scheduled from a tuning record)
 
 
-def build(cascade: Cascade, target: Any, tuning: Any = None) -> Any:
-    """Lower, schedule and compile ``cascade`` into a CompiledModel on the target's device;
-    kernels with a record in ``tuning`` (a :class:`~einfuse.tuning.TuningDatabase`) take its best."""
-    start = time.perf_counter()
-    executable, kernels, tir, tuned = compile_executable(cascade, target, tuning)
-    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start, {"tir": tir},
-                         tuning=tuning, tuned=tuned)
-
-
-def compile_executable(cascade: Cascade, target: Any, tuning: Any = None) -> tuple[Any, list, str, list[str]]:
-    """(TVM's executable, the kernels, their scheduled TIR, the names of the tuned ones); errors
-    name the kernel and leave a reproducer. For a GPU no device is needed: the executable holds
-    the CUDA source."""
+def compile_executable(cascade: Cascade, backend: Any, tuning: Any = None) -> tuple[Any, list, str, list[str]]:
+    """(TVM's executable, the kernels, their scheduled TIR, the names of the tuned ones), each
+    kernel lowered and scheduled by ``backend`` (:mod:`.backends`); errors name the kernel and
+    leave a reproducer. For a GPU no device is needed: the executable holds the CUDA source."""
     kernels = kernels_of(cascade)
     scheduled: list[str] = []
     tuned: list[str] = []
 
     def lower(kernel: Any, sizes: Any) -> Any:
         try:
-            out = kernel_function(cascade, kernel, sizes, target, tuning)
+            out = backend.kernel_function(cascade, kernel, sizes, tuning)
         except Exception as exc:  # TVM raises its own error types; each becomes a CompileError
             raise kernel_error(exc, cascade, kernel) from exc
         scheduled.append(out.script())
@@ -58,27 +42,13 @@ def compile_executable(cascade: Cascade, target: Any, tuning: Any = None) -> tup
         return out
     try:
         graph = build_graph(cascade, kernels, lower)
-        executable = tvm.compile(graph.module, target=target.tvm_target())
+        executable = tvm.compile(graph.module, target=backend.target.tvm_target())
     except CompileError:
         raise
     except Exception as exc:
         raise CompileError(f"TVM could not compile the model: {type(exc).__name__}: "
                            f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None)) from exc
     return executable, kernels, "\n\n".join(scheduled), tuned
-
-
-def kernel_function(cascade: Cascade, kernel: Any, sizes: Any, target: Any, tuning: Any = None) -> Any:
-    """The kernel's scheduled PrimFunc: a loop kernel built as TIR (for a GPU: a thread per row),
-    any other lowered through TE and scheduled by its best record in ``tuning`` (marked with the
-    attribute ``einfuse.tuned``) or else by rule (for a GPU: dlight's)."""
-    gpu = target.kind == "cuda"
-    if kernel.kind == "loop":
-        return (GPULoopBuilder if gpu else LoopBuilder)(cascade, kernel, sizes, target).prim_func()
-    func = KernelBuilder(cascade, kernel, sizes, nan_reductions=not gpu).prim_func()
-    tuned = tuning.schedule(func, kernel.name) if tuning is not None else None
-    if tuned is not None:
-        return tuned.with_attr(TUNED, True)
-    return gpu_schedule(func, kernel.name, target) if gpu else schedule(func, kernel, target)
 
 
 def kernel_error(exc: Exception, cascade: Cascade, kernel: Any, target: Any = None) -> CompileError:
@@ -106,7 +76,7 @@ def cache_key(cascade: Cascade, target: Any, tuning: Any = None) -> str:
     """A digest of everything a compiled library depends on: the cascade, its weights, the target,
     the versions (:func:`~einfuse.codegen.persist.versions`), the tuning records and the code
     generator's own source (a changed compiler recompiles)."""
-    from .persist import versions
+    from ..version import versions
     digest = hashlib.sha256()
     records = tuning.digest() if tuning is not None else ""
     for part in (to_text(cascade), repr(sorted(cascade.size_ranges.items())), repr(sorted(target.tvm.items())),

@@ -11,24 +11,24 @@ estimate on the target's datasheet numbers.
 
 For ``accel:*``: each kernel's C (TVM's ``c`` target, GEMM tiles as ``fm_mac2d`` calls; see
 :mod:`.accel`), the runtime (``fusemax.h``, ``fusemax_rt.c``) and ``report.md``: per kernel its
-ops on each array, DRAM bytes and modelled cycles (:mod:`einfuse.targets.accel`).
+ops on each array, DRAM bytes and modelled cycles (:mod:`einfuse.targets.accel`). What each
+target writes is its backend's (:mod:`.backends`): ``emit`` and ``write_extras``.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import sympy
 
-from ..errors import CompileError
 from ..ir import Cascade
 from ..ir.analysis import einsum_cost, tensors_bytes
 from ..ir.text import access_text
 from ..ir.kernels import Kernel
 from ..targets import Target
+from .backends import backend_for
 from .build import kernel_error
 from .lower import SizeVars
 
@@ -45,56 +45,18 @@ class Emitted:
 
 
 def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
-    """The source of every kernel of ``c`` (grouped, laid out) for ``target``."""
+    """The source of every kernel of ``c`` (grouped, laid out) for ``target``, by its backend."""
+    backend = backend_for(target)
     sizes = SizeVars()
     out = []
     for i, k in enumerate(c.groups):
-        files, grid = _emit(c, k, sizes, target, i)
+        try:
+            files, grid = backend.emit(c, k, sizes, i)
+        except Exception as exc:   # TVM's own error types
+            raise kernel_error(exc, c, k, target) from exc
         out.append(Emitted(k, files, grid, sum(einsum_cost(c, e).flops for e in k.einsums(c)),
                            tensors_bytes(c, k.inputs + (k.output,))))
     return out
-
-
-def _emit(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, index: int) -> tuple[dict[str, str], dict]:
-    """One kernel compiled alone for ``target`` (the ``index``-th): its files and (CUDA) launch grid."""
-    import tvm
-
-    from . import accel
-    from .build import kernel_function
-    try:
-        if target.kind == "accel":
-            func = accel.kernel_function(c, k, sizes, target, index).func.with_attr("global_symbol", k.name)
-        else:
-            func = kernel_function(c, k, sizes, target)
-        executable = tvm.compile(tvm.IRModule({k.name: func}), target=target.tvm_target())
-    except Exception as exc:   # TVM's own error types
-        raise kernel_error(exc, c, k, target) from exc
-    if target.kind == "accel":
-        return {f"{k.name}.c": executable.mod.inspect_source()}, {}
-    if target.kind == "cuda":
-        return {f"{k.name}.cu": device_source(executable.mod)}, _launch(func)
-    return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}
-
-
-def device_source(mod: Any) -> str:
-    """The CUDA source in a compiled module's tree (host llvm -> cuda)."""
-    stack = [mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            return m.inspect_source()
-        stack.extend(m.imports)
-    raise CompileError("TVM produced no CUDA module")
-
-
-def _launch(func: Any) -> dict[str, int | str]:
-    """The thread-binding extents of a scheduled PrimFunc (``blockIdx.x``: 128, ...), read from its
-    script (this TVM has no TIR visitor in Python)."""
-    grid: dict[str, int | str] = {}
-    for extent, tag in re.findall(r"T\.thread_binding\((.+?), thread=\"(\w+\.\w)\"\)", func.script()):
-        number = re.fullmatch(r"(?:T\.int64\()?(\d+)\)?", extent.strip())
-        grid[tag] = int(number.group(1)) if number else extent.strip()
-    return grid
 
 
 def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None = None) -> Path:
@@ -112,36 +74,8 @@ def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None =
             "flops": str(item.flops), "bytes": str(item.moved), "roofline_ms": _roofline_ms(item, target, at or {})})
     path = directory / "manifest.json"
     path.write_text(json.dumps({"target": target.name, "kernels": manifest}, indent=1))
-    if target.kind == "accel":
-        _accel_files(c, target, directory, at or {})
+    backend_for(target).write_extras(c, directory, at or {})
     return path
-
-
-def _accel_files(c: Cascade, target: Target, directory: Path, at: dict) -> None:
-    """The runtime the accelerator's kernels call and ``report.md``, their modelled timing (with
-    the whole model's where every size is bound)."""
-    from ..targets.accel import Timing, kernel_work, timing
-    from .accel import write_runtime
-    building = write_runtime(directory, [k.name for k in c.groups])
-    acc = target.device
-    lines = [f"# {len(c.groups)} kernels for {target.name}", "",
-             "| kernel | 2D-array ops | 1D-array ops | DRAM bytes | cycles | 2D util | 1D util |", "|---" * 7 + "|"]
-    total: Timing | None = Timing(0.0, 0.0, 0.0, 0.0)
-    for k in c.groups:
-        work = kernel_work(c, k, acc)
-        bound = all({x.name for x in sympy.sympify(part).free_symbols} <= set(at) for part in work.__dict__.values())
-        row = timing(work, acc, at) if bound else None
-        total = total + row if total is not None and row is not None else None
-        lines.append(f"| {k.name} | {work.ops_2d} | {work.ops_1d} | {work.dram_bytes} | {_cycles(row)} |")
-    if total is not None:
-        lines += ["", f"Whole model: {total.latency:.0f} cycles = {total.latency / acc.mhz / 1e3:.4g} ms at "
-                      f"{acc.mhz:g} MHz; 2D array busy {total.utilisation()[0]:.2f}, 1D array "
-                      f"{total.utilisation()[1]:.2f} of that time."]
-    (directory / "report.md").write_text("\n".join(lines + ["", building]) + "\n")
-
-
-def _cycles(row: Any) -> str:
-    return f"{row.latency:.0f} | {row.utilisation()[0]:.2f} | {row.utilisation()[1]:.2f}" if row else "- | - | -"
 
 
 def _roofline_ms(item: Emitted, target: Target, at: dict) -> float | None:

@@ -13,7 +13,7 @@ scheduled:
   slots, ``t % 2`` and ``(t+1) % 2``;
 * each Einsum is one loop nest over the block's rows and its own variables: a contraction as a
   register tile (rows unrolled x its innermost output variable vectorized, sized by
-  :func:`~einfuse.codegen.schedules.cpu.register_tile`; the reduction outside them: ``QK``'s
+  :meth:`~einfuse.targets.Target.register_tile`; the reduction outside them: ``QK``'s
   scores along the keys, ``P V`` along the head dimension), a row reduction in vector-wide
   partial results reduced through register shuffles, an element-wise map vectorized innermost
   (over the block's rows when it has one value per row); a map and the row reduction reading it
@@ -43,7 +43,6 @@ from ..targets import ATTENTION_ROWS, Target
 from ..ir.kernels import Kernel
 from ..targets.cost import rule_tile, rule_vectors
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min
-from .schedules.cpu import register_tile
 
 
 _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
@@ -381,7 +380,7 @@ class LoopBuilder(KernelBuilder):
         # accumulators here, where its row operand is broadcast from the block's buffers
         # (96-wide heads: 2.3x slower than 6 x 16)
         widest = rule_vectors(self.target.registers) if self.lanes > 1 else 4
-        unroll, width = register_tile(self.target, extent if isinstance(extent, int) else None, self.row_count,
+        unroll, width = self.target.register_tile(extent if isinstance(extent, int) else None, self.row_count,
                                       vectors=widest)
         if isinstance(extent, int) and extent > width and extent % width:   # (whole chunks only, below)
             unroll, width = rule_tile(self.lanes, self.target.registers, extent)

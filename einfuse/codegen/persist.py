@@ -1,10 +1,10 @@
 """A compiled model on disk: ``model.so`` (kernels, graph, weights), ``kernels.tir`` and
 ``model.json`` (the cascade, the versions and target it was built for, and each file's size and
-sha256). Written by :func:`export` (and the compile cache, :func:`store`), read by :func:`load`.
+sha256). Written by :func:`export` (and the compile cache, :func:`store`), read by :func:`read`.
 
 An export is built in a fresh directory beside its destination and renamed into place
 (:mod:`einfuse.cache`), so a reader sees a whole export or none; one it replaces is set aside,
-never rewritten, so a process that loaded its library keeps running. :func:`load` checks
+never rewritten, so a process that loaded its library keeps running. :func:`read` checks
 ``model.json``'s fields and versions and every file's size and sha256 before the library is
 loaded: a damaged, half-written, tampered or foreign export is a :class:`~einfuse.errors.LoadError`,
 never a crash.
@@ -16,18 +16,18 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Mapping
 
-import torch
-import tvm
 import tvm_ffi
 
 from ..cache import install_dir, json_loads, staged_dir
 from ..errors import EinfuseError, LoadError
-from ..ir import parse, to_text
-from ..ir.kernels import kernel_from_record, kernel_record
+from ..ir import Cascade, parse, to_text
+from ..ir.kernels import Kernel, kernel_from_record, kernel_record
+from ..version import versions
+from .tuning import TuningDatabase
 
 FORMAT = 2   # (model.json's layout; a reader of another refuses it)
 LIBRARY, META, TIR = "model.so", "model.json", "kernels.tir"
@@ -133,10 +133,22 @@ def write(model: Any, directory: Path, extra: Mapping[str, str] | None = None) -
     (directory / META).write_text(json.dumps(meta, indent=1))
 
 
-def load(path: str | Path) -> Any:
-    """The CompiledModel exported in directory ``path``, every file checked before its library
-    is loaded; a :class:`~einfuse.errors.LoadError` says what is wrong."""
-    from .runtime import CompiledModel
+@dataclass(frozen=True)
+class Export:
+    """What an export directory holds, checked and loaded (:func:`read`)."""
+
+    cascade: Cascade
+    executable: Any
+    kernels: list[Kernel]
+    meta: dict[str, Any]
+    tir: str
+    library: Library
+    tuning: Any
+
+
+def read(path: str | Path) -> Export:
+    """The model exported in directory ``path``, every file checked before its library is
+    loaded; a :class:`~einfuse.errors.LoadError` says what is wrong."""
     path = Path(path)
     if not (path / LIBRARY).is_file() or not (path / META).is_file():
         raise LoadError(f"{path} does not hold an exported einfuse model ({LIBRARY}, {META})")
@@ -157,12 +169,8 @@ def load(path: str | Path) -> Any:
     except Exception as exc:   # (the checks passed: TVM's own error, named)
         raise LoadError(f"{path / LIBRARY} could not be loaded: {type(exc).__name__}: "
                         f"{(str(exc).strip().splitlines() or [''])[-1]}") from None
-    tuning = None
-    if meta["tuning"]:
-        from ..tuning import TuningDatabase
-        tuning = TuningDatabase.at(Path(meta["tuning"]))
-    return CompiledModel(cascade, executable, kernels, meta["target"], meta["compile_seconds"], {"tir": tir},
-                         library, tuning, meta["tuned"])
+    tuning = TuningDatabase.at(Path(meta["tuning"])) if meta["tuning"] else None
+    return Export(cascade, executable, kernels, meta, tir, library, tuning)
 
 
 def _size_ranges(ranges: Mapping[str, Any]) -> dict[str, tuple[int, int | None]]:
@@ -220,12 +228,6 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise LoadError(f"{file}: the field 'tuned' holds something other than kernel names")
     _check_versions(meta, file)
     return meta
-
-
-def versions() -> dict[str, str]:
-    """The versions a compiled library depends on."""
-    from ..version import __version__
-    return {"einfuse": __version__, "tvm": tvm.__version__, "torch": torch.__version__}
 
 
 def _check_versions(meta: dict[str, Any], file: Path) -> None:

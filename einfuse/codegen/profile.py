@@ -9,21 +9,21 @@ import tvm
 from ..ir import Cascade
 from ..ir.scope import declarations
 from ..ir.kernels import Kernel
-from .build import kernel_function
+from .backends import Backend
 from .lower import DTYPES, SizeVars
 
 
-def kernel_seconds(c: Cascade, kernels: list[Kernel], target: Any, rank_sizes: Mapping[str, int],
+def kernel_seconds(c: Cascade, kernels: list[Kernel], backend: Backend, rank_sizes: Mapping[str, int],
                    tuning: Any = None, repeat: int = 5) -> dict[str, float]:
-    """Median seconds of each kernel, rebuilt alone (with its tuned schedule where ``tuning``
-    holds one) and run on random data of the model's sizes."""
+    """Median seconds of each kernel, rebuilt alone by ``backend`` (with its tuned schedule where
+    ``tuning`` holds one) and run on random data of the model's sizes."""
     decls = declarations(c)
     rng = np.random.default_rng(0)
-    device = tvm.cuda(0) if target.kind == "cuda" else tvm.cpu()
+    device = backend.device()
     out = {}
     for k in kernels:
-        func = kernel_function(c, k, SizeVars(), target, tuning)
-        lib = tvm.compile(func, target=target.tvm_target())
+        func = backend.kernel_function(c, k, SizeVars(), tuning)
+        lib = tvm.compile(func, target=backend.target.tvm_target())
         args = []
         for name in list(k.inputs) + [k.output]:
             d = decls[name]

@@ -27,7 +27,11 @@ from ..ir import Cascade
 from ..ir.analysis import einsum_cost, format_number, format_table, tensors_bytes
 from ..ir.scope import declarations
 from ..ir.sizes import bind_sizes
-from ..targets import host_peaks
+from ..targets import Target, cost
+from . import persist
+from .backends import backend_for
+from .backends.cuda import device_source
+from .profile import kernel_seconds
 from ..ir.kernels import Kernel
 
 TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
@@ -49,7 +53,8 @@ class CompiledModel:
         self.stored: Any = None  # the persist.Library of its compile-cache entry, which an export copies
         self.tuning = tuning     # the TuningDatabase its kernels' schedules came from, if any
         self.tuned = list(tuned)  # the kernels scheduled from a tuning record
-        self.device = "cuda" if target.startswith("cuda:") else "cpu"   # (where inputs go and outputs are)
+        self.backend = backend_for(target)
+        self.device = self.backend.torch_device   # (where inputs go and outputs are)
         self._vm: Any = None   # (made on the first call: a GPU model can be inspected where no GPU is)
         self._decls = declarations(cascade)
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
@@ -70,11 +75,11 @@ class CompiledModel:
     def _machine(self) -> Any:
         """The Relax VM on the model's device, made on first use."""
         if self._vm is None:
-            if self.device == "cuda" and not tvm.cuda(0).exist:
+            device = self.backend.device()
+            if not device.exist:
                 raise EinfuseError(f"this model was compiled for {self.target} and this machine has no GPU: "
                                    "inspect it (.source('cuda'), .kernels, .report()) or run it where one is")
-            self._vm = relax.VirtualMachine(self.executable, tvm.cuda(0) if self.device == "cuda" else tvm.cpu(),
-                                            memory_cfg="pooled")  # no page faults per call
+            self._vm = relax.VirtualMachine(self.executable, device, memory_cfg="pooled")  # no page faults per call
         return self._vm
 
     def to_tvm(self, args: tuple) -> list[Any]:
@@ -145,7 +150,6 @@ class CompiledModel:
         if self._library is not None:
             raise EinfuseError(f"a loaded model keeps no {stage} source; compile the model to see it")
         if stage == "cuda":
-            from .emit import device_source
             return device_source(self.executable.mod)
         mod = self.executable.mod
         host = mod.imports[0] if mod.imports else mod
@@ -176,15 +180,12 @@ class CompiledModel:
         """Per kernel: name, Einsum count, FLOPs and bytes (sympy), and given inputs the cost
         model's estimate (seconds, bound, FLOPs per DRAM byte; CPU targets) and the measured
         seconds of the kernel run alone."""
-        from ..targets import Target, cost
-        target = Target.parse(self.target)
         times: dict[str, float] = {}
         machine, sizes = None, {}
         if args is not None:
-            from .profile import kernel_seconds
             sizes = bind_sizes(self.ir, self._decls, {n: tuple(a.shape) for n, a in zip(self.inputs, args)})
-            times = kernel_seconds(self.ir, self.kernels, target, sizes, self.tuning)
-            machine = cost.measured(target, host_peaks()) if target.kind == "cpu" else None
+            times = kernel_seconds(self.ir, self.kernels, self.backend, sizes, self.tuning)
+            machine = self.backend.machine()
         out = []
         for k in self.kernels:
             est = cost.kernel_estimate(self.ir, k, machine, sizes) if machine is not None else None
@@ -212,15 +213,25 @@ class CompiledModel:
         """Write ``model.so`` (kernels, graph and weights), ``kernels.tir`` and ``model.json``
         (with the text files ``extra``, by name) into directory ``path``, replacing an export
         there as a whole (:mod:`einfuse.codegen.persist`)."""
-        from .persist import export
-        return export(self, path, extra)
+        return persist.export(self, path, extra)
+
+
+def build(cascade: Cascade, target: Target, tuning: Any = None) -> CompiledModel:
+    """``cascade`` (grouped by its target's codegen pipeline) compiled by the target's backend
+    into a model on its device; kernels with a record in ``tuning`` (a
+    :class:`~einfuse.codegen.tuning.TuningDatabase`) take its best schedule."""
+    start = time.perf_counter()
+    executable, kernels, tir, tuned = backend_for(target).compile(cascade, tuning)
+    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start, {"tir": tir},
+                         tuning=tuning, tuned=tuned)
 
 
 def load(path: str | Path) -> CompiledModel:
     """A model written by :meth:`CompiledModel.export`, checked before it is loaded (a damaged,
     foreign or other-version export is a :class:`~einfuse.errors.LoadError`)."""
-    from .persist import load as load_export
-    return load_export(path)
+    e = persist.read(path)
+    return CompiledModel(e.cascade, e.executable, e.kernels, e.meta["target"], e.meta["compile_seconds"],
+                         {"tir": e.tir}, e.library, e.tuning, e.meta["tuned"])
 
 
 def _aligned_copy(x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Rewrites of the cascade: the pass manager, its instruments, and the passes."""
+"""Rewrites of the cascade: the pass manager, its context and instruments, and the passes."""
 from .canonicalize import Canonicalize
 from .defer import Defer
 from .fuse_attention import FuseAttention
 from .group_kernels import GroupKernels
-from .manager import Instruments, Pass, PassError, PassManager, parse_pipeline, register
+from .layout import MaterializeOperands, PackWeights, TransposeWeights
+from .manager import Instruments, Pass, PassContext, PassError, PassManager, parse_pipeline, register
 from .pipeline import NAMED, pipeline
 
-__all__ = ["Canonicalize", "Defer", "FuseAttention", "GroupKernels", "Instruments", "NAMED", "Pass", "PassError", "PassManager", "parse_pipeline",
+__all__ = ["Canonicalize", "Defer", "FuseAttention", "GroupKernels", "Instruments", "MaterializeOperands", "NAMED",
+           "PackWeights", "Pass", "PassContext", "PassError", "PassManager", "TransposeWeights", "parse_pipeline",
            "pipeline", "register"]

@@ -35,7 +35,7 @@ from ..ir.nodes import rewrite, walk
 from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
 from .algebra import fold_scales, simplify
-from .manager import Pass, register
+from .manager import Pass, PassContext, register
 
 
 @register
@@ -45,7 +45,8 @@ class Canonicalize(Pass):
 
     name = "canonicalize"
 
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        stats = ctx.stats
         for _ in range(ROUNDS):   # (one rewrite exposes another: a folded mask, then x + 0, then a view)
             before, hits = len(c.stmts), sum(stats.values())
             c = inline_views(c)

@@ -37,7 +37,7 @@ from typing import Any
 from ..ir import Access, Call, Cascade, Const, Einsum, IConst, IVar, TensorDecl, TensorRank
 from ..ir.nodes import rewrite
 from ..ir.scope import access_vars, declarations, fresh_name, lhs_vars, plain, reads, reduced_vars, var_ranks
-from .manager import Pass, register
+from .manager import Pass, PassContext, register
 
 
 @register
@@ -47,7 +47,8 @@ class Defer(Pass):
 
     name = "defer"
 
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        stats = ctx.stats
         for pattern, rule in (("defer-division", _defer_division), ("defer-centring", _defer_centring)):
             while True:
                 out = _first(c, rule)

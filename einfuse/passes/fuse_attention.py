@@ -31,7 +31,7 @@ form touches each key tile once (``count_passes`` over the keys: 3 -> 1). FuseMa
 
 The tile ``T`` is the target's choice (``Target.attention_tile``: on a CPU the tile the cost
 model estimates fastest for these widths and this length, see docs/tuning.md) or an option
-(``fuse-attention{tile=128}``; ``{target=cpu}`` names the target). Patterns counted: ``attention`` (fused),
+(``fuse-attention{tile=128}``); the target is the pass context's (``einfuse ir --target``). Patterns counted: ``attention`` (fused),
 and ``not-fused:<reason>`` for an attention-shaped Einsum that was left alone (symbolic key
 length, scores read outside the attention, ...). The old Einsums become dead; ``canonicalize``
 removes them. A row whose every key is masked gives what the original gives (see
@@ -49,7 +49,8 @@ import sympy
 from ..ir import Access, Call, Cascade, Const, Einsum, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Cond, IBin, IConst, ISym, Reduce, TensorRank, rewrite
 from ..ir.scope import access_vars, declarations, fresh_name, lhs_vars, plain, reads, reduced_vars, var_ranks
-from .manager import Pass, register
+from ..targets import Target
+from .manager import Pass, PassContext, register
 
 
 @dataclass(frozen=True)
@@ -73,34 +74,32 @@ class FuseAttention(Pass):
 
     name = "fuse-attention"
     tile: int = 0          # keys per tile; 0: the target's choice (Target.attention_tile)
-    target: str = "cpu"
 
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        stats = ctx.stats
         done: set[str] = set()
         while True:
             found = _find(c, stats, done)
             if found is None:
                 return c
-            c = _rewrite(c, found, self.tile or self.target_tile(c, found))
+            c = _rewrite(c, found, self.tile or _target_tile(c, found, ctx.target))
             done.add(found.out.lhs.tensor)
             stats["attention"] += 1
 
 
-    def target_tile(self, c: Cascade, m: _Match) -> int:
-        """The target's tile for this attention's head and value widths (64 where symbolic) and
-        key length."""
-        from ..targets import Target
-        size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
+def _target_tile(c: Cascade, m: _Match, target: Target) -> int:
+    """The target's tile for this attention's head and value widths (64 where symbolic) and key
+    length."""
+    size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
 
-        def width(variables: list[str]) -> int:
-            n = 1
-            for v in variables:
-                n *= size[ranks[v]] if isinstance(size[ranks[v]], int) else 64
-            return n
-        values = [v for v in lhs_vars(m.out) if v not in m.rows]
-        keys = size[ranks[m.key]]
-        return Target.parse(self.target).attention_tile(width(reduced_vars(m.qk)), width(values),
-                                                        keys if isinstance(keys, int) else None)
+    def width(variables: list[str]) -> int:
+        n = 1
+        for v in variables:
+            n *= size[ranks[v]] if isinstance(size[ranks[v]], int) else 64
+        return n
+    values = [v for v in lhs_vars(m.out) if v not in m.rows]
+    keys = size[ranks[m.key]]
+    return target.attention_tile(width(reduced_vars(m.qk)), width(values), keys if isinstance(keys, int) else None)
 
 
 def _find(c: Cascade, stats: Counter, done: set[str]) -> _Match | None:

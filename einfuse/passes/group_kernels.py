@@ -9,9 +9,10 @@ it; the 1-pass attention loop streams the key tiles with every Einsum at level 1
 this for every group it forms and fails, naming the kernel, if a group breaks it.
 
 The table is ``Cascade.groups`` (not part of the IR: the text shows it as ``# kernel`` comments):
-one :class:`Kernel` per generated function, in execution order. ``einfuse.compile`` runs this pass
-last, after the target's operand layouts (``codegen/layout.py``); ``einfuse ir -p
-default,group-kernels`` shows the groups of the cascade as it is. The grouping:
+one :class:`~einfuse.ir.kernels.Kernel` per generated function, in execution order. ``einfuse.compile``
+runs this pass last in the target's codegen pipeline, after the operand layouts
+(``passes/layout.py``); ``einfuse ir -p default,codegen`` shows the groups as code generation
+receives them. The grouping:
 
 A tensor is *inlined* into its reader when it is a temp written once by an element-wise Einsum
 (no reduction, no filter, plain output indices), read by exactly one Einsum, and every variable
@@ -35,7 +36,6 @@ same loop nest, when the two fit one:
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, replace
 
 from ..errors import CompileError
@@ -52,7 +52,7 @@ from ..ir.scope import (
     reads,
     reduced_vars,
 )
-from .manager import Pass, register
+from .manager import Pass, PassContext, register
 
 
 @register
@@ -63,7 +63,8 @@ class GroupKernels(Pass):
     name = "group-kernels"
     attention: bool = True   # a softmax row group joins the P V reading it (off: one phase each, as on an accelerator)
 
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        stats = ctx.stats
         kernels = group_kernels(c, self.attention)
         for k in kernels:
             stats[f"kernel:{k.kind or 'single'}"] += 1

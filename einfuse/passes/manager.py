@@ -1,8 +1,9 @@
 """Passes over a cascade and the manager that runs them, with instruments.
 
 A :class:`Pass` is a frozen dataclass with a kebab-case ``name`` and typed options (its fields);
-``run(cascade, stats)`` returns the rewritten cascade and counts each pattern it rewrote in
-``stats``. Passes never print: the :class:`PassManager` reports through ``log`` what the
+``run(cascade, ctx)`` returns the rewritten cascade and counts each pattern it rewrote in
+``ctx.stats``; a pass that depends on the machine reads ``ctx.target`` (a
+:class:`~einfuse.targets.Target`, parsed once per compile: :class:`PassContext`). Passes never print: the :class:`PassManager` reports through ``log`` what the
 instruments ask for (the IR after each pass, after a named one, only on change; numbered
 ``NNN_<pass>.ein`` dumps; per-pass timing), verifies after each pass if asked, skips disabled
 passes, and on a failure writes a reproducer (the input IR and the pipeline) before raising.
@@ -24,10 +25,20 @@ from typing import Callable, ClassVar
 
 from ..errors import EinfuseError
 from ..ir import Cascade, to_text, verify
+from ..targets import Target
 
 
 class PassError(EinfuseError):
     """A pass failed or produced an invalid cascade; the message names the pass and a reproducer."""
+
+
+@dataclass
+class PassContext:
+    """What every pass of one run may read: the target (parsed once) and the current pass's
+    pattern counts."""
+
+    target: Target = field(default_factory=lambda: Target.parse("cpu"))
+    stats: Counter = field(default_factory=Counter)
 
 
 @dataclass(frozen=True)
@@ -37,8 +48,8 @@ class Pass(ABC):
     name: ClassVar[str] = ""
 
     @abstractmethod
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
-        """The rewritten cascade; each rewrite counted in ``stats`` by pattern name."""
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        """The rewritten cascade; each rewrite counted in ``ctx.stats`` by pattern name."""
 
     def spelled(self) -> str:
         """The pass as pipeline text, with the options that differ from their defaults."""
@@ -87,26 +98,27 @@ class PassManager:
         self.passes, self.instruments, self.log = passes, instruments or Instruments(), log
         self.records: list[PassRecord] = []
 
-    def run(self, c: Cascade) -> Cascade:
-        """The cascade after every enabled pass."""
-        ins = self.instruments
+    def run(self, c: Cascade, ctx: PassContext | None = None) -> Cascade:
+        """The cascade after every enabled pass, each given ``ctx`` (default: the host CPU)."""
+        ins, ctx = self.instruments, ctx or PassContext()
         if ins.dump_dir is not None:
             ins.dump_dir.mkdir(parents=True, exist_ok=True)
             (ins.dump_dir / "000_input.ein").write_text(to_text(c))
         for number, p in enumerate(self.passes, start=1):
             if p.name in ins.disabled:
                 continue
-            c = self._run_one(number, p, c)
+            c = self._run_one(number, p, c, ctx)
         if ins.time_passes:
             self.log(self.timing_table())
         return c
 
-    def _run_one(self, number: int, p: Pass, c: Cascade) -> Cascade:
-        ins, stats = self.instruments, Counter()
+    def _run_one(self, number: int, p: Pass, c: Cascade, ctx: PassContext) -> Cascade:
+        ins = self.instruments
+        ctx.stats = stats = Counter()
         start = time.perf_counter()
         try:
             c = dataclasses.replace(c, groups=())   # (the kernel groups describe the cascade before this pass)
-            out = p.run(c, stats)
+            out = p.run(c, ctx)
             if ins.verify_each:
                 verify(out)
         except Exception as exc:

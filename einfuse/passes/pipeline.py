@@ -11,13 +11,18 @@ from .manager import Pass, parse_pipeline
 #:   Einsums these replaced are dead);
 #: * ``unfused``: canonicalize only (attention stays the 3-pass cascade);
 #: * ``none``: the captured cascade as it is.
+#:
+#: ``codegen`` stands for the target's codegen pipeline (its backend's: operand layouts, then
+#: ``group-kernels``), which a compile runs after the named one: ``default,codegen`` shows the IR
+#: exactly as code generation receives it.
 NAMED_TEXT = {"default": "canonicalize,fuse-attention,defer,canonicalize", "unfused": "canonicalize", "none": ""}
 NAMED = tuple(NAMED_TEXT)
 
 
-def pipeline(name_or_text: str) -> list[Pass]:
+def pipeline(name_or_text: str, codegen: str = "group-kernels") -> list[Pass]:
     """The passes of a named pipeline or of pipeline text, in which a named pipeline may stand
-    for its passes (``default,group-kernels``)."""
+    for its passes (``default,group-kernels``) and ``codegen`` for the pipeline text ``codegen``."""
+    named = {**NAMED_TEXT, "codegen": codegen}
     items = re.split(r",(?![^{]*\})", name_or_text)   # (commas outside option braces)
-    text = ",".join(t for t in (NAMED_TEXT.get(item.strip(), item) for item in items) if t.strip())
+    text = ",".join(t for t in (named.get(item.strip(), item) for item in items) if t.strip())
     return parse_pipeline(text) if text else []

@@ -57,6 +57,22 @@ class Target:
         keys = keys or 4096
         return cost.attention_tile(cost.nominal(self), keys, keys, head_dim, value_dim)
 
+    def register_tile(self, cols: int | None = None, rows: int | None = None, vectors: int = 4) -> tuple[int, int]:
+        """A contraction's register tile, (rows, lanes), for a ``rows x cols`` output, at most
+        ``vectors`` vectors wide: the one the cost model prefers
+        (:func:`einfuse.targets.cost.register_tile`), or with ``tiles == "fixed"`` the rule of
+        thumb (:func:`einfuse.targets.cost.rule_tile`)."""
+        from . import cost
+        if self.tiles == "model":
+            return cost.register_tile(cost.nominal(self), rows, cols, vectors=vectors)
+        return cost.rule_tile(self.vector_lanes, self.registers, cols)
+
+    def ragged(self, rows: int, cols: int) -> bool:
+        """Whether the register tile leaves a remainder on a ``rows x cols`` output (then the
+        contraction is padded, which needs operands indexed by plain variables)."""
+        mr, nr = self.register_tile(cols, rows)
+        return rows % mr != 0 or cols % nr != 0
+
     @property
     def vector_lanes(self) -> int:
         """float32 lanes in one vector register."""

@@ -127,7 +127,7 @@ def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[i
          dtype_bytes: int = 4, packed: bool = False) -> Estimate:
     """A (batched) ``rows x depth @ depth x cols`` contraction on a ``tile`` = (rows, lanes)
     register tile, column panels packed and reused by every row tile (codegen/schedules/cpu.py);
-    ``packed``: the panels were packed at compile time (a weight: codegen/layout.pack_weights)."""
+    ``packed``: the panels were packed at compile time (a weight: passes/layout.pack_weights)."""
     mr, nr = tile
     row_tiles, panels = -(-rows // mr), -(-cols // nr)
     done = 2.0 * batch * row_tiles * mr * panels * nr * depth
@@ -290,7 +290,7 @@ def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int,
 
 def reads_panels(e: Einsum) -> bool:
     """Whether contraction ``e`` reads a weight packed into the register tile's panels at compile
-    time (``W_p[n//nr, k, n%nr]``, codegen/layout.pack_weights)."""
+    time (``W_p[n//nr, k, n%nr]``, passes/layout.pack_weights)."""
     return any(len(a.indices) == 3 and isinstance(a.indices[-1].expr, IBin) and a.indices[-1].expr.op == "%"
                for a in reads(e))
 

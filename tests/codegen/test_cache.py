@@ -25,7 +25,7 @@ from einfuse.codegen.persist import FORMAT, valid
 from einfuse.errors import EinfuseError, LoadError
 from einfuse.ir import interpret, parse
 from einfuse.targets import host_cpu, host_peaks
-from einfuse.tuning import TuningDatabase, TuningDatabaseWarning
+from einfuse.codegen.tuning import TuningDatabase, TuningDatabaseWarning
 
 from ..conftest import rel_err
 

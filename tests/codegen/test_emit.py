@@ -16,7 +16,7 @@ from tvm import tirx
 
 import einfuse
 from einfuse import zoo
-from einfuse.codegen import build as build_module
+from einfuse.codegen.backends import cpu as cpu_backend
 from einfuse.codegen.loop import serial_launch
 from einfuse.codegen.loop_gpu import GPULoopBuilder
 from einfuse.errors import EinfuseError
@@ -130,7 +130,7 @@ class _SerialThreads(GPULoopBuilder):
 @pytest.mark.parametrize("build", params(["causal", "gpt2"], slow=("gpt2",)))
 def test_the_gpu_attention_code_computes_attention(build: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """What each GPU thread computes, run on the CPU (threads as loops) against torch."""
-    monkeypatch.setattr(build_module, "LoopBuilder", _SerialThreads)
+    monkeypatch.setattr(cpu_backend, "LoopBuilder", _SerialThreads)
     model, args = (_Causal(), tuple(torch.randn(1, 2, 100, 64) for _ in range(3))) if build == "causal" \
         else zoo.build("gpt2", seq=70)
     compiled = einfuse.compile(model, args, cache_dir=tmp_path)

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 import einfuse
-from einfuse.codegen.layout import materialize_operands, pack_weights
-from einfuse.codegen.schedules.cpu import ragged, register_tile
+from einfuse.passes.layout import materialize_operands, pack_weights
 from einfuse.ir import interpret, parse, to_text
 from einfuse.targets import Target
 from tests.conftest import rel_err
@@ -34,11 +33,11 @@ def cpu() -> Target:
 
 def test_register_tile_narrows_to_the_output() -> None:
     t = Target("t", {}, vector_bytes=64, registers=32)
-    assert register_tile(t) == (4, 64)
-    assert register_tile(t, 16) == (16, 16)     # a 16-wide head: 1 vector, 16 rows
-    assert register_tile(t, 40) == (4, 48)      # (5 rows would overhang the 256 rows assumed)
-    assert register_tile(t, 64, 785) == (5, 32) and not ragged(t, 785, 64)   # 785 = 5 x 157
-    assert not ragged(t, 8, 64) and ragged(t, 787, 64)
+    assert t.register_tile() == (4, 64)
+    assert t.register_tile(16) == (16, 16)     # a 16-wide head: 1 vector, 16 rows
+    assert t.register_tile(40) == (4, 48)      # (5 rows would overhang the 256 rows assumed)
+    assert t.register_tile(64, 785) == (5, 32) and not t.ragged(785, 64)   # 785 = 5 x 157
+    assert not t.ragged(8, 64) and t.ragged(787, 64)
 
 
 def test_materialize_copies_view_reads_of_ragged_contractions_only() -> None:
@@ -226,7 +225,7 @@ def test_a_weight_is_stored_as_the_register_tiles_panels(rng: np.random.Generato
     w = rng.standard_normal((256, 768))
     c = replace(c, params={"W": w})
     packed = pack_weights(c, cpu())
-    _, nr = register_tile(cpu(), 768, 64)
+    _, nr = cpu().register_tile(768, 64)
     assert f"Y[b,f]=X[b,d]*W_p[f//{nr},d,f%{nr}]" in to_text(packed).replace(" ", "")
     assert packed.params["W_p"].shape == (768 // nr, 256, nr)
     x = rng.standard_normal((64, 256))

@@ -10,7 +10,7 @@ import pytest
 
 from einfuse.errors import EinfuseError
 from einfuse.ir import Cascade, interpret, parse, to_text
-from einfuse.passes import Canonicalize, Instruments, Pass, PassError, PassManager, parse_pipeline
+from einfuse.passes import Canonicalize, Instruments, Pass, PassContext, PassError, PassManager, parse_pipeline
 from einfuse.passes.manager import REGISTRY
 from tests.conftest import rel_err
 
@@ -46,8 +46,8 @@ class Scale(Pass):
     factor: int = 1
     on: bool = True
 
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
-        stats["visited"] += len(c.stmts)
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        ctx.stats["visited"] += len(c.stmts)
         return c
 
 
@@ -57,7 +57,7 @@ class Break(Pass):
 
     name = "test-break"
 
-    def run(self, c: Cascade, stats: Counter) -> Cascade:
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
         (first, *rest) = c.stmts
         return replace(c, stmts=(replace(first, lhs=replace(first.lhs, tensor="SN")), *rest))
 

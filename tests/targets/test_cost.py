@@ -11,7 +11,6 @@ import pytest
 import einfuse
 from einfuse.api import laid_out
 from einfuse import zoo
-from einfuse.codegen.schedules.cpu import register_tile as schedule_tile
 from einfuse.ir import parse
 from einfuse.passes import PassManager, pipeline
 from einfuse.passes.group_kernels import group_kernels
@@ -96,9 +95,9 @@ def test_register_tile_minimises_the_estimate(vector_bytes: int, registers: int,
                                               tile: tuple[int, int]) -> None:
     target = replace(host_cpu(), vector_bytes=vector_bytes, registers=registers)
     assert cost.register_tile(cost.nominal(target), rows, cols) == tile
-    assert schedule_tile(target, cols, rows) == tile
+    assert target.register_tile(cols, rows) == tile
     rule = cost.rule_tile(target.vector_lanes, registers, cols)
-    assert schedule_tile(replace(target, tiles="fixed"), cols, rows) == rule
+    assert replace(target, tiles="fixed").register_tile(cols, rows) == rule
 
 
 def test_attention_counts_the_products_the_scores_and_the_work_once_per_tile() -> None:

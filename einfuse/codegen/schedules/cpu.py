@@ -5,7 +5,7 @@
   take minutes);
 * **contraction** (a reduction over a product of reads, one of which ignores the innermost output
   dimension: GEMM, batched GEMM, convolution, attention's QK and AV): a register tile of
-  rows x lanes (:func:`register_tile`) accumulated in a local buffer (so in vector registers),
+  rows x lanes (:meth:`~einfuse.targets.Target.register_tile`) accumulated in a local buffer (so in vector registers),
   the reduction inside, the streamed operand packed per panel, parallel outer loops
   (TVM_0.27_NOTES.md §2); padded to whole tiles when the tile does not divide a static output;
   an ``epilogue`` kernel applies its element-wise consumer to the tile as it is stored;
@@ -30,24 +30,6 @@ from ...targets import Target, cost
 from ...ir.kernels import Kernel
 
 WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
-
-
-def register_tile(target: Target, cols: int | None = None, rows: int | None = None,
-                  vectors: int = 4) -> tuple[int, int]:
-    """A contraction's register tile, (rows, lanes), for a ``rows x cols`` output, at most
-    ``vectors`` vectors wide: the one the cost model prefers
-    (:func:`einfuse.targets.cost.register_tile`), or with ``target.tiles == "fixed"`` the rule
-    of thumb (:func:`einfuse.targets.cost.rule_tile`)."""
-    if target.tiles == "model":
-        return cost.register_tile(cost.nominal(target), rows, cols, vectors=vectors)
-    return cost.rule_tile(target.vector_lanes, target.registers, cols)
-
-
-def ragged(target: Target, rows: int, cols: int) -> bool:
-    """Whether the register tile leaves a remainder on a ``rows x cols`` output (then the
-    contraction is padded, which needs operands indexed by plain variables)."""
-    mr, nr = register_tile(target, cols, rows)
-    return rows % mr != 0 or cols % nr != 0
 
 
 def schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> tirx.PrimFunc:
@@ -140,7 +122,7 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
     if _streams_rows(sch.get(block), row, target):
         _gemv_schedule(sch, block, target, epilogue)
         return
-    mr, nr = register_tile(target, _static(spatial_vars[-1].dom.extent), _static(spatial_vars[row].dom.extent))
+    mr, nr = target.register_tile(_static(spatial_vars[-1].dom.extent), _static(spatial_vars[row].dom.extent))
     before = sch.get_producers(block)
     padded = _pad_ragged(sch, block, row, mr, nr)
     block = sch.get_sblock(sch.get(block).name_hint) if padded else block
@@ -204,7 +186,7 @@ def _streams_rows(blk: Any, row: int, target: Target) -> bool:
 
 def _reads_panels(blk: Any) -> bool:
     """Whether the block reads a weight packed into panels at compile time
-    (``W_p[n//nr, k, n%nr]``, codegen/layout.pack_weights): nothing to copy out."""
+    (``W_p[n//nr, k, n%nr]``, passes/layout.pack_weights): nothing to copy out."""
     return any(len(ld.indices) == 3 and isinstance(ld.indices[-1], tirx.FloorMod) for ld in _loads(blk.body.value))
 
 
@@ -325,7 +307,7 @@ def _attention_output(sch: s_tir.Schedule, out: Any, target: Target) -> tuple[An
     spatial = [lp for lp, iv in zip(loops, blk.iter_vars) if iv.iter_type == tirx.IterVar.DataPar]
     reduce = [lp for lp, iv in zip(loops, blk.iter_vars) if iv.iter_type == tirx.IterVar.CommReduce]
     width = blk.iter_vars[len(spatial) - 1].dom.extent
-    mr, nr = register_tile(target, int(width) if isinstance(width, tirx.IntImm) else None)
+    mr, nr = target.register_tile(int(width) if isinstance(width, tirx.IntImm) else None)
     writeback = sch.cache_write(out, 0, "local")
     s0, s1 = sch.split(spatial[-2], [None, mr])
     f0, f1 = sch.split(spatial[-1], [None, nr])

@@ -1,4 +1,6 @@
-"""Operand layouts chosen at compile time.
+"""``transpose-weights``, ``pack-weights``, ``materialize-operands``: operand layouts chosen at
+compile time, the first passes of a CPU's codegen pipeline (``einfuse ir -p default,codegen``
+shows the IR as code generation receives it).
 
 * A contraction vectorizes along its innermost output dimension, so a weight read there should
   have that dimension innermost. PyTorch's ``Linear`` stores ``W[out, in]``; the GEMM
@@ -10,17 +12,23 @@
 * A GEMM copies the column panels of its streamed operand out into a contiguous buffer before
   the register tiles read them. For a weight that copy is made once, at compile time: the weight
   is stored as the panels, ``W[k,n]`` as ``W_p[n//nr, k, n%nr]`` (:func:`pack_weights`).
+
+Before/after ``transpose-weights,pack-weights`` (nr = 16), for a Linear's ``W[out, in]``::
+
+    Y[m,n] = X[m,k] * W[n,k]                 Y[m,n] = X[m,k] * W_t_p[n//16, k, n%16]
 """
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Callable
+from dataclasses import dataclass, replace
+from collections import Counter
+from typing import Callable
 
 import numpy as np
 
 from ..ir import Access, Call, Cascade, Einsum, IBin, IConst, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Expr, TensorRank, walk
 from ..ir.sizes import in_range
+from ..targets import cost
 from ..ir.scope import (
     access_vars,
     declarations,
@@ -31,6 +39,47 @@ from ..ir.scope import (
     reduced_vars,
     var_ranks,
 )
+from ..targets import Target
+from .manager import Pass, PassContext, register
+
+
+@register
+@dataclass(frozen=True)
+class TransposeWeights(Pass):
+    """Store each contraction's weight with the output's innermost dimension innermost."""
+
+    name = "transpose-weights"
+
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        return _counted(transpose_weights(c), c, ctx.stats, "transposed")
+
+
+@register
+@dataclass(frozen=True)
+class PackWeights(Pass):
+    """Store each weight a GEMM streams as the target's register-tile column panels."""
+
+    name = "pack-weights"
+
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        return _counted(pack_weights(c, ctx.target), c, ctx.stats, "packed")
+
+
+@register
+@dataclass(frozen=True)
+class MaterializeOperands(Pass):
+    """Copy out the contraction operands the target's schedules need plain."""
+
+    name = "materialize-operands"
+
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        return _counted(materialize_operands(c, ctx.target.ragged), c, ctx.stats, "materialized")
+
+
+def _counted(out: Cascade, c: Cascade, stats: Counter, pattern: str) -> Cascade:
+    """``out``, with the tensors it added to ``c`` counted as ``pattern``."""
+    stats[pattern] += len(out.tensors) - len(c.tensors)
+    return out
 
 
 def transpose_weights(c: Cascade) -> Cascade:
@@ -70,15 +119,13 @@ def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made
     return Access(made[key], tuple(Index(exprs[i]) for i in order))
 
 
-def pack_weights(c: Cascade, target: Any) -> Cascade:
+def pack_weights(c: Cascade, target: Target) -> Cascade:
     """``c`` with each weight that a GEMM streams along its columns (``W[k,n]``, as
     :func:`transpose_weights` leaves it) stored as the register tile's column panels,
     ``W_p[n//nr, k, n%nr]``: the schedule then reads each panel where it lies instead of copying
     it out on every call (a copy that, for a weight past the TLB's reach, also misses the TLB on
-    every row). On a CPU, for static sizes the register tile divides, unless the GEMV schedule
-    (which streams the weight's rows) is still estimated faster."""
-    if target.kind != "cpu":
-        return c
+    every row). For static sizes the register tile divides, unless the GEMV schedule (which
+    streams the weight's rows) is still estimated faster."""
     sizes = {r.name: r.size for r in c.ranks}
     if not all(isinstance(v, int) for v in sizes.values()):
         return c
@@ -96,10 +143,8 @@ def pack_weights(c: Cascade, target: Any) -> Cascade:
     return replace(c, ranks=tuple(ranks), tensors=tuple(tensors), stmts=tuple(stmts), params=params)
 
 
-def _panel(c: Cascade, e: Einsum, decls: dict, sizes: dict, target: Any) -> tuple[Access, int] | None:
+def _panel(c: Cascade, e: Einsum, decls: dict, sizes: dict, target: Target) -> tuple[Access, int] | None:
     """The weight read ``W[k,n]`` of GEMM ``e`` and the register tile's width, if it is packed."""
-    from ..targets import cost
-    from .schedules.cpu import register_tile
     dims = cost.contraction_dims(c, e, sizes)
     if dims is None or e.reduce is not None or not isinstance(e.rhs, Call) or e.rhs.op != "mul":
         return None
@@ -111,7 +156,7 @@ def _panel(c: Cascade, e: Einsum, decls: dict, sizes: dict, target: Any) -> tupl
             or len(names) != 2 or names[1] != inner or names[0] not in reduced_vars(e):
         return None
     batch, rows, cols, depth = dims
-    mr, nr = register_tile(target, cols, rows)
+    mr, nr = target.register_tile(cols, rows)
     if rows % mr or cols % nr or cost.prefers_gemv(cost.nominal(target), batch, rows, cols, depth, packed=True):
         return None
     return w, nr

@@ -25,9 +25,9 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from .cache import read_json, write_atomic
-from .errors import EinfuseError
-from .ir import Cascade
+from ..cache import read_json, write_atomic
+from ..errors import EinfuseError
+from ..ir import Cascade
 
 COST_MODELS = ("xgb", "random")
 INSTALL = 'pip install "einfuse[tune]"'
@@ -73,7 +73,7 @@ class TuningDatabase:
     def at(cls, root: str | Path, target: Any = None) -> "TuningDatabase":
         """The database of ``target`` and these versions under directory ``root`` (with no
         target: the folder ``root`` itself)."""
-        from .version import __version__
+        from ..version import __version__
         if target is None:
             return cls(Path(root))
         return cls(Path(root) / f"{_slug(target)}-einfuse{__version__}-tvm{tvm.__version__}")
@@ -152,14 +152,16 @@ class TuningDatabase:
 
 def tasks(cascade: Cascade, target: Any) -> list[Task]:
     """The distinct tunable kernels of a laid-out cascade (static shapes, TE kernels only)."""
-    from .codegen.lower import KernelBuilder, SizeVars
-    from .ir.kernels import kernels_of
+    from ..ir.kernels import kernels_of
+    from .backends import backend_for
+    from .lower import SizeVars
+    backend = backend_for(target)
     found: dict[str, Task] = {}
     for kernel in kernels_of(cascade):
         if kernel.kind == "loop" or kernel.gathers:
             continue
         sizes = SizeVars()
-        func = KernelBuilder(cascade, kernel, sizes).prim_func()
+        func = backend.lower(cascade, kernel, sizes)
         if sizes.vars:
             continue  # (a symbolic shape: MetaSchedule tunes static workloads)
         key = _key(func)
@@ -216,7 +218,7 @@ def _run(todo: list[Task], target: Any, trials: int, database: TuningDatabase, r
     from tvm.s_tir import meta_schedule as ms
     work = str(database.path / "work")
     builder, runner = _builder(), _runner(rpc)
-    seeds = _seed(todo, target, database.open(), builder, runner, progress) if target.kind == "cpu" else {}
+    seeds = _seed(todo, target, database.open(), builder, runner, progress)
     counter = _progress_callback([t.name for t in todo], trials, progress, seeds)
     ms.tune_tasks(tasks=_contexts(todo, target, work, seed), task_weights=[1.0] * len(todo), work_dir=work,
                   max_trials_global=trials * len(todo), max_trials_per_task=trials,
@@ -233,9 +235,12 @@ def _seed(todo: list[Task], target: Any, db: Any, builder: Any, runner: Any,
     never slower than what compiling without tuning gives. Its seconds per task."""
     from tvm.s_tir import meta_schedule as ms
 
-    from .codegen.schedules.cpu import rule_schedule
+    from .backends import backend_for
+    backend = backend_for(target)
     tvm_target = target.tvm_target()
-    schedules = [rule_schedule(workload(t.func)["main"], t.kernel, target) for t in todo]
+    schedules = [backend.rule_schedule(workload(t.func)["main"], t.kernel) for t in todo]
+    if None in schedules:
+        return {}   # (the target's rules give no trace to start from)
     built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for sch in schedules])
     args = [ms.arg_info.ArgInfo.from_prim_func(t.func) for t in todo]
     ok = [n for n, b in enumerate(built) if b.error_msg is None]

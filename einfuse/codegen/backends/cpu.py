@@ -1,0 +1,42 @@
+"""The CPU backend (LLVM): loop kernels built as TIR, the rest lowered through TE and scheduled
+by the rules of :mod:`..schedules.cpu` (or a tuning record); cached; weights packed into panels."""
+from __future__ import annotations
+
+from typing import Any
+
+from ...ir import Cascade
+from ...ir.kernels import Kernel
+from ...targets import cost, host_peaks
+from ..loop import LoopBuilder
+from ..lower import SizeVars
+from ..schedules.cpu import rule_schedule, schedule
+from .base import Backend, register_backend
+
+
+@register_backend
+class CPUBackend(Backend):
+    """``cpu`` (the host, or a named ISA): LLVM."""
+
+    kind = "cpu"
+    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels"
+    cached = True
+
+    def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
+        return LoopBuilder(c, k, sizes, self.target).prim_func()
+
+    def schedule(self, func: Any, k: Kernel) -> Any:
+        return schedule(func, k, self.target)
+
+    def rule_schedule(self, func: Any, k: Kernel) -> Any:
+        return rule_schedule(func, k, self.target)
+
+    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict]:
+        """The kernel's scheduled TIR and the host's assembly of it."""
+        import tvm
+        func = self.kernel_function(c, k, sizes)
+        executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
+        return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}
+
+    def machine(self) -> Any:
+        """The cost model's machine on the host's measured peaks."""
+        return cost.measured(self.target, host_peaks())
