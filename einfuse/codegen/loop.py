@@ -39,7 +39,8 @@ from ..errors import CompileError
 from ..ir import Cascade, Einsum, IBin, IConst, ISym, IVar, Loop
 from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
-from ..targets import ATTENTION_ROWS, Target
+from ..targets import Target
+from ..targets.cost import ATTENTION_ROWS
 from ..ir.kernels import Kernel
 from ..targets.cost import rule_tile, rule_vectors
 from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min

@@ -17,9 +17,6 @@ from typing import Any
 from ..errors import EinfuseError
 from . import presets
 
-ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (codegen/loop.py): a
-                     # multiple of the register tiles' 4 and 6 rows and of a vector's 8 lanes
-
 _AVX512 = ("avx512", "skylake-avx512", "icelake", "sapphirerapids", "emeraldrapids", "graniterapids",
            "cascadelake", "cooperlake", "tigerlake", "rocketlake", "znver4", "znver5", "x86-64-v4")
 

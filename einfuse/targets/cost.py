@@ -34,7 +34,9 @@ from typing import Any
 from ..ir import Cascade, Einsum, IBin
 from ..ir import ops as ir_ops
 from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
-from . import ATTENTION_ROWS
+
+ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (codegen/loop.py): a
+                     # multiple of the register tiles' 4 and 6 rows and of a vector's 8 lanes
 
 VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu": 14, "gelu": 18,
               "rsqrt": 4, "sqrt": 4, "div": 4, "pow": 16}   # (vector instructions per element)

@@ -4,7 +4,7 @@ in ``tests/golden/<case>.<target>.tir``.
 
 A kernel is made as ``einfuse.compile`` / ``einfuse kernels`` make it (``optimized``, then
 ``laid_out``: weights transposed and packed, operands materialised, kernels grouped) and
-scheduled by ``codegen.build.kernel_function`` (``codegen.accel.kernel_function`` for the
+scheduled by its backend's ``kernel_function`` (``codegen/backends``) (``codegen.accel.kernel_function`` for the
 accelerator: its tensorized PrimFunc). Targets: the CPU under each vector ISA (``avx2``,
 ``avx512``), ``cuda`` (``cuda:sm_80``, scheduled by dlight; no GPU needed) and ``accel``
 (``accel:fusemax``).
@@ -33,7 +33,7 @@ import pytest
 import einfuse.targets
 from einfuse.api import laid_out, optimized
 from einfuse.codegen import accel
-from einfuse.codegen.build import kernel_function
+from einfuse.codegen.backends import backend_for
 from einfuse.codegen.lower import SizeVars
 from einfuse.ir import Cascade, parse
 from einfuse.targets import ISA_VARIABLE, Target, host_cpu
@@ -157,7 +157,7 @@ def scheduled_tir(case: Case, target: Target) -> str:
     assert kernel.kind == case.kind, f"kernel {kernel.name} is {kernel.kind or 'single'}, not {case.kind or 'single'}"
     if target.kind == "accel":
         return accel.kernel_function(c, kernel, SizeVars(), target, index).func.script()
-    return kernel_function(c, kernel, SizeVars(), target).script()
+    return backend_for(target).kernel_function(c, kernel, SizeVars()).script()
 
 
 @contextmanager

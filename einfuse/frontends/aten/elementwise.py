@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..builder import Ref
-from . import Ctx, RuleError, rule
+from .base import Ctx, RuleError, rule
 
 _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh",

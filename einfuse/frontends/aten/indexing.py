@@ -8,7 +8,7 @@ import sympy
 from ...ir import Call, Const, Coord, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, ibin, index_of, placeholder
-from . import Ctx, RuleError, norm_dim, rule
+from .base import Ctx, RuleError, norm_dim, rule
 
 
 @rule("aten.arange.start_step", "aten.arange.default", "aten.arange.start")

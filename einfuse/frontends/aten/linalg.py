@@ -6,7 +6,7 @@ import sympy
 from ...ir import Call, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, ibin, placeholder
-from . import Ctx, RuleError, rule
+from .base import Ctx, RuleError, rule
 
 
 def matmul(ctx: Ctx, a: Ref, b: Ref, hint: str | None = None) -> Ref:

@@ -8,7 +8,7 @@ import sympy
 from ...ir import Call, Cond, IBin, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, index_of, placeholder
-from . import Ctx, RuleError, rule
+from .base import Ctx, RuleError, rule
 from .reductions import keepdims, reduce_ref
 
 

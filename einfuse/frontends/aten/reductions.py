@@ -8,7 +8,7 @@ import sympy
 from ...ir import Access, Call, Cond, Const, Coord, Index
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Builder, Ref, placeholder
-from . import Ctx, norm_dim, rule
+from .base import Ctx, norm_dim, rule
 
 
 def reduce_ref(b: Builder, hint: str, x: Ref, dims: Sequence[int], keepdim: bool, op: str, dtype: str) -> Ref:

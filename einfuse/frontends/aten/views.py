@@ -9,7 +9,7 @@ import sympy
 from ...ir import Access, Cond, Index, IConst, IVar
 from ...ir.nodes import IndexExpr
 from ..builder import Builder, Ref, ibin, placeholder
-from . import Ctx, RuleError, norm_dim, rule
+from .base import Ctx, RuleError, norm_dim, rule
 
 
 @rule("aten.view.default", "aten._unsafe_view.default", "aten.reshape.default")
