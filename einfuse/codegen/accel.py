@@ -49,7 +49,8 @@ from ..ir.kernels import Kernel
 from ..targets import Target
 from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_einsums, kernel_work, placement
 from ..targets.presets import Accelerator
-from .loop import LoopBuilder, serial_launch
+from .loop import LoopBuilder
+from .loop_frames import serial_launch
 from .lower import DTYPES, KernelBuilder, SizeVars
 
 RUNTIME = Path(__file__).parent / "fusemax"

@@ -30,7 +30,8 @@ from tvm.script.ir_builder import tirx as T
 
 from ..ir import Access
 from ..ir.scope import access_vars, reads
-from .loop import LoopBuilder, _Entered, _loop
+from .loop import LoopBuilder
+from .loop_frames import Entered, LoopFrame
 from .lower import DTYPES, _cast
 
 
@@ -53,7 +54,7 @@ class GPULoopBuilder(LoopBuilder):
         block = stack.enter_context(_bound(blocks, "blockIdx.x"))
         thread = stack.enter_context(_bound(rows, "threadIdx.x"))
         self.row_count, self.thread, self.threads = 1, thread, rows
-        return _Entered(stack, (block, thread))
+        return Entered(stack, (block, thread))
 
     # ---- K and V tiles through shared memory -------------------------------------------------------
 
@@ -93,7 +94,7 @@ class GPULoopBuilder(LoopBuilder):
         for buf, a, local in self.staged.values():
             shape = [int(n) for n in buf.shape]
             size = math.prod(shape)
-            with _loop(T.serial, -(-size // self.threads)) as i:
+            with LoopFrame(T.serial, -(-size // self.threads)) as i:
                 flat = i * self.threads + self.thread
                 with T.If(flat < size):
                     with T.Then():
@@ -121,8 +122,8 @@ class GPULoopBuilder(LoopBuilder):
         return _cast(tirx.BufferLoad(buf, [env[v] for v in local]), work), valid
 
 
-class _bound(_loop):
-    """A loop bound to a CUDA thread axis, entered as int64 like :class:`~.loop._loop`."""
+class _bound(LoopFrame):
+    """A loop bound to a CUDA thread axis, entered as int64 like :class:`~.loop_frames.LoopFrame`."""
 
     def __init__(self, extent: Any, axis: str) -> None:
         extent = tirx.const(extent, "int64") if isinstance(extent, int) else extent

@@ -1,8 +1,8 @@
 """Parse the IR's text syntax into a :class:`Cascade`.
 
 The grammar (see ``docs/ir.md``) is line oriented: a ``cascade`` header, ``rank`` and ``tensor``
-declarations, one Einsum per line, and ``for v in R {`` ... ``}`` loops. Errors carry the line,
-column and offending text.
+declarations, one Einsum per line, and ``for v in R {`` ... ``}`` loops, each line read as tokens
+(:mod:`.lexer`). Errors carry the line, column and offending text.
 
 Nothing in any text makes it fail otherwise: brackets, calls, unary minus and loops nest at most
 ``MAX_DEPTH`` deep (and a statement's tree no deeper), integer literals are at most ``MAX_SIZE``,
@@ -11,112 +11,16 @@ the time taken is linear in the text.
 """
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import EinfuseError, IRParseError
 from . import ops
+from .lexer import COMPARISONS, Line, Token, float_literal
 from .nodes import (MAX_DEPTH, ROLES, Access, Call, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess,
                     IBin, IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
                     Stmt, TensorDecl, TensorRank, nesting_problem)
-from .sizes import SizeReader, literal, short
-
-_TOKEN = re.compile(r"""
-    (?P<ws>\s+)
-  | (?P<comment>\#.*)
-  | (?P<string>"(?:[^"\\]|\\.)*")
-  | (?P<number>(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<op>::|<-|->|<=|>=|==|!=|//|[-+*/%<>=()\[\]{},:@&])
-""", re.VERBOSE | re.ASCII)
-
-_CMPS = ("<", "<=", ">", ">=", "==", "!=")
-
-
-@dataclass(frozen=True, slots=True)
-class Token:
-    kind: str
-    text: str
-    col: int
-
-
-def tokenize(line: str, lineno: int) -> list[Token]:
-    """Split one line into tokens (comments dropped)."""
-    out, pos = [], 0
-    while pos < len(line):
-        m = _TOKEN.match(line, pos)
-        if m is None:
-            raise IRParseError(f"unexpected character {line[pos]!r}", lineno, pos + 1, line)
-        if m.lastgroup not in ("ws", "comment"):
-            out.append(Token(m.lastgroup or "", m.group(), pos + 1))
-        pos = m.end()
-    return out
-
-
-class _Line:
-    """A cursor over the tokens of one line."""
-
-    def __init__(self, text: str, lineno: int) -> None:
-        self.text, self.lineno = text, lineno
-        self.toks = tokenize(text, lineno)
-        self.i = 0
-        self.depth = 0   # brackets, calls and unary minus open at the cursor
-
-    def enter(self, tok: Token) -> None:
-        """Open one level of nesting at ``tok``; refused past ``MAX_DEPTH``."""
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise self.error(f"expression nested more than {MAX_DEPTH} deep", tok)
-
-    def leave(self) -> None:
-        """Close the level the last :meth:`enter` opened."""
-        self.depth -= 1
-
-    def peek(self, offset: int = 0) -> Token | None:
-        j = self.i + offset
-        return self.toks[j] if j < len(self.toks) else None
-
-    def keyword(self) -> str | None:
-        """The line's leading keyword, unless the line is a statement writing a tensor of that name."""
-        second = self.peek(1)
-        return None if second is not None and second.text == "[" else self.toks[0].text
-
-    def at(self, *texts: str) -> bool:
-        t = self.peek()
-        return t is not None and t.text in texts
-
-    def error(self, message: str, tok: Token | None = None) -> IRParseError:
-        tok = tok or self.peek()
-        col = tok.col if tok else len(self.text.rstrip()) + 1
-        return IRParseError(message, self.lineno, col, self.text)
-
-    def next(self, what: str) -> Token:
-        t = self.peek()
-        if t is None:
-            raise self.error(f"expected {what}, found end of line")
-        self.i += 1
-        return t
-
-    def expect(self, text: str, what: str = "") -> Token:
-        t = self.peek()
-        if t is None or t.text != text:
-            found = f"'{t.text}'" if t else "end of line"
-            raise self.error(f"expected '{text}'{what}, found {found}")
-        self.i += 1
-        return t
-
-    def name(self, what: str) -> Token:
-        t = self.next(what)
-        if t.kind != "name":
-            self.i -= 1
-            raise self.error(f"expected {what}, found '{t.text}'")
-        return t
-
-    def done(self) -> None:
-        if self.peek() is not None:
-            raise self.error(f"unexpected '{self.peek().text}' after the end of the statement")
+from .sizes import SizeReader, literal
 
 
 def parse(text: str) -> Cascade:
@@ -141,27 +45,21 @@ def parse_file(path: str | Path) -> Cascade:
     return parse(text)
 
 
-def _number(ln: _Line, t: Token) -> float:
-    """The float a number token (or ``inf``) spells; refused where it overflows to infinity."""
-    value = float(t.text)
-    if math.isinf(value) and t.text != "inf":
-        raise ln.error(f"the number {short(t.text)} is out of the float range (write inf)", t)
-    return value
-
-
 class _Parser:
+    """One parse: the declarations read so far and the statements, nested by the loops open."""
+
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
         self.name: str | None = None
         self.ranks: dict[str, Rank] = {}
         self.sizes: dict[str, Size] = {}
         self.tensors: dict[str, TensorDecl] = {}
-        self.tensor_ranks: list[tuple[str, Token, _Line]] = []   # to check once every rank is declared
+        self.tensor_ranks: list[tuple[str, Token, Line]] = []   # to check once every rank is declared
 
     def cascade(self) -> Cascade:
         stack: list[tuple[list[Stmt], str, int]] = [([], "", 0)]
         for lineno, raw in enumerate(self.lines, 1):
-            ln = _Line(raw, lineno)
+            ln = Line(raw, lineno)
             if not ln.toks:
                 continue
             if self.name is None:
@@ -200,14 +98,14 @@ class _Parser:
 
     # ---- declarations -------------------------------------------------------------------
 
-    def header(self, ln: _Line) -> None:
+    def header(self, ln: Line) -> None:
         if not ln.at("cascade"):
             raise ln.error("expected 'cascade NAME' as the first line")
         ln.next("cascade")
         self.name = ln.name("a cascade name").text
         ln.done()
 
-    def rank_line(self, ln: _Line) -> None:
+    def rank_line(self, ln: Line) -> None:
         ln.next("rank")
         while True:
             tok = ln.name("a rank name")
@@ -224,7 +122,7 @@ class _Parser:
                 raise ln.error(f"unexpected '{ln.peek().text}' in the size of rank '{tok.text}'")
             ln.next(",")
 
-    def tensor_line(self, ln: _Line) -> None:
+    def tensor_line(self, ln: Line) -> None:
         ln.next("tensor")
         tok = ln.name("a tensor name")
         if tok.text in self.tensors:
@@ -259,16 +157,16 @@ class _Parser:
         ln.done()
         self.tensors[tok.text] = TensorDecl(tok.text, tuple(ranks), role, dt.text, empty)
 
-    def number(self, ln: _Line, what: str) -> float:
+    def number(self, ln: Line, what: str) -> float:
         sign = -1.0 if ln.at("-") else 1.0
         if sign < 0:
             ln.next("-")
         t = ln.next(what)
         if t.kind == "number" or t.text == "inf":
-            return sign * _number(ln, t)
+            return sign * float_literal(ln, t)
         raise ln.error(f"expected a number for {what}, found '{t.text}'", t)
 
-    def loop_head(self, ln: _Line) -> str:
+    def loop_head(self, ln: Line) -> str:
         ln.next("for")
         var = ln.name("a loop variable")
         ln.expect("in")
@@ -282,7 +180,7 @@ class _Parser:
 
     # ---- statements -----------------------------------------------------------------------
 
-    def einsum(self, ln: _Line, loops: int) -> Einsum:
+    def einsum(self, ln: Line, loops: int) -> Einsum:
         """One Einsum statement inside ``loops`` enclosing loops."""
         first = ln.peek()
         if first is None or first.kind != "name" or ln.peek(1) is None or ln.peek(1).text != "[":
@@ -315,7 +213,7 @@ class _Parser:
             raise ln.error(problem, ln.toks[0])
         return e
 
-    def reduce(self, ln: _Line) -> Reduce:
+    def reduce(self, ln: Line) -> Reduce:
         ln.expect("[", " after 'reduce'")
         names = self.var_list(ln, "reduce")
         t = ln.next("a reduce op (+ * max min)")
@@ -323,7 +221,7 @@ class _Parser:
             raise ln.error(f"unknown reduce op '{t.text}'; expected one of + * max min", t)
         return Reduce(names, t.text, self.merge(ln))
 
-    def populate(self, ln: _Line) -> Populate:
+    def populate(self, ln: Line) -> Populate:
         ln.expect("[", " after 'populate'")
         names = self.var_list(ln, "populate")
         if len(names) != 1:
@@ -342,7 +240,7 @@ class _Parser:
             ln.expect(")")
         return Populate(names[0], t.text, k)
 
-    def var_list(self, ln: _Line, what: str) -> tuple[str, ...]:
+    def var_list(self, ln: Line, what: str) -> tuple[str, ...]:
         names = []
         while not ln.at("]"):
             v = ln.name(f"a variable in {what}[...]")
@@ -354,7 +252,7 @@ class _Parser:
         ln.expect("]")
         return tuple(names)
 
-    def merge(self, ln: _Line) -> str | None:
+    def merge(self, ln: Line) -> str | None:
         if not ln.at("@"):
             return None
         ln.next("@")
@@ -365,19 +263,19 @@ class _Parser:
 
     # ---- map expressions --------------------------------------------------------------------
 
-    def expr(self, ln: _Line) -> Expr:
+    def expr(self, ln: Line) -> Expr:
         left = self.binary(ln, 1)
-        if ln.at(*_CMPS):
+        if ln.at(*COMPARISONS):
             op = ops.INFIX[ln.next("comparison").text]
             merge = self.merge(ln)
             left = Call(op.name, (left, self.binary(ln, 1)), merge)
-            if ln.at(*_CMPS):
+            if ln.at(*COMPARISONS):
                 raise ln.error("comparisons do not chain; add parentheses")
         return left
 
     _PRECEDENCE = {"<-": 1, "->": 1, "+": 2, "-": 2, "*": 3, "/": 3}
 
-    def binary(self, ln: _Line, level: int) -> Expr:
+    def binary(self, ln: Line, level: int) -> Expr:
         """Operators binding at least as tightly as ``level``, left-associative (precedence
         climbing: one frame per level of brackets, not per precedence level)."""
         left = self.unary(ln)
@@ -387,23 +285,23 @@ class _Parser:
             left = Call(ops.INFIX[tok.text].name, (left, self.binary(ln, self._PRECEDENCE[tok.text] + 1)), merge)
         return left
 
-    def unary(self, ln: _Line) -> Expr:
+    def unary(self, ln: Line) -> Expr:
         if ln.at("-"):
             minus = ln.next("-")
             t = ln.peek()
             if t is not None and (t.kind == "number" or t.text == "inf"):
                 ln.next("number")
-                return Const(-_number(ln, t))
+                return Const(-float_literal(ln, t))
             ln.enter(minus)
             inner = self.unary(ln)
             ln.leave()
             return Call("neg", (inner,))
         return self.primary(ln)
 
-    def primary(self, ln: _Line) -> Expr:
+    def primary(self, ln: Line) -> Expr:
         t = ln.next("an expression")
         if t.kind == "number" or t.text == "inf":
-            return Const(_number(ln, t))
+            return Const(float_literal(ln, t))
         if t.text == "(":
             ln.enter(t)
             inner = self.expr(ln)
@@ -437,7 +335,7 @@ class _Parser:
 
     # ---- accesses and indices -----------------------------------------------------------------
 
-    def access(self, ln: _Line) -> Access:
+    def access(self, ln: Line) -> Access:
         name = ln.name("a tensor name")
         ln.enter(ln.expect("["))
         indices: list[Index] = []
@@ -449,7 +347,7 @@ class _Parser:
         ln.leave()
         return Access(name.text, tuple(indices))
 
-    def index(self, ln: _Line) -> Index:
+    def index(self, ln: Line) -> Index:
         e = self.iexpr(ln)
         conds: list[Cond] = []
         if ln.at(":"):
@@ -460,14 +358,14 @@ class _Parser:
                 conds.append(self.cond(ln))
         return Index(e, tuple(conds))
 
-    def cond(self, ln: _Line) -> Cond:
+    def cond(self, ln: Line) -> Cond:
         lhs = self.iexpr(ln)
         t = ln.next("a comparison (< <= > >= == !=) in the filter")
-        if t.text not in _CMPS:
+        if t.text not in COMPARISONS:
             raise ln.error(f"expected a comparison (< <= > >= == !=) in the filter, found '{t.text}'", t)
         return Cond(lhs, t.text, self.iexpr(ln))
 
-    def iexpr(self, ln: _Line, level: int = 1) -> IndexExpr:
+    def iexpr(self, ln: Line, level: int = 1) -> IndexExpr:
         if level > 2:
             return self.iatom(ln)
         left = self.iexpr(ln, level + 1)
@@ -477,7 +375,7 @@ class _Parser:
             left = IBin(op, left, self.iexpr(ln, level + 1))
         return left
 
-    def iatom(self, ln: _Line) -> IndexExpr:
+    def iatom(self, ln: Line) -> IndexExpr:
         t = ln.next("an index")
         if t.text == "-" and ln.peek() is not None and ln.peek().kind == "number":
             return IConst(-self.int_token(ln, ln.next("an integer")))
@@ -497,7 +395,7 @@ class _Parser:
             return IAccess(self.access(ln))
         return IVar(t.text) if t.text[0].islower() else ISym(t.text)
 
-    def int_token(self, ln: _Line, t: Token) -> int:
+    def int_token(self, ln: Line, t: Token) -> int:
         if not t.text.isdigit():
             raise ln.error(f"indices are integers, found '{t.text}'", t)
         return literal(ln, t, "the index")

@@ -17,7 +17,7 @@ from tvm import tirx
 import einfuse
 from einfuse import zoo
 from einfuse.codegen.backends import cpu as cpu_backend
-from einfuse.codegen.loop import serial_launch
+from einfuse.codegen.loop_frames import serial_launch
 from einfuse.codegen.loop_gpu import GPULoopBuilder
 from einfuse.errors import EinfuseError
 from einfuse.ir import parse
