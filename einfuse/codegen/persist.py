@@ -122,7 +122,7 @@ def write(model: Any, directory: Path, extra: Mapping[str, str] | None = None) -
     else:
         model.executable.export_library(str(library))
     (directory / TIR).write_text(model.source("tir"))
-    meta = {"format": FORMAT, **versions(), "target": model.target, "mcpu": _mcpu(model.target),
+    meta = {"format": FORMAT, **versions(), "target": model.target, "mcpu": _mcpu(model.backend.target),
             "cascade": to_text(model.ir), "compile_seconds": model.compile_seconds, "tuned": list(model.tuned),
             "tuning": str(model.tuning.path) if model.tuning is not None else None,
             "files": {name: _record(directory / name) for name in (LIBRARY, TIR)},
@@ -244,11 +244,11 @@ def _check_versions(meta: dict[str, Any], file: Path) -> None:
                         f"is {mcpu} (einfuse.targets.host_cpu): compile the model here")
 
 
-def _mcpu(target: str) -> str | None:
-    """The LLVM CPU name of a CPU target (the host's), None for any other."""
+def _mcpu(target: Any) -> str | None:
+    """The LLVM CPU name of a target (a Target or its name) that has one (a CPU), else None."""
     from ..targets import Target
-    t = Target.parse(target)
-    return str(t.tvm["mcpu"]) if t.kind == "cpu" else None
+    mcpu = Target.parse(target).tvm.get("mcpu")
+    return str(mcpu) if mcpu else None
 
 
 def _record(file: Path) -> dict[str, Any]:

@@ -40,13 +40,12 @@ TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
 class CompiledModel:
     """A compiled model: call it with torch tensors (positionally, in the cascade's input order)."""
 
-    def __init__(self, cascade: Cascade, executable: Any, kernels: list[Kernel], target: str,
+    def __init__(self, cascade: Cascade, executable: Any, kernels: list[Kernel], target: Target | str,
                  compile_seconds: float, sources: dict[str, str] | None = None, library: Any = None,
                  tuning: Any = None, tuned: Sequence[str] = ()) -> None:
         self.ir = cascade
         self.executable = executable
         self.kernels = kernels
-        self.target = target
         self.compile_seconds = compile_seconds
         self._sources = sources or {}
         self._library = library  # the persist.Library it was loaded from (a loaded module cannot be re-exported)
@@ -54,6 +53,7 @@ class CompiledModel:
         self.tuning = tuning     # the TuningDatabase its kernels' schedules came from, if any
         self.tuned = list(tuned)  # the kernels scheduled from a tuning record
         self.backend = backend_for(target)
+        self.target = self.backend.target.name
         self.device = self.backend.torch_device   # (where inputs go and outputs are)
         self._vm: Any = None   # (made on the first call: a GPU model can be inspected where no GPU is)
         self._decls = declarations(cascade)
@@ -222,7 +222,7 @@ def build(cascade: Cascade, target: Target, tuning: Any = None) -> CompiledModel
     :class:`~einfuse.codegen.tuning.TuningDatabase`) take its best schedule."""
     start = time.perf_counter()
     executable, kernels, tir, tuned = backend_for(target).compile(cascade, tuning)
-    return CompiledModel(cascade, executable, kernels, target.name, time.perf_counter() - start, {"tir": tir},
+    return CompiledModel(cascade, executable, kernels, target, time.perf_counter() - start, {"tir": tir},
                          tuning=tuning, tuned=tuned)
 
 

@@ -25,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..ir import Access, Call, Cascade, Einsum, IBin, IConst, Index, IVar, Loop, Rank, TensorDecl
+from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Expr, TensorRank, walk
+from ..ir.panels import panel_access, panel_data
 from ..ir.sizes import in_range
 from ..targets import cost
 from ..ir.scope import (
@@ -173,18 +174,15 @@ def _packed(name: str, nr: int, decls: dict, sizes: dict, ranks: list, tensors: 
     packed = fresh_name(f"{name}_p", {t.name for t in tensors})
     tensors.append(TensorDecl(packed, (TensorRank(panels), decl.ranks[0], TensorRank(lanes)), "param", decl.dtype,
                               decl.empty))
-    params[packed] = np.ascontiguousarray(params[name].reshape(depth, cols // nr, nr).transpose(1, 0, 2))
+    params[packed] = panel_data(params[name], nr)
     return packed
 
 
 def _panel_read(x: Expr, weight: Access, packed: str, nr: int) -> Expr:
-    """``x`` with the read ``weight`` (``W[k,n]``) replaced by ``packed[n//nr, k, n%nr]``."""
+    """``x`` with the read ``weight`` (``W[k,n]``) replaced by its panels' (:mod:`einfuse.ir.panels`)."""
     if isinstance(x, Call):
         return replace(x, args=tuple(_panel_read(a, weight, packed, nr) for a in x.args))
-    if x != weight:
-        return x
-    k, n = (ix.expr for ix in weight.indices)
-    return Access(packed, (Index(IBin("//", n, IConst(nr))), Index(k), Index(IBin("%", n, IConst(nr)))))
+    return panel_access(weight, packed, nr) if x == weight else x
 
 
 def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Cascade:

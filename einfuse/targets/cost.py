@@ -31,8 +31,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..ir import Cascade, Einsum, IBin
+from ..ir import Cascade, Einsum
 from ..ir import ops as ir_ops
+from ..ir.panels import reads_panels
 from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
 
 ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (codegen/loop.py): a
@@ -288,13 +289,6 @@ def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int,
     row = free[-1] if free else out[-2]
     batch = math.prod(size[v] for v in out if v not in (row, out[-1]))
     return batch, size[row], size[out[-1]], math.prod(size[v] for v in reduce)
-
-
-def reads_panels(e: Einsum) -> bool:
-    """Whether contraction ``e`` reads a weight packed into the register tile's panels at compile
-    time (``W_p[n//nr, k, n%nr]``, passes/layout.pack_weights)."""
-    return any(len(a.indices) == 3 and isinstance(a.indices[-1].expr, IBin) and a.indices[-1].expr.op == "%"
-               for a in reads(e))
 
 
 def points(c: Cascade, e: Einsum, sizes: dict[str, int]) -> int:
