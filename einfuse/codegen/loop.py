@@ -37,12 +37,13 @@ from tvm.script.ir_builder import tirx as T
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IBin, IConst, ISym, IVar, Loop
+from ..ir.dtypes import DTYPES
 from ..ir.nodes import Access, walk
 from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import ATTENTION_ROWS, Target
 from ..ir.kernels import Kernel
 from ..targets.cost import rule_tile, rule_vectors
-from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min
+from .lower import KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min
 from .schedules.cpu import register_tile
 
 
@@ -137,7 +138,7 @@ class LoopBuilder(KernelBuilder):
             T.func_name(self.k.name)
             for name in self.k.inputs + (self.k.output,):
                 d = self.decls[name]
-                self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
+                self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype].tvm))
             extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
             blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
             with self.launch(_fold(lambda a, b: a * b, extents + [blocks]), rows) as (p, first):
@@ -348,7 +349,7 @@ class LoopBuilder(KernelBuilder):
                     raise CompileError(f"kernel {self.k.name}: {name}'s rank {r.rank} is not static")
                 roles.append("keep"), shape.append(size)
         self.layout[name] = roles
-        self.buffers[name] = T.decl_buffer(shape, DTYPES[d.dtype], scope="local")
+        self.buffers[name] = T.decl_buffer(shape, DTYPES[d.dtype].tvm, scope="local")
 
     # ---- one Einsum -----------------------------------------------------------------------------
 
@@ -515,7 +516,7 @@ class LoopBuilder(KernelBuilder):
         conds = [self.cond(c, env) for c in self.filters(e)] if masked else []
         if conds:
             value = tirx.Select(_fold(tirx.And, conds), value, _const(d.fill, self.dtype(e)))
-        T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype]), self.indices(e.lhs, env))
+        T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype].tvm), self.indices(e.lhs, env))
 
     def filters(self, e: Einsum) -> list[Any]:
         """``e``'s output filters, less those this tile is known to pass (see ``full``)."""

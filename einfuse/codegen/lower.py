@@ -21,13 +21,11 @@ from tvm import te, tirx
 
 from ..errors import CompileError
 from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IConst, ISym, IVar, TensorDecl
+from ..ir.dtypes import DTYPES
 from ..ir.nodes import Expr, IndexExpr
 from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
 from ..ir.sizes import in_range
 from ..ir.kernels import Kernel
-
-DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i8": "int8",
-          "i32": "int32", "i64": "int64", "bool": "bool"}
 
 
 class SizeVars:
@@ -96,7 +94,7 @@ class KernelBuilder:
 
     def placeholder(self, name: str) -> te.Tensor:
         d = self.decls[name]
-        self.tensors[name] = te.placeholder(self.shape(d), DTYPES[d.dtype], name=name)
+        self.tensors[name] = te.placeholder(self.shape(d), DTYPES[d.dtype].tvm, name=name)
         return self.tensors[name]
 
     # ---- one Einsum ----------------------------------------------------------------------------
@@ -105,7 +103,7 @@ class KernelBuilder:
         if e.populate is not None:
             raise CompileError(f"kernel {self.k.name}: populate ({e.populate.op}) has no CPU code generation yet")
         d = self.decls[e.lhs.tensor]
-        dtype = DTYPES[d.dtype]
+        dtype = DTYPES[d.dtype].tvm
         work = _work_dtype(d.dtype, [self.decls[a.tensor].dtype for a in expr_accesses(e.rhs)])
         red = reduced_vars(e)
         partial = previous is not None or any(ix.filter for ix in e.lhs.indices) \
@@ -265,9 +263,9 @@ def _absent_difference(a: Any, b: Any, difference: Any) -> Any:
 
 def _work_dtype(out: str, operands: list[str]) -> str:
     """The dtype an Einsum computes in: its output's if float, else float32 when it reads floats."""
-    if out in ("f16", "bf16", "f32", "f64"):
-        return DTYPES[out]
-    return "float32" if any(o in ("f16", "bf16", "f32", "f64") for o in operands) else "int64"
+    if DTYPES[out].is_float:
+        return DTYPES[out].tvm
+    return "float32" if any(DTYPES[o].is_float for o in operands) else "int64"
 
 
 def _const(v: float, dtype: str) -> Any:
@@ -306,8 +304,8 @@ def _apply(op: str, args: list[Any], work: str) -> Any:
     flag = lambda c: _cast(c, work)  # noqa: E731  (a bool as 1/0)
     if op in _UNARY:
         return _UNARY[op](args[0], one, zero, flag)
-    if op in DTYPES.values() or op in DTYPES:
-        return _cast(_cast(args[0], DTYPES.get(op, op)), work)
+    if op in DTYPES:
+        return _cast(_cast(args[0], DTYPES[op].tvm), work)
     a = args[0]
     b = args[1] if len(args) > 1 else None
     table: dict[str, Callable[[], Any]] = {

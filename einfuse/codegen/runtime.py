@@ -22,15 +22,13 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if has
 from tvm import relax
 
 from ..errors import EinfuseError, InputError, InterpretError
-from ..frontends.torch_export import DTYPES
+from ..frontends.torch_export import TORCH_DTYPES
 from ..ir import Cascade
 from ..ir.analysis import einsum_cost, format_number, format_table, tensors_bytes
 from ..ir.scope import declarations
 from ..ir.sizes import bind_sizes
 from ..targets import host_peaks
 from ..ir.kernels import Kernel
-
-TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
 
 
 class CompiledModel:

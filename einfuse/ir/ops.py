@@ -18,10 +18,6 @@ import numpy as np
 #: present, lhs_only/rhs_only = that operand present and the other absent.
 MERGES = ("cap", "cup", "all", "lhs", "rhs", "lhs_only", "rhs_only")
 
-DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i32", "i64", "bool")
-DTYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "i32": 4, "i64": 8, "bool": 1}
-FLOAT_DTYPES = ("f16", "bf16", "f32", "f64")
-
 
 @dataclass(frozen=True, slots=True)
 class Op:
