@@ -8,8 +8,9 @@ bandwidth. einfuse's estimate of one kernel is
 - ``work`` is FLOPs done, not FLOPs needed: a contraction computes on whole register tiles (the
   padding of a ragged edge counts), at the FMA rate F scaled by how well the tile keeps the FMA
   pipes busy (enough independent accumulators to hide the FMA latency, few loads per FMA);
-  element-wise and reduction work is counted in vector operations (``exp`` is a dozen) at half
-  of F (one vector op per cycle, where an FMA is two FLOPs).
+  element-wise and reduction work is counted in vector operations (each op's ``vector_ops`` in
+  :mod:`einfuse.ir.ops`: ``exp`` is a dozen) at half of F (one vector op per cycle, where an FMA
+  is two FLOPs).
 - DRAM bytes count an operand once per time the tiling reads it when it does not stay in cache:
   a GEMM's row operand once per column panel when it is larger than the last-level cache, the
   1-pass attention's K and V once per block of query rows when a head's K and V exceed a core's.
@@ -37,8 +38,6 @@ from ..ir.dtypes import DTYPES
 from ..ir.scope import access_vars, declarations, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
 from . import ATTENTION_ROWS
 
-VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu": 14, "gelu": 18,
-              "rsqrt": 4, "sqrt": 4, "div": 4, "pow": 16}   # (vector instructions per element)
 FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
 PARALLEL_FMAS = 8
 HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
@@ -214,7 +213,7 @@ def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 2
     return best if seconds[best] < (1 - MARGIN) * seconds[rule] else rule
 
 
-SCORE_OPS = VECTOR_OPS["exp"] + 3   # vector ops per score: the row max, exp of the difference, the row sum
+SCORE_OPS = ir_ops.OPS["exp"].vector_ops + 3   # vector ops per score: the row max, exp of the difference, the row sum
 
 
 def attention(m: Machine, heads: int, queries: int, keys: int, head_dim: int, value_dim: int, tile: int,
@@ -267,7 +266,7 @@ def _block_tile(m: Machine, rows: int, cols: int) -> tuple[int, int]:
 def vector_ops(e: Einsum) -> int:
     """Vector instructions per point of ``e``'s iteration space."""
     from ..ir.analysis import map_ops
-    return map_ops(e.rhs, lambda op: VECTOR_OPS.get(op, ir_ops.OPS[op].flops)) + (1 if reduced_vars(e) else 0)
+    return map_ops(e.rhs, lambda op: ir_ops.OPS[op].vector_ops) + (1 if reduced_vars(e) else 0)
 
 
 def element_bytes(c: Cascade, e: Einsum) -> float:
