@@ -173,7 +173,7 @@ def map1d_intrinsics(lanes: int, op: str) -> tuple[str, ...]:
 
 
 def _nan_max(a: str, b: str) -> str:
-    """TVMScript of ``lower.nan_max(a, b)``, the NaN-propagating max the lowering emits."""
+    """TVMScript of ``op_lowering.nan_max(a, b)``, the NaN-propagating max the lowering emits."""
     return f"T.Select(T.isnan({a}), {a}, T.max({a}, {b}))"
 
 

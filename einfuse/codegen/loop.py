@@ -43,12 +43,13 @@ from ..ir.scope import index_atoms, lhs_vars, reads, reduced_vars
 from ..targets import ATTENTION_ROWS, Target
 from ..ir.kernels import Kernel
 from ..targets.cost import rule_tile, rule_vectors
-from .lower import KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype, nan_max, nan_min
+from .lower import KernelBuilder, SizeVars, _work_dtype
+from .op_lowering import _cast, _const, _fold, nan_max, nan_min
 from .schedules.cpu import register_tile
 
 
 _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
-_COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see lower.nan_max)
+_COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see op_lowering.nan_max)
 
 
 class LoopBuilder(KernelBuilder):

@@ -32,7 +32,7 @@ from ..ir import Access
 from ..ir.dtypes import DTYPES
 from ..ir.scope import access_vars, reads
 from .loop import LoopBuilder, _Entered, _loop
-from .lower import _cast
+from .op_lowering import _cast
 
 
 class GPULoopBuilder(LoopBuilder):

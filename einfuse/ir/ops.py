@@ -4,7 +4,8 @@ Map expressions may only call ops that are registered here; the verifier refuses
 Each op carries the properties that rewrites consult (commutativity, associativity, identity),
 a numpy implementation that the reference interpreter uses, and what it costs (FLOPs, vector
 instructions per element on a CPU, whether an accelerator computes it on its slow path).
-Adding an op is one ``register(...)`` line beside its peers.
+Adding an op is one ``register(...)`` line beside its peers here and its TIR lowering, an
+``@lowers`` function in :mod:`einfuse.codegen.op_lowering` (docs/ir.md, "Adding an op").
 """
 from __future__ import annotations
 
