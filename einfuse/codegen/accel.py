@@ -44,6 +44,7 @@ from tvm.script import tirx as T
 
 from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Einsum
+from ..ir.dtypes import DTYPES
 from ..ir.scope import declarations, reduced_vars
 from ..ir.kernels import Kernel
 from ..targets import Target
@@ -51,7 +52,7 @@ from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_ei
 from ..targets.presets import Accelerator
 from .loop import LoopBuilder
 from .loop_frames import serial_launch
-from .lower import DTYPES, KernelBuilder, SizeVars
+from .lower import KernelBuilder, SizeVars
 
 RUNTIME = Path(__file__).parent / "fusemax"
 CFLAGS = [f"-I{RUNTIME}", "-O2", "-Dinff=__builtin_inff()"]   # (TVM's C spells infinity ``inff``)
@@ -173,7 +174,7 @@ def map1d_intrinsics(lanes: int, op: str) -> tuple[str, ...]:
 
 
 def _nan_max(a: str, b: str) -> str:
-    """TVMScript of ``lower.nan_max(a, b)``, the NaN-propagating max the lowering emits."""
+    """TVMScript of ``op_lowering.nan_max(a, b)``, the NaN-propagating max the lowering emits."""
     return f"T.Select(T.isnan({a}), {a}, T.max({a}, {b}))"
 
 
@@ -412,11 +413,11 @@ def simulate(c: Cascade, target: Target | str, inputs: dict[str, np.ndarray]) ->
         made = library(c, target, path)
         module, runtime = tvm.runtime.load_module(str(path)), ctypes.CDLL(str(path))
         runtime.fm_reset()
-        values = {n: np.asarray(v, dtype=DTYPES[decls[n].dtype], order="C")   # (ascontiguousarray makes 0-d 1-d)
+        values = {n: np.asarray(v, dtype=DTYPES[decls[n].dtype].numpy, order="C")   # (ascontiguousarray makes 0-d 1-d)
                   for n, v in {**c.params, **inputs}.items()}
         for k in c.groups:
             args = [tvm.runtime.tensor(values[n]) for n in k.inputs]
-            out = tvm.runtime.tensor(np.zeros(_shape(c, k.output), DTYPES[decls[k.output].dtype]))
+            out = tvm.runtime.tensor(np.zeros(_shape(c, k.output), DTYPES[decls[k.output].dtype].numpy))
             module[k.name](*args, out)
             values[k.output] = out.numpy()
         counts = (Counters * len(c.groups))()

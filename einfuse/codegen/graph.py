@@ -9,9 +9,10 @@ import numpy as np
 from tvm import relax
 
 from ..ir import Cascade
+from ..ir.dtypes import DTYPES
 from ..ir.scope import declarations
 from ..ir.kernels import Kernel
-from .lower import DTYPES, SizeVars
+from .lower import SizeVars
 
 
 @dataclass
@@ -32,7 +33,7 @@ def build_graph(c: Cascade, kernels: list[Kernel], make: Callable[[Kernel, SizeV
 
     def tensor_type(name: str) -> relax.TensorType:
         d = decls[name]
-        return relax.TensorType([sizes.expr(rank_size[r.rank] + int(r.iterative)) for r in d.ranks], DTYPES[d.dtype])
+        return relax.TensorType([sizes.expr(rank_size[r.rank] + int(r.iterative)) for r in d.ranks], DTYPES[d.dtype].tvm)
 
     bb = relax.BlockBuilder()
     functions = {}
@@ -46,8 +47,8 @@ def build_graph(c: Cascade, kernels: list[Kernel], make: Callable[[Kernel, SizeV
             values: dict[str, object] = dict(params)
             for t in c.tensors:
                 if t.role == "param":
-                    data = np.asarray(c.params[t.name]).astype(DTYPES[t.dtype])
-                    values[t.name] = relax.const(data, DTYPES[t.dtype])
+                    data = np.asarray(c.params[t.name]).astype(DTYPES[t.dtype].numpy)
+                    values[t.name] = relax.const(data, DTYPES[t.dtype].tvm)
             for k in kernels:
                 args = [values[name] for name in k.inputs]
                 values[k.output] = bb.emit(relax.call_tir(functions[k.name], args, tensor_type(k.output)))

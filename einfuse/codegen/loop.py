@@ -35,6 +35,7 @@ from tvm.script.ir_builder import tirx as T
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IVar, Loop
+from ..ir.dtypes import DTYPES
 from ..ir.kernels import Kernel
 from ..ir.nodes import Access, walk
 from ..ir.scope import lhs_vars, reads, reduced_vars
@@ -43,7 +44,8 @@ from ..targets.cost import ATTENTION_ROWS
 from .loop_einsum import IDENTITY, EinsumNests
 from .loop_frames import Entered, LoopFrame
 from .loop_tiles import TileTests
-from .lower import DTYPES, KernelBuilder, SizeVars, _cast, _const, _fold, _work_dtype
+from .lower import KernelBuilder, SizeVars, _work_dtype
+from .op_lowering import _cast, _const, _fold
 
 
 class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
@@ -133,7 +135,7 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
             T.func_name(self.k.name)
             for name in self.k.inputs + (self.k.output,):
                 d = self.decls[name]
-                self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype]))
+                self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype].tvm))
             extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
             blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
             with self.launch(_fold(lambda a, b: a * b, extents + [blocks]), rows) as (p, first):
@@ -266,7 +268,7 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
                     raise CompileError(f"kernel {self.k.name}: {name}'s rank {r.rank} is not static")
                 roles.append("keep"), shape.append(size)
         self.layout[name] = roles
-        self.buffers[name] = T.decl_buffer(shape, DTYPES[d.dtype], scope="local")
+        self.buffers[name] = T.decl_buffer(shape, DTYPES[d.dtype].tvm, scope="local")
 
     # ---- values -----------------------------------------------------------------------------------
 
@@ -286,7 +288,7 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
         conds = [self.cond(c, env) for c in self.filters(e)] if masked else []
         if conds:
             value = tirx.Select(_fold(tirx.And, conds), value, _const(d.fill, self.dtype(e)))
-        T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype]), self.indices(e.lhs, env))
+        T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype].tvm), self.indices(e.lhs, env))
 
     def filters(self, e: Einsum) -> list[Any]:
         """``e``'s output filters, less those this tile is known to pass (see ``full``)."""

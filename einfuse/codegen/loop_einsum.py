@@ -24,7 +24,7 @@ from ..ir import Einsum
 from ..ir.scope import reduced_vars
 from ..targets.cost import rule_tile, rule_vectors
 from .loop_frames import Entered, LoopFrame, Nest
-from .lower import _const, nan_max, nan_min
+from .op_lowering import _const, nan_max, nan_min
 
 IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
 _COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see lower.nan_max)

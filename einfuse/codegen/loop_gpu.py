@@ -29,10 +29,11 @@ from tvm import tirx
 from tvm.script.ir_builder import tirx as T
 
 from ..ir import Access
+from ..ir.dtypes import DTYPES
 from ..ir.scope import access_vars, reads
 from .loop import LoopBuilder
 from .loop_frames import Entered, LoopFrame
-from .lower import DTYPES, _cast
+from .op_lowering import _cast
 
 
 class GPULoopBuilder(LoopBuilder):
@@ -82,7 +83,7 @@ class GPULoopBuilder(LoopBuilder):
             if used + size > self.shared_bytes or dtype not in ("f32", "f16", "bf16"):
                 continue
             used += size
-            buf = T.decl_buffer(shape, DTYPES[self.decls[a.tensor].dtype], scope="shared")
+            buf = T.decl_buffer(shape, DTYPES[self.decls[a.tensor].dtype].tvm, scope="shared")
             self.staged[key] = (buf, a, local)
         super().emit_block(env, start)
 
@@ -104,7 +105,7 @@ class GPULoopBuilder(LoopBuilder):
                             rest = tirx.floordiv(rest, n)
                         coords.reverse()
                         at = {**env, **dict(zip(local, coords))}
-                        value, _ = super().read(a, at, DTYPES[self.decls[a.tensor].dtype])
+                        value, _ = super().read(a, at, DTYPES[self.decls[a.tensor].dtype].tvm)
                         T.buffer_store(buf, value, coords)
         self.barrier()
 

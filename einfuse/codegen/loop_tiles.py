@@ -15,7 +15,7 @@ from tvm.script.ir_builder import tirx as T
 from ..ir import Einsum, IBin, IConst, ISym, IVar
 from ..ir.scope import index_atoms, reads
 from .loop_frames import LoopFrame
-from .lower import _const, _fold
+from .op_lowering import _const, _fold
 
 
 class TileTests:

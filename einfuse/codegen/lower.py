@@ -21,13 +21,12 @@ from tvm import te, tirx
 
 from ..errors import CompileError
 from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IConst, ISym, IVar, TensorDecl
+from ..ir.dtypes import DTYPES
 from ..ir.nodes import Expr, IndexExpr
 from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
 from ..ir.sizes import in_range
 from ..ir.kernels import Kernel
-
-DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64", "i8": "int8",
-          "i32": "int32", "i64": "int64", "bool": "bool"}
+from .op_lowering import NAN_REDUCERS, _cast, _const, _dtype, _fold, lower_op
 
 
 class SizeVars:
@@ -56,13 +55,6 @@ class SizeVars:
                 return tirx.floordiv(self.expr(num), self.expr(den))
             return _fold(lambda a, b: a * b, [self.expr(a) for a in size.args])
         raise CompileError(f"cannot generate code for the size {size}")
-
-
-def _fold(fn: Callable[[Any, Any], Any], items: list[Any]) -> Any:
-    out = items[0]
-    for x in items[1:]:
-        out = fn(out, x)
-    return out
 
 
 class KernelBuilder:
@@ -96,7 +88,7 @@ class KernelBuilder:
 
     def placeholder(self, name: str) -> te.Tensor:
         d = self.decls[name]
-        self.tensors[name] = te.placeholder(self.shape(d), DTYPES[d.dtype], name=name)
+        self.tensors[name] = te.placeholder(self.shape(d), DTYPES[d.dtype].tvm, name=name)
         return self.tensors[name]
 
     # ---- one Einsum ----------------------------------------------------------------------------
@@ -105,7 +97,7 @@ class KernelBuilder:
         if e.populate is not None:
             raise CompileError(f"kernel {self.k.name}: populate ({e.populate.op}) has no CPU code generation yet")
         d = self.decls[e.lhs.tensor]
-        dtype = DTYPES[d.dtype]
+        dtype = DTYPES[d.dtype].tvm
         work = _work_dtype(d.dtype, [self.decls[a.tensor].dtype for a in expr_accesses(e.rhs)])
         red = reduced_vars(e)
         partial = previous is not None or any(ix.filter for ix in e.lhs.indices) \
@@ -182,7 +174,7 @@ class KernelBuilder:
         if isinstance(x, Access):
             return self.read(x, env, work)
         args = [self.expr(a, env, work) for a in x.args]
-        value = _apply(x.op, [a for a, _ in args], work)
+        value = lower_op(x.op, [a for a, _ in args], work)
         if x.op == "sub" and all(self.absent_is_minus_inf(a) for a in x.args):
             value = _absent_difference(args[0][0], args[1][0], value)
         valid = None
@@ -265,191 +257,6 @@ def _absent_difference(a: Any, b: Any, difference: Any) -> Any:
 
 def _work_dtype(out: str, operands: list[str]) -> str:
     """The dtype an Einsum computes in: its output's if float, else float32 when it reads floats."""
-    if out in ("f16", "bf16", "f32", "f64"):
-        return DTYPES[out]
-    return "float32" if any(o in ("f16", "bf16", "f32", "f64") for o in operands) else "int64"
-
-
-def _const(v: float, dtype: str) -> Any:
-    if dtype.startswith("int") and not math.isfinite(v):
-        v = -(2 ** 62) if v < 0 else 2 ** 62
-    if dtype == "bool":
-        return tirx.const(bool(v), "bool")
-    return tirx.const(int(v) if dtype.startswith("int") else v, dtype)
-
-
-def _dtype(x: Any) -> str:
-    """The dtype of a TIR expression (this TVM spells it ``.ty``)."""
-    return str(x.ty)
-
-
-def _cast(x: Any, dtype: str) -> Any:
-    if _dtype(x) == dtype:
-        return x
-    if dtype == "bool":
-        return _ne(x, tirx.const(0, _dtype(x)))
-    return tirx.Cast(dtype, x)
-
-
-def _ne(a: Any, b: Any) -> Any:
-    """``a != b``, true where either is ``nan`` as in torch (TIR's float ``!=`` is ordered: false
-    there, and TVM's simplifier turns ``!(a == b)`` back into it)."""
-    if not _dtype(a).startswith(("float", "bfloat")):
-        return tirx.NE(a, b)
-    nan = [tirx.isnan(x) for x in (a, b) if not isinstance(x, tirx.FloatImm)]
-    return _fold(tirx.Or, [tirx.NE(a, b), *nan])
-
-
-def _apply(op: str, args: list[Any], work: str) -> Any:
-    """A registered IR op on TIR values of dtype ``work``."""
-    one, zero = _const(1.0, work), _const(0.0, work)
-    flag = lambda c: _cast(c, work)  # noqa: E731  (a bool as 1/0)
-    if op in _UNARY:
-        return _UNARY[op](args[0], one, zero, flag)
-    if op in DTYPES.values() or op in DTYPES:
-        return _cast(_cast(args[0], DTYPES.get(op, op)), work)
-    a = args[0]
-    b = args[1] if len(args) > 1 else None
-    table: dict[str, Callable[[], Any]] = {
-        "add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "div": lambda: a / b,
-        "max": lambda: nan_max(a, b), "min": lambda: nan_min(a, b), "pow": lambda: _pow(a, b),
-        "floordiv": lambda: tirx.floor(a / b) if work.startswith("float") else tirx.floordiv(a, b),
-        "mod": lambda: a - tirx.floor(a / b) * b if work.startswith("float") else tirx.floormod(a, b),
-        "take_left": lambda: a, "take_right": lambda: b,
-        "lt": lambda: flag(a < b), "le": lambda: flag(a <= b), "gt": lambda: flag(a > b),
-        "ge": lambda: flag(a >= b), "eq": lambda: flag(tirx.EQ(a, b)), "ne": lambda: flag(_ne(a, b)),
-        "and": lambda: flag(tirx.And(_ne(a, zero), _ne(b, zero))),
-        "or": lambda: flag(tirx.Or(_ne(a, zero), _ne(b, zero))),
-        "xor": lambda: flag(tirx.NE(_cast(_ne(a, zero), "int8"), _cast(_ne(b, zero), "int8"))),  # (NE of bools: fcmp)
-        "where": lambda: tirx.Select(_ne(a, zero), b, args[2]),
-    }
-    if op not in table:
-        raise CompileError(f"no code generation for op '{op}'")
-    return table[op]()
-
-
-#: 2^f on [-1/2, 1/2], degree 5: weighted least squares on Chebyshev nodes, reweighted towards
-#: equal relative error (Lawson's iteration), coefficients of f^0 .. f^5.
-_EXP2 = (1.0000000716542083, 0.6931469670500685, 0.2402211972538138, 0.055507132974926855,
-         0.009675541272538812, 0.0013276464235609379)
-
-
-def _exp(x: Any) -> Any:
-    """``exp`` without a libm call per vector lane (TVM_0.27_NOTES.md §6, pitfall 17): 2^round(t)
-    times a degree-5 polynomial of the fraction, t = x*log2(e): a near-minimax fit of 2^f on
-    [-1/2, 1/2] (``_EXP2``; relative error 7.5e-8 exact, 2.3e-7 in float32, the degree-6 Taylor
-    series it replaced had 2.4e-7 with one more multiply-add).
-
-    IEEE as torch: the polynomial carries a factor 2 (exact: its coefficients doubled) and the
-    power of two one less, so t up to 128 keeps a normal exponent and the product overflows to
-    ``inf`` where exp does (x > 88.72, ``+inf``); ``nan`` stays ``nan`` (one select, which
-    vectorizes). Below 2^-125 (masked scores, exp(-inf)) it is exactly 0: tiny results would turn
-    into denormals downstream, which x86 computes two orders of magnitude slower."""
-    if _dtype(x) != "float32":
-        return tirx.exp(x)
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-    raw = x * f32(1.4426950408889634)
-    t = tirx.min(tirx.max(raw, f32(-125.0)), f32(128.0))   # (nan becomes -125 here: a valid exponent)
-    whole = tirx.round(t)   # (TVM vectorizes round, not nearbyint: a loop with both was scalar)
-    frac = t - whole
-    poly = f32(2 * _EXP2[-1])
-    for coefficient in reversed(_EXP2[:-1]):  # Horner: one multiply-add per degree
-        poly = poly * frac + f32(2 * coefficient)
-    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", whole) + tirx.const(126, "int32"),
-                                                        tirx.const(23, "int32")))
-    value = tirx.Select(raw < f32(-125.0), f32(0.0), poly * scale)
-    return tirx.Select(tirx.isnan(raw), raw, value)
-
-
-def nan_max(a: Any, b: Any) -> Any:
-    """``torch.maximum``: ``nan`` if either is (TIR's ``max`` is ``a > b ? a : b``, which drops a
-    ``nan`` ``a``). Against a constant one compare-select, which x86 does in one ``maxps``."""
-    return _nan_pick(tirx.max, lambda p, q: p > q, a, b)
-
-
-def nan_min(a: Any, b: Any) -> Any:
-    """``torch.minimum``: ``nan`` if either is (see :func:`nan_max`)."""
-    return _nan_pick(tirx.min, lambda p, q: p < q, a, b)
-
-
-def _nan_pick(pick: Callable[[Any, Any], Any], beats: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
-    if not _dtype(a).startswith(("float", "bfloat")):
-        return pick(a, b)
-    if isinstance(a, tirx.FloatImm):
-        a, b = b, a
-    if isinstance(b, tirx.FloatImm) and not math.isnan(float(b.value)):
-        return tirx.Select(beats(b, a), b, a)      # (a nan fails the compare and stays)
-    return tirx.Select(tirx.isnan(a), a, pick(a, b))   # (pick(a, b) is b when b is nan)
-
-
-#: Float max/min reductions as torch's: ``nan`` once a point is. (TIR's ``rfactor`` knows only
-#: its own reducers, so these are reduced serially: see ``schedules.cpu._partial_reduction``.)
-NAN_REDUCERS = {
-    "max": te.comm_reducer(nan_max, lambda t: tirx.const(-math.inf, t), name="nan_max"),
-    "min": te.comm_reducer(nan_min, lambda t: tirx.const(math.inf, t), name="nan_min"),
-}
-
-
-def _erf(x: Any) -> Any:
-    """``erf`` as Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7) over the polynomial exp,
-    instead of a libm call per vector lane (it made BERT's and the MLP's GELU 20x slower)."""
-    if _dtype(x) != "float32":
-        return tirx.erf(x)
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-    ax = tirx.abs(x)
-    t = f32(1.0) / (f32(1.0) + f32(0.3275911) * ax)
-    poly = f32(0.0)
-    for a in (1.061405429, -1.453152027, 1.421413741, -0.284496736, 0.254829592):
-        poly = (poly + f32(a)) * t
-    magnitude = f32(1.0) - poly * _exp(f32(0.0) - ax * ax)
-    return tirx.Select(x < f32(0.0), f32(0.0) - magnitude, magnitude)
-
-
-def _pow(a: Any, b: Any) -> Any:
-    """Small integer powers as products (``x**3`` in GELU); others through ``power``."""
-    if isinstance(b, tirx.FloatImm) and float(b.value) in (1.0, 2.0, 3.0, 4.0):
-        return _fold(lambda p, q: p * q, [a] * int(b.value))
-    return tirx.power(a, b)
-
-
-def _gelu(x: Any, one: Any, zero: Any, flag: Any) -> Any:
-    return x * _const(0.5, _dtype(x)) * (one + _erf(x * _const(1 / math.sqrt(2.0), _dtype(x))))
-
-
-def _gelu_tanh(x: Any, one: Any, zero: Any, flag: Any) -> Any:
-    inner = _const(math.sqrt(2 / math.pi), _dtype(x)) * (x + _const(0.044715, _dtype(x)) * x * x * x)
-    return _const(0.5, _dtype(x)) * x * (one + _tanh(inner, one))
-
-
-def _tanh(x: Any, one: Any) -> Any:
-    """tanh through the polynomial exp: 1 - 2 / (exp(2x) + 1)."""
-    return one - _const(2.0, _dtype(x)) / (_exp(x + x) + one)
-
-
-def _sigmoid(x: Any, one: Any) -> Any:
-    return one / (one + _exp(-x))
-
-
-_UNARY: dict[str, Callable[..., Any]] = {
-    "neg": lambda x, one, zero, flag: zero - x,
-    "abs": lambda x, one, zero, flag: tirx.abs(x),
-    "exp": lambda x, one, zero, flag: _exp(x),
-    "log": lambda x, one, zero, flag: tirx.log(x),
-    "sqrt": lambda x, one, zero, flag: tirx.sqrt(x),
-    "rsqrt": lambda x, one, zero, flag: tirx.rsqrt(x),
-    "tanh": lambda x, one, zero, flag: _tanh(x, one),
-    "sigmoid": lambda x, one, zero, flag: _sigmoid(x, one),
-    "relu": lambda x, one, zero, flag: nan_max(x, zero),
-    "gelu": _gelu,
-    "gelu_tanh": _gelu_tanh,
-    "silu": lambda x, one, zero, flag: x * _sigmoid(x, one),
-    "erf": lambda x, one, zero, flag: _erf(x),
-    "sin": lambda x, one, zero, flag: tirx.sin(x),
-    "cos": lambda x, one, zero, flag: tirx.cos(x),
-    "recip": lambda x, one, zero, flag: one / x,
-    "floor": lambda x, one, zero, flag: tirx.floor(x),
-    "ceil": lambda x, one, zero, flag: tirx.ceil(x),
-    "trunc": lambda x, one, zero, flag: tirx.trunc(x),
-    "sign": lambda x, one, zero, flag: flag(x > zero) - flag(x < zero),
-    "not": lambda x, one, zero, flag: flag(tirx.EQ(x, zero)),
-}
+    if DTYPES[out].is_float:
+        return DTYPES[out].tvm
+    return "float32" if any(DTYPES[o].is_float for o in operands) else "int64"

@@ -7,10 +7,11 @@ import numpy as np
 import tvm
 
 from ..ir import Cascade
+from ..ir.dtypes import DTYPES
 from ..ir.scope import declarations
 from ..ir.kernels import Kernel
 from .backends import Backend
-from .lower import DTYPES, SizeVars
+from .lower import SizeVars
 
 
 def kernel_seconds(c: Cascade, kernels: list[Kernel], backend: Backend, rank_sizes: Mapping[str, int],
@@ -30,7 +31,7 @@ def kernel_seconds(c: Cascade, kernels: list[Kernel], backend: Backend, rank_siz
             shape = [rank_sizes[r.rank] + int(r.iterative) for r in d.ranks]
             data = rng.standard_normal(shape) if d.dtype.startswith(("f", "b")) and d.dtype != "bool" \
                 else np.ones(shape) if d.dtype == "bool" else np.zeros(shape)  # (a mask that keeps all)
-            args.append(tvm.runtime.tensor(data.astype(DTYPES[d.dtype]), device))
+            args.append(tvm.runtime.tensor(data.astype(DTYPES[d.dtype].numpy), device))
         timer = lib.mod.time_evaluator(k.name, device, number=3, repeat=repeat)
         out[k.name] = float(timer(*args).median)
     return out

@@ -22,7 +22,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if has
 from tvm import relax
 
 from ..errors import EinfuseError, InputError, InterpretError
-from ..frontends.torch_export import DTYPES
+from ..frontends.torch_export import TORCH_DTYPES
 from ..ir import Cascade
 from ..ir.analysis import einsum_cost, format_number, format_table, tensors_bytes
 from ..ir.scope import declarations
@@ -33,8 +33,6 @@ from .backends import backend_for
 from .backends.cuda import device_source
 from .profile import kernel_seconds
 from ..ir.kernels import Kernel
-
-TORCH_DTYPES = {ir: t for t, ir in DTYPES.items()}
 
 
 class CompiledModel:

@@ -24,11 +24,14 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ..errors import CaptureError, InputError, UnsupportedOperatorError
 from ..ir import Cascade, verify
+from ..ir.dtypes import DTYPES
 from .aten import RULES, Ctx, RuleError
 from .builder import Builder, Ref
 
-DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32", torch.float64: "f64",
-          torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "bool"}
+#: the torch dtype of each IR dtype (ir.dtypes names it; a torch before 2.6 has no int4), and
+#: the IR dtype of each torch dtype
+TORCH_DTYPES = {name: getattr(torch, d.torch) for name, d in DTYPES.items() if hasattr(torch, d.torch)}
+IR_DTYPES = {t: name for name, t in TORCH_DTYPES.items()}
 
 #: shorter tensor names for nodes named after long op names
 SHORT_NAMES = {"native_layer_norm": "layernorm", "scaled_dot_product_attention": "attn",
@@ -119,8 +122,8 @@ def input_problem(x: Any) -> str | None:
         return f"is a meta tensor {tuple(x.shape)} (it has no data); give a tensor with values"
     if x.layout != torch.strided:
         return f"has layout {x.layout}; give a dense tensor (x.to_dense())"
-    if x.dtype not in DTYPES:
-        return f"has dtype {x.dtype}; supported: {', '.join(str(t) for t in DTYPES)}"
+    if x.dtype not in IR_DTYPES:
+        return f"has dtype {x.dtype}; supported: {', '.join(str(t) for t in IR_DTYPES)}"
     if 0 in x.shape:
         return f"has an empty dimension {tuple(x.shape)}; every size must be at least 1"
     return None
@@ -252,9 +255,9 @@ class _Translator:
 
     def dtype_of(self, val: Any) -> Any:
         if isinstance(val, torch.Tensor):
-            if val.dtype not in DTYPES:
+            if val.dtype not in IR_DTYPES:
                 raise CaptureError(f"tensors of dtype {val.dtype} are not supported")
-            return DTYPES[val.dtype]
+            return IR_DTYPES[val.dtype]
         if isinstance(val, (tuple, list)):
             return [self.dtype_of(v) for v in val]
         return None
@@ -265,7 +268,7 @@ class _Translator:
         if isinstance(a, (list, tuple)):
             return type(a)(self.resolve(x) for x in a)
         if isinstance(a, torch.dtype):
-            return DTYPES.get(a, str(a))
+            return IR_DTYPES.get(a, str(a))
         if isinstance(a, torch.SymInt):
             return self.size(a)
         return a

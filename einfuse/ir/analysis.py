@@ -14,6 +14,7 @@ import sympy
 
 from ..errors import VerificationError
 from . import ops
+from .dtypes import DTYPES
 from .nodes import Access, Call, Cascade, Einsum, Expr, IAccess, IVar, Loop, TensorDecl
 from .scope import (access_vars, declarations, index_atoms, iteration_vars, loop_vars, reads,
                     var_ranks)
@@ -103,8 +104,13 @@ def tensors_bytes(c: Cascade, names: Iterable[str]) -> sympy.Expr:
     return sympy.expand(sum((_tensor_bytes(decls[n], size) for n in dict.fromkeys(names)), sympy.Integer(0)))
 
 
+def element_bytes(dtype: str) -> sympy.Expr:
+    """Bytes per element of ``dtype``, exact (a half for the 4-bit types)."""
+    return sympy.Rational(DTYPES[dtype].bits, 8)
+
+
 def _tensor_bytes(t: TensorDecl, size: dict[str, sympy.Expr]) -> sympy.Expr:
-    return sympy.Mul(*[extent(size[r.rank], r.iterative) for r in t.ranks]) * ops.DTYPE_BYTES[t.dtype]
+    return sympy.Mul(*[extent(size[r.rank], r.iterative) for r in t.ranks]) * element_bytes(t.dtype)
 
 
 def _free_lhs(e: Einsum, bound: frozenset[str]) -> list[str]:
@@ -132,7 +138,7 @@ def _footprint(a: Access, decl: TensorDecl, size: dict[str, sympy.Expr], ranks: 
             per_trip *= sympy.Mul(*[size[ranks[v]] for v in free])
         elif free:
             per_trip *= extent(size[tr.rank], tr.iterative)
-    return per_trip * (trips if varies else 1) * ops.DTYPE_BYTES[decl.dtype]
+    return per_trip * (trips if varies else 1) * element_bytes(decl.dtype)
 
 
 # ---- passes --------------------------------------------------------------------------------------

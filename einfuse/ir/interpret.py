@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InterpretError
 from . import ops
+from .dtypes import DTYPES
 from .nodes import (Access, Call, Cascade, Const, Coord, Einsum, Expr, IAccess, IConst, IndexExpr,
                     ISym, IVar, Loop, Stmt, TensorDecl)
 from .scope import declarations, expr_vars, iteration_vars, reduced_vars, var_ranks
@@ -78,7 +79,7 @@ def _collect_inputs(c: Cascade, decls: Mapping[str, TensorDecl], inputs: Mapping
 def _as_dtype(values: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "bool":
         return values != 0
-    if dtype in ops.FLOAT_DTYPES:
+    if DTYPES[dtype].is_float:
         return values.astype(np.float64)
     return values.astype(np.int64)
 

@@ -1,9 +1,11 @@
 """The registered compute ops of the IR: what each op computes and its algebraic properties.
 
 Map expressions may only call ops that are registered here; the verifier refuses any other name.
-Each op carries the properties that rewrites consult (commutativity, associativity, identity)
-and a numpy implementation that the reference interpreter uses. Adding an op is one
-``register(...)`` line beside its peers.
+Each op carries the properties that rewrites consult (commutativity, associativity, identity),
+a numpy implementation that the reference interpreter uses, and what it costs (FLOPs, vector
+instructions per element on a CPU, whether an accelerator computes it on its slow path).
+Adding an op is one ``register(...)`` line beside its peers here and its TIR lowering, an
+``@lowers`` function in :mod:`einfuse.codegen.op_lowering` (docs/ir.md, "Adding an op").
 """
 from __future__ import annotations
 
@@ -18,17 +20,16 @@ import numpy as np
 #: present, lhs_only/rhs_only = that operand present and the other absent.
 MERGES = ("cap", "cup", "all", "lhs", "rhs", "lhs_only", "rhs_only")
 
-DTYPES = ("f16", "bf16", "f32", "f64", "i8", "i32", "i64", "bool")
-DTYPE_BYTES = {"f16": 2, "bf16": 2, "f32": 4, "f64": 8, "i8": 1, "i32": 4, "i64": 8, "bool": 1}
-FLOAT_DTYPES = ("f16", "bf16", "f32", "f64")
-
 
 @dataclass(frozen=True, slots=True)
 class Op:
-    """One compute op: its arity, default merge, numpy kernel and algebraic properties.
+    """One compute op: its arity, default merge, numpy kernel, algebraic properties and costs.
 
     ``identity`` is the value ``e`` with ``op(x, e) == x`` (and ``op(e, x) == x`` when the op is
-    commutative): simplification drops it.
+    commutative): simplification drops it. ``flops`` counts its arithmetic, ``vector_ops`` the
+    vector instructions per element it lowers to on a CPU (``targets.cost``; ``flops`` unless
+    given), ``transcendental`` whether an accelerator computes it like ``exp``
+    (``targets.accel``).
     """
 
     name: str
@@ -41,6 +42,12 @@ class Op:
     infix: str | None = None
     flops: int = 1
     result_dtype: str | None = None
+    vector_ops: int | None = None
+    transcendental: bool = False
+
+    def __post_init__(self) -> None:
+        if self.vector_ops is None:
+            object.__setattr__(self, "vector_ops", self.flops)
 
 
 OPS: dict[str, Op] = {}
@@ -91,31 +98,32 @@ def _to_int(bits: int) -> Callable[[np.ndarray], np.ndarray]:
     return cast
 
 
-_UNARY: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "neg": np.negative,
-    "abs": np.abs,
-    "exp": np.exp,
-    "log": np.log,
-    "sqrt": np.sqrt,
-    "rsqrt": lambda x: 1.0 / np.sqrt(x),
-    "tanh": np.tanh,
-    "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
-    "relu": lambda x: np.maximum(x, 0.0),
-    "gelu": _gelu,
-    "gelu_tanh": _gelu_tanh,
-    "silu": lambda x: x / (1.0 + np.exp(-x)),
-    "erf": _erf,
-    "sin": np.sin,
-    "cos": np.cos,
-    "recip": lambda x: 1.0 / x,
-    "floor": np.floor,
-    "trunc": np.trunc,
-    "ceil": np.ceil,
-    "sign": lambda x: (x > 0).astype(np.float64) - (x < 0).astype(np.float64),   # (0 for nan, as torch.sign)
-    "not": lambda x: (x == 0).astype(np.float64),
-}
-for _name, _fn in _UNARY.items():
-    register(Op(_name, 1, _fn, result_dtype="bool" if _name == "not" else None))
+def _unary(name: str, fn: Callable[[np.ndarray], np.ndarray], vector_ops: int | None = None,
+           transcendental: bool = False, result_dtype: str | None = None) -> None:
+    register(Op(name, 1, fn, vector_ops=vector_ops, transcendental=transcendental, result_dtype=result_dtype))
+
+
+_unary("neg", np.negative)
+_unary("abs", np.abs)
+_unary("exp", np.exp, 12, True)
+_unary("log", np.log, 14, True)
+_unary("sqrt", np.sqrt, 4, True)
+_unary("rsqrt", lambda x: 1.0 / np.sqrt(x), 4, True)
+_unary("tanh", np.tanh, 16, True)
+_unary("sigmoid", lambda x: 1.0 / (1.0 + np.exp(-x)), 14, True)
+_unary("relu", lambda x: np.maximum(x, 0.0))
+_unary("gelu", _gelu, 18, True)
+_unary("gelu_tanh", _gelu_tanh, transcendental=True)
+_unary("silu", lambda x: x / (1.0 + np.exp(-x)), 14, True)
+_unary("erf", _erf, 16, True)
+_unary("sin", np.sin, transcendental=True)
+_unary("cos", np.cos, transcendental=True)
+_unary("recip", lambda x: 1.0 / x)
+_unary("floor", np.floor)
+_unary("trunc", np.trunc)
+_unary("ceil", np.ceil)
+_unary("sign", lambda x: (x > 0).astype(np.float64) - (x < 0).astype(np.float64))   # (0 for nan, as torch.sign)
+_unary("not", lambda x: (x == 0).astype(np.float64), result_dtype="bool")
 
 _CASTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "f16": _round_f16,
@@ -133,12 +141,12 @@ for _name, _fn in _CASTS.items():
 register(Op("add", 2, np.add, "cup", True, True, 0.0, "+"))
 register(Op("sub", 2, np.subtract, "cup", identity=0.0, infix="-"))
 register(Op("mul", 2, np.multiply, "cap", True, True, 1.0, "*"))
-register(Op("div", 2, np.divide, "rhs", identity=1.0, infix="/"))
+register(Op("div", 2, np.divide, "rhs", identity=1.0, infix="/", vector_ops=4))
 register(Op("take_left", 2, lambda a, b: a, "cap", infix="<-", flops=0))
 register(Op("take_right", 2, lambda a, b: b, "cap", infix="->", flops=0))
 register(Op("max", 2, np.maximum, "cup", True, True, -math.inf))
 register(Op("min", 2, np.minimum, "cup", True, True, math.inf))
-register(Op("pow", 2, np.power, "cup"))
+register(Op("pow", 2, np.power, "cup", vector_ops=16))
 register(Op("floordiv", 2, np.floor_divide, "cup"))
 register(Op("mod", 2, np.mod, "cup"))
 register(Op("and", 2, lambda a, b: ((a != 0) & (b != 0)).astype(np.float64), "cup", True, True,

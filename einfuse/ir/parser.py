@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import EinfuseError, IRParseError
 from . import ops
+from .dtypes import DTYPES
 from .lexer import COMPARISONS, Line, Token, float_literal
 from .nodes import (MAX_DEPTH, ROLES, Access, Call, Cascade, Cond, Const, Coord, Einsum, Expr, IAccess,
                     IBin, IConst, Index, IndexExpr, ISym, IVar, Loop, Populate, Rank, Reduce, Size,
@@ -142,10 +143,10 @@ class _Parser:
         role = "temp"
         if ln.at(*ROLES):
             role = ln.next("role").text
-        dt = ln.next(f"a dtype for tensor '{tok.text}' ({' '.join(ops.DTYPES)})")
-        if dt.text not in ops.DTYPES:
+        dt = ln.next(f"a dtype for tensor '{tok.text}' ({' '.join(DTYPES)})")
+        if dt.text not in DTYPES:
             raise ln.error(f"unknown dtype '{dt.text}' for tensor '{tok.text}'; expected one of "
-                           f"{', '.join(ops.DTYPES)}" + (" (a role must come before the dtype)" if dt.text in ROLES else ""), dt)
+                           f"{', '.join(DTYPES)}" + (" (a role must come before the dtype)" if dt.text in ROLES else ""), dt)
         empty = None
         if ln.at("empty"):
             ln.next("empty")

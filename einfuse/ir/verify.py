@@ -10,6 +10,7 @@ import math
 
 from ..errors import VerificationError
 from . import ops
+from .dtypes import DTYPES
 from .nodes import (MAX_DEPTH, ROLES, Access, Call, Cascade, Coord, Einsum, Expr, IBin, IConst, IndexExpr,
                     ISym, IVar, Loop, Stmt, nesting_problem)
 from .scope import (declarations, gathers, index_atoms, iteration_vars, loop_vars, reads,
@@ -70,7 +71,7 @@ def _check_declarations(c: Cascade) -> None:
             raise VerificationError(f"tensor '{t.name}' uses undeclared rank '{missing[0]}'")
         if t.role not in ROLES:
             raise VerificationError(f"tensor '{t.name}' has unknown role '{t.role}'")
-        if t.dtype not in ops.DTYPES:
+        if t.dtype not in DTYPES:
             raise VerificationError(f"tensor '{t.name}' has unknown dtype '{t.dtype}'")
         if t.empty is not None and math.isnan(t.empty):
             raise VerificationError(f"tensor '{t.name}' has empty=nan; empty must be a number or ±inf")

@@ -34,6 +34,7 @@ import sympy
 
 from ..ir import Access, Call, Cascade, Const, Einsum, Index, IVar, TensorDecl, TensorRank
 from ..ir import ops
+from ..ir.dtypes import DTYPES
 from ..ir.nodes import rewrite
 from ..ir.scope import access_vars, declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
 from ..ir.sizes import in_range
@@ -175,7 +176,7 @@ def _scaled_contraction(s: Any, stmts: list, decls: dict[str, TensorDecl], reade
             or any(ix.filter for ix in a.indices) or lhs_vars(s) != lhs_vars(t):
         return None
     operands = [x for x in _factors(t.rhs) if isinstance(x, Access)
-                and decls[x.tensor].dtype in ops.FLOAT_DTYPES and not any(ix.filter for ix in x.indices)]
+                and DTYPES[decls[x.tensor].dtype].is_float and not any(ix.filter for ix in x.indices)]
     if not operands:
         return None
     best = min(operands, key=lambda x: _points(access_vars(x), c))

@@ -41,9 +41,6 @@ from .presets import Accelerator
 if TYPE_CHECKING:
     from ..ir.kernels import Kernel
 
-_TRANSCENDENTAL = {"exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "erf", "sin",
-                   "cos"}
-
 
 @dataclass(frozen=True)
 class Work:
@@ -79,8 +76,9 @@ def dram_bytes_per_cycle(acc: Accelerator) -> float:
 
 
 def op_cost(op: str, acc: Accelerator, array: str) -> int:
-    """PE cycles of one ``op`` on ``array`` ("2d" or "1d")."""
-    if op in _TRANSCENDENTAL:
+    """PE cycles of one ``op`` on ``array`` ("2d" or "1d"): an op marked ``transcendental`` in
+    :mod:`einfuse.ir.ops` costs what ``exp`` does, any other its FLOPs."""
+    if ir_ops.OPS[op].transcendental:
         return acc.vector_exp if array == "1d" and acc.vector_exp else acc.exp_macs + acc.exp_adds
     return ir_ops.OPS[op].flops
 

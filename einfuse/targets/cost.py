@@ -8,8 +8,9 @@ bandwidth. einfuse's estimate of one kernel is
 - ``work`` is FLOPs done, not FLOPs needed: a contraction computes on whole register tiles (the
   padding of a ragged edge counts), at the FMA rate F scaled by how well the tile keeps the FMA
   pipes busy (enough independent accumulators to hide the FMA latency, few loads per FMA);
-  element-wise and reduction work is counted in vector operations (``exp`` is a dozen) at half
-  of F (one vector op per cycle, where an FMA is two FLOPs).
+  element-wise and reduction work is counted in vector operations (each op's ``vector_ops`` in
+  :mod:`einfuse.ir.ops`: ``exp`` is a dozen) at half of F (one vector op per cycle, where an FMA
+  is two FLOPs).
 - DRAM bytes count an operand once per time the tiling reads it when it does not stay in cache:
   a GEMM's row operand once per column panel when it is larger than the last-level cache, the
   1-pass attention's K and V once per block of query rows when a head's K and V exceed a core's.
@@ -33,14 +34,13 @@ from typing import Any
 
 from ..ir import Cascade, Einsum
 from ..ir import ops as ir_ops
+from ..ir.dtypes import DTYPES
 from ..ir.panels import reads_panels
-from ..ir.scope import access_vars, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir.scope import access_vars, declarations, iteration_vars, lhs_vars, reads, reduced_vars, var_ranks
 
 ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (codegen/loop.py): a
                      # multiple of the register tiles' 4 and 6 rows and of a vector's 8 lanes
 
-VECTOR_OPS = {"exp": 12, "log": 14, "tanh": 16, "erf": 16, "sigmoid": 14, "silu": 14, "gelu": 18,
-              "rsqrt": 4, "sqrt": 4, "div": 4, "pow": 16}   # (vector instructions per element)
 FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
 PARALLEL_FMAS = 8
 HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
@@ -127,7 +127,7 @@ def combine(m: Machine, flops: float, work_seconds: float, dram: float, cache: f
 
 
 def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[int, int], extra_flops: float = 0.0,
-         dtype_bytes: int = 4, packed: bool = False) -> Estimate:
+         dtype_bytes: float = 4, packed: bool = False) -> Estimate:
     """A (batched) ``rows x depth @ depth x cols`` contraction on a ``tile`` = (rows, lanes)
     register tile, column panels packed and reused by every row tile (codegen/schedules/cpu.py);
     ``packed``: the panels were packed at compile time (a weight: passes/layout.pack_weights)."""
@@ -148,7 +148,7 @@ def gemm(m: Machine, batch: int, rows: int, cols: int, depth: int, tile: tuple[i
     return combine(m, 2.0 * batch * rows * cols * depth + extra_flops, work, dram, cache, serial)
 
 
-def gemv(m: Machine, rows: int, cols: int, depth: int, extra_flops: float = 0.0, dtype_bytes: int = 4) -> Estimate:
+def gemv(m: Machine, rows: int, cols: int, depth: int, extra_flops: float = 0.0, dtype_bytes: float = 4) -> Estimate:
     """A ``rows x depth @ depth x cols`` contraction as a GEMV (codegen/schedules/cpu.py): each
     row of the right operand streamed once, contiguous, into accumulators in L1 (four rows at a
     time: a load and a store per 4 FMAs, ``GEMV_RATE`` of the FMA rate), no packing."""
@@ -216,11 +216,11 @@ def register_tile(m: Machine, rows: int | None, cols: int | None, depth: int = 2
     return best if seconds[best] < (1 - MARGIN) * seconds[rule] else rule
 
 
-SCORE_OPS = VECTOR_OPS["exp"] + 3   # vector ops per score: the row max, exp of the difference, the row sum
+SCORE_OPS = ir_ops.OPS["exp"].vector_ops + 3   # vector ops per score: the row max, exp of the difference, the row sum
 
 
 def attention(m: Machine, heads: int, queries: int, keys: int, head_dim: int, value_dim: int, tile: int,
-              score_ops: float = SCORE_OPS, rows: int = ATTENTION_ROWS) -> float:
+              score_ops: float = SCORE_OPS, rows: int = ATTENTION_ROWS, score_bytes: float = 4) -> float:
     """Seconds of work of the 1-pass attention (codegen/loop.py) over ``heads`` heads with
     ``tile`` keys per tile: the blocks of ``rows`` queries are shared by the cores, and each
     block goes through every key tile, which costs (in cycles of one core)
@@ -230,15 +230,15 @@ def attention(m: Machine, heads: int, queries: int, keys: int, head_dim: int, va
     - ``score_ops`` vector ops per score, two per cycle;
     - ``ROW_STEP`` per row and ``RESCALE`` per element of the running numerator (work done
       once per tile, whatever its width: what makes narrow tiles slow);
-    - a score tile larger than the L1 cache: its ``SCORE_PASSES`` passes from the core's cache
-      (what makes wide tiles slow)."""
+    - a score tile (``score_bytes`` per score) larger than the L1 cache: its ``SCORE_PASSES``
+      passes from the core's cache (what makes wide tiles slow)."""
     (qr, qc), (vr, vc) = (_block_tile(m, rows, cols) for cols in (tile, value_dim))
     padded = -(-tile // qc) * qc
     fma = rows * padded * head_dim / tile_efficiency(m, qr, qc) + rows * tile * value_dim / tile_efficiency(m, vr, vc)
     cycles = fma / (2 * m.lanes) + rows * tile * score_ops / (2 * m.lanes) + rows * (ROW_STEP + RESCALE * value_dim)
     per_core_cache = m.cache / m.cores / m.hz   # bytes per cycle
-    if 4 * rows * tile > m.l1_bytes:
-        cycles += SCORE_PASSES * 4 * rows * tile / per_core_cache
+    if score_bytes * rows * tile > m.l1_bytes:
+        cycles += SCORE_PASSES * score_bytes * rows * tile / per_core_cache
     blocks = heads * -(-queries // rows)
     return -(-blocks // m.cores) * -(-keys // tile) * cycles / m.hz
 
@@ -269,7 +269,13 @@ def _block_tile(m: Machine, rows: int, cols: int) -> tuple[int, int]:
 def vector_ops(e: Einsum) -> int:
     """Vector instructions per point of ``e``'s iteration space."""
     from ..ir.analysis import map_ops
-    return map_ops(e.rhs, lambda op: VECTOR_OPS.get(op, ir_ops.OPS[op].flops)) + (1 if reduced_vars(e) else 0)
+    return map_ops(e.rhs, lambda op: ir_ops.OPS[op].vector_ops) + (1 if reduced_vars(e) else 0)
+
+
+def element_bytes(c: Cascade, e: Einsum) -> float:
+    """Bytes per element of ``e``'s result and the tensors it reads: the widest of their dtypes."""
+    decls = declarations(c)
+    return max(DTYPES[decls[name].dtype].bytes for name in [e.lhs.tensor, *(a.tensor for a in reads(e))])
 
 
 def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int, int, int, int] | None:
@@ -311,10 +317,10 @@ def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) 
     if kernel.kind in ("", "epilogue") and any(dims):
         e, (batch, rows, cols, depth) = next((e, d) for e, d in zip(einsums, dims) if d)
         extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(einsums, dims) if not d)
-        packed = reads_panels(e)
+        packed, size = reads_panels(e), element_bytes(c, e)
         if prefers_gemv(m, batch, rows, cols, depth, packed):
-            return gemv(m, rows, cols, depth, float(extra))
-        return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra), packed=packed)
+            return gemv(m, rows, cols, depth, float(extra), size)
+        return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra), size, packed)
     fma = sum(2.0 * points(c, e, sizes) for e, d in zip(einsums, dims) if d)
     vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(einsums, dims) if not d)
     work = fma / m.flops + vector / (m.flops / 2)
@@ -347,7 +353,8 @@ def _attention_work(c: Cascade, kernel: Any, einsums: list[Einsum], dims: list, 
     scores = points(c, qk, sizes) // width
     score_ops = sum(vector_ops(e) for e, d in zip(einsums, dims) if not d and points(c, e, sizes) == scores)
     heads = max(1, batch // tiles)
-    return attention(m, heads, queries, tiles * tile, width, values, tile, score_ops), heads
+    return attention(m, heads, queries, tiles * tile, width, values, tile, score_ops,
+                     score_bytes=DTYPES[declarations(c)[qk.lhs.tensor].dtype].bytes), heads
 
 
 def _reread(c: Cascade, kernel: Any, sizes: dict[str, int], at: dict) -> float:
@@ -360,6 +367,5 @@ def _reread(c: Cascade, kernel: Any, sizes: dict[str, int], at: dict) -> float:
 
 def _query_blocks(c: Cascade, kernel: Any, sizes: dict[str, int]) -> int:
     """Blocks of query rows: the output's next-to-innermost rank over the block height."""
-    from ..ir.scope import declarations
     ranks = declarations(c)[kernel.output].ranks
     return -(-sizes[ranks[-2].rank] // ATTENTION_ROWS) if len(ranks) >= 2 else 1

@@ -172,7 +172,7 @@ _X = torch.ones(3, 4)
                                             "only (torch.from_numpy(x) makes it one)"),
     ((_X, [_X, 1]), {}, "input 'y' is of type int"),
     ((_X, _X.to(torch.complex64)), {}, "input 'y' has dtype torch.complex64; supported: torch.float16"),
-    ((_X, _X.to(torch.uint8)), {}, "input 'y' has dtype torch.uint8"),
+    ((_X, _X.to(torch.uint16)), {}, "input 'y' has dtype torch.uint16"),
     ((_X, _X.to_sparse()), {}, "input 'y' has layout torch.sparse_coo"),
     ((torch.ones(0, 4), _X), {}, "input 'x' has an empty dimension (0, 4); every size must be at least 1"),
 ])

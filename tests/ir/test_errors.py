@@ -34,7 +34,7 @@ PARSE_ERRORS = [
     ("rank Q=0", 6, 8, "rank 'Q' has size 0; sizes must be positive"),
     ("rank q=4", 6, 6, "rank name 'q' must start with an upper-case letter"),
     ("tensor X[M] input f99", 6, 19,
-     "unknown dtype 'f99' for tensor 'X'; expected one of f16, bf16, f32, f64, i8, i32, i64, bool"),
+     "unknown dtype 'f99' for tensor 'X'; expected one of f16, bf16, f32, f64, i4, u4, i8, u8, i32, i64, bool"),
     ("tensor X[M] f32 input", 6, 17, "the role of 'X' must come before its dtype ('tensor X[...] input f32')"),
     ("tensor X[M] f32 empty=oops", 6, 23, "expected a number for the empty value of 'X', found 'oops'"),
     ("Z[m,n] = A[m,n:m<<n]", 6, 18, "expected an index (variable, rank size, integer or gather), found '<'"),

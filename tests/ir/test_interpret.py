@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from einfuse.ir import interpret, parse
+from einfuse.ir import interpret, parse, to_text
 
 from ..conftest import load, rel_err
 
@@ -229,3 +229,23 @@ def test_populate_ranks_nan_above_infinity_as_torch_topk_does(op: str, kept: lis
     got = interpret(c, x)["Y"]
     assert np.array_equal(np.isnan(got) | (got != 0), kept)
     assert np.array_equal(naive_interpret(c, x)["Y"], got, equal_nan=True)
+
+
+def test_u8_and_i4_tensors_verify_and_interpret() -> None:
+    """The small integer dtypes of ir/dtypes.py: a u8 input (numpy uint8) and an i4 weight (held in
+    int8) parse, print back, and compute as integers, returned as int64 like every integer dtype."""
+    text = """cascade small_ints
+rank N=4
+tensor X[N] input u8
+tensor W[N] param i4
+tensor Y[N] output f32
+tensor Z[N] output u8
+Y[n] = f32(X[n]) * W[n]
+Z[n] = X[n] + 1
+"""
+    c = parse(text)
+    assert parse(to_text(c)) == c
+    x, w = np.array([0, 1, 200, 254], np.uint8), np.array([-8, -1, 0, 7], np.int8)
+    out = interpret(c, {"X": x, "W": w})
+    assert out["Y"].dtype == np.float64 and out["Y"].tolist() == [0.0, -1.0, 0.0, 1778.0]
+    assert out["Z"].dtype == np.int64 and out["Z"].tolist() == [1, 2, 201, 255]

@@ -357,7 +357,7 @@ def _partial_reduction(sch: s_tir.Schedule, block: Any, target: Target) -> Any:
     extent = sch.get(loop).extent
     if not isinstance(extent, tirx.IntImm) or int(extent) < 2 * target.vector_lanes:
         return None
-    if isinstance(sch.get(block).body.value, tirx.Select):   # (lower.NAN_REDUCERS: not rfactor's)
+    if isinstance(sch.get(block).body.value, tirx.Select):   # (op_lowering.NAN_REDUCERS: not rfactor's)
         return None
     lanes = max(d for d in range(1, target.vector_lanes + 1) if int(extent) % d == 0)
     if lanes < 4:  # (785 = 5 x 157 takes 5 partial results)
