@@ -46,7 +46,7 @@ from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Einsum
 from ..ir.dtypes import DTYPES
 from ..ir.scope import declarations, reduced_vars
-from ..ir.kernels import Kernel
+from ..ir.kernels import KINDS, Kernel
 from ..targets import Target
 from ..targets.accel import Timing, contraction, dram_bytes_per_cycle, kernel_einsums, kernel_work, placement
 from ..targets.presets import Accelerator
@@ -269,7 +269,7 @@ def kernel_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target, inde
     rest of its work when it starts (as kernel ``index``)."""
     acc = target.device
     _register_libm()
-    if k.kind == "loop":
+    if KINDS[k.kind].loop:
         func, done = AccelLoopBuilder(c, k, sizes, target).prim_func(), {}
     else:
         func, done = _tensorized(KernelBuilder(c, k, sizes).prim_func(), c, k, acc)

@@ -27,7 +27,7 @@ from .loop_frames import Entered, LoopFrame, Nest
 from .op_lowering import _const, nan_max, nan_min
 
 IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
-_COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see lower.nan_max)
+_COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see op_lowering.nan_max)
 
 
 class EinsumNests:

@@ -152,13 +152,13 @@ class TuningDatabase:
 
 def tasks(cascade: Cascade, target: Any) -> list[Task]:
     """The distinct tunable kernels of a laid-out cascade (static shapes, TE kernels only)."""
-    from ..ir.kernels import kernels_of
+    from ..ir.kernels import KINDS, kernels_of
     from .backends import backend_for
     from .lower import SizeVars
     backend = backend_for(target)
     found: dict[str, Task] = {}
     for kernel in kernels_of(cascade):
-        if kernel.kind == "loop" or kernel.gathers:
+        if KINDS[kernel.kind].loop or kernel.gathers:
             continue
         sizes = SizeVars()
         func = backend.lower(cascade, kernel, sizes)

@@ -4,6 +4,11 @@ A :class:`Kernel` is the contract between grouping (``passes/group_kernels.py``,
 them) and code generation (which builds one function per kernel). It lives in the IR so that
 every layer above can read it: the printer shows it as ``# kernel`` comments, the cost models
 estimate it, exports save it (:func:`kernel_record`, :func:`kernel_from_record`).
+
+Every kernel has a *kind* (:data:`KINDS`), the key by which each layer picks what to do with it:
+grouping's merge rules form the kinds (``passes/group_kernels.MERGES``), the CPU schedule rules
+(``codegen/schedules/cpu.RULES``) and the cost model (``targets/cost.ESTIMATES``) are tables keyed
+by it, and a kind's declared properties (:class:`KernelKind`) say how code generation builds it.
 """
 from __future__ import annotations
 
@@ -17,6 +22,39 @@ from .scope import access_vars, declarations, index_atoms, lhs_vars, reads, redu
 
 
 @dataclass(frozen=True)
+class KernelKind:
+    """A kind of kernel: ``name`` is the value of :attr:`Kernel.kind` (``""`` for a single kernel)."""
+
+    name: str
+    doc: str            # one line: what a kernel of this kind computes
+    loop: bool = False  # built as scheduled TIR by a loop builder (codegen/loop.py), not lowered through TE
+
+    @property
+    def label(self) -> str:
+        """The name shown to users (a single kernel's is ``single``)."""
+        return self.name or "single"
+
+
+KINDS: dict[str, KernelKind] = {}
+
+
+def register_kind(name: str, doc: str, *, loop: bool = False) -> KernelKind:
+    """Declare the kernel kind ``name`` (see the module docstring for the tables it needs)."""
+    if name in KINDS:
+        raise ValueError(f"kernel kind '{name}' is declared twice")
+    KINDS[name] = KernelKind(name, doc, loop)
+    return KINDS[name]
+
+
+register_kind("", "one Einsum's output, with the element-wise Einsums inlined into it")
+register_kind("epilogue", "a contraction whose element-wise reader runs on the register tile as it is stored")
+register_kind("rows", "a row group (softmax, LayerNorm): stages over the same rows, one row at a time")
+register_kind("attention", "a row group read by a contraction over its rows' variable (P V), per block of query rows")
+register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
+              loop=True)
+
+
+@dataclass(frozen=True)
 class Kernel:
     """One generated function: the Einsums writing ``output`` (in order) and the tensors it reads."""
 
@@ -27,7 +65,12 @@ class Kernel:
     inputs: tuple[str, ...]
     gathers: bool = False
     stages: tuple[str, ...] = ()   # the internal tensors kept as loop nests (the others are inlined)
-    kind: str = ""                 # "epilogue", "rows" or "attention" once kernels were absorbed
+    kind: str = ""                 # a key of KINDS: "epilogue", "rows" or "attention" once kernels were absorbed
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise CompileError(f"kernel {self.name} has the unknown kind '{self.kind}'; "
+                               f"known: {', '.join(k.label for k in KINDS.values())}")
 
     def comment(self, c: Cascade) -> str:
         """The kernel as a line of the side table: ``# kernel k3_attn loop along S_2T,S_2I (1 pass):
@@ -35,7 +78,7 @@ class Kernel:
         stream, levels = stream_levels(c, self)
         along = f" along {','.join(stream)} ({len(levels) or 1} pass)" if stream else ""
         members = ", ".join(self.internal)
-        return f"# kernel {self.name} {self.kind or 'single'}{along}: {members + ' -> ' if members else ''}{self.output}"
+        return f"# kernel {self.name} {KINDS[self.kind].label}{along}: {members + ' -> ' if members else ''}{self.output}"
 
     def einsums(self, c: Cascade) -> list[Einsum]:
         """Every Einsum the kernel computes, in order."""

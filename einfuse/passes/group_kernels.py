@@ -33,15 +33,19 @@ same loop nest, when the two fit one:
   epilogue kernel joins a row group only if its contraction reads no weights (attention's scores);
 * **attention**: a row group read by a contraction over its rows' variable (``P[s,t] * V[t,f]``)
   becomes a stage of that contraction, computed one block of query rows at a time.
+
+Each is a merge rule of :data:`MERGES`, tried in this order; the first that fits names the kind
+(``ir.kernels.KINDS``) of the merged kernel.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
-from ..ir.kernels import Kernel, contraction, rows, stream_levels
+from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
 from ..ir.scope import (
     access_vars,
     broadcast,
@@ -67,7 +71,7 @@ class GroupKernels(Pass):
         stats = ctx.stats
         kernels = group_kernels(c, self.attention)
         for k in kernels:
-            stats[f"kernel:{k.kind or 'single'}"] += 1
+            stats[f"kernel:{KINDS[k.kind].label}"] += 1
             stream, levels = stream_levels(c, k)
             if len(levels) > 1:
                 raise CompileError(f"kernel {k.name} fuses Einsums at pass levels {sorted(levels)} along "
@@ -176,18 +180,13 @@ def _absorb(kernels: list[Kernel], roles: dict[str, str], writes: dict[str, list
     return kernels
 
 
+MergeRule = Callable[[Kernel, Kernel, dict[str, list[Einsum]], dict[str, str]], bool]
+
+
 def _merged_kind(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> str | None:
-    """The kind of kernel ``a`` absorbed into its reader ``b`` makes, or None if they do not fit.
-    A contraction joins a row group only if it reads no weights (attention's ``Q K``): a GEMM
-    computed one row block at a time would stream its whole weight once per block."""
-    if not a.kind and not b.kind and _epilogue(a, b, writes):
-        return "epilogue"
-    activations = a.kind != "epilogue" or all(roles[t] != "param" for t in a.inputs)
-    if a.kind in ("", "rows", "epilogue") and b.kind in ("", "rows") and activations and _same_rows(a, b, writes):
-        return "rows"
-    if a.kind == "rows" and not b.kind and _attention(a, b, writes):
-        return "attention"
-    return None
+    """The kind of kernel ``a`` absorbed into its reader ``b`` makes (the first rule of
+    :data:`MERGES` that fits), or None if they do not fit."""
+    return next((kind for kind, fits in MERGES if fits(a, b, writes, roles)), None)
 
 
 def _single(k: Kernel) -> Einsum | None:
@@ -209,28 +208,40 @@ def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bo
                for e in members for a in reads(e) if a.tensor == tensor)
 
 
-def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
+def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
+    """Two single kernels: a contraction read by an element-wise map over its output."""
     ea, eb = _single(a), _single(b)
-    return (ea is not None and eb is not None and contraction(ea) and not eb.reduce
-            and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
+    return (not a.kind and not b.kind and ea is not None and eb is not None and contraction(ea)
+            and not eb.reduce and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
 
 
-def _attention(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
+def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
+    """Kernels over the same rows, reducing or mapping along the same variable. A contraction
+    (an epilogue kernel) joins only if it reads no weights (attention's ``Q K``): a GEMM computed
+    one row block at a time would stream its whole weight once per block."""
+    activations = a.kind != "epilogue" or all(roles[t] != "param" for t in a.inputs)
+    if a.kind not in ("", "rows", "epilogue") or b.kind not in ("", "rows") or not activations:
+        return False
+    ea, eb = _single(a), _single(b)
+    if ea is None or eb is None or contraction(eb) or (contraction(ea) and a.kind != "epilogue"):
+        return False
+    ra, rb = rows(ea), rows(eb)
+    return ra is not None and ra == rb and bool(ra[0]) and _read_plainly(a.output, b, writes)
+
+
+def _attention(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
     """A row group (softmax) read by a contraction over its rows' variable (``P[s,t] * V[t,f]``)."""
     ea, eb = _single(a), _single(b)
-    if ea is None or eb is None or not contraction(eb) or rows(ea) is None:
+    if a.kind != "rows" or b.kind or ea is None or eb is None or not contraction(eb) or rows(ea) is None:
         return False
     row_vars, along = rows(ea)
     return (lhs_vars(eb)[:-1] == row_vars and reduced_vars(eb) == along and bool(row_vars)
             and _read_plainly(a.output, b, writes))
 
 
-def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]]) -> bool:
-    ea, eb = _single(a), _single(b)
-    if ea is None or eb is None or contraction(eb) or (contraction(ea) and a.kind != "epilogue"):
-        return False
-    ra, rb = rows(ea), rows(eb)
-    return ra is not None and ra == rb and bool(ra[0]) and _read_plainly(a.output, b, writes)
+#: The merge rules, in order: (the kind formed, whether kernel ``a`` absorbed into its reader
+#: ``b`` forms it); the first that fits wins. Each kind is a key of ``ir.kernels.KINDS``.
+MERGES: tuple[tuple[str, MergeRule], ...] = (("epilogue", _epilogue), ("rows", _same_rows), ("attention", _attention))
 
 
 def _reads_each_once(reader: Einsum, tensor: str) -> bool:

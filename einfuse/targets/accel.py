@@ -26,20 +26,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
 import sympy
 
 from ..ir import Call, Cascade, Einsum
 from ..ir import ops as ir_ops
 from ..ir.analysis import map_ops
+from ..ir.kernels import KINDS, Kernel
 from ..ir.nodes import Loop, walk
 from ..ir.scope import declarations, iteration_vars, lhs_vars, loop_vars, reduced_vars, var_ranks
 from ..ir.sizes import extent
 from .presets import Accelerator
 
-if TYPE_CHECKING:
-    from ..ir.kernels import Kernel
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,7 @@ def placement(c: Cascade, kernel: Kernel) -> dict[int, str]:
         if loops:   # FuseMax's binding: a tile's per-key work on the 2D array, per-row state on the 1D
             out[i] = "2d" if set(iteration_vars(e, loop_vars(loops))) - carried else "1d"
         else:
-            out[i] = "2d" if contraction(e) and kernel.kind != "loop" else "1d"
+            out[i] = "2d" if contraction(e) and not KINDS[kernel.kind].loop else "1d"
     return out
 
 
@@ -134,7 +131,7 @@ def kernel_work(c: Cascade, kernel: Kernel, acc: Accelerator, counted: frozenset
         if i not in counted:
             ops[where[i]] += einsum_ops(c, e, loops, acc, where[i])
     moved = sum((_elements(c, n) for n in (*kernel.inputs, kernel.output)), sympy.Integer(0))
-    if kernel.kind == "loop":
+    if KINDS[kernel.kind].loop:
         moved += _rereads(c, kernel, items, acc)
     return Work(sympy.expand(ops["2d"]), sympy.expand(ops["1d"]), sympy.expand(moved * acc.word_bytes))
 

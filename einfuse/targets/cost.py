@@ -29,6 +29,7 @@ peak is a measured dense GEMM), bytes at each tensor's dtype, heads counted from
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -303,38 +304,80 @@ def points(c: Cascade, e: Einsum, sizes: dict[str, int]) -> int:
     return math.prod(sizes[ranks[v]] for v in iteration_vars(e))
 
 
+@dataclass(frozen=True)
+class _Parts:
+    """What each kind's estimate reads of a kernel: its Einsums, the :func:`contraction_dims` of
+    each (None for one that is no contraction), the bytes of its inputs and output, and the
+    symbolic sizes bound (symbol -> value)."""
+
+    einsums: list[Einsum]
+    dims: list[tuple[int, int, int, int] | None]
+    moved: float
+    at: dict
+
+
 def kernel_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]) -> Estimate:
-    """The estimate of one kernel (a :class:`~einfuse.passes.group_kernels.Kernel`) at the given
-    rank sizes: a contraction kernel (with its epilogue) as :func:`gemm` on the register tile
-    :func:`register_tile` picks; the 1-pass attention as :func:`attention` says, with K and V
-    read again by every block of query rows; any other from its vector work, its inputs and
-    output."""
+    """The estimate of one kernel (a :class:`~einfuse.ir.kernels.Kernel`) at the given rank sizes,
+    by the estimate of its kind (:data:`ESTIMATES`)."""
     from ..ir.analysis import tensors_bytes
     einsums = kernel.einsums(c)
     at = {r.size: sizes[r.name] for r in c.ranks if not isinstance(r.size, int)}
     moved = float(tensors_bytes(c, kernel.inputs + (kernel.output,)).subs(at))
-    dims = [contraction_dims(c, e, sizes) for e in einsums]
-    if kernel.kind in ("", "epilogue") and any(dims):
-        e, (batch, rows, cols, depth) = next((e, d) for e, d in zip(einsums, dims) if d)
-        extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(einsums, dims) if not d)
-        packed, size = reads_panels(e), element_bytes(c, e)
-        if prefers_gemv(m, batch, rows, cols, depth, packed):
-            return gemv(m, rows, cols, depth, float(extra), size)
-        return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra), size, packed)
-    fma = sum(2.0 * points(c, e, sizes) for e, d in zip(einsums, dims) if d)
-    vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(einsums, dims) if not d)
-    work = fma / m.flops + vector / (m.flops / 2)
-    dram, cache = moved, 0.0
-    if kernel.kind == "loop" and any(dims):
-        work, heads = _attention_work(c, kernel, einsums, dims, m, sizes) or (work, next(d for d in dims if d)[0])
-        again = _reread(c, kernel, sizes, at)
-        if again / heads <= m.cache_bytes:
-            cache += again * (_query_blocks(c, kernel, sizes) - 1)
-        else:
-            dram += again * (_query_blocks(c, kernel, sizes) - 1)
-    elif moved <= m.cache_bytes:   # (small enough to stay in the cache between kernels)
-        dram, cache = 0.0, moved
-    return combine(m, fma + vector, work, dram, cache)
+    parts = _Parts(einsums, [contraction_dims(c, e, sizes) for e in einsums], moved, at)
+    return ESTIMATES[kernel.kind](c, kernel, m, sizes, parts)
+
+
+def _tiled_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """A contraction kernel (with its epilogue) as :func:`gemm` on the register tile
+    :func:`register_tile` picks, or as :func:`gemv` where that is faster; one without a
+    contraction as :func:`_streamed_estimate`."""
+    if not any(p.dims):
+        return _streamed_estimate(c, kernel, m, sizes, p)
+    e, (batch, rows, cols, depth) = next((e, d) for e, d in zip(p.einsums, p.dims) if d)
+    extra = sum(points(c, e, sizes) * vector_ops(e) for e, d in zip(p.einsums, p.dims) if not d)
+    packed, size = reads_panels(e), element_bytes(c, e)
+    if prefers_gemv(m, batch, rows, cols, depth, packed):
+        return gemv(m, rows, cols, depth, float(extra), size)
+    return gemm(m, batch, rows, cols, depth, register_tile(m, rows, cols), float(extra), size, packed)
+
+
+def _work(c: Cascade, m: Machine, sizes: dict[str, int], p: _Parts) -> tuple[float, float]:
+    """(the kernel's operations, their seconds): contractions' FMAs at F, the rest's vector
+    operations at F / 2."""
+    fma = sum(2.0 * points(c, e, sizes) for e, d in zip(p.einsums, p.dims) if d)
+    vector = sum(float(points(c, e, sizes) * vector_ops(e)) for e, d in zip(p.einsums, p.dims) if not d)
+    return fma + vector, fma / m.flops + vector / (m.flops / 2)
+
+
+def _streamed_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """Any other kernel, from its work, its inputs and output (from the cache when they are small
+    enough to stay in it between kernels)."""
+    ops, work = _work(c, m, sizes, p)
+    dram, cache = (0.0, p.moved) if p.moved <= m.cache_bytes else (p.moved, 0.0)
+    return combine(m, ops, work, dram, cache)
+
+
+def _loop_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """A loop kernel with contractions (the 1-pass attention) as :func:`attention` says, with K
+    and V read again by every block of query rows; one without as :func:`_streamed_estimate`."""
+    if not any(p.dims):
+        return _streamed_estimate(c, kernel, m, sizes, p)
+    ops, work = _work(c, m, sizes, p)
+    work, heads = _attention_work(c, kernel, p.einsums, p.dims, m, sizes) or (work, next(d for d in p.dims if d)[0])
+    again = _reread(c, kernel, sizes, p.at)
+    dram, cache = p.moved, 0.0
+    if again / heads <= m.cache_bytes:
+        cache += again * (_query_blocks(c, kernel, sizes) - 1)
+    else:
+        dram += again * (_query_blocks(c, kernel, sizes) - 1)
+    return combine(m, ops, work, dram, cache)
+
+
+#: The estimate of each kernel kind (a key of ``ir.kernels.KINDS``).
+ESTIMATES: dict[str, Callable[[Cascade, Any, Machine, dict[str, int], _Parts], Estimate]] = {
+    "": _tiled_estimate, "epilogue": _tiled_estimate, "rows": _streamed_estimate,
+    "attention": _streamed_estimate, "loop": _loop_estimate,
+}
 
 
 def _attention_work(c: Cascade, kernel: Any, einsums: list[Einsum], dims: list, m: Machine,

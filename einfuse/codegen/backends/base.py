@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from ...errors import EinfuseError
 from ...ir import Cascade
-from ...ir.kernels import Kernel
+from ...ir.kernels import KINDS, Kernel
 from ...targets import Target
 from ..build import TUNED
 from ..lower import KernelBuilder, SizeVars
@@ -41,11 +41,11 @@ class Backend(ABC):
         self.target = target
 
     def kernel_function(self, c: Cascade, k: Kernel, sizes: SizeVars, tuning: Any = None) -> Any:
-        """Kernel ``k`` lowered and scheduled, a PrimFunc named ``k.name``: a loop kernel built as
-        TIR by :meth:`loop_function`; any other lowered through TE (:meth:`lower`) and scheduled by
-        its best record in ``tuning`` (marked with the attribute ``einfuse.tuned``) or else by
-        :meth:`schedule`."""
-        if k.kind == "loop":
+        """Kernel ``k`` lowered and scheduled, a PrimFunc named ``k.name``: a kernel of a loop kind
+        (``KINDS[k.kind].loop``) built as TIR by :meth:`loop_function`; any other lowered through
+        TE (:meth:`lower`) and scheduled by its best record in ``tuning`` (marked with the
+        attribute ``einfuse.tuned``) or else by :meth:`schedule`."""
+        if KINDS[k.kind].loop:
             return self.loop_function(c, k, sizes)
         func = self.lower(c, k, sizes)
         tuned = tuning.schedule(func, k.name) if tuning is not None else None

@@ -1,5 +1,11 @@
 """Rule-based CPU schedules, chosen per kernel kind, with sizes from the target.
 
+The rules are dlight-style: :data:`RULES` maps each kernel kind (``ir.kernels.KINDS``; a loop
+kind, built as TIR already, has none) to a list of rules, each taking ``(sch, blocks, kernel,
+target)`` and returning the schedule, or None where it does not apply; the first that applies
+wins. A single kernel's rule applies the block rules (contraction, row reduction, element-wise)
+to each of its blocks in turn.
+
 * every block but the kernel's output block and its stages is inlined (the fused element-wise
   producers), unless the kernel gathers (nested data-dependent selects make TVM's simplifier
   take minutes);
@@ -22,6 +28,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -46,19 +53,64 @@ def rule_schedule(func: tirx.PrimFunc, kernel: Kernel, target: Target) -> s_tir.
         if sch.get(b).name_hint not in stages and not _is_reduction(sch, b) and not kernel.gathers:
             sch.compute_inline(b)  # (inlined gathers: TVM takes minutes)
     out = sch.get_child_blocks(sch.get_sblock("root"))
-    if kernel.kind == "epilogue":
-        _contraction_schedule(sch, out[0], target, epilogue=True)
-    elif kernel.kind in ("rows", "attention"):
-        _row_schedule(sch, out, target, attention=kernel.kind == "attention")
-    else:
-        for b in out:
-            if _is_reduction(sch, b) and _contraction(sch, b):
-                _contraction_schedule(sch, b, target)
-            elif _is_reduction(sch, b):
-                _row_schedule(sch, [b], target)
-            else:
-                _elementwise_schedule(sch, b, target, vectorize=not kernel.gathers)
+    return next((done for rule in RULES[kernel.kind] if (done := rule(sch, out, kernel, target)) is not None), sch)
+
+
+Rule = Callable[[s_tir.Schedule, list[Any], Kernel, Target], s_tir.Schedule | None]
+
+
+def _epilogue_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
+    """An epilogue kernel: its contraction, the element-wise reader applied to the tile as it is stored."""
+    _contraction_schedule(sch, blocks[0], target, epilogue=True)
     return sch
+
+
+def _rows_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
+    """A row group, or (``attention``) the ``P V`` reading it, one block of query rows at a time."""
+    _row_schedule(sch, blocks, target, attention=kernel.kind == "attention")
+    return sch
+
+
+def _contraction_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule | None:
+    """A contraction block on register tiles (or as a GEMV)."""
+    if not (_is_reduction(sch, blocks[0]) and _contraction(sch, blocks[0])):
+        return None
+    _contraction_schedule(sch, blocks[0], target)
+    return sch
+
+
+def _reduction_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule | None:
+    """A row reduction block, parallel over its rows."""
+    if not _is_reduction(sch, blocks[0]):
+        return None
+    _row_schedule(sch, blocks, target)
+    return sch
+
+
+def _elementwise_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
+    """An element-wise block, vectorized unless the kernel gathers."""
+    _elementwise_schedule(sch, blocks[0], target, vectorize=not kernel.gathers)
+    return sch
+
+
+def _each_block(*rules: Rule) -> Rule:
+    """The rule scheduling every block alone, by the first of ``rules`` that applies to it."""
+    def rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
+        for b in blocks:
+            for r in rules:
+                if r(sch, [b], kernel, target) is not None:
+                    break
+        return sch
+    return rule
+
+
+#: The rules of each kernel kind, in order (module docstring).
+RULES: dict[str, list[Rule]] = {
+    "": [_each_block(_contraction_rule, _reduction_rule, _elementwise_rule)],
+    "epilogue": [_epilogue_rule],
+    "rows": [_rows_rule],
+    "attention": [_rows_rule],
+}
 
 
 def _is_reduction(sch: s_tir.Schedule, block: Any) -> bool:
