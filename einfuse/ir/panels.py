@@ -11,11 +11,15 @@ import numpy as np
 from .nodes import Access, Einsum, IBin, IConst, Index
 from .scope import reads
 
+#: A panel read's shape: three indices, the lane (``n % nr``) last; the TIR of a panel read keeps
+#: it (``FloorMod`` last), which is how the CPU schedules recognise one.
+INDICES, LANE_OP = 3, "%"
+
 
 def panel_access(weight: Access, packed: str, nr: int) -> Access:
     """The read of ``weight`` (``W[k,n]``) from its panels ``packed``: ``packed[n//nr, k, n%nr]``."""
     k, n = (ix.expr for ix in weight.indices)
-    return Access(packed, (Index(IBin("//", n, IConst(nr))), Index(k), Index(IBin("%", n, IConst(nr)))))
+    return Access(packed, (Index(IBin("//", n, IConst(nr))), Index(k), Index(IBin(LANE_OP, n, IConst(nr)))))
 
 
 def panel_data(w: np.ndarray, nr: int) -> np.ndarray:
@@ -26,8 +30,8 @@ def panel_data(w: np.ndarray, nr: int) -> np.ndarray:
 
 def is_panel_read(a: Access) -> bool:
     """Whether ``a`` reads panels (:func:`panel_access`'s form: three indices, the last ``n % nr``)."""
-    last = a.indices[-1].expr if len(a.indices) == 3 else None
-    return isinstance(last, IBin) and last.op == "%"
+    last = a.indices[-1].expr if len(a.indices) == INDICES else None
+    return isinstance(last, IBin) and last.op == LANE_OP
 
 
 def reads_panels(e: Einsum) -> bool:

@@ -44,12 +44,10 @@ class Target:
     def attention_tile(self, head_dim: int, value_dim: int, keys: int | None = None) -> int:
         """Keys per tile of the 1-pass attention. A CPU: the tile whose cost-model estimate is
         lowest (:func:`einfuse.targets.cost.attention_tile`, on the target's nominal numbers;
-        4096 keys where the length is not known, as many queries as keys). An accelerator: as
-        wide as its 2D array; a GPU: 64."""
-        if self.kind == "accel":
-            return self.device.pe_cols
-        if self.kind == "cuda":
-            return 64
+        4096 keys where the length is not known, as many queries as keys). A device: its preset's
+        (an accelerator: as wide as its 2D array; a GPU: 64)."""
+        if self.device is not None:
+            return self.device.attention_tile
         from . import cost
         keys = keys or 4096
         return cost.attention_tile(cost.nominal(self), keys, keys, head_dim, value_dim)
@@ -78,7 +76,8 @@ class Target:
     def tvm_target(self) -> Any:
         """The ``tvm.target.Target`` (TVM is imported here, not at module load)."""
         from tvm.target import Target as TVMTarget
-        return TVMTarget(self.tvm, host={"kind": "llvm"}) if self.kind == "cuda" else TVMTarget(self.tvm)
+        host = getattr(self.device, "host", None)
+        return TVMTarget(self.tvm, host={"kind": host}) if host else TVMTarget(self.tvm)
 
     @staticmethod
     def parse(spec: "str | Target") -> "Target":

@@ -28,6 +28,8 @@ class GPU:
     shared_bytes: int | None = None             # usable shared memory per thread block
     sms: int | None = None
     l2_bytes: int | None = None
+    attention_tile: int = 64                    # keys per tile of the 1-pass attention (a K/V tile in shared memory)
+    host: str | None = "llvm"                   # the TVM target of the code that launches the kernels
 
 
 _TB = 1e12
@@ -55,6 +57,12 @@ class Accelerator:
     vector_exp: int = 0          # cycles of an exp on a 1D PE with an exp unit (0: none, exp as above)
     word_bytes: int = 2          # the datapath's word (16-bit) for DRAM traffic
     tile_k: int = 16             # reduction steps of one 2D-array instruction (fm_mac2d)
+    host: str | None = None      # (the C kernels are called by the simulator, not launched)
+
+    @property
+    def attention_tile(self) -> int:
+        """Keys per tile of the 1-pass attention: as wide as the 2D array."""
+        return self.pe_cols
 
 
 ACCELERATORS = {"fusemax": Accelerator()}

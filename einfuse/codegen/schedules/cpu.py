@@ -34,6 +34,7 @@ from typing import Any
 from tvm import s_tir, tirx
 
 from ...targets import Target, cost
+from ...ir import panels
 from ...ir.kernels import Kernel
 
 WHOLE_VECTOR = 2048  # the longest ragged row vectorized whole
@@ -237,9 +238,10 @@ def _streams_rows(blk: Any, row: int, target: Target) -> bool:
 
 
 def _reads_panels(blk: Any) -> bool:
-    """Whether the block reads a weight packed into panels at compile time
-    (``W_p[n//nr, k, n%nr]``, passes/layout.pack_weights): nothing to copy out."""
-    return any(len(ld.indices) == 3 and isinstance(ld.indices[-1], tirx.FloorMod) for ld in _loads(blk.body.value))
+    """Whether the block reads a weight packed into panels at compile time (the layout of
+    :mod:`einfuse.ir.panels`, as TIR): nothing to copy out."""
+    return any(len(ld.indices) == panels.INDICES and isinstance(ld.indices[-1], tirx.FloorMod)
+               for ld in _loads(blk.body.value))
 
 
 GEMV_ROWS = 4   # rows of the matrix a GEMV step reads (4 streams from memory, one accumulator load and
