@@ -44,8 +44,8 @@ from ..targets.cost import ATTENTION_ROWS
 from .loop_einsum import IDENTITY, EinsumNests
 from .loop_frames import Entered, LoopFrame
 from .loop_tiles import TileTests
-from .lower import KernelBuilder, SizeVars, _work_dtype
-from .op_lowering import _cast, _const, _fold
+from .lower import KernelBuilder, SizeVars, work_dtype
+from .op_lowering import cast, const, fold
 
 
 class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
@@ -138,7 +138,7 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
                 self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype].tvm))
             extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
             blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
-            with self.launch(_fold(lambda a, b: a * b, extents + [blocks]), rows) as (p, first):
+            with self.launch(fold(lambda a, b: a * b, extents + [blocks]), rows) as (p, first):
                 # the block varies fastest: each thread's share of the parallel loop then
                 # holds early and late query blocks alike (a causal mask skips more in early ones)
                 start, p = tirx.floormod(p, blocks) * rows + first, tirx.floordiv(p, blocks)
@@ -276,7 +276,7 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
         value, valid = self.expr(e.rhs, env, self.dtype(e))
         op = self.reduce_op(e)
         if valid is not None and op in ("max", "min") and reduced_vars(e, frozenset({self.loop.var})):
-            value = tirx.Select(valid, value, _const(IDENTITY[op], self.dtype(e)))
+            value = tirx.Select(valid, value, const(IDENTITY[op], self.dtype(e)))
         return value
 
     def store(self, e: Einsum, env: dict[str, Any], value: Any, masked: bool | None = None) -> None:
@@ -287,8 +287,8 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
             masked = not reduced_vars(e, frozenset({self.loop.var}))
         conds = [self.cond(c, env) for c in self.filters(e)] if masked else []
         if conds:
-            value = tirx.Select(_fold(tirx.And, conds), value, _const(d.fill, self.dtype(e)))
-        T.buffer_store(self.buffers[e.lhs.tensor], _cast(value, DTYPES[d.dtype].tvm), self.indices(e.lhs, env))
+            value = tirx.Select(fold(tirx.And, conds), value, const(d.fill, self.dtype(e)))
+        T.buffer_store(self.buffers[e.lhs.tensor], cast(value, DTYPES[d.dtype].tvm), self.indices(e.lhs, env))
 
     def filters(self, e: Einsum) -> list[Any]:
         """``e``'s output filters, less those this tile is known to pass (see ``full``)."""
@@ -299,20 +299,20 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
 
     def read(self, a: Access, env: dict[str, Any], work: str) -> tuple[Any, Any]:
         if a.tensor in self.held:
-            return _cast(self.held[a.tensor], work), None
+            return cast(self.held[a.tensor], work), None
         if a.tensor in self.recomputed:
             w = self.recomputed[a.tensor]
             at = {ix.expr.name: self.index(read.expr, env)[0] for ix, read in zip(w.lhs.indices, a.indices)}
-            value = _cast(self.expr(w.rhs, at, self.dtype(w))[0], work)
+            value = cast(self.expr(w.rhs, at, self.dtype(w))[0], work)
         elif a.tensor in self.layout:
-            value = _cast(tirx.BufferLoad(self.buffers[a.tensor], self.indices(a, env)), work)
+            value = cast(tirx.BufferLoad(self.buffers[a.tensor], self.indices(a, env)), work)
         else:
             return super().read(a, env, work)
         checks = [self.cond(c, env) for ix in a.indices for c in ix.filter]
         if not checks:
             return value, None
-        valid = _fold(tirx.And, checks)
-        return tirx.Select(valid, value, _const(self.decls[a.tensor].fill, work)), valid
+        valid = fold(tirx.And, checks)
+        return tirx.Select(valid, value, const(self.decls[a.tensor].fill, work)), valid
 
     def indices(self, a: Access, env: dict[str, Any]) -> list[Any]:
         """Where ``a`` is stored: the output's global indices, or a local buffer's (see ``allocate``)."""
@@ -341,7 +341,7 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
         return e.reduce.op if e.reduce else "+"
 
     def dtype(self, e: Einsum) -> str:
-        return _work_dtype(self.decls[e.lhs.tensor].dtype, [self.decls[a.tensor].dtype for a in reads(e)])
+        return work_dtype(self.decls[e.lhs.tensor].dtype, [self.decls[a.tensor].dtype for a in reads(e)])
 
     def var_extent(self, v: str) -> Any:
         return self.rank_size[self.ranks[v]]

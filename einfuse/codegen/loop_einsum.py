@@ -24,7 +24,7 @@ from ..ir import Einsum
 from ..ir.scope import reduced_vars
 from ..targets.cost import rule_tile, rule_vectors
 from .loop_frames import Entered, LoopFrame, Nest
-from .op_lowering import _const, nan_max, nan_min
+from .op_lowering import const, nan_max, nan_min
 
 IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
 _COMBINE = {"+": lambda a, b: a + b, "max": nan_max, "min": nan_min}   # (nan as torch.amax: see op_lowering.nan_max)
@@ -72,7 +72,7 @@ class EinsumNests:
             # every step once: 2x slower)
             acc = T.decl_buffer([unroll, extent], self.dtype(e), scope="local") if isinstance(extent, int) else None
             with self.tile(at, group, unroll, own[-1], span) as point:
-                self.accumulate(e, point, acc, _const(IDENTITY[op], self.dtype(e)))
+                self.accumulate(e, point, acc, const(IDENTITY[op], self.dtype(e)))
             with ExitStack() as reduction:
                 for v in red:
                     at[v] = reduction.enter_context(LoopFrame(T.serial, self.sizes.expr(self.var_extent(v))))
@@ -143,7 +143,7 @@ class EinsumNests:
         extent = self.var_extent(red[-1])
         if not isinstance(extent, int) or lanes == 1 or extent % lanes:
             with self.nest(env, [], vector=[]) as at:
-                self.store(e, at, _const(IDENTITY[op], work))
+                self.store(e, at, const(IDENTITY[op], work))
             with self.nest(env, red, vector=[]) as at:
                 self.store(e, at, _COMBINE[op](self.load_lhs(e, at), self.value(e, at)))
             return
@@ -152,7 +152,7 @@ class EinsumNests:
         with self.nest(env, [], vector=[]) as at:
             slot = at["@row"] if grouped else tirx.const(0, "int64")
             with LoopFrame(self.vectorized, lanes) as j:
-                T.buffer_store(parts, _const(IDENTITY[op], work), [slot, j])
+                T.buffer_store(parts, const(IDENTITY[op], work), [slot, j])
             with ExitStack() as stack:
                 inner = dict(at)
                 for v in red[:-1]:

@@ -33,7 +33,7 @@ from ..ir.dtypes import DTYPES
 from ..ir.scope import access_vars, reads
 from .loop import LoopBuilder
 from .loop_frames import Entered, LoopFrame
-from .op_lowering import _cast
+from .op_lowering import cast
 
 
 class GPULoopBuilder(LoopBuilder):
@@ -120,7 +120,7 @@ class GPULoopBuilder(LoopBuilder):
             return super().read(a, env, work)
         buf, _, local = staged
         _, valid = super().read(a, env, work)   # (its guard only: the tile holds the fill where it fails)
-        return _cast(tirx.BufferLoad(buf, [env[v] for v in local]), work), valid
+        return cast(tirx.BufferLoad(buf, [env[v] for v in local]), work), valid
 
 
 class _bound(LoopFrame):

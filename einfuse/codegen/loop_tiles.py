@@ -15,7 +15,7 @@ from tvm.script.ir_builder import tirx as T
 from ..ir import Einsum, IBin, IConst, ISym, IVar
 from ..ir.scope import index_atoms, reads
 from .loop_frames import LoopFrame
-from .op_lowering import _const, _fold
+from .op_lowering import const, fold
 
 
 class TileTests:
@@ -34,11 +34,11 @@ class TileTests:
         """Whether a row of the block has its ``name`` (one value per row) other than ``-inf``
         (above it, or ``nan``: a ``nan`` score reaches every running value)."""
         flag = T.decl_buffer([1], "float32", scope="local")
-        T.buffer_store(flag, _const(0.0, "float32"), [0])
+        T.buffer_store(flag, const(0.0, "float32"), [0])
         with LoopFrame(T.serial, self.row_count) as r:
-            masked = tirx.EQ(tirx.BufferLoad(self.buffers[name], [r]), _const(-math.inf, "float32"))
-            T.buffer_store(flag, tirx.Select(masked, flag[0], _const(1.0, "float32")), [0])
-        return flag[0] > _const(0.0, "float32")
+            masked = tirx.EQ(tirx.BufferLoad(self.buffers[name], [r]), const(-math.inf, "float32"))
+            T.buffer_store(flag, tirx.Select(masked, flag[0], const(1.0, "float32")), [0])
+        return flag[0] > const(0.0, "float32")
 
     def live(self, env: dict[str, Any]) -> Any:
         """When this tile may hold a point of the masked scores, or None if every tile may.
@@ -47,7 +47,7 @@ class TileTests:
         ``QK[t,s,i: t*T+i<=s]``). In FuseMax's cascade a tile of them that is ``-inf`` everywhere
         changes no running value (``exp(-inf) = 0``, ``max`` ignores it), so it is skipped."""
         tests = [self.bound_test(c, env, every=False) for c in self.tile_filters(masked_only=True)]
-        return _fold(tirx.And, tests) if tests else None
+        return fold(tirx.And, tests) if tests else None
 
     def full(self, env: dict[str, Any]) -> tuple[Any, frozenset] | None:
         """When every point of this tile passes the loop's tile-dependent filters (all tiles
@@ -56,7 +56,7 @@ class TileTests:
         conds = self.tile_filters(masked_only=False)
         if not conds:
             return None
-        return _fold(tirx.And, [self.bound_test(c, env, every=True) for c in conds]), frozenset(conds)
+        return fold(tirx.And, [self.bound_test(c, env, every=True) for c in conds]), frozenset(conds)
 
     def tile_filters(self, masked_only: bool) -> list[Any]:
         """The body's output filters that depend on the tile and whose sides never decrease as a

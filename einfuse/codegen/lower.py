@@ -26,7 +26,7 @@ from ..ir.nodes import Expr, IndexExpr
 from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
 from ..ir.sizes import in_range
 from ..ir.kernels import Kernel
-from .op_lowering import NAN_REDUCERS, _cast, _const, _dtype, _fold, lower_op
+from .op_lowering import NAN_REDUCERS, cast, const, dtype_of, fold, lower_op
 
 
 class SizeVars:
@@ -43,9 +43,9 @@ class SizeVars:
         if size.is_Symbol:
             return self.vars.setdefault(str(size), tirx.Var(str(size), "int64"))
         if size.is_Pow and size.exp.is_Integer and size.exp > 0:   # (n**2: an N x N tensor's elements)
-            return _fold(lambda a, b: a * b, [self.expr(size.base)] * int(size.exp))
+            return fold(lambda a, b: a * b, [self.expr(size.base)] * int(size.exp))
         if size.is_Add:
-            return _fold(lambda a, b: a + b, [self.expr(a) for a in size.args])
+            return fold(lambda a, b: a + b, [self.expr(a) for a in size.args])
         if isinstance(size, sympy.ceiling):  # ceiling(n/d): whole tiles of a symbolic length
             num, den = sympy.fraction(size.args[0])
             return tirx.floordiv(self.expr(num) + self.expr(den) - 1, self.expr(den))
@@ -53,7 +53,7 @@ class SizeVars:
             num, den = sympy.fraction(size)
             if den != 1:
                 return tirx.floordiv(self.expr(num), self.expr(den))
-            return _fold(lambda a, b: a * b, [self.expr(a) for a in size.args])
+            return fold(lambda a, b: a * b, [self.expr(a) for a in size.args])
         raise CompileError(f"cannot generate code for the size {size}")
 
 
@@ -98,7 +98,7 @@ class KernelBuilder:
             raise CompileError(f"kernel {self.k.name}: populate ({e.populate.op}) has no CPU code generation yet")
         d = self.decls[e.lhs.tensor]
         dtype = DTYPES[d.dtype].tvm
-        work = _work_dtype(d.dtype, [self.decls[a.tensor].dtype for a in expr_accesses(e.rhs)])
+        work = work_dtype(d.dtype, [self.decls[a.tensor].dtype for a in expr_accesses(e.rhs)])
         red = reduced_vars(e)
         partial = previous is not None or any(ix.filter for ix in e.lhs.indices) \
             or not all(isinstance(ix.expr, IVar) for ix in e.lhs.indices)
@@ -114,7 +114,7 @@ class KernelBuilder:
                 return value
             if partial:
                 value = self.partial(d, e, value, conds, previous, coords, dtype)
-            return _cast(value, dtype)
+            return cast(value, dtype)
         shape = self.shape(d)
         result = te.compute(shape, body, name=name)
         if second:
@@ -140,9 +140,9 @@ class KernelBuilder:
     def partial(self, d: TensorDecl, e: Einsum, value: Any, conds: list[Any], previous: te.Tensor | None,
                 coords: tuple, dtype: str) -> Any:
         if not conds:
-            return _cast(value, dtype)
-        other = previous[tuple(coords)].asobject() if previous is not None else _const(d.fill, dtype)
-        return tirx.Select(_fold(tirx.And, conds), _cast(value, dtype), _cast(other, dtype))
+            return cast(value, dtype)
+        other = previous[tuple(coords)].asobject() if previous is not None else const(d.fill, dtype)
+        return tirx.Select(fold(tirx.And, conds), cast(value, dtype), cast(other, dtype))
 
     def reduce(self, e: Einsum, env: dict[str, Any], axes: list[Any], work: str) -> Any:
         value, valid = self.expr(e.rhs, env, work)
@@ -151,7 +151,7 @@ class KernelBuilder:
         op = e.reduce.op if e.reduce else "+"
         identity = {"+": 0.0, "*": 1.0, "max": -math.inf, "min": math.inf}[op]
         if valid is not None and op in ("max", "min"):
-            value = tirx.Select(valid, value, _const(identity, work))
+            value = tirx.Select(valid, value, const(identity, work))
         if op == "+":
             return te.sum(value, axis=axes)
         if op in ("max", "min") and work.startswith("float") and self.nan_reductions:
@@ -168,9 +168,9 @@ class KernelBuilder:
     def expr(self, x: Expr, env: dict[str, Any], work: str) -> tuple[Any, Any]:
         """The value of ``x`` in ``work`` dtype, and when it is a product of reads, where all are valid."""
         if isinstance(x, Const):
-            return _const(x.value, work), None
+            return const(x.value, work), None
         if isinstance(x, Coord):
-            return _cast(self.index(x.expr, env)[0], work), None
+            return cast(self.index(x.expr, env)[0], work), None
         if isinstance(x, Access):
             return self.read(x, env, work)
         args = [self.expr(a, env, work) for a in x.args]
@@ -180,7 +180,7 @@ class KernelBuilder:
         valid = None
         if x.op == "mul":
             conds = [v for _, v in args if v is not None]
-            valid = _fold(tirx.And, conds) if conds else None
+            valid = fold(tirx.And, conds) if conds else None
         return value, valid
 
     def absent_is_minus_inf(self, x: Expr) -> bool:
@@ -203,11 +203,11 @@ class KernelBuilder:
                 i = tirx.max(tirx.min(i, extent - 1), tirx.const(0, "int64"))
             idx.append(i)
             checks += [self.cond(c, env) for c in ix.filter]
-        value = _cast(self.load(a.tensor, idx), work)
+        value = cast(self.load(a.tensor, idx), work)
         if not checks:
             return value, None
-        valid = _fold(tirx.And, checks)
-        return tirx.Select(valid, value, _const(d.fill, work)), valid
+        valid = fold(tirx.And, checks)
+        return tirx.Select(valid, value, const(d.fill, work)), valid
 
     def extents(self, name: str) -> list[Any]:
         """The shape of the tensor ``name`` as this kernel sees it."""
@@ -251,11 +251,11 @@ _INDEX_OPS: dict[str, Callable[[Any, Any], Any]] = {
 def _absent_difference(a: Any, b: Any, difference: Any) -> Any:
     """``a - b`` of two points of ``empty=-inf`` tensors: absent (``-inf``) where both are, as the
     interpreter has it, not IEEE's ``nan`` (a fully masked row's ``exp(score - max)`` is 0)."""
-    minus_inf = _const(-math.inf, _dtype(a))
+    minus_inf = const(-math.inf, dtype_of(a))
     return tirx.Select(tirx.And(tirx.EQ(a, minus_inf), tirx.EQ(b, minus_inf)), minus_inf, difference)
 
 
-def _work_dtype(out: str, operands: list[str]) -> str:
+def work_dtype(out: str, operands: list[str]) -> str:
     """The dtype an Einsum computes in: its output's if float, else float32 when it reads floats."""
     if DTYPES[out].is_float:
         return DTYPES[out].tvm

@@ -35,11 +35,11 @@ class OpContext:
 
     @property
     def one(self) -> Any:
-        return _const(1.0, self.work)
+        return const(1.0, self.work)
 
     @property
     def zero(self) -> Any:
-        return _const(0.0, self.work)
+        return const(0.0, self.work)
 
     @property
     def is_float(self) -> bool:
@@ -47,7 +47,7 @@ class OpContext:
 
     def flag(self, cond: Any) -> Any:
         """A boolean as 1 or 0 of the work dtype."""
-        return _cast(cond, self.work)
+        return cast(cond, self.work)
 
 
 Lowering = Callable[..., Any]
@@ -74,14 +74,14 @@ def lower_op(op: str, args: list[Any], work: str) -> Any:
 
 # ---- TIR values ---------------------------------------------------------------------------------
 
-def _fold(fn: Callable[[Any, Any], Any], items: list[Any]) -> Any:
+def fold(fn: Callable[[Any, Any], Any], items: list[Any]) -> Any:
     out = items[0]
     for x in items[1:]:
         out = fn(out, x)
     return out
 
 
-def _const(v: float, dtype: str) -> Any:
+def const(v: float, dtype: str) -> Any:
     if dtype.startswith("int") and not math.isfinite(v):
         v = -(2 ** 62) if v < 0 else 2 ** 62
     if dtype == "bool":
@@ -89,26 +89,26 @@ def _const(v: float, dtype: str) -> Any:
     return tirx.const(int(v) if dtype.startswith("int") else v, dtype)
 
 
-def _dtype(x: Any) -> str:
+def dtype_of(x: Any) -> str:
     """The dtype of a TIR expression (this TVM spells it ``.ty``)."""
     return str(x.ty)
 
 
-def _cast(x: Any, dtype: str) -> Any:
-    if _dtype(x) == dtype:
+def cast(x: Any, dtype: str) -> Any:
+    if dtype_of(x) == dtype:
         return x
     if dtype == "bool":
-        return _ne(x, tirx.const(0, _dtype(x)))
+        return _ne(x, tirx.const(0, dtype_of(x)))
     return tirx.Cast(dtype, x)
 
 
 def _ne(a: Any, b: Any) -> Any:
     """``a != b``, true where either is ``nan`` as in torch (TIR's float ``!=`` is ordered: false
     there, and TVM's simplifier turns ``!(a == b)`` back into it)."""
-    if not _dtype(a).startswith(("float", "bfloat")):
+    if not dtype_of(a).startswith(("float", "bfloat")):
         return tirx.NE(a, b)
     nan = [tirx.isnan(x) for x in (a, b) if not isinstance(x, tirx.FloatImm)]
-    return _fold(tirx.Or, [tirx.NE(a, b), *nan])
+    return fold(tirx.Or, [tirx.NE(a, b), *nan])
 
 
 def nan_max(a: Any, b: Any) -> Any:
@@ -123,7 +123,7 @@ def nan_min(a: Any, b: Any) -> Any:
 
 
 def _nan_pick(pick: Callable[[Any, Any], Any], beats: Callable[[Any, Any], Any], a: Any, b: Any) -> Any:
-    if not _dtype(a).startswith(("float", "bfloat")):
+    if not dtype_of(a).startswith(("float", "bfloat")):
         return pick(a, b)
     if isinstance(a, tirx.FloatImm):
         a, b = b, a
@@ -159,7 +159,7 @@ def _exp(x: Any) -> Any:
     ``inf`` where exp does (x > 88.72, ``+inf``); ``nan`` stays ``nan`` (one select, which
     vectorizes). Below 2^-125 (masked scores, exp(-inf)) it is exactly 0: tiny results would turn
     into denormals downstream, which x86 computes two orders of magnitude slower."""
-    if _dtype(x) != "float32":
+    if dtype_of(x) != "float32":
         return tirx.exp(x)
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     raw = x * f32(1.4426950408889634)
@@ -178,7 +178,7 @@ def _exp(x: Any) -> Any:
 def _erf(x: Any) -> Any:
     """``erf`` as Abramowitz & Stegun 7.1.26 (absolute error 1.5e-7) over the polynomial exp,
     instead of a libm call per vector lane (it made BERT's and the MLP's GELU 20x slower)."""
-    if _dtype(x) != "float32":
+    if dtype_of(x) != "float32":
         return tirx.erf(x)
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     ax = tirx.abs(x)
@@ -192,7 +192,7 @@ def _erf(x: Any) -> Any:
 
 def _tanh(x: Any, one: Any) -> Any:
     """tanh through the polynomial exp: 1 - 2 / (exp(2x) + 1)."""
-    return one - _const(2.0, _dtype(x)) / (_exp(x + x) + one)
+    return one - const(2.0, dtype_of(x)) / (_exp(x + x) + one)
 
 
 def _sigmoid(x: Any, one: Any) -> Any:
@@ -226,13 +226,13 @@ def _silu(ctx: OpContext, x: Any) -> Any:
 
 @lowers("gelu")
 def _gelu(ctx: OpContext, x: Any) -> Any:
-    return x * _const(0.5, _dtype(x)) * (ctx.one + _erf(x * _const(1 / math.sqrt(2.0), _dtype(x))))
+    return x * const(0.5, dtype_of(x)) * (ctx.one + _erf(x * const(1 / math.sqrt(2.0), dtype_of(x))))
 
 
 @lowers("gelu_tanh")
 def _gelu_tanh(ctx: OpContext, x: Any) -> Any:
-    inner = _const(math.sqrt(2 / math.pi), _dtype(x)) * (x + _const(0.044715, _dtype(x)) * x * x * x)
-    return _const(0.5, _dtype(x)) * x * (ctx.one + _tanh(inner, ctx.one))
+    inner = const(math.sqrt(2 / math.pi), dtype_of(x)) * (x + const(0.044715, dtype_of(x)) * x * x * x)
+    return const(0.5, dtype_of(x)) * x * (ctx.one + _tanh(inner, ctx.one))
 
 
 # ---- other unary ops ----------------------------------------------------------------------------
@@ -271,7 +271,7 @@ def _not(ctx: OpContext, x: Any) -> Any:
 @lowers("f16", "bf16", "f32", "f64", "i8", "i32", "i64", "bool")
 def _convert(ctx: OpContext, x: Any) -> Any:
     """A cast: the value rounded or truncated to the op's dtype, computed on in ``work``."""
-    return _cast(_cast(x, DTYPES[ctx.op].tvm), ctx.work)
+    return cast(cast(x, DTYPES[ctx.op].tvm), ctx.work)
 
 
 # ---- binary and ternary ops ---------------------------------------------------------------------
@@ -301,7 +301,7 @@ def _compare(ctx: OpContext, a: Any, b: Any) -> Any:
 def _pow(ctx: OpContext, a: Any, b: Any) -> Any:
     """Small integer powers as products (``x**3`` in GELU); others through ``power``."""
     if isinstance(b, tirx.FloatImm) and float(b.value) in (1.0, 2.0, 3.0, 4.0):
-        return _fold(lambda p, q: p * q, [a] * int(b.value))
+        return fold(lambda p, q: p * q, [a] * int(b.value))
     return tirx.power(a, b)
 
 
@@ -323,7 +323,7 @@ def _logical(ctx: OpContext, a: Any, b: Any) -> Any:
 
 @lowers("xor")
 def _xor(ctx: OpContext, a: Any, b: Any) -> Any:
-    return ctx.flag(tirx.NE(_cast(_ne(a, ctx.zero), "int8"), _cast(_ne(b, ctx.zero), "int8")))  # (NE of bools: fcmp)
+    return ctx.flag(tirx.NE(cast(_ne(a, ctx.zero), "int8"), cast(_ne(b, ctx.zero), "int8")))  # (NE of bools: fcmp)
 
 
 @lowers("where")
