@@ -67,8 +67,14 @@ def _epilogue_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, targe
 
 
 def _rows_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
-    """A row group, or (``attention``) the ``P V`` reading it, one block of query rows at a time."""
-    _row_schedule(sch, blocks, target, attention=kernel.kind == "attention")
+    """A row group, parallel over its rows, each stage one row at a time."""
+    _row_schedule(sch, blocks, target)
+    return sch
+
+
+def _attention_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
+    """A row group and the ``P V`` reading it, one block of query rows at a time."""
+    _row_schedule(sch, blocks, target, attention=True)
     return sch
 
 
@@ -110,7 +116,7 @@ RULES: dict[str, list[Rule]] = {
     "": [_each_block(_contraction_rule, _reduction_rule, _elementwise_rule)],
     "epilogue": [_epilogue_rule],
     "rows": [_rows_rule],
-    "attention": [_rows_rule],
+    "attention": [_attention_rule],
 }
 
 
