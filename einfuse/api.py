@@ -34,14 +34,37 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
 
 
 def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,
-            pipeline: str = "default", dynamic_shapes: Any = None) -> Path:
+            pipeline: str = "default", dynamic_shapes: Any = None, harness: bool = False, data: bool = False) -> Path:
     """Write the source of every kernel of ``model`` for ``target`` into directory ``output``,
-    with ``manifest.json`` (see :mod:`einfuse.codegen.emit`); returns the manifest's path."""
+    with ``manifest.json`` (see :mod:`einfuse.codegen.emit`); returns the manifest's path.
+    ``harness`` (CUDA) adds the host program that runs them with nvcc alone (``make && ./run``,
+    :mod:`einfuse.codegen.harness`) and ``data`` its data for ``args``: the inputs, the weights
+    and every kernel's output computed here (random inputs for a cascade given none)."""
     from .codegen.emit import write_kernels
     from .targets import Target
     t = Target.parse(target)
     cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=t), t)
-    return write_kernels(cascade, t, Path(output))
+    inputs = _input_values(cascade, model, args) if data else None
+    return write_kernels(cascade, t, Path(output), harness=harness, inputs=inputs)
+
+
+def _input_values(cascade: Cascade, model: Any, args: tuple | None) -> dict[str, Any]:
+    """The cascade's inputs by name: ``args`` (tensors or arrays), or for a cascade given none
+    random ones (normal floats, zero integers, true booleans) of its static sizes."""
+    import numpy as np
+
+    from .ir.dtypes import DTYPES
+    decls = [t for t in cascade.tensors if t.role == "input"]
+    if args:
+        return {d.name: np.asarray(a.detach().cpu().numpy() if hasattr(a, "detach") else a) for d, a in zip(decls, args)}
+    rng, size = np.random.default_rng(0), {r.name: r.size for r in cascade.ranks}
+    out = {}
+    for d in decls:
+        shape = [size[r.rank] for r in d.ranks]
+        kind = DTYPES[d.dtype]
+        out[d.name] = rng.standard_normal(shape) if kind.is_float else np.ones(shape, dtype=kind.numpy) \
+            if d.dtype == "bool" else np.zeros(shape, dtype=kind.numpy)
+    return out
 
 
 def simulate(model: Any, args: tuple | None = None, *, target: str = "accel:fusemax",

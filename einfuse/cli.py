@@ -70,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
     kern.add_argument("-o", "--output", required=True, help="directory for the sources and manifest.json")
     kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    kern.add_argument("--harness", action="store_true",
+                      help="cuda:*: add main.cu and a Makefile that run the kernels with nvcc alone (make && ./run)")
+    kern.add_argument("--data", action="store_true",
+                      help="with --harness: write the example inputs, weights and every kernel's CPU reference to data/")
     cache = sub.add_parser("cache", help="the compile cache: status or clear")
     cache.add_argument("action", choices=("status", "clear"))
     cache.add_argument("--tuning", action="store_true", help="clear: remove the tuning records too")
@@ -180,8 +184,14 @@ def _kernels(args: argparse.Namespace) -> int:
 
     from .api import kernels
     model, example = load_torch_model(args.model)
-    manifest = kernels(model, example, target=args.target, output=args.output, pipeline=args.pipeline)
-    print(f"wrote {len(json.loads(manifest.read_text())['kernels'])} kernels and {manifest}")
+    manifest = kernels(model, example, target=args.target, output=args.output, pipeline=args.pipeline,
+                       harness=args.harness or args.data, data=args.data)
+    written = json.loads(manifest.read_text())
+    print(f"wrote {len(written['kernels'])} kernels and {manifest}")
+    if args.harness or args.data:
+        data = written["data_bytes"]
+        print(f"harness: {manifest.parent / 'main.cu'}, {manifest.parent / 'Makefile'} (make && ./run)"
+              + (f"; data/: {data / 2 ** 20:.1f} MiB" if data is not None else "; no data (add --data)"))
     report = manifest.parent / "report.md"
     lines = report.read_text().splitlines() if report.is_file() else []
     for line in lines:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import numpy as np
 import sympy
 
+from ..errors import EinfuseError
 from ..ir import Cascade
 from ..ir.analysis import einsum_cost, tensors_bytes
 from ..ir.text import access_text
@@ -40,6 +42,7 @@ class Emitted:
     kernel: Kernel
     files: dict[str, str]           # file name -> text
     grid: dict[str, int | str]      # launch extents (CUDA): blockIdx.x, threadIdx.x, ...
+    script: str                     # the scheduled TIR
     flops: Any
     moved: Any
 
@@ -51,17 +54,23 @@ def emit_kernels(c: Cascade, target: Target) -> list[Emitted]:
     out = []
     for i, k in enumerate(c.groups):
         try:
-            files, grid = backend.emit(c, k, sizes, i)
+            files, grid, script = backend.emit(c, k, sizes, i)
         except Exception as exc:   # TVM's own error types
             raise kernel_error(exc, c, k, target) from exc
-        out.append(Emitted(k, files, grid, sum(einsum_cost(c, e).flops for e in k.einsums(c)),
+        out.append(Emitted(k, files, grid, script, sum(einsum_cost(c, e).flops for e in k.einsums(c)),
                            tensors_bytes(c, k.inputs + (k.output,))))
     return out
 
 
-def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None = None) -> Path:
+def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None = None, harness: bool = False,
+                  inputs: Mapping[str, np.ndarray] | None = None) -> Path:
     """Emit every kernel of ``c`` into ``directory`` with ``manifest.json``; ``at`` binds the
-    size symbols for the roofline estimate."""
+    size symbols for the roofline estimate. ``harness`` adds the host program that runs them
+    (:mod:`.harness`, with each kernel's call in the manifest) and ``inputs`` (by input name)
+    its data: the inputs, weights and every kernel's reference output."""
+    backend = backend_for(target)
+    if harness and not backend.harness:
+        raise EinfuseError(f"kernels: a harness runs CUDA kernels; {target.name} has none (use a cuda:* target)")
     emitted = emit_kernels(c, target)
     directory.mkdir(parents=True, exist_ok=True)
     manifest = []
@@ -72,10 +81,26 @@ def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None =
             "kernel": item.kernel.name, "kind": item.kernel.kind or "single", "files": sorted(item.files),
             "einsums": [access_text(e.lhs) for e in item.kernel.einsums(c)], "launch": item.grid,
             "flops": str(item.flops), "bytes": str(item.moved), "roofline_ms": _roofline_ms(item, target, at or {})})
+    extra: dict[str, Any] = {}
+    if harness:
+        extra = _write_harness(c, emitted, manifest, directory, inputs)
     path = directory / "manifest.json"
-    path.write_text(json.dumps({"target": target.name, "kernels": manifest}, indent=1))
-    backend_for(target).write_extras(c, directory, at or {})
+    path.write_text(json.dumps({"target": target.name, "kernels": manifest, **extra}, indent=1))
+    backend.write_extras(c, directory, at or {})
     return path
+
+
+def _write_harness(c: Cascade, emitted: list[Emitted], manifest: list[dict], directory: Path,
+                   inputs: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
+    """The harness's files, each kernel's ``call`` added to its manifest entry; the manifest's
+    ``data`` (the bytes written, or None)."""
+    from .harness import launch, launch_record, write_data, write_harness
+    kernels = [item.kernel for item in emitted]
+    launches = [launch(item.kernel, item.script, item.files[f"{item.kernel.name}.cu"]) for item in emitted]
+    for entry, item, k in zip(manifest, launches, kernels):
+        entry["call"] = {**launch_record(c, item), "output": k.output}
+    write_harness(c, kernels, launches, directory)
+    return {"data_bytes": write_data(c, kernels, inputs, directory) if inputs is not None else None}
 
 
 def _roofline_ms(item: Emitted, target: Target, at: dict) -> float | None:

@@ -35,12 +35,12 @@ class AccelBackend(Backend):
         raise EinfuseError(f"compile: {self.target.name} is not a device to run on; einfuse.kernels emits its C "
                            "and einfuse.simulate runs it here counting its cycles (docs/accelerator.md)")
 
-    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict]:
+    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's C."""
         import tvm
         func = accel.kernel_function(c, k, sizes, self.target, index).func.with_attr("global_symbol", k.name)
         executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
-        return {f"{k.name}.c": executable.mod.inspect_source()}, {}
+        return {f"{k.name}.c": executable.mod.inspect_source()}, {}, func.script()
 
     def check_simulates(self) -> None:
         pass

@@ -36,6 +36,8 @@ class Backend(ABC):
     cached: ClassVar[bool] = False
     #: Where a compiled model's inputs go and its outputs are (a torch device type).
     torch_device: ClassVar[str] = "cpu"
+    #: Whether ``einfuse kernels --harness`` can write a host program that runs the kernels.
+    harness: ClassVar[bool] = False
 
     def __init__(self, target: Target) -> None:
         self.target = target
@@ -66,8 +68,9 @@ class Backend(ABC):
         raise NotImplementedError(f"the {self.kind} backend has no schedule rules")
 
     @abstractmethod
-    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict]:
-        """Kernel ``k`` (the ``index``-th) compiled alone: its source files and launch grid."""
+    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
+        """Kernel ``k`` (the ``index``-th) compiled alone: its source files, launch grid and
+        scheduled TIR."""
 
     def rule_schedule(self, func: Any, k: Kernel) -> Any:
         """The rules' schedule of ``func`` as an ``s_tir.Schedule`` with its trace (tuning's

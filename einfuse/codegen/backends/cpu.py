@@ -30,12 +30,12 @@ class CPUBackend(Backend):
     def rule_schedule(self, func: Any, k: Kernel) -> Any:
         return rule_schedule(func, k, self.target)
 
-    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict]:
+    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's scheduled TIR and the host's assembly of it."""
         import tvm
         func = self.kernel_function(c, k, sizes)
         executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
-        return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}
+        return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}, func.script()
 
     def machine(self) -> Any:
         """The cost model's machine on the host's measured peaks."""

@@ -22,6 +22,7 @@ class CUDABackend(Backend):
     kind = "cuda"
     pipeline = "transpose-weights,materialize-operands,group-kernels"
     torch_device = "cuda"
+    harness = True
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
         """The loop kernel with a thread per row."""
@@ -35,12 +36,12 @@ class CUDABackend(Backend):
         """By dlight's rules."""
         return schedule(func, k.name, self.target)
 
-    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict]:
+    def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's CUDA C and its launch grid."""
         import tvm
         func = self.kernel_function(c, k, sizes)
         executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
-        return {f"{k.name}.cu": device_source(executable.mod)}, _launch(func)
+        return {f"{k.name}.cu": device_source(executable.mod)}, _launch(func), func.script()
 
     def device(self) -> Any:
         import tvm

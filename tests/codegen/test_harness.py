@@ -1,0 +1,146 @@
+"""``einfuse kernels --harness``: a CUDA directory that builds with nvcc alone, whose host program
+is checked here by building it against a CPU stub of the kernels (no GPU on this machine)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from einfuse import zoo
+from einfuse.api import kernels
+from einfuse.codegen.harness import launch_from_record
+from einfuse.errors import EinfuseError
+from einfuse.ir import interpret
+
+from ..conftest import load, params, rel_err
+
+STUB = Path(__file__).parent / "harness_stub"
+NVCC = shutil.which("nvcc")
+_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)\s*\{')
+_SUPPORT = r"""#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+struct Tensor { const char* name; size_t bytes; const char* dtype; bool given; void* dev; };
+extern Tensor tensors[];
+extern int n_tensors;
+static Tensor& find(const char* name) {
+  for (int i = 0; i < n_tensors; i++) if (!std::strcmp(tensors[i].name, name)) return tensors[i];
+  std::fprintf(stderr, "stub: no tensor %s\n", name); std::exit(3);
+}
+static void expect(const char* name, const void* p) {
+  if (find(name).dev != p) { std::fprintf(stderr, "stub: argument %s is not its buffer\n", name); std::exit(3); }
+}
+static void produce(const char* name, void* p) {   // (the reference itself, perturbed if asked)
+  Tensor& t = find(name);
+  std::string path = std::string("data/") + name + ".bin";
+  if (FILE* f = std::fopen(path.c_str(), "rb")) { std::fread(p, 1, t.bytes, f); std::fclose(f); }
+  const char* bad = std::getenv("STUB_PERTURB");
+  if (bad && !std::strcmp(bad, name)) ((float*)p)[0] += 1.0f;
+}
+"""
+
+
+def stub_kernels(directory: Path) -> str:
+    """C++ definitions of the kernels, read from each ``.cu`` file's own signature: each checks
+    that every argument is the buffer of the tensor it names and writes its output's reference."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    out = [_SUPPORT]
+    for entry in manifest["kernels"]:
+        (source,) = [f for f in entry["files"] if f.endswith(".cu")]
+        ((function, params),) = _SIGNATURE.findall((directory / source).read_text())
+        body, declared = [], []
+        for param in (p.strip() for p in params.split(",")):
+            name = param.split()[-1]
+            declared.append(param.replace("__restrict__", ""))
+            body.append(f'  expect("{name[:-4]}", {name});')
+            if name[:-4] == entry["call"]["output"]:
+                body.append(f'  produce("{name[:-4]}", {name});')
+        out.append(f'extern "C" void {function}({", ".join(declared)}) {{\n' + "\n".join(body) + "\n}\n")
+    return "\n".join(out)
+
+
+def build_stub(directory: Path) -> Path:
+    (directory / "stub_kernels.cpp").write_text(stub_kernels(directory))
+    subprocess.run(["g++", "-std=c++17", "-O1", f"-I{STUB}", "-x", "c++", "main.cu", "-x", "none",
+                    "stub_kernels.cpp", "-o", "run_stub"], cwd=directory, check=True, capture_output=True)
+    return directory / "run_stub"
+
+
+def mlp_directory(tmp_path: Path, data: bool = True) -> Path:
+    model, args = zoo.build("mlp")
+    kernels(model, args, target="cuda:h100", output=tmp_path / "k", harness=True, data=data)
+    return tmp_path / "k"
+
+
+def test_the_host_program_passes_each_kernel_its_buffers_and_checks_their_outputs(tmp_path: Path) -> None:
+    directory = mlp_directory(tmp_path)
+    run = build_stub(directory)
+    ok = subprocess.run([str(run)], cwd=directory, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    lines = ok.stdout.splitlines()
+    assert lines[-1].split()[:2] == ["model", "ok"]
+    manifest = json.loads((directory / "manifest.json").read_text())
+    errors = {line.split()[0]: float(line.split()[1]) for line in lines[1:-1]}
+    assert errors == {k["kernel"]: 0.0 for k in manifest["kernels"]}
+    wrong = manifest["kernels"][1]["call"]["output"]
+    bad = subprocess.run([str(run)], cwd=directory, capture_output=True, text=True, env={"STUB_PERTURB": wrong})
+    assert bad.returncode == 1 and bad.stdout.splitlines()[-1].split()[:2] == ["model", "FAILED"]
+    assert float(bad.stdout.splitlines()[2].split()[1]) > 0.0   # (the second kernel's error)
+
+
+def test_without_data_the_inputs_are_made_up_and_nothing_is_checked(tmp_path: Path) -> None:
+    directory = mlp_directory(tmp_path, data=False)
+    assert not (directory / "data").exists()
+    out = subprocess.run([str(build_stub(directory))], cwd=directory, capture_output=True, text=True)
+    assert out.returncode == 0 and "made up, outputs not checked" in out.stdout
+
+
+def test_the_manifest_records_each_call(tmp_path: Path, rng: np.random.Generator) -> None:
+    """Arguments with shapes, dtypes and row-major strides; the records round-trip; the data are
+    the inputs given, the weights and the float64 references, in their dtypes."""
+    directory = mlp_directory(tmp_path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    for entry in manifest["kernels"]:
+        call = entry["call"]
+        launch = launch_from_record(call)
+        assert launch.function == call["function"] and len(launch.args) == len(call["args"]) >= 2
+        assert all(g >= 1 for g in launch.grid + launch.block) and call["output"] in launch.args
+        for arg in call["args"]:
+            assert arg["strides"] == [int(np.prod(arg["shape"][d + 1:])) for d in range(len(arg["shape"]))]
+            size = (directory / "data" / f"{arg['name']}.bin").stat().st_size
+            assert size == np.prod(arg["shape"]) * {"f32": 4, "i64": 8}[arg["dtype"]]
+    assert manifest["data_bytes"] == sum(f.stat().st_size for f in (directory / "data").iterdir())
+
+
+def test_a_cascade_gets_random_inputs_and_its_references(tmp_path: Path, rng: np.random.Generator) -> None:
+    c = load("mlp_block")
+    with pytest.raises(EinfuseError, match="weight 'W' has no data"):
+        kernels(c, target="cuda:sm_80", output=tmp_path, harness=True, data=True)
+    c = replace(c, params={"W": rng.standard_normal((32, 24)), "b": rng.standard_normal(24)})
+    kernels(c, target="cuda:sm_80", output=tmp_path, harness=True, data=True)
+    x = np.fromfile(tmp_path / "data" / "X.bin", dtype=np.float32).reshape(8, 32)
+    want = interpret(c, {"X": x})["G"]
+    got = np.fromfile(tmp_path / "data" / "G.bin", dtype=np.float32).reshape(8, 24)
+    assert x.std() > 0.5 and rel_err(got, want) <= 1e-6   # (random normal inputs; the reference of them)
+
+
+def test_a_harness_is_for_cuda_targets(tmp_path: Path) -> None:
+    with pytest.raises(EinfuseError, match="a harness runs CUDA kernels"):
+        kernels(load("mlp_block"), target="cpu", output=tmp_path, harness=True)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("name", params(["mlp", "gpt2", "llama", "bert", "vit"], slow=("gpt2", "llama", "bert", "vit")))
+def test_every_zoo_models_harness_builds_with_nvcc(name: str, tmp_path: Path) -> None:
+    model, args = zoo.build(name)
+    kernels(model, args, target="cuda:h100", output=tmp_path, harness=True)
+    built = subprocess.run(["make", "ARCH=sm_90"], cwd=tmp_path, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert (tmp_path / "run").is_file()
