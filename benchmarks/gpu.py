@@ -9,6 +9,10 @@ alone (B=1, H=8, D=64, each length, causal and not) against ``scaled_dot_product
 the GPU: float32 with torch's default backend (einfuse's precision), and float16 with the flash
 backend (FlashAttention's own precision) for reference.
 
+Where TVM is not (a lent GPU machine has only nvcc and torch), ``python -m benchmarks.gpu_dir DIR``
+prepares the same workloads as CUDA kernel directories with a host harness that ``DIR/gpu_run.py``
+builds and runs there (docs/targets.md, "On a GPU").
+
 ``--dry-run`` needs no GPU: every workload is compiled for the GPU target (the whole executable,
 CUDA source included), then run on the CPU by einfuse's CPU build against eager, with CPU times;
 the table says so. It is the script a session with a lent GPU runs as it is.

@@ -98,9 +98,9 @@ def launch_record(c: Cascade, item: Launch) -> dict[str, Any]:
 def references(c: Cascade, kernels: list[Kernel], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every kernel's output, computed by the float64 interpreter on ``inputs``, in its dtype."""
     outs = {k.output for k in kernels}
-    marked = replace(c, tensors=tuple(replace(t, role="output") if t.name in outs else t for t in c.tensors))
+    decls = declarations(c)   # (with the temps declared by their writes)
+    marked = replace(c, tensors=tuple(replace(t, role="output") if t.name in outs else t for t in decls.values()))
     values = interpret(marked, inputs)
-    decls = declarations(c)
     return {name: values[name].astype(DTYPES[decls[name].dtype].numpy) for name in outs}
 
 
@@ -108,7 +108,7 @@ def used(c: Cascade, kernels: list[Kernel]) -> list[str]:
     """The tensors the kernels read or write, in declaration order (a weight the layouts replaced
     is left out)."""
     names = {t for k in kernels for t in (*k.inputs, k.output)}
-    return [t.name for t in c.tensors if t.name in names]
+    return [name for name in declarations(c) if name in names]   # (with those a loop declares)
 
 
 def write_data(c: Cascade, kernels: list[Kernel], inputs: Mapping[str, np.ndarray], directory: Path) -> int:

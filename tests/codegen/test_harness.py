@@ -144,3 +144,22 @@ def test_every_zoo_models_harness_builds_with_nvcc(name: str, tmp_path: Path) ->
     built = subprocess.run(["make", "ARCH=sm_90"], cwd=tmp_path, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
     assert (tmp_path / "run").is_file()
+
+
+def test_the_gpu_directory_holds_each_workload_its_specs_and_the_runner(tmp_path: Path) -> None:
+    """``benchmarks.gpu_dir``: a workload per directory with its harness (data where asked), the
+    specs and the runner, which imports nothing of einfuse (the GPU machine has no TVM)."""
+    import ast
+
+    from benchmarks.gpu_dir import LIMIT, prepare, workloads
+    specs = [s for s in workloads([256], {256}) if s["kind"] == "attention"]
+    size = prepare(tmp_path, "cuda:h200", specs)
+    assert 0 < size <= LIMIT and json.loads((tmp_path / "workloads.json").read_text()) == specs
+    for spec in specs:
+        assert (tmp_path / spec["name"] / "main.cu").is_file() and (tmp_path / spec["name"] / "data").is_dir()
+    tree = ast.parse((tmp_path / "gpu_run.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert imported <= {"__future__", "argparse", "json", "subprocess", "sys", "pathlib", "typing", "torch"}
+    run = build_stub(tmp_path / specs[1]["name"])   # (the causal one)
+    assert subprocess.run([str(run)], cwd=tmp_path / specs[1]["name"], capture_output=True).returncode == 0
