@@ -29,7 +29,7 @@ from ..ir.dtypes import DTYPES
 from ..ir.kernels import Kernel
 from ..ir.scope import declarations
 
-_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(([^)]*)\)\s*\{')
+_SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)\s*\{')
 _BINDING = re.compile(r"T\.thread_binding\((.+?), thread=\"(blockIdx|threadIdx)\.([xyz])\"\)")
 _DYNAMIC = re.compile(r'T\.alloc_buffer\(\(([^)]*)\), "(\w+)", scope="shared\.dyn"\)')
 _CTYPES = {"f32": "float", "f64": "double", "f16": "half", "bf16": "__nv_bfloat16", "i8": "int8_t",
@@ -55,7 +55,7 @@ def launch(k: Kernel, script: str, source: str) -> Launch:
     if len(signatures) != 1:
         raise CompileError(f"kernel {k.name}: the harness launches one device function per kernel, "
                            f"TVM made {len(signatures)}")
-    function, params = signatures[0]
+    bounds, function, params = signatures[0]
     args = []
     for param in filter(None, (p.strip() for p in params.split(","))):
         name = param.split()[-1]
@@ -72,6 +72,8 @@ def launch(k: Kernel, script: str, source: str) -> Launch:
         extents[f"{scope}.{axis}"] = int(number.group(1))
     grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
     block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
+    if bounds and int(bounds) != math.prod(block):
+        raise CompileError(f"kernel {k.name}: its threads {block} are not its __launch_bounds__({bounds})")
     shared = sum(math.prod(int(n) for n in filter(None, (s.strip() for s in shape.split(","))))
                  * np.dtype(dtype).itemsize for shape, dtype in _DYNAMIC.findall(script))
     return Launch(function, grid, block, shared, tuple(args))  # type: ignore[arg-type]

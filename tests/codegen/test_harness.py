@@ -162,3 +162,33 @@ def test_the_gpu_directory_holds_each_workload_its_specs_and_the_runner(tmp_path
     assert imported <= {"__future__", "argparse", "json", "subprocess", "sys", "pathlib", "typing", "torch"}
     run = build_stub(tmp_path / specs[1]["name"])   # (the causal one)
     assert subprocess.run([str(run)], cwd=tmp_path / specs[1]["name"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("source, script, message", [
+    ('extern "C" __global__ void f(float* __restrict__ x_ptr) {}\nextern "C" __global__ void g(float* y_ptr) {}',
+     "", "TVM made 2"),
+    ('extern "C" __global__ void f(float* __restrict__ x_ptr, int n) {}', "", "is not a tensor"),
+    ('extern "C" __global__ void f(float* __restrict__ x_ptr) {}',
+     'for i in T.thread_binding(n, thread="threadIdx.x"):', "is not a constant"),
+    ('extern "C" __global__ void __launch_bounds__(128) f(float* __restrict__ x_ptr) {}',
+     'for i in T.thread_binding(64, thread="threadIdx.x"):', "are not its __launch_bounds__"),
+], ids=["two-functions", "size-argument", "symbolic-extent", "launch-bounds"])
+def test_a_launch_the_harness_cannot_make_is_refused_naming_the_kernel(source: str, script: str, message: str) -> None:
+    from einfuse.codegen.harness import launch
+    from einfuse.errors import CompileError
+    from einfuse.ir.kernels import Kernel
+    with pytest.raises(CompileError, match=f"kernel k0_x: .*{message}"):
+        launch(Kernel("k0_x", "x", (), (), ()), script, source)
+
+
+def test_a_launch_reads_grid_block_and_arguments() -> None:
+    from einfuse.codegen.harness import launch, launch_from_record
+    from einfuse.ir.kernels import Kernel
+    source = 'extern "C" __global__ void __launch_bounds__(128) k0_y_kernel(float* __restrict__ y_ptr, float* __restrict__ x_ptr) {'
+    script = ('for a in T.thread_binding(T.int64(32), thread="blockIdx.x"):\n for b in T.thread_binding(4, thread="blockIdx.y"):\n'
+              '  for c in T.thread_binding(128, thread="threadIdx.x"):\n   for d in T.thread_binding(2, thread="vthread.x"):')
+    got = launch(Kernel("k0_y", "y", (), (), ("x",)), script, source)
+    assert (got.function, got.grid, got.block, got.shared_bytes, got.args) == ("k0_y_kernel", (32, 4, 1), (128, 1, 1), 0, ("y", "x"))
+    record = {"function": got.function, "grid": list(got.grid), "block": list(got.block), "shared_bytes": 0,
+              "args": [{"name": "y"}, {"name": "x"}]}
+    assert launch_from_record(json.loads(json.dumps(record))) == got
