@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, cache_dir: str | Path | None = None,
-            tuning_db: str | Path | bool | None = None) -> Any:
+            tuning_db: str | Path | bool | None = None, quantize: str | None = None) -> Any:
     """Compile a torch model (with example ``args``) or a :class:`~einfuse.ir.Cascade` for ``target``.
 
     ``pipeline`` is ``"default"``, ``"none"`` or pipeline text (``"canonicalize"``; see
@@ -23,8 +23,11 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     weights, the target, the versions and the code generator's source, so compiling the same
     model again only loads it. Kernels tuned by ``einfuse tune`` (docs/tuning.md) take their best
     schedule from ``tuning_db`` (default: ``<cache_dir>/tuning`` where it exists; ``False``: none).
+    ``quantize`` (``"q4_0"``, ``"int8"``, ...: docs/quantization.md) stores the weights quantized
+    (the ``quantize`` pass, after ``pipeline``).
     """
     from .codegen.backends import backend_for
+    pipeline = with_quantize(pipeline, quantize)
     backend = backend_for(target)   # (an unknown name fails here, listing the known ones)
     backend.check_runs()
     cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=backend.target),
@@ -34,7 +37,8 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
 
 
 def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,
-            pipeline: str = "default", dynamic_shapes: Any = None, harness: bool = False, data: bool = False) -> Path:
+            pipeline: str = "default", dynamic_shapes: Any = None, harness: bool = False, data: bool = False,
+            quantize: str | None = None) -> Path:
     """Write the source of every kernel of ``model`` for ``target`` into directory ``output``,
     with ``manifest.json`` (see :mod:`einfuse.codegen.emit`); returns the manifest's path.
     ``harness`` (CUDA) adds the host program that runs them with nvcc alone (``make && ./run``,
@@ -43,6 +47,7 @@ def kernels(model: Any, args: tuple | None = None, *, target: str, output: str |
     from .codegen.emit import write_kernels
     from .targets import Target
     t = Target.parse(target)
+    pipeline = with_quantize(pipeline, quantize)
     cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=t), t)
     inputs = _input_values(cascade, model, args) if data else None
     return write_kernels(cascade, t, Path(output), harness=harness, inputs=inputs)
@@ -125,6 +130,11 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
         from .frontends import capture
         cascade = capture(model, args, dynamic_shapes=dynamic_shapes)
     return PassManager(passes).run(cascade, PassContext(t))
+
+
+def with_quantize(pipeline: str, quantize: str | None) -> str:
+    """``pipeline`` with the ``quantize`` pass of format ``quantize`` last, if one is given."""
+    return f"{pipeline},quantize{{format={quantize}}}" if quantize else pipeline
 
 
 def laid_out(cascade: Cascade, target: Any) -> Cascade:

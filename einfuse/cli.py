@@ -51,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     comp.add_argument("--tuning-db", metavar="DIR", help="tuning records to use (default: the cache's tuning/)")
     comp.add_argument("--no-tuning", action="store_true", help="use the rule-based schedules only")
+    comp.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
     tune = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule; compile then uses the records")
     tune.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     tune.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
@@ -70,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
     kern.add_argument("-o", "--output", required=True, help="directory for the sources and manifest.json")
     kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    kern.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
     kern.add_argument("--harness", action="store_true",
                       help="cuda:*: add main.cu and a Makefile that run the kernels with nvcc alone (make && ./run)")
     kern.add_argument("--data", action="store_true",
@@ -130,7 +132,8 @@ def _compile(args: argparse.Namespace) -> int:
         tuning = default_cache_dir() / "tuning"   # (the scratch cache below has no tuning records)
     with tempfile.TemporaryDirectory() as scratch:
         compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
-                                   cache_dir=scratch if args.no_cache else None, tuning_db=tuning)
+                                   cache_dir=scratch if args.no_cache else None, tuning_db=tuning,
+                                   quantize=args.quantize)
     report = compiled.report(example if not isinstance(model, Cascade) else None)
     compiled.export(out, {"report.txt": report + "\n"})
     print(report)
@@ -185,7 +188,7 @@ def _kernels(args: argparse.Namespace) -> int:
     from .api import kernels
     model, example = load_torch_model(args.model)
     manifest = kernels(model, example, target=args.target, output=args.output, pipeline=args.pipeline,
-                       harness=args.harness or args.data, data=args.data)
+                       harness=args.harness or args.data, data=args.data, quantize=args.quantize)
     written = json.loads(manifest.read_text())
     print(f"wrote {len(written['kernels'])} kernels and {manifest}")
     if args.harness or args.data:

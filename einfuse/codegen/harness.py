@@ -32,7 +32,7 @@ from ..ir.scope import declarations
 _SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)\s*\{')
 _BINDING = re.compile(r"T\.thread_binding\((.+?), thread=\"(blockIdx|threadIdx)\.([xyz])\"\)")
 _DYNAMIC = re.compile(r'T\.alloc_buffer\(\(([^)]*)\), "(\w+)", scope="shared\.dyn"\)')
-_CTYPES = {"f32": "float", "f64": "double", "f16": "half", "bf16": "__nv_bfloat16", "i8": "int8_t",
+_CTYPES = {"f32": "float", "f64": "double", "f16": "__half", "bf16": "__nv_bfloat16", "i8": "int8_t",
            "u8": "uint8_t", "i32": "int32_t", "i64": "int64_t", "bool": "bool"}
 REPEAT = 20   # timed launches of each kernel and of the model
 
@@ -141,8 +141,10 @@ def write_harness(c: Cascade, kernels: list[Kernel], launches: list[Launch], dir
     objects = " ".join(f"{k.name}.cu" for k in kernels)
     (directory / "Makefile").write_text(
         "# Builds the einfuse kernels and their host harness with nvcc alone: make && ./run\n"
-        "NVCC ?= nvcc\nARCH ?= sm_90\nNVFLAGS ?= -O3 -std=c++17 -arch=$(ARCH) -diag-suppress 177,550\n\n"
-        f"run: main.cu {objects}\n\t$(NVCC) $(NVFLAGS) -o run main.cu {objects}\n\n"
+        "# (each kernel's source carries TVM's identical half-precision helpers: the linker keeps one)\n"
+        "NVCC ?= nvcc\nARCH ?= sm_90\nNVFLAGS ?= -O3 -std=c++17 -arch=$(ARCH) -diag-suppress 177,550\n"
+        "LDFLAGS ?= -Xlinker --allow-multiple-definition\n\n"
+        f"run: main.cu {objects}\n\t$(NVCC) $(NVFLAGS) $(LDFLAGS) -o run main.cu {objects}\n\n"
         "clean:\n\trm -f run\n")
 
 

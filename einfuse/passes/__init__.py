@@ -6,7 +6,8 @@ from .group_kernels import GroupKernels
 from .layout import MaterializeOperands, PackWeights, TransposeWeights
 from .manager import Instruments, Pass, PassContext, PassError, PassManager, parse_pipeline, register
 from .pipeline import NAMED, pipeline
+from .quantize import Quantize
 
 __all__ = ["Canonicalize", "Defer", "FuseAttention", "GroupKernels", "Instruments", "MaterializeOperands", "NAMED",
-           "PackWeights", "Pass", "PassContext", "PassError", "PassManager", "TransposeWeights", "parse_pipeline",
+           "PackWeights", "Pass", "PassContext", "PassError", "PassManager", "Quantize", "TransposeWeights", "parse_pipeline",
            "pipeline", "register"]

@@ -27,6 +27,8 @@ _SUPPORT = r"""#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <cuda_fp16.h>
+typedef unsigned char uchar;   // (TVM's name in the kernels' signatures)
 struct Tensor { const char* name; size_t bytes; const char* dtype; bool given; void* dev; };
 extern Tensor tensors[];
 extern int n_tensors;
@@ -73,14 +75,16 @@ def build_stub(directory: Path) -> Path:
     return directory / "run_stub"
 
 
-def mlp_directory(tmp_path: Path, data: bool = True) -> Path:
+def mlp_directory(tmp_path: Path, data: bool = True, quantize: str | None = None) -> Path:
     model, args = zoo.build("mlp")
-    kernels(model, args, target="cuda:h100", output=tmp_path / "k", harness=True, data=data)
+    kernels(model, args, target="cuda:h100", output=tmp_path / "k", harness=True, data=data, quantize=quantize)
     return tmp_path / "k"
 
 
-def test_the_host_program_passes_each_kernel_its_buffers_and_checks_their_outputs(tmp_path: Path) -> None:
-    directory = mlp_directory(tmp_path)
+@pytest.mark.parametrize("quantize", [None, "q4_0"])   # (q4_0: u8 and f16 weights)
+def test_the_host_program_passes_each_kernel_its_buffers_and_checks_their_outputs(tmp_path: Path,
+                                                                                  quantize: str | None) -> None:
+    directory = mlp_directory(tmp_path, quantize=quantize)
     run = build_stub(directory)
     ok = subprocess.run([str(run)], cwd=directory, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -138,8 +142,9 @@ def test_a_harness_is_for_cuda_targets(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here")
 def test_make_builds_the_kernels_and_their_host_program_with_nvcc(tmp_path: Path) -> None:
-    """``make`` links every kernel with ``main.cu`` (every zoo model's harness compiles: test_emit.py)."""
-    directory = mlp_directory(tmp_path, data=False)
+    """``make`` links every kernel with ``main.cu`` (every zoo model's harness compiles: test_emit.py);
+    quantized, each kernel's source carries TVM's half-precision helpers."""
+    directory = mlp_directory(tmp_path, data=False, quantize="q4_0")
     built = subprocess.run(["make", "ARCH=sm_90"], cwd=directory, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr[-3000:]
     assert (directory / "run").is_file()

@@ -1,0 +1,109 @@
+"""Weight-only quantization formats: how a weight ``W[n, k]`` (``n`` an output channel, ``k`` the
+reduction) is stored, and the Einsum that gives it back (the interpreter's exact reference).
+
+| format | stored (per output channel ``n``) | dequantized ``W'[n, k]`` |
+|---|---|---|
+| ``int8`` | ``Q[n,k]`` i8, ``S[n]`` f32 = max abs / 127 | ``Q * S[n]`` |
+| ``q8_0`` | ``Q[n,k]`` i8, ``D[n,b]`` f16 per block of 32 along k = max abs / 127 | ``Q * D[n,k//32]`` |
+| ``q4_0`` | ``P[n,j]`` u8, two 4-bit values a byte, ``D[n,b]`` f16 per block of 32 | ``(q - 8) * D[n,k//32]`` |
+| ``int4-gG`` | ``P[n,j]`` u8 as ``q4_0``'s bytes pairwise, ``Z[n,g]`` u8, ``S[n,g]`` f32 per group of G | ``(q - Z) * S`` |
+| ``b1`` | ``P[n,j]`` u8, eight sign bits a byte, ``A[n]`` f32 = mean abs | ``(2 bit - 1) * A[n]`` |
+
+Bit layouts: ``q4_0`` follows llama.cpp's ``Q4_0`` within a block of 32: byte ``j`` of a block
+holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble, ``q = round(w / d)
++ 8`` clamped to 0..15 with ``d = m / -8`` (``m`` the block's value of largest magnitude).
+``int4-gG`` (GPTQ / AWQ / ONNX Runtime ``MatMulNBits``): element ``k`` in byte ``k // 2``, the low
+nibble first; ``s = (max - min) / 15``, ``z = round(-min / s)`` clamped to 0..15. ``b1``: element
+``k`` is bit ``k % 8`` of byte ``k // 8``, 1 for a positive weight. A ``k`` extent the block (or
+group, or byte) does not divide is padded with zeros to a whole one; the padding is stored, never
+read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..errors import EinfuseError
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A quantized weight: its arrays (suffix -> (data, IR dtype), ``[n, ...]``) and the
+    dequantization's right-hand side, IR text with the fields ``{W}`` (the weight's name: each
+    array is ``{W}_<suffix>``), ``{n}`` and ``{k}`` (the output channel's and the reduction's
+    variables), for ``str.format``."""
+
+    arrays: dict[str, tuple[np.ndarray, str]]
+    rhs: str
+
+
+def _padded(w: np.ndarray, multiple: int) -> np.ndarray:
+    k = w.shape[1]
+    return np.pad(w, ((0, 0), (0, -k % multiple)))
+
+
+def _int8(w: np.ndarray) -> Stored:
+    s = np.abs(w).max(axis=1) / 127
+    s = np.where(s == 0, 1.0, s).astype(np.float32)
+    q = np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8)
+    return Stored({"q": (q, "i8"), "s": (s, "f32")}, "f32({W}_q[{n},{k}]) * {W}_s[{n}]")
+
+
+def _q8_0(w: np.ndarray) -> Stored:
+    blocks = _padded(w, 32).reshape(w.shape[0], -1, 32)
+    d = (np.abs(blocks).max(axis=2) / 127).astype(np.float16)
+    safe = np.where(d == 0, 1.0, d.astype(np.float64))
+    q = np.clip(np.rint(blocks / safe[:, :, None]), -127, 127).astype(np.int8).reshape(w.shape[0], -1)
+    return Stored({"q": (q, "i8"), "d": (d, "f16")}, "f32({W}_q[{n},{k}]) * f32({W}_d[{n},{k}//32])")
+
+
+def _q4_0(w: np.ndarray) -> Stored:
+    blocks = _padded(w, 32).reshape(w.shape[0], -1, 32)
+    biggest = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=2)[:, :, None], axis=2)[:, :, 0]
+    d = (biggest / -8).astype(np.float16)
+    safe = np.where(d == 0, 1.0, d.astype(np.float64))
+    q = np.clip(np.rint(blocks / safe[:, :, None]) + 8, 0, 15).astype(np.uint8)
+    packed = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(w.shape[0], -1)
+    byte = "{W}_p[{n},{k}//32*16+{k}%16]"
+    return Stored({"p": (packed, "u8"), "d": (d, "f16")},
+                  "(where(idx({k}%32) < 16, mod(" + byte + ", 16), floordiv(" + byte + ", 16)) - 8) * f32({W}_d[{n},{k}//32])")
+
+
+def _int4(group: int) -> Callable[[np.ndarray], Stored]:
+    def quantize(w: np.ndarray) -> Stored:
+        groups = _padded(w, max(group, 2)).reshape(w.shape[0], -1, group)
+        low, high = groups.min(axis=2), groups.max(axis=2)
+        s = ((high - low) / 15).astype(np.float32)
+        safe = np.where(s == 0, 1.0, s.astype(np.float64))
+        z = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
+        q = np.clip(np.rint(groups / safe[:, :, None]) + z[:, :, None], 0, 15).astype(np.uint8).reshape(w.shape[0], -1)
+        packed = q[:, 0::2] | (q[:, 1::2] << 4)
+        byte = "{W}_p[{n},{k}//2]"
+        return Stored({"p": (packed, "u8"), "z": (z, "u8"), "s": (s, "f32")},
+                      "(where(idx({k}%2) == 0, mod(" + byte + ", 16), floordiv(" + byte + ", 16)) - f32({W}_z[{n},{k}//"
+                      + str(group) + "])) * {W}_s[{n},{k}//" + str(group) + "]")
+    return quantize
+
+
+def _b1(w: np.ndarray) -> Stored:
+    a = np.abs(w).mean(axis=1).astype(np.float32)
+    bits = (_padded(w, 8) > 0).astype(np.uint8).reshape(w.shape[0], -1, 8)
+    packed = (bits << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
+    bit = "mod(floordiv({W}_p[{n},{k}//8], pow(2, idx({k}%8))), 2)"
+    return Stored({"p": (packed, "u8"), "a": (a, "f32")}, "(2 * " + bit + " - 1) * {W}_a[{n}]")
+
+
+#: Each format: (the block of k it quantizes together (1: per channel), its quantizer).
+FORMATS: dict[str, tuple[int, Callable[[np.ndarray], Stored]]] = {
+    "int8": (1, _int8), "q8_0": (32, _q8_0), "q4_0": (32, _q4_0),
+    "int4-g32": (32, _int4(32)), "int4-g64": (64, _int4(64)), "int4-g128": (128, _int4(128)), "b1": (1, _b1),
+}
+
+
+def quantize_weight(w: np.ndarray, fmt: str) -> Stored:
+    """``w`` (``[n, k]``) stored in format ``fmt``."""
+    if fmt not in FORMATS:
+        raise EinfuseError(f"unknown quantization format '{fmt}'; known: {', '.join(FORMATS)}")
+    return FORMATS[fmt][1](np.asarray(w, dtype=np.float64))

@@ -1,0 +1,123 @@
+"""``quantize{format=q4_0}``: weight-only quantization. Each contraction's constant weight is
+stored in a quantized format (:mod:`.quant_formats`: packed integers, scales, zero points) and
+read through an Einsum that dequantizes it, which the interpreter runs exactly: the reference
+every kernel is checked against.
+
+Why: a decoder's step reads every weight once per token, so it is bound by memory; 4-bit weights
+read 8x fewer bytes than float32 (issue 19; llama.cpp's ``Q4_0``, GPTQ/AWQ's grouped int4).
+
+Which weights: a parameter with data, two-dimensional, read with plain variables by a
+contraction that reduces one of them (a Linear's ``W[out, in]``, a matmul's constant operand),
+except those read by more than one Einsum (an embedding's table, a tied LM head), with at least
+one whole block of the format along the reduction. Any other is left in float and counted as
+``kept:<reason>``. Before/after (``q8_0``)::
+
+    Y[m,n] = X[m,k] * W[n,k]          W_q[N,K] param i8, W_d[N,W_B] param f16
+                                      W_dq[n,k] = f32(W_q[n,k]) * f32(W_d[n,k//32])
+                                      Y[m,n] = X[m,k] * W_dq[n,k]
+
+Code generation computes the dequantized weight as its own kernel for now (fusing it into the
+GEMV's and GEMM's loads is issue 19's next step). Run it last in a pipeline: ``canonicalize``
+would otherwise be free to fold a dequantization of constants back into a float weight, which
+it does not do for integer weights (``passes/canonicalize.py``).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+
+from ..errors import EinfuseError
+from ..ir import Access, Call, Cascade, Einsum, IVar, Rank, parse
+from ..ir.scope import declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
+from .manager import Pass, PassContext, register
+from .quant_formats import FORMATS, quantize_weight
+
+
+@register
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """Store each contraction's constant weight quantized, read through its dequantization."""
+
+    name = "quantize"
+    format: str = "q4_0"
+
+    def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        if self.format not in FORMATS:
+            raise EinfuseError(f"unknown quantization format '{self.format}'; known: {', '.join(FORMATS)}")
+        readers = Counter(a.tensor for e, _ in c.einsums() for a in reads(e))
+        for e in [s for s in c.stmts if isinstance(s, Einsum)]:
+            for weight in _weights(c, e):
+                reason = _refusal(c, weight, e, readers, FORMATS[self.format][0])
+                if reason:
+                    ctx.stats[f"kept:{reason}"] += 1
+                    continue
+                c, e = _quantized(c, e, weight, self.format)
+                ctx.stats[f"quantized:{self.format}"] += 1
+        return c
+
+
+def _weights(c: Cascade, e: Einsum) -> list[Access]:
+    """The parameter reads of contraction ``e`` (none if ``e`` is not a product that reduces)."""
+    if not reduced_vars(e) or not isinstance(e.rhs, Call) or e.rhs.op != "mul":
+        return []
+    decls = declarations(c)
+    return [a for a in e.rhs.args if isinstance(a, Access) and decls[a.tensor].role == "param"]
+
+
+def _refusal(c: Cascade, w: Access, e: Einsum, readers: Counter, block: int) -> str:
+    """Why weight read ``w`` of ``e`` is kept in float, or ``""``."""
+    decls, size = declarations(c), {r.name: r.size for r in c.ranks}
+    names = [ix.expr.name if isinstance(ix.expr, IVar) and not ix.filter else None for ix in w.indices]
+    if w.tensor not in c.params:
+        return "no-data"
+    if len(names) != 2 or None in names:
+        return "not-a-matrix"
+    if readers[w.tensor] != 1:
+        return "shared"
+    if not decls[w.tensor].dtype.startswith("f"):
+        return "not-float"
+    reduced = [v for v in names if v in reduced_vars(e)]
+    if len(reduced) != 1 or not any(v in lhs_vars(e) for v in names):
+        return "not-a-linear"
+    k = size[var_ranks(c)[reduced[0]]]
+    return "" if isinstance(k, int) and k >= block else "short-reduction"
+
+
+def _quantized(c: Cascade, e: Einsum, w: Access, fmt: str) -> tuple[Cascade, Einsum]:
+    """``c`` with ``e``'s read of weight ``w`` replaced by its dequantization from ``fmt``'s
+    arrays, and ``e`` as it is now."""
+    decls, ranks = declarations(c), var_ranks(c)
+    first, second = (ix.expr.name for ix in w.indices)   # type: ignore[union-attr]
+    out_var, red_var = (first, second) if second in reduced_vars(e) else (second, first)
+    data = c.params[w.tensor] if out_var == first else c.params[w.tensor].T
+    stored = quantize_weight(data, fmt)
+    base = w.tensor
+    while any(f"{base}_{suffix}" in decls for suffix in (*stored.arrays, "dq")):
+        base += "_"
+    new_ranks, decl_lines, params = [], [], dict(c.params)
+    taken = {r.name for r in c.ranks}
+    for suffix, (array, dtype) in stored.arrays.items():
+        dims = [ranks[out_var]]
+        if array.ndim == 2:
+            dims.append(fresh_name(f"{base}_{suffix}".upper(), taken))
+            taken.add(dims[-1])
+            new_ranks.append(Rank(dims[-1], array.shape[1]))
+        decl_lines.append(f"tensor {base}_{suffix}[{','.join(dims)}] param {dtype}")
+        params[f"{base}_{suffix}"] = array
+    dequant = f"{base}_dq"
+    del params[w.tensor]   # (read by this Einsum alone: the float weight is gone)
+    size = {r.name: r.size for r in c.ranks}
+    used = {ranks[first], ranks[second]}
+    text = "\n".join([f"cascade {dequant}", "rank " + ", ".join(f"{r}={size[r]}" for r in sorted(used)) +
+                      "".join(f", {r.name}={r.size}" for r in new_ranks), *decl_lines,
+                      f"tensor {dequant}[{ranks[first]},{ranks[second]}] output f32",
+                      f"{dequant}[{first},{second}] = " + stored.rhs.format(W=base, n=out_var, k=red_var)])
+    piece = parse(text + "\n")
+    reader = replace(e, rhs=replace(e.rhs, args=tuple(Access(dequant, a.indices) if a == w else a
+                                                      for a in e.rhs.args)))   # type: ignore[union-attr]
+    temp = replace(piece.tensors[-1], role="temp")
+    at = c.stmts.index(e)
+    kept = tuple(t for t in c.tensors if t.name != w.tensor)
+    c = replace(c, ranks=c.ranks + tuple(new_ranks), tensors=kept + piece.tensors[:-1] + (temp,),
+                params=params, stmts=c.stmts[:at] + (piece.stmts[0], reader) + c.stmts[at + 1:])
+    return c, reader

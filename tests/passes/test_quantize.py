@@ -1,0 +1,119 @@
+"""The ``quantize`` pass: every format's storage and dequantization, run exactly by the
+interpreter, within the format's error of the float weight; what is left in float and why;
+compiled kernels against the interpreter."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import einfuse
+from einfuse import zoo
+from einfuse.errors import EinfuseError
+from einfuse.ir import Cascade, interpret, parse
+from einfuse.passes import Canonicalize, PassManager, Quantize, pipeline
+from einfuse.passes.quant_formats import FORMATS
+
+from ..conftest import rel_err
+
+LINEAR = """cascade lin
+rank M=4, K={k}, N=24
+tensor X[M,K] input f32
+tensor W[N,K] param f32
+tensor Y[M,N] output f32
+Y[m,n] = X[m,k] * W[n,k]
+"""
+#: The largest relative (Frobenius) error of each format's weights on normal data.
+BOUNDS = {"int8": 0.01, "q8_0": 0.01, "q4_0": 0.12, "int4-g32": 0.12, "int4-g64": 0.12, "int4-g128": 0.12, "b1": 0.7}
+
+
+def linear(rng: np.random.Generator, k: int = 300) -> Cascade:
+    return replace(parse(LINEAR.format(k=k)), params={"W": rng.standard_normal((24, k))})
+
+
+def quantized(c: Cascade, fmt: str) -> tuple[Cascade, Counter]:
+    manager = PassManager([Quantize(fmt)])
+    return manager.run(c), manager.records[0].stats
+
+
+def dequantized(c: Cascade) -> np.ndarray:
+    """The weight as the interpreter reads it (``W_dq`` made an output)."""
+    marked = replace(c, tensors=tuple(replace(t, role="output") if t.name == "W_dq" else t for t in c.tensors))
+    return interpret(marked, {"X": np.zeros((4, c.rank("K").size))})["W_dq"]
+
+
+def by_hand(fmt: str, p: dict[str, np.ndarray], k: int) -> np.ndarray:
+    """Each format's dequantization written out in numpy, from its stored arrays."""
+    ks = np.arange(k)
+    if fmt == "int8":
+        return p["W_q"] * p["W_s"][:, None].astype(np.float64)
+    if fmt == "q8_0":
+        return p["W_q"][:, :k] * p["W_d"].astype(np.float64)[:, ks // 32]
+    if fmt == "q4_0":
+        byte = p["W_p"][:, ks // 32 * 16 + ks % 16].astype(np.int64)
+        q = np.where(ks % 32 < 16, byte & 15, byte >> 4)
+        return (q - 8) * p["W_d"].astype(np.float64)[:, ks // 32]
+    if fmt.startswith("int4-g"):
+        group = int(fmt[6:])
+        byte = p["W_p"][:, ks // 2].astype(np.int64)
+        q = np.where(ks % 2 == 0, byte & 15, byte >> 4)
+        return (q - p["W_z"][:, ks // group]) * p["W_s"][:, ks // group].astype(np.float64)
+    bit = (p["W_p"][:, ks // 8].astype(np.int64) >> (ks % 8)) & 1
+    return (2 * bit - 1) * p["W_a"][:, None].astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("k", [256, 300])   # (300: no whole number of blocks, groups or bytes: padded)
+def test_each_format_round_trips_through_the_interpreter(fmt: str, k: int, rng: np.random.Generator) -> None:
+    c = linear(rng, k)
+    q, stats = quantized(c, fmt)
+    assert stats == {f"quantized:{fmt}": 1} and "W" not in q.params and "W" not in {t.name for t in q.tensors}
+    got = dequantized(q)
+    np.testing.assert_allclose(got, by_hand(fmt, dict(q.params), k), rtol=2 ** -23, atol=0)   # (float32's rounding)
+    assert np.linalg.norm(got - c.params["W"]) / np.linalg.norm(c.params["W"]) <= BOUNDS[fmt]
+    x = rng.standard_normal((4, k))
+    assert rel_err(interpret(q, {"X": x})["Y"], x @ got.astype(np.float64).T) <= 1e-6
+
+
+def test_packed_weights_take_their_packed_bytes(rng: np.random.Generator) -> None:
+    q, _ = quantized(linear(rng, 256), "q4_0")
+    assert sum(a.nbytes for a in q.params.values()) == 24 * (256 // 2 + 256 // 32 * 2)   # 18 bytes per 32 weights
+
+
+def test_what_cannot_be_quantized_stays_in_float_with_its_reason(rng: np.random.Generator) -> None:
+    short = linear(rng, 16)
+    assert quantized(short, "q4_0")[1] == {"kept:short-reduction": 1}
+    shared = parse(LINEAR.format(k=64).replace("Y[m,n] = X[m,k] * W[n,k]", "T[m,n] = X[m,k] * W[n,k]\n"
+                                               "Y[m,n] = T[m,n] + W[n,m]").replace("rank M=4", "rank M=24"))
+    shared = replace(shared, params={"W": rng.standard_normal((24, 64))})
+    assert quantized(shared, "int8")[1] == {"kept:shared": 1}
+    with pytest.raises(EinfuseError, match="unknown quantization format 'q3_k'; known: int8, q8_0, q4_0"):
+        PassManager(pipeline("quantize{format=q3_k}")).run(short)
+
+
+def test_canonicalize_does_not_fold_a_dequantization_back(rng: np.random.Generator) -> None:
+    q, _ = quantized(linear(rng), "q8_0")
+    assert PassManager([Canonicalize()]).run(q) == q
+
+
+@pytest.mark.parametrize("fmt", ["int8", "q4_0", "int4-g128"])
+def test_a_quantized_zoo_model_compiles_and_matches_the_interpreter(fmt: str, tmp_path: Path) -> None:
+    model, args = zoo.build("mlp")
+    compiled = einfuse.compile(model, args, quantize=fmt, cache_dir=tmp_path)
+    got = compiled(*args).numpy()
+    want = interpret(compiled.ir, {compiled.inputs[0]: args[0].numpy()})[compiled.outputs[0]]
+    assert rel_err(got, want) <= 1e-5
+    with torch.no_grad():
+        assert rel_err(got, model(*args).numpy()) <= 2 * BOUNDS[fmt]
+
+
+def test_einfuse_compile_quantize_writes_a_model_with_packed_weights(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from einfuse.cli import main
+    assert main(["compile", "zoo:mlp", "--quantize", "q8_0", "-o", str(tmp_path / "out"), "--no-cache"]) == 0
+    text = (tmp_path / "out" / "kernels.tir").read_text()
+    assert '"int8"' in text and "_dq" in text and "kernels" in capsys.readouterr().out
