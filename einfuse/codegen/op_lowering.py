@@ -310,6 +310,13 @@ def _floordiv(ctx: OpContext, a: Any, b: Any) -> Any:
     return tirx.floor(a / b) if ctx.is_float else tirx.floordiv(a, b)
 
 
+@lowers("shr", "bitand")
+def _bits(ctx: OpContext, a: Any, b: Any) -> Any:
+    """On int32 (a float operand holds an integer: a byte loaded and widened), back to ``work``."""
+    x, y = cast(a, "int32"), cast(b, "int32")
+    return cast(tirx.shift_right(x, y) if ctx.op == "shr" else tirx.bitwise_and(x, y), ctx.work)
+
+
 @lowers("mod")
 def _mod(ctx: OpContext, a: Any, b: Any) -> Any:
     return a - tirx.floor(a / b) * b if ctx.is_float else tirx.floormod(a, b)

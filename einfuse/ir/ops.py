@@ -149,6 +149,11 @@ register(Op("min", 2, np.minimum, "cup", True, True, math.inf))
 register(Op("pow", 2, np.power, "cup", vector_ops=16))
 register(Op("floordiv", 2, np.floor_divide, "cup"))
 register(Op("mod", 2, np.mod, "cup"))
+# Bit ops on the integers their operands hold (a packed weight's bytes: ``passes/quantize.py``).
+register(Op("shr", 2, lambda a, b: np.right_shift(np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)),
+            "cup"))
+register(Op("bitand", 2, lambda a, b: np.bitwise_and(np.asarray(a).astype(np.int64), np.asarray(b).astype(np.int64)),
+            "cup", commutative=True, associative=True))
 register(Op("and", 2, lambda a, b: ((a != 0) & (b != 0)).astype(np.float64), "cup", True, True,
             result_dtype="bool"))
 register(Op("or", 2, lambda a, b: ((a != 0) | (b != 0)).astype(np.float64), "cup", True, True,

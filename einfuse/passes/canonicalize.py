@@ -35,6 +35,7 @@ from ..ir.nodes import rewrite, walk
 from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
 from .algebra import fold_scales, simplify
+from .group_kernels import PACKED
 from .manager import Pass, PassContext, register
 
 
@@ -62,7 +63,6 @@ class Canonicalize(Pass):
 
 
 ROUNDS = 8
-_PACKED = ("i8", "u8", "i4", "u4")   # (a quantized weight's storage: its dequantization is never folded back)
 
 
 FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time
@@ -79,7 +79,7 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
     for s in c.stmts:
         for e, _ in (walk((s,)) if isinstance(s, Loop) else [(s, ())]):
             writers.setdefault(e.lhs.tensor, []).append((e, s))
-    known = {t for t in decls if decls[t].role == "param" and t in c.params and decls[t].dtype not in _PACKED}
+    known = {t for t in decls if decls[t].role == "param" and t in c.params and decls[t].dtype not in PACKED}   # (a quantized weight is never unpacked)
     folded: list[Einsum] = []
     for t, ws in writers.items():   # (in program order of first writes)
         d = decls.get(t)

@@ -14,7 +14,10 @@ runs this pass last in the target's codegen pipeline, after the operand layouts
 (``passes/layout.py``); ``einfuse ir -p default,codegen`` shows the groups as code generation
 receives them. The grouping:
 
-A tensor is *inlined* into its reader when it is a temp written once by an element-wise Einsum
+A quantized weight's dequantization (an element-wise Einsum reading weights only, one of them
+packed integers: ``passes/quantize.py``) is inlined into the contraction reading it, which then
+loads the packed weight and dequantizes it in registers. Any other tensor is
+*inlined* into its reader when it is a temp written once by an element-wise Einsum
 (no reduction, no filter, plain output indices), read by exactly one Einsum, and every variable
 that reader iterates indexes the tensor (so inlining recomputes nothing). Every other tensor
 is a kernel's output; a kernel computes it from its writes and the Einsums inlined into them.
@@ -58,6 +61,8 @@ from ..ir.scope import (
 )
 from .manager import Pass, PassContext, register
 
+PACKED = ("i8", "u8", "i4", "u4")   # (the dtypes a quantized weight is stored in)
+
 
 @register
 @dataclass(frozen=True)
@@ -93,7 +98,8 @@ def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
     einsums = [e for e, _ in c.einsums()]
     inline = {t for t, ws in writes.items()
               if decls[t].role == "temp" and len(ws) == 1 and _elementwise(ws[0])
-              and len(readers.get(t, ())) == 1 and _reads_each_once(einsums[next(iter(readers[t]))], t)}
+              and len(readers.get(t, ())) == 1
+              and (_reads_each_once(einsums[next(iter(readers[t]))], t) or _dequantizes(ws[0], decls))}
     inline -= in_loops | {a.tensor for e in einsums if e.lhs.tensor in in_loops for a in reads(e)}
     kernels, done = [], set()
     for e in einsums:
@@ -249,6 +255,14 @@ def _reads_each_once(reader: Einsum, tensor: str) -> bool:
     the tensor's computation into the reader recomputes nothing; a GEMM operand fails this)."""
     used = {v for a in reads(reader) if a.tensor == tensor for v in access_vars(a)}
     return set(iteration_vars(reader)) <= used
+
+
+def _dequantizes(e: Einsum, decls: dict) -> bool:
+    """Whether ``e`` reads weights only, one of them packed integers: a quantized weight's
+    dequantization (``passes/quantize.py``), inlined into the contraction reading it so that the
+    weight is dequantized where it is loaded, never written out in float."""
+    read = [decls[a.tensor] for a in reads(e)]
+    return all(d.role == "param" for d in read) and any(d.dtype in PACKED for d in read)
 
 
 def _elementwise(e: Einsum) -> bool:

@@ -30,7 +30,7 @@ from ..errors import EinfuseError
 
 @dataclass(frozen=True)
 class Stored:
-    """A quantized weight: its arrays (suffix -> (data, IR dtype), ``[n, ...]``) and the
+    """A quantized weight: its arrays (suffix -> (data, IR dtype)) and the
     dequantization's right-hand side, IR text with the fields ``{W}`` (the weight's name: each
     array is ``{W}_<suffix>``), ``{n}`` and ``{k}`` (the output channel's and the reduction's
     variables), for ``str.format``."""
@@ -48,7 +48,7 @@ def _int8(w: np.ndarray) -> Stored:
     s = np.abs(w).max(axis=1) / 127
     s = np.where(s == 0, 1.0, s).astype(np.float32)
     q = np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8)
-    return Stored({"q": (q, "i8"), "s": (s, "f32")}, "f32({W}_q[{n},{k}]) * {W}_s[{n}]")
+    return Stored({"q": (q, "i8"), "s": (s, "f32")}, "f32({W}_q[{k},{n}]) * {W}_s[{n}]")
 
 
 def _q8_0(w: np.ndarray) -> Stored:
@@ -56,7 +56,7 @@ def _q8_0(w: np.ndarray) -> Stored:
     d = (np.abs(blocks).max(axis=2) / 127).astype(np.float16)
     safe = np.where(d == 0, 1.0, d.astype(np.float64))
     q = np.clip(np.rint(blocks / safe[:, :, None]), -127, 127).astype(np.int8).reshape(w.shape[0], -1)
-    return Stored({"q": (q, "i8"), "d": (d, "f16")}, "f32({W}_q[{n},{k}]) * f32({W}_d[{n},{k}//32])")
+    return Stored({"q": (q, "i8"), "d": (d, "f16")}, "f32({W}_q[{k},{n}]) * f32({W}_d[{k}//32,{n}])")
 
 
 def _q4_0(w: np.ndarray) -> Stored:
@@ -66,9 +66,8 @@ def _q4_0(w: np.ndarray) -> Stored:
     safe = np.where(d == 0, 1.0, d.astype(np.float64))
     q = np.clip(np.rint(blocks / safe[:, :, None]) + 8, 0, 15).astype(np.uint8)
     packed = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(w.shape[0], -1)
-    byte = "{W}_p[{n},{k}//32*16+{k}%16]"
     return Stored({"p": (packed, "u8"), "d": (d, "f16")},
-                  "(where(idx({k}%32) < 16, mod(" + byte + ", 16), floordiv(" + byte + ", 16)) - 8) * f32({W}_d[{n},{k}//32])")
+                  "(bitand(shr({W}_p[{k}//32*16+{k}%16,{n}], 4 * idx({k}%32//16)), 15) - 8) * f32({W}_d[{k}//32,{n}])")
 
 
 def _int4(group: int) -> Callable[[np.ndarray], Stored]:
@@ -80,10 +79,9 @@ def _int4(group: int) -> Callable[[np.ndarray], Stored]:
         z = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
         q = np.clip(np.rint(groups / safe[:, :, None]) + z[:, :, None], 0, 15).astype(np.uint8).reshape(w.shape[0], -1)
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        byte = "{W}_p[{n},{k}//2]"
         return Stored({"p": (packed, "u8"), "z": (z, "u8"), "s": (s, "f32")},
-                      "(where(idx({k}%2) == 0, mod(" + byte + ", 16), floordiv(" + byte + ", 16)) - f32({W}_z[{n},{k}//"
-                      + str(group) + "])) * {W}_s[{n},{k}//" + str(group) + "]")
+                      "(bitand(shr({W}_p[{k}//2,{n}], 4 * idx({k}%2)), 15) - f32({W}_z[{k}//" + str(group)
+                      + ",{n}])) * {W}_s[{k}//" + str(group) + ",{n}]")
     return quantize
 
 
@@ -91,7 +89,7 @@ def _b1(w: np.ndarray) -> Stored:
     a = np.abs(w).mean(axis=1).astype(np.float32)
     bits = (_padded(w, 8) > 0).astype(np.uint8).reshape(w.shape[0], -1, 8)
     packed = (bits << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
-    bit = "mod(floordiv({W}_p[{n},{k}//8], pow(2, idx({k}%8))), 2)"
+    bit = "bitand(shr({W}_p[{k}//8,{n}], idx({k}%8)), 1)"
     return Stored({"p": (packed, "u8"), "a": (a, "f32")}, "(2 * " + bit + " - 1) * {W}_a[{n}]")
 
 
@@ -103,7 +101,10 @@ FORMATS: dict[str, tuple[int, Callable[[np.ndarray], Stored]]] = {
 
 
 def quantize_weight(w: np.ndarray, fmt: str) -> Stored:
-    """``w`` (``[n, k]``) stored in format ``fmt``."""
+    """``w`` (``[n, k]``) stored in format ``fmt``, each two-dimensional array reduction-major
+    (``[k-ish, n]``: a vector of output channels contiguous, as the kernels read them)."""
     if fmt not in FORMATS:
         raise EinfuseError(f"unknown quantization format '{fmt}'; known: {', '.join(FORMATS)}")
-    return FORMATS[fmt][1](np.asarray(w, dtype=np.float64))
+    stored = FORMATS[fmt][1](np.asarray(w, dtype=np.float64))
+    return Stored({name: (np.ascontiguousarray(a.T) if a.ndim == 2 else a, dtype)
+                   for name, (a, dtype) in stored.arrays.items()}, stored.rhs)

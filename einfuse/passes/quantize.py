@@ -98,10 +98,10 @@ def _quantized(c: Cascade, e: Einsum, w: Access, fmt: str) -> tuple[Cascade, Ein
     taken = {r.name for r in c.ranks}
     for suffix, (array, dtype) in stored.arrays.items():
         dims = [ranks[out_var]]
-        if array.ndim == 2:
-            dims.append(fresh_name(f"{base}_{suffix}".upper(), taken))
-            taken.add(dims[-1])
-            new_ranks.append(Rank(dims[-1], array.shape[1]))
+        if array.ndim == 2:   # ([k-ish, n])
+            dims.insert(0, fresh_name(f"{base}_{suffix}".upper(), taken))
+            taken.add(dims[0])
+            new_ranks.append(Rank(dims[0], array.shape[0]))
         decl_lines.append(f"tensor {base}_{suffix}[{','.join(dims)}] param {dtype}")
         params[f"{base}_{suffix}"] = array
     dequant = f"{base}_dq"

@@ -47,8 +47,9 @@ def dequantized(c: Cascade) -> np.ndarray:
 
 
 def by_hand(fmt: str, p: dict[str, np.ndarray], k: int) -> np.ndarray:
-    """Each format's dequantization written out in numpy, from its stored arrays."""
+    """Each format's dequantization written out in numpy, from its stored (reduction-major) arrays."""
     ks = np.arange(k)
+    p = {name: a.T for name, a in p.items()}   # ([n, k-ish])
     if fmt == "int8":
         return p["W_q"] * p["W_s"][:, None].astype(np.float64)
     if fmt == "q8_0":
