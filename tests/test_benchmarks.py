@@ -15,3 +15,22 @@ from benchmarks.costmodel import spearman
 ])
 def test_spearman_by_hand(a: list[float], b: list[float], rho: float) -> None:
     assert spearman(a, b) == pytest.approx(rho)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-g32"])
+def test_onnx_runtimes_matmulnbits_gets_the_same_quantized_weight(fmt: str) -> None:
+    """benchmarks/quant.py repacks einfuse's quantized values for ``MatMulNBits``: ORT's product
+    is the product with the weight einfuse's interpreter dequantizes (a like-for-like peer)."""
+    import numpy as np
+    from dataclasses import replace
+
+    from benchmarks.quant import ort_matmul_nbits
+    from einfuse.ir import interpret, parse
+    from einfuse.passes import PassManager, Quantize
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((64, 256)), rng.standard_normal((3, 256)).astype(np.float32)
+    c = replace(parse("cascade l\nrank M=3, K=256, N=64\ntensor X[M,K] input f32\ntensor W[N,K] param f32\n"
+                      "tensor Y[M,N] output f32\nY[m,n] = X[m,k] * W[n,k]\n"), params={"W": w})
+    want = interpret(PassManager([Quantize(fmt)]).run(c), {"X": x})["Y"]
+    got = ort_matmul_nbits(w, fmt, 3, 0)(x)
+    assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
