@@ -50,6 +50,8 @@ register_kind("", "one Einsum's output, with the element-wise Einsums inlined in
 register_kind("epilogue", "a contraction whose element-wise reader runs on the register tile as it is stored")
 register_kind("rows", "a row group (softmax, LayerNorm): stages over the same rows, one row at a time")
 register_kind("attention", "a row group read by a contraction over its rows' variable (P V), per block of query rows")
+register_kind("dequant", "a contraction whose weight is quantized: dequantized where it is loaded (a GEMV) or "
+              "a panel at a time (a GEMM), never written out in float")
 register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
               loop=True)
 

@@ -35,7 +35,7 @@ from ..ir.nodes import rewrite, walk
 from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
 from .algebra import fold_scales, simplify
-from .group_kernels import PACKED
+from .quant_formats import PACKED
 from .manager import Pass, PassContext, register
 
 

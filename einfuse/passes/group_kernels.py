@@ -14,10 +14,7 @@ runs this pass last in the target's codegen pipeline, after the operand layouts
 (``passes/layout.py``); ``einfuse ir -p default,codegen`` shows the groups as code generation
 receives them. The grouping:
 
-A quantized weight's dequantization (an element-wise Einsum reading weights only, one of them
-packed integers: ``passes/quantize.py``) is inlined into the contraction reading it, which then
-loads the packed weight and dequantizes it in registers. Any other tensor is
-*inlined* into its reader when it is a temp written once by an element-wise Einsum
+A tensor is *inlined* into its reader when it is a temp written once by an element-wise Einsum
 (no reduction, no filter, plain output indices), read by exactly one Einsum, and every variable
 that reader iterates indexes the tensor (so inlining recomputes nothing). Every other tensor
 is a kernel's output; a kernel computes it from its writes and the Einsums inlined into them.
@@ -61,7 +58,6 @@ from ..ir.scope import (
 )
 from .manager import Pass, PassContext, register
 
-PACKED = ("i8", "u8", "i4", "u4")   # (the dtypes a quantized weight is stored in)
 
 
 @register
@@ -98,8 +94,7 @@ def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
     einsums = [e for e, _ in c.einsums()]
     inline = {t for t, ws in writes.items()
               if decls[t].role == "temp" and len(ws) == 1 and _elementwise(ws[0])
-              and len(readers.get(t, ())) == 1
-              and (_reads_each_once(einsums[next(iter(readers[t]))], t) or _dequantizes(ws[0], decls))}
+              and len(readers.get(t, ())) == 1 and _reads_each_once(einsums[next(iter(readers[t]))], t)}
     inline -= in_loops | {a.tensor for e in einsums if e.lhs.tensor in in_loops for a in reads(e)}
     kernels, done = [], set()
     for e in einsums:
@@ -215,9 +210,10 @@ def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bo
 
 
 def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
-    """Two single kernels: a contraction read by an element-wise map over its output."""
+    """A single kernel (or a dequantizing one) computing a contraction, read by a single
+    element-wise map over its output."""
     ea, eb = _single(a), _single(b)
-    return (not a.kind and not b.kind and ea is not None and eb is not None and contraction(ea)
+    return (a.kind in ("", "dequant") and not b.kind and ea is not None and eb is not None and contraction(ea)
             and not eb.reduce and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
 
 
@@ -245,9 +241,20 @@ def _attention(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dic
             and _read_plainly(a.output, b, writes))
 
 
+def _dequantizing(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
+    """A map of weights alone (after ``canonicalize``, which folds the others: a quantized
+    weight's dequantization, ``passes/quantize.py``) read by a contraction as its operand: the
+    contraction dequantizes where it loads (a GEMV) or a panel at a time (a GEMM), and the float
+    weight is never written out."""
+    ea, eb = _single(a), _single(b)
+    return (not a.kind and not b.kind and ea is not None and eb is not None and not ea.reduce
+            and all(roles[t] == "param" for t in a.inputs) and contraction(eb) and _read_plainly(a.output, b, writes))
+
+
 #: The merge rules, in order: (the kind formed, whether kernel ``a`` absorbed into its reader
 #: ``b`` forms it); the first that fits wins. Each kind is a key of ``ir.kernels.KINDS``.
-MERGES: tuple[tuple[str, MergeRule], ...] = (("epilogue", _epilogue), ("rows", _same_rows), ("attention", _attention))
+MERGES: tuple[tuple[str, MergeRule], ...] = (("dequant", _dequantizing), ("epilogue", _epilogue), ("rows", _same_rows),
+                                             ("attention", _attention))
 
 
 def _reads_each_once(reader: Einsum, tensor: str) -> bool:
@@ -255,14 +262,6 @@ def _reads_each_once(reader: Einsum, tensor: str) -> bool:
     the tensor's computation into the reader recomputes nothing; a GEMM operand fails this)."""
     used = {v for a in reads(reader) if a.tensor == tensor for v in access_vars(a)}
     return set(iteration_vars(reader)) <= used
-
-
-def _dequantizes(e: Einsum, decls: dict) -> bool:
-    """Whether ``e`` reads weights only, one of them packed integers: a quantized weight's
-    dequantization (``passes/quantize.py``), inlined into the contraction reading it so that the
-    weight is dequantized where it is loaded, never written out in float."""
-    read = [decls[a.tensor] for a in reads(e)]
-    return all(d.role == "param" for d in read) and any(d.dtype in PACKED for d in read)
 
 
 def _elementwise(e: Einsum) -> bool:

@@ -28,6 +28,9 @@ import numpy as np
 from ..errors import EinfuseError
 
 
+PACKED = ("i8", "u8", "i4", "u4")   # (the dtypes a quantized weight is stored in: canonicalize never unpacks them)
+
+
 @dataclass(frozen=True)
 class Stored:
     """A quantized weight: its arrays (suffix -> (data, IR dtype)) and the

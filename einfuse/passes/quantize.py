@@ -12,14 +12,15 @@ except those read by more than one Einsum (an embedding's table, a tied LM head)
 one whole block of the format along the reduction. Any other is left in float and counted as
 ``kept:<reason>``. Before/after (``q8_0``)::
 
-    Y[m,n] = X[m,k] * W[n,k]          W_q[N,K] param i8, W_d[N,W_B] param f16
-                                      W_dq[n,k] = f32(W_q[n,k]) * f32(W_d[n,k//32])
-                                      Y[m,n] = X[m,k] * W_dq[n,k]
+    Y[m,n] = X[m,k] * W[n,k]          W_q[W_Q,N] param i8, W_d[W_D,N] param f16
+                                      W_dq[k,n] = f32(W_q[k,n]) * f32(W_d[k//32,n])
+                                      Y[m,n] = X[m,k] * W_dq[k,n]
 
-Code generation computes the dequantized weight as its own kernel for now (fusing it into the
-GEMV's and GEMM's loads is issue 19's next step). Run it last in a pipeline: ``canonicalize``
-would otherwise be free to fold a dequantization of constants back into a float weight, which
-it does not do for integer weights (``passes/canonicalize.py``).
+The dequantized weight is a temp reduction-major (``W_dq[k,n]``: a vector of output channels
+contiguous) that never reaches memory: grouping makes it a stage of the contraction reading it
+(a ``dequant`` kernel, ``passes/group_kernels.py``) and the CPU schedules dequantize a few rows
+of it at a time for a GEMV, a panel at a time for a GEMM (``codegen/schedules/cpu.py``).
+``canonicalize`` never folds it back into a float weight (integer weights are never unpacked).
 """
 from __future__ import annotations
 
@@ -110,10 +111,11 @@ def _quantized(c: Cascade, e: Einsum, w: Access, fmt: str) -> tuple[Cascade, Ein
     used = {ranks[first], ranks[second]}
     text = "\n".join([f"cascade {dequant}", "rank " + ", ".join(f"{r}={size[r]}" for r in sorted(used)) +
                       "".join(f", {r.name}={r.size}" for r in new_ranks), *decl_lines,
-                      f"tensor {dequant}[{ranks[first]},{ranks[second]}] output f32",
-                      f"{dequant}[{first},{second}] = " + stored.rhs.format(W=base, n=out_var, k=red_var)])
+                      f"tensor {dequant}[{ranks[red_var]},{ranks[out_var]}] output f32",   # (reduction-major)
+                      f"{dequant}[{red_var},{out_var}] = " + stored.rhs.format(W=base, n=out_var, k=red_var)])
     piece = parse(text + "\n")
-    reader = replace(e, rhs=replace(e.rhs, args=tuple(Access(dequant, a.indices) if a == w else a
+    indices = w.indices if red_var == first else w.indices[::-1]
+    reader = replace(e, rhs=replace(e.rhs, args=tuple(Access(dequant, indices) if a == w else a
                                                       for a in e.rhs.args)))   # type: ignore[union-attr]
     temp = replace(piece.tensors[-1], role="temp")
     at = c.stmts.index(e)

@@ -60,6 +60,14 @@ class Case:
     targets: tuple[str, ...] = tuple(TARGETS)
 
 
+GEMV_Q = """cascade gemvq
+rank M=1, K=1024, N=1024
+tensor X[M,K] input f32
+tensor W[N,K] param f32
+tensor Y[M,N] output f32
+Y[m,n] = X[m,k] * W[n,k]
+"""
+
 GEMM = """cascade gemm
 rank M=64, K=256, N={cols}
 tensor X[M,K] input f32
@@ -107,6 +115,10 @@ tensor W[K,N] param f32
 tensor Y[M,N] output f32
 Y[m,n] = X[m,k] * W[k,n]
 """, "Y", ""),
+    # (a quantized weight: dequantized a few rows at a time in the GEMV, a panel at a time on tiles)
+    "dequant_gemv": Case(GEMV_Q, "Y", "dequant", "default,quantize{format=q4_0}", targets=(*ISAS, "cuda")),
+    "dequant_gemm": Case(GEMV_Q.replace("M=1,", "M=64,"), "Y", "dequant", "default,quantize{format=q4_0}",
+                         targets=ISAS),
     "epilogue": Case("""cascade epilogue
 rank M=64, K=256, N=256
 tensor X[M,K] input f32

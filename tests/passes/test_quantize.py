@@ -43,7 +43,7 @@ def quantized(c: Cascade, fmt: str) -> tuple[Cascade, Counter]:
 def dequantized(c: Cascade) -> np.ndarray:
     """The weight as the interpreter reads it (``W_dq`` made an output)."""
     marked = replace(c, tensors=tuple(replace(t, role="output") if t.name == "W_dq" else t for t in c.tensors))
-    return interpret(marked, {"X": np.zeros((4, c.rank("K").size))})["W_dq"]
+    return interpret(marked, {"X": np.zeros((4, c.rank("K").size))})["W_dq"].T   # ([n, k])
 
 
 def by_hand(fmt: str, p: dict[str, np.ndarray], k: int) -> np.ndarray:

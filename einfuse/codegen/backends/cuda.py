@@ -33,8 +33,8 @@ class CUDABackend(Backend):
         return KernelBuilder(c, k, sizes, nan_reductions=False).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:
-        """By dlight's rules."""
-        return schedule(func, k.name, self.target)
+        """By dlight's rules, a quantized weight's dequantization inlined into its loads first."""
+        return schedule(_dequantized_inline(func), k.name, self.target)
 
     def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's CUDA C and its launch grid."""
@@ -46,6 +46,18 @@ class CUDABackend(Backend):
     def device(self) -> Any:
         import tvm
         return tvm.cuda(0)
+
+
+def _dequantized_inline(func: Any) -> Any:
+    """``func`` with the element-wise stages before its first reduction (a dequantization)
+    inlined into their reader: dlight's rules schedule one contraction."""
+    from tvm import s_tir, tirx
+    sch = s_tir.Schedule(func)
+    for block in sch.get_child_blocks(sch.get_sblock("root"))[:-1]:
+        if any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars):
+            break
+        sch.compute_inline(block)
+    return sch.mod["main"]
 
 
 def device_source(mod: Any) -> str:

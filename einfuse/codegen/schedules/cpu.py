@@ -62,8 +62,7 @@ Rule = Callable[[s_tir.Schedule, list[Any], Kernel, Target], s_tir.Schedule | No
 
 def _epilogue_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
     """An epilogue kernel: its contraction, the element-wise reader applied to the tile as it is stored."""
-    _contraction_schedule(sch, blocks[0], target, epilogue=True)
-    return sch
+    return _dequant_rule(sch, blocks, kernel, target, epilogue=True)
 
 
 def _rows_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
@@ -75,6 +74,16 @@ def _rows_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: T
 def _attention_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target) -> s_tir.Schedule:
     """A row group and the ``P V`` reading it, one block of query rows at a time."""
     _row_schedule(sch, blocks, target, attention=True)
+    return sch
+
+
+def _dequant_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, target: Target,
+                  epilogue: bool = False) -> s_tir.Schedule:
+    """A contraction after its weight's dequantization (stages before it, if the weight is
+    quantized): as a GEMV the dequantization is inlined into the loads; on register tiles it
+    computes each packed panel (``_contraction_schedule``), once per panel."""
+    at = next(i for i, b in enumerate(blocks) if _is_reduction(sch, b))
+    _contraction_schedule(sch, blocks[at], target, epilogue=epilogue, dequant=blocks[:at])
     return sch
 
 
@@ -115,6 +124,7 @@ def _each_block(*rules: Rule) -> Rule:
 RULES: dict[str, list[Rule]] = {
     "": [_each_block(_contraction_rule, _reduction_rule, _elementwise_rule)],
     "epilogue": [_epilogue_rule],
+    "dequant": [_dequant_rule],
     "rows": [_rows_rule],
     "attention": [_attention_rule],
 }
@@ -175,11 +185,14 @@ def _innermost_last(uses: list[bool]) -> list[int]:
     return [d for d, u in enumerate(uses) if not u] + [d for d, u in enumerate(uses) if u]
 
 
-def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False) -> None:
+def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False,
+                          dequant: list[Any] | None = None) -> None:
+    """A contraction on register tiles, or as a GEMV where that is estimated faster; a quantized
+    weight's ``dequant`` stages computed per GEMV step or per packed panel."""
     spatial_vars = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     row = _row_dim(sch.get(block))
     if _streams_rows(sch.get(block), row, target):
-        _gemv_schedule(sch, block, target, epilogue)
+        _gemv_schedule(sch, block, target, epilogue, dequant or [])
         return
     mr, nr = target.register_tile(_static(spatial_vars[-1].dom.extent), _static(spatial_vars[row].dom.extent))
     before = sch.get_producers(block)
@@ -216,6 +229,8 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
             sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
         sch.compute_at(packed, j0)
         sch.vectorize(sch.get_loops(packed)[-1])
+        for producer in sch.get_producers(packed) if not padded else []:   # (a quantized weight's
+            sch.compute_inline(producer)                                    # dequantization, per panel)
     if padded:  # the operands' zero padding is computed where they are read
         keep = {sch.get(b).name_hint for b in before + [block, writeback] + ([packed] if packs else [])}
         # (producers only: a consumer, a causal mask's select on the scores, stays a stage of its own)
@@ -254,7 +269,7 @@ GEMV_ROWS = 4   # rows of the matrix a GEMV step reads (4 streams from memory, o
                 # store per 4 FMAs: 1 x 4096 x 4096 3.1 -> 2.1 ms; 8 rows 2.2 ms, 16 rows 2.5 ms)
 
 
-def _gemv_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool) -> None:
+def _gemv_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool, dequant: list[Any]) -> None:
     """A GEMV: the reduction outermost within each core's slice of the columns, each row of the
     matrix streamed once, contiguous, through accumulators of the slice's width in L1,
     ``GEMV_ROWS`` rows per step (where they divide the reduction). (On
@@ -270,6 +285,9 @@ def _gemv_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bo
     rows = GEMV_ROWS if _static(sch.get(k).extent) % GEMV_ROWS == 0 else 1
     k0, k1 = sch.split(k, [None, rows])
     sch.reorder(j0, k0, i, j2, k1, j3)
+    for b in dequant:   # (a quantized weight: its rows of this step dequantized once, for every row of the input)
+        sch.compute_at(b, k0)
+        _vectorize_inner(sch, sch.get_loops(b)[-1], target)
     sch.unroll(k1)
     sch.reverse_compute_at(writeback, j0)
     _vectorize_inner(sch, sch.get_loops(writeback)[-1], target)
