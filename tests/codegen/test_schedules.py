@@ -186,6 +186,38 @@ def test_attention_is_one_kernel_over_query_blocks(seq: int, tmp_path: Path, rng
     assert rel_err(got, interpret(c, {"X": x, "MASK": mask})["O"]) <= 1e-5
 
 
+# Attention probabilities as the output: the scores ``Q K`` (scaled, causal where filtered) join
+# the softmax's row group, one query row at a time (no ``P V`` to form an attention kernel).
+PROBS = """cascade probs
+rank B=1, H=2, S=SEQ, S_2=SEQ, E=16
+tensor Q[B,H,S,E] input f32
+tensor K[B,H,S_2,E] input f32
+tensor QK[B,H,S,S_2] f32 empty=-inf
+tensor SC[B,H,S,S_2] f32 empty=-inf
+tensor P[B,H,S,S_2] output f32
+QK[b,h,s,s_2MASK] = Q[b,h,s,e] * K[b,h,s_2,e]
+SC[b,h,s,s_2] = QK[b,h,s,s_2] * 0.25
+MX[b,h,s] = SC[b,h,s,s_2] :: reduce[s_2] max
+EX[b,h,s,s_2] = exp(SC[b,h,s,s_2] - MX[b,h,s])
+SM[b,h,s] = EX[b,h,s,s_2]
+P[b,h,s,s_2] = EX[b,h,s,s_2] / SM[b,h,s]
+"""
+
+
+@pytest.mark.parametrize("seq, mask", [(64, ":s_2<=s"), (37, "")])
+def test_scores_in_a_row_group_are_computed_one_query_row_at_a_time(seq: int, mask: str, tmp_path: Path,
+                                                                    rng: np.random.Generator) -> None:
+    """The tiny LM's softmax kernel at 64 tokens: a row group's row loop is the query's, so the
+    scores stage has no query-row loop of its own (an attention kernel's block has one)."""
+    c = parse(PROBS.replace("SEQ", str(seq)).replace("MASK", mask))
+    compiled = einfuse.compile(c, pipeline="none", cache_dir=tmp_path)
+    (probs,) = [k for k in compiled.kernels if k.kind == "rows"]
+    assert probs.output == "P" and "QK" in probs.stages
+    q, k = (rng.standard_normal((1, 2, seq, 16)).astype(np.float32) for _ in range(2))
+    got = compiled(torch.from_numpy(q), torch.from_numpy(k)).numpy()
+    assert rel_err(got, interpret(c, {"Q": q, "K": k})["P"]) <= 1e-5
+
+
 class _Decode(torch.nn.Module):
     """One token through a projection and GELU (a GEMV with an epilogue)."""
 

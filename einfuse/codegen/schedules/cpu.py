@@ -400,7 +400,8 @@ def _attention_output(sch: s_tir.Schedule, out: Any, target: Target) -> tuple[An
 
 
 def _stage_contraction(sch: s_tir.Schedule, block: Any, row: Any, target: Target) -> None:
-    """The scores ``S[s, t] = Q[s, e] * K[t, e]`` of one query block: ``K`` read with ``t``
+    """The scores ``S[s, t] = Q[s, e] * K[t, e]`` of one query block (an attention kernel's), or
+    of one query row (a row group's: its row loop is the query's): ``K`` read with ``t``
     innermost (packed per block if it is not stored so), the ``t`` lanes vectorized, the query
     rows unrolled."""
     blk = sch.get(block)
@@ -412,19 +413,26 @@ def _stage_contraction(sch: s_tir.Schedule, block: Any, row: Any, target: Target
         packed = sch.cache_read(block, streamed, "global", consumer_blocks=[block])
         sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
         sch.compute_at(packed, row)
-    i, j, k = sch.get_loops(block)[-3:]
+    *rows, j, k = _loops_under(sch, block, row)   # (rows: the block's query rows, none in a row group)
     extent = sch.get(j).extent
     lanes = target.vector_lanes
     if isinstance(extent, tirx.IntImm) and int(extent) % lanes:
-        sch.reorder(k, i, j)  # a ragged row: one whole vector
+        sch.reorder(k, *rows, j)  # a ragged row: one whole vector
         sch.vectorize(j)
         top = k
     else:
         top, j1 = sch.split(j, [None, lanes])
-        sch.reorder(top, k, i, j1)
+        sch.reorder(top, k, *rows, j1)
         sch.vectorize(j1)
     init = sch.decompose_reduction(block, top)
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def _loops_under(sch: s_tir.Schedule, block: Any, outer: Any) -> list[Any]:
+    """The loops of ``block`` nested inside the loop ``outer``."""
+    loops = sch.get_loops(block)
+    at = next(n for n, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(outer)))
+    return list(loops[at + 1:])
 
 
 def _partial_reduction(sch: s_tir.Schedule, block: Any, target: Target) -> Any:
