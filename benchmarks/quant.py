@@ -28,7 +28,6 @@ N = K = 4096
 def ort_matmul_nbits(w: np.ndarray, fmt: str, rows: int, accuracy: int) -> Callable[[np.ndarray], Any]:
     """ONNX Runtime's ``MatMulNBits`` on ``w`` (``[n, k]``) quantized as ``fmt`` (repacked: ORT
     keeps element ``k`` of a block in byte ``k // 2``, low nibble first, blocks along k)."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
     n, k = w.shape
