@@ -285,9 +285,12 @@ def _gemv_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bo
     rows = GEMV_ROWS if _static(sch.get(k).extent) % GEMV_ROWS == 0 else 1
     k0, k1 = sch.split(k, [None, rows])
     sch.reorder(j0, k0, i, j2, k1, j3)
-    for b in dequant:   # (a quantized weight: its rows of this step dequantized once, for every row of the input)
-        sch.compute_at(b, k0)
-        _vectorize_inner(sch, sch.get_loops(b)[-1], target)
+    for b in dequant:   # (a quantized weight: dequantized where it is loaded for one input row; for more,
+        if _static(sch.get(i).extent) == 1:   # its rows of this step once, for every input row)
+            sch.compute_inline(b)
+        else:
+            sch.compute_at(b, k0)
+            _vectorize_inner(sch, sch.get_loops(b)[-1], target)
     sch.unroll(k1)
     sch.reverse_compute_at(writeback, j0)
     _vectorize_inner(sch, sch.get_loops(writeback)[-1], target)
