@@ -1,5 +1,5 @@
 """One backend per target kind (``cpu``, ``cuda``, ``accel``), registered by kind: see :mod:`.base`."""
 from . import accel, cpu, cuda  # noqa: F401  (register the backends)
-from .base import BACKENDS, Backend, backend_for, register_backend
+from .base import BACKENDS, Backend, TEBackend, backend_for, register_backend
 
-__all__ = ["BACKENDS", "Backend", "backend_for", "register_backend"]
+__all__ = ["BACKENDS", "Backend", "TEBackend", "backend_for", "register_backend"]

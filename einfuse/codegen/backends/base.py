@@ -42,30 +42,13 @@ class Backend(ABC):
     def __init__(self, target: Target) -> None:
         self.target = target
 
+    @abstractmethod
     def kernel_function(self, c: Cascade, k: Kernel, sizes: SizeVars, tuning: Any = None) -> Any:
-        """Kernel ``k`` lowered and scheduled, a PrimFunc named ``k.name``: a kernel of a loop kind
-        (``KINDS[k.kind].loop``) built as TIR by :meth:`loop_function`; any other lowered through
-        TE (:meth:`lower`) and scheduled by its best record in ``tuning`` (marked with the
-        attribute ``einfuse.tuned``) or else by :meth:`schedule`."""
-        if KINDS[k.kind].loop:
-            return self.loop_function(c, k, sizes)
-        func = self.lower(c, k, sizes)
-        tuned = tuning.schedule(func, k.name) if tuning is not None else None
-        if tuned is not None:
-            return tuned.with_attr(TUNED, True)
-        return self.schedule(func, k)
+        """Kernel ``k`` lowered and scheduled, a PrimFunc named ``k.name``."""
 
     def lower(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
-        """Kernel ``k`` through TE, unscheduled."""
+        """Kernel ``k`` through TE, unscheduled (what tuning searches from)."""
         return KernelBuilder(c, k, sizes).prim_func()
-
-    def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
-        """A loop kernel (the 1-pass attention) built as scheduled TIR."""
-        raise NotImplementedError(f"the {self.kind} backend builds no loop kernel")
-
-    def schedule(self, func: Any, k: Kernel) -> Any:
-        """``func``, kernel ``k`` lowered through TE, scheduled by this target's rules."""
-        raise NotImplementedError(f"the {self.kind} backend has no schedule rules")
 
     @abstractmethod
     def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
@@ -105,6 +88,30 @@ class Backend(ABC):
 
     def write_extras(self, c: Cascade, directory: Path, at: dict) -> None:
         """Files beside the kernels that ``einfuse kernels`` writes (a runtime, a report)."""
+
+
+class TEBackend(Backend):
+    """A backend building loop kernels as TIR and the others through TE, then its schedule rules."""
+
+    def kernel_function(self, c: Cascade, k: Kernel, sizes: SizeVars, tuning: Any = None) -> Any:
+        """A kernel of a loop kind (``KINDS[k.kind].loop``) built as TIR by :meth:`loop_function`;
+        any other lowered through TE (:meth:`lower`) and scheduled by its best record in
+        ``tuning`` (marked with the attribute ``einfuse.tuned``) or else by :meth:`schedule`."""
+        if KINDS[k.kind].loop:
+            return self.loop_function(c, k, sizes)
+        func = self.lower(c, k, sizes)
+        tuned = tuning.schedule(func, k.name) if tuning is not None else None
+        if tuned is not None:
+            return tuned.with_attr(TUNED, True)
+        return self.schedule(func, k)
+
+    @abstractmethod
+    def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
+        """A loop kernel (the 1-pass attention) built as scheduled TIR."""
+
+    @abstractmethod
+    def schedule(self, func: Any, k: Kernel) -> Any:
+        """``func``, kernel ``k`` lowered through TE, scheduled by this target's rules."""
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

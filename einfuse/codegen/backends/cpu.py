@@ -10,11 +10,11 @@ from ...targets import cost, host_peaks
 from ..loop import LoopBuilder
 from ..lower import SizeVars
 from ..schedules.cpu import rule_schedule, schedule
-from .base import Backend, register_backend
+from .base import TEBackend, register_backend
 
 
 @register_backend
-class CPUBackend(Backend):
+class CPUBackend(TEBackend):
     """``cpu`` (the host, or a named ISA): LLVM."""
 
     kind = "cpu"

@@ -12,11 +12,11 @@ from ...ir.kernels import Kernel
 from ..loop_gpu import GPULoopBuilder
 from ..lower import KernelBuilder, SizeVars
 from ..schedules.gpu import schedule
-from .base import Backend, register_backend
+from .base import TEBackend, register_backend
 
 
 @register_backend
-class CUDABackend(Backend):
+class CUDABackend(TEBackend):
     """``cuda:<gpu>``: CUDA C through TVM, one ``.cu`` per kernel."""
 
     kind = "cuda"
