@@ -92,14 +92,17 @@ def write_kernels(c: Cascade, target: Target, directory: Path, at: dict | None =
 
 def _write_harness(c: Cascade, emitted: list[Emitted], manifest: list[dict], directory: Path,
                    inputs: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
-    """The harness's files, each kernel's ``call`` added to its manifest entry; the manifest's
+    """The harness's files, each kernel's ``calls`` (one per device function) and ``output``
+    added to its manifest entry; the manifest's
     ``data`` (the bytes written, or None)."""
-    from .harness import launch, launch_record, write_data, write_harness
+    from .harness import launch_record, launches, write_data, write_harness
     kernels = [item.kernel for item in emitted]
-    launches = [launch(item.kernel, item.script, item.files[f"{item.kernel.name}.cu"]) for item in emitted]
-    for entry, item, k in zip(manifest, launches, kernels):
-        entry["call"] = {**launch_record(c, item), "output": k.output}
-    write_harness(c, kernels, launches, directory)
+    found = [launches(item.kernel, item.script, item.files[f"{item.kernel.name}.cu"]) for item in emitted]
+    workspaces = [w for _, ws in found for w in ws]
+    for entry, (calls, _), k in zip(manifest, found, kernels):
+        entry["calls"] = [launch_record(c, item, workspaces) for item in calls]
+        entry["output"] = k.output
+    write_harness(c, kernels, [calls for calls, _ in found], workspaces, directory)
     return {"data_bytes": write_data(c, kernels, inputs, directory) if inputs is not None else None}
 
 

@@ -31,7 +31,9 @@ from ..ir.scope import declarations
 
 _SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)\s*\{')
 _BINDING = re.compile(r"T\.thread_binding\((.+?), thread=\"(blockIdx|threadIdx)\.([xyz])\"\)")
-_DYNAMIC = re.compile(r'T\.alloc_buffer\(\(([^)]*)\), "(\w+)", scope="shared\.dyn"\)')
+_SHAPE = r"\(\(((?:[^()]|\([^()]*\))*)\)"   # (a shape tuple, its sizes maybe T.int64(n))
+_DYNAMIC = re.compile(r'T\.alloc_buffer\(' + _SHAPE + r', "(\w+)", scope="shared\.dyn"\)')
+_ALLOC = re.compile(r'^    (\w+) = T\.sblock_alloc_buffer' + _SHAPE + r'(?:, "(\w+)")?(?:, scope="([\w.]+)")?', re.M)
 _CTYPES = {"f32": "float", "f64": "double", "f16": "__half", "bf16": "__nv_bfloat16", "i8": "int8_t",
            "u8": "uint8_t", "i32": "int32_t", "i64": "int64_t", "bool": "bool"}
 REPEAT = 20   # timed launches of each kernel and of the model
@@ -39,8 +41,8 @@ REPEAT = 20   # timed launches of each kernel and of the model
 
 @dataclass(frozen=True)
 class Launch:
-    """How the host launches one kernel: its device function, grid, block, dynamic shared bytes
-    and arguments (tensor names, in the device function's order)."""
+    """How the host launches one device function: its name, grid, block, dynamic shared bytes and
+    arguments (buffer names, in the function's order: a tensor's, or a workspace's)."""
 
     function: str
     grid: tuple[int, int, int]
@@ -49,13 +51,39 @@ class Launch:
     args: tuple[str, ...]
 
 
-def launch(k: Kernel, script: str, source: str) -> Launch:
-    """The launch of kernel ``k`` from its scheduled TIR (``script``) and its CUDA ``source``."""
-    signatures = _SIGNATURE.findall(source)
-    if len(signatures) != 1:
-        raise CompileError(f"kernel {k.name}: the harness launches one device function per kernel, "
-                           f"TVM made {len(signatures)}")
-    bounds, function, params = signatures[0]
+@dataclass(frozen=True)
+class Workspace:
+    """A buffer a kernel's device functions pass each other through global memory (TVM allocates
+    it on the host side): ``<kernel>__<buffer>``, its shape and IR dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def launches(k: Kernel, script: str, source: str) -> tuple[list[Launch], list[Workspace]]:
+    """The launches of kernel ``k`` (one per device function, in order) and its workspaces, from
+    its scheduled TIR (``script``) and its CUDA ``source``."""
+    workspaces = {name: Workspace(f"{k.name}__{name}", shape, _ir_dtype(dtype))
+                  for name, shape, dtype in _workspaces(k, script)}
+    nests = _launch_nests(k, script)
+    signatures = sorted(_SIGNATURE.findall(source), key=lambda sig: _suffix(sig[1]))
+    if len(signatures) != len(nests):
+        raise CompileError(f"kernel {k.name}: {len(signatures)} device functions for {len(nests)} launch nests")
+    out = []
+    for (bounds, function, params), extents in zip(signatures, nests):
+        args = tuple(workspaces[a].name if a in workspaces else a for a in _tensor_args(k, params))
+        grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
+        block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
+        if bounds and int(bounds) != math.prod(block):
+            raise CompileError(f"kernel {k.name}: its threads {block} are not its __launch_bounds__({bounds})")
+        shared = sum(math.prod(_sizes(k, shape)) * np.dtype(dtype).itemsize for shape, dtype in _DYNAMIC.findall(script))
+        out.append(Launch(function, grid, block, shared, args))  # type: ignore[arg-type]
+    return out, list(workspaces.values())
+
+
+def _tensor_args(k: Kernel, params: str) -> list[str]:
+    """The buffers a device function's parameters name (``X_ptr``: X); a scalar is refused."""
     args = []
     for param in filter(None, (p.strip() for p in params.split(","))):
         name = param.split()[-1]
@@ -63,38 +91,79 @@ def launch(k: Kernel, script: str, source: str) -> Launch:
             raise CompileError(f"kernel {k.name}: its argument '{param}' is not a tensor (a size symbol?); "
                                "the harness needs static sizes")
         args.append(name[: -len("_ptr")])
-    extents: dict[str, int] = {}
-    for extent, scope, axis in _BINDING.findall(script):
+    return args
+
+
+def _launch_nests(k: Kernel, script: str) -> list[dict[str, int]]:
+    """The thread-binding extents of each outermost launch nest of the script, in order."""
+    bindings = [(len(line) - len(line.lstrip()), m.groups()) for line in script.splitlines()
+                for m in [_BINDING.search(line)] if m]
+    top = min((indent for indent, _ in bindings), default=0)
+    nests: list[dict[str, int]] = []
+    for indent, (extent, scope, axis) in bindings:
         number = re.fullmatch(r"(?:T\.int64\()?(\d+)\)?", extent.strip())
         if number is None:
             raise CompileError(f"kernel {k.name}: its {scope}.{axis} extent {extent} is not a constant; "
                                "the harness needs static sizes")
-        extents[f"{scope}.{axis}"] = int(number.group(1))
-    grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
-    block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
-    if bounds and int(bounds) != math.prod(block):
-        raise CompileError(f"kernel {k.name}: its threads {block} are not its __launch_bounds__({bounds})")
-    shared = sum(math.prod(int(n) for n in filter(None, (s.strip() for s in shape.split(","))))
-                 * np.dtype(dtype).itemsize for shape, dtype in _DYNAMIC.findall(script))
-    return Launch(function, grid, block, shared, tuple(args))  # type: ignore[arg-type]
+        if indent == top or not nests:
+            nests.append({})
+        nests[-1][f"{scope}.{axis}"] = int(number.group(1))
+    return nests or [{}]
+
+
+def _workspaces(k: Kernel, script: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """The global buffers the script allocates at its root: (name, shape, TVM dtype)."""
+    out = []
+    for name, shape, dtype, scope in _ALLOC.findall(script):
+        if scope in ("", "global"):
+            out.append((name, _sizes(k, shape), dtype or "float32"))
+    return out
+
+
+def _sizes(k: Kernel, shape: str) -> tuple[int, ...]:
+    """A shape tuple's text (``T.int64(24), T.int64(6)``) as numbers; a symbolic one is refused."""
+    dims = [re.fullmatch(r"(?:T\.int64\()?(\d+)\)?", d.strip()) for d in shape.split(",") if d.strip()]
+    if None in dims:
+        raise CompileError(f"kernel {k.name}: a buffer of the symbolic shape ({shape}); the harness needs static sizes")
+    return tuple(int(d.group(1)) for d in dims)  # type: ignore[union-attr]
+
+
+def _suffix(function: str) -> int:
+    """A device function's position: ``k_kernel`` 0, ``k_kernel_1`` 1, ..."""
+    found = re.search(r"_kernel_(\d+)$", function)
+    return int(found.group(1)) if found else 0
+
+
+def _ir_dtype(tvm_dtype: str) -> str:
+    return next(name for name, d in DTYPES.items() if d.tvm == tvm_dtype)
 
 
 def launch_from_record(record: Mapping[str, Any]) -> Launch:
-    """The :class:`Launch` a manifest's ``call`` holds (:func:`launch_record`)."""
+    """The :class:`Launch` a manifest's call holds (:func:`launch_record`)."""
     return Launch(str(record["function"]), tuple(record["grid"]), tuple(record["block"]),  # type: ignore[arg-type]
                   int(record["shared_bytes"]), tuple(a["name"] for a in record["args"]))
 
 
-def launch_record(c: Cascade, item: Launch) -> dict[str, Any]:
-    """``item`` as the manifest's ``call``: with each argument's shape, dtype and strides."""
+def launch_record(c: Cascade, item: Launch, workspaces: list[Workspace]) -> dict[str, Any]:
+    """``item`` as a call of the manifest: with each argument's shape, dtype and strides."""
     decls = declarations(c)
+    buffers = _buffers(c, workspaces, [a for a in item.args if a in decls])
     args = []
     for name in item.args:
-        shape = _shape(c, name)
+        shape, dtype, _ = buffers[name]
         strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-        args.append({"name": name, "shape": shape, "dtype": decls[name].dtype, "strides": strides})
+        args.append({"name": name, "shape": list(shape), "dtype": dtype, "strides": strides,
+                     "workspace": name not in decls})
     return {"function": item.function, "grid": list(item.grid), "block": list(item.block),
             "shared_bytes": item.shared_bytes, "args": args}
+
+
+def _buffers(c: Cascade, workspaces: list[Workspace], names: list[str] | None = None) -> dict[str, tuple]:
+    """(shape, IR dtype, given: read from data/) of the named tensors and of the workspaces."""
+    decls = declarations(c)
+    out = {n: (tuple(_shape(c, n)), decls[n].dtype, decls[n].role in ("input", "param"))
+           for n in (names if names is not None else decls)}
+    return {**out, **{w.name: (w.shape, w.dtype, False) for w in workspaces}}
 
 
 def references(c: Cascade, kernels: list[Kernel], inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -135,9 +204,10 @@ def write_data(c: Cascade, kernels: list[Kernel], inputs: Mapping[str, np.ndarra
     return total
 
 
-def write_harness(c: Cascade, kernels: list[Kernel], launches: list[Launch], directory: Path) -> None:
+def write_harness(c: Cascade, kernels: list[Kernel], calls: list[list[Launch]], workspaces: list[Workspace],
+                  directory: Path) -> None:
     """``main.cu`` and the ``Makefile`` of a directory of ``kernels`` (``NAME.cu`` each)."""
-    (directory / "main.cu").write_text(main_source(c, kernels, launches))
+    (directory / "main.cu").write_text(main_source(c, kernels, calls, workspaces))
     objects = " ".join(f"{k.name}.cu" for k in kernels)
     (directory / "Makefile").write_text(
         "# Builds the einfuse kernels and their host harness with nvcc alone: make && ./run\n"
@@ -148,23 +218,24 @@ def write_harness(c: Cascade, kernels: list[Kernel], launches: list[Launch], dir
         "clean:\n\trm -f run\n")
 
 
-def main_source(c: Cascade, kernels: list[Kernel], launches: list[Launch]) -> str:
+def main_source(c: Cascade, kernels: list[Kernel], calls: list[list[Launch]], workspaces: list[Workspace]) -> str:
     """The host program: allocate, load, launch in order, check, time."""
-    decls = declarations(c)
-    tensors = used(c, kernels)
-    index = {name: i for i, name in enumerate(tensors)}
+    buffers = _buffers(c, workspaces, used(c, kernels))
+    index = {name: i for i, name in enumerate(buffers)}
     lines = [_PRELUDE]
-    for item in launches:
-        params = ", ".join(f"{_CTYPES[decls[a].dtype]}* {a}" for a in item.args)
+    for item in (item for launches_ in calls for item in launches_):
+        params = ", ".join(f"{_CTYPES[buffers[a][1]]}* {a}" for a in item.args)
         lines.append(f'extern "C" __global__ void {item.function}({params});')
-    table = ",\n".join(f'  {{"{n}", {_bytes(c, n)}, "{decls[n].dtype}", {str(decls[n].role in ("input", "param")).lower()}}}'
-                       for n in tensors)
-    lines.append(f"Tensor tensors[] = {{\n{table}\n}};\nint n_tensors = {len(tensors)};\n")
+    table = ",\n".join(f'  {{"{n}", {math.ceil(math.prod(shape) * DTYPES[dtype].bytes)}, "{dtype}", {str(given).lower()}}}'
+                       for n, (shape, dtype, given) in buffers.items())
+    lines.append(f"Tensor tensors[] = {{\n{table}\n}};\nint n_tensors = {len(buffers)};\n")
     lines.append("static void launch(int k) {\n  switch (k) {")
-    for i, item in enumerate(launches):
-        args = ", ".join(f"({_CTYPES[decls[a].dtype]}*)tensors[{index[a]}].dev" for a in item.args)
-        lines.append(f"    case {i}: EINFUSE_LAUNCH({item.function}, dim3({', '.join(map(str, item.grid))}), "
-                     f"dim3({', '.join(map(str, item.block))}), {item.shared_bytes}, {args}); break;")
+    for i, launches_ in enumerate(calls):
+        body = " ".join(f"EINFUSE_LAUNCH({item.function}, dim3({', '.join(map(str, item.grid))}), "
+                        f"dim3({', '.join(map(str, item.block))}), {item.shared_bytes}, "
+                        + ", ".join(f"({_CTYPES[buffers[a][1]]}*)tensors[{index[a]}].dev" for a in item.args) + ");"
+                        for item in launches_)
+        lines.append(f"    case {i}: {body} break;")
     lines.append("  }\n}\n")
     names = ",\n".join(f'  {{"{k.name}", {index[k.output]}}}' for k in kernels)
     lines.append(f"static Kernel kernels[] = {{\n{names}\n}};\nstatic const int n_kernels = {len(kernels)};\n")
@@ -178,10 +249,6 @@ def _shape(c: Cascade, name: str) -> list[int]:
     if not all(isinstance(n, int) for n in shape):
         raise CompileError(f"tensor {name} has the symbolic shape {shape}; the harness needs static sizes")
     return shape
-
-
-def _bytes(c: Cascade, name: str) -> int:
-    return math.ceil(math.prod(_shape(c, name)) * DTYPES[declarations(c)[name].dtype].bytes)
 
 
 _PRELUDE = r"""// The host harness of einfuse's kernels (einfuse/codegen/harness.py): make && ./run

@@ -36,8 +36,13 @@ static Tensor& find(const char* name) {
   for (int i = 0; i < n_tensors; i++) if (!std::strcmp(tensors[i].name, name)) return tensors[i];
   std::fprintf(stderr, "stub: no tensor %s\n", name); std::exit(3);
 }
-static void expect(const char* name, const void* p) {
-  if (find(name).dev != p) { std::fprintf(stderr, "stub: argument %s is not its buffer\n", name); std::exit(3); }
+static void expect(const char* name, const char* workspace, const void* p) {   // (a tensor's, or the kernel's own)
+  for (int i = 0; i < n_tensors; i++)
+    if (!std::strcmp(tensors[i].name, name) || !std::strcmp(tensors[i].name, workspace)) {
+      if (tensors[i].dev == p) return;
+      break;
+    }
+  std::fprintf(stderr, "stub: argument %s is not its buffer\n", name); std::exit(3);
 }
 static void produce(const char* name, void* p) {   // (the reference itself, perturbed if asked)
   Tensor& t = find(name);
@@ -56,16 +61,18 @@ def stub_kernels(directory: Path) -> str:
     out = [_SUPPORT]
     for entry in manifest["kernels"]:
         (source,) = [f for f in entry["files"] if f.endswith(".cu")]
-        ((function, params),) = _SIGNATURE.findall((directory / source).read_text())
-        body, declared = [], []
-        for param in (p.strip() for p in params.split(",")):
-            name = param.split()[-1]
-            declared.append(param.replace("__restrict__", ""))
-            body.append(f'  expect("{name[:-4]}", {name});')
-            if name[:-4] == entry["call"]["output"]:
-                body.append(f'  produce("{name[:-4]}", {name});')
-        out.append(f'extern "C" void {function}({", ".join(declared)}) {{\n' + "\n".join(body) + "\n}\n")
+        for function, params in _SIGNATURE.findall((directory / source).read_text()):
+            body, declared = [], []
+            for param in (p.strip() for p in params.split(",")):
+                name = param.split()[-1]
+                tensor = name[: -len("_ptr")]
+                declared.append(param.replace("__restrict__", ""))
+                body.append(f'  expect("{tensor}", "{entry["kernel"]}__{tensor}", {name});')
+                if tensor == entry["output"]:
+                    body.append(f'  produce("{tensor}", {name});')
+            out.append(f'extern "C" void {function}({", ".join(declared)}) {{\n' + "\n".join(body) + "\n}\n")
     return "\n".join(out)
+
 
 
 def build_stub(directory: Path) -> Path:
@@ -93,7 +100,7 @@ def test_the_host_program_passes_each_kernel_its_buffers_and_checks_their_output
     manifest = json.loads((directory / "manifest.json").read_text())
     errors = {line.split()[0]: float(line.split()[1]) for line in lines[1:-1]}
     assert errors == {k["kernel"]: 0.0 for k in manifest["kernels"]}
-    wrong = manifest["kernels"][1]["call"]["output"]
+    wrong = manifest["kernels"][1]["output"]
     bad = subprocess.run([str(run)], cwd=directory, capture_output=True, text=True, env={"STUB_PERTURB": wrong})
     assert bad.returncode == 1 and bad.stdout.splitlines()[-1].split()[:2] == ["model", "FAILED"]
     assert float(bad.stdout.splitlines()[2].split()[1]) > 0.0   # (the second kernel's error)
@@ -112,10 +119,10 @@ def test_the_manifest_records_each_call(tmp_path: Path, rng: np.random.Generator
     directory = mlp_directory(tmp_path)
     manifest = json.loads((directory / "manifest.json").read_text())
     for entry in manifest["kernels"]:
-        call = entry["call"]
+        (call,) = entry["calls"]
         launch = launch_from_record(call)
         assert launch.function == call["function"] and len(launch.args) == len(call["args"]) >= 2
-        assert all(g >= 1 for g in launch.grid + launch.block) and call["output"] in launch.args
+        assert all(g >= 1 for g in launch.grid + launch.block) and entry["output"] in launch.args
         for arg in call["args"]:
             assert arg["strides"] == [int(np.prod(arg["shape"][d + 1:])) for d in range(len(arg["shape"]))]
             size = (directory / "data" / f"{arg['name']}.bin").stat().st_size
@@ -171,7 +178,7 @@ def test_the_gpu_directory_holds_each_workload_its_specs_and_the_runner(tmp_path
 
 @pytest.mark.parametrize("source, script, message", [
     ('extern "C" __global__ void f(float* __restrict__ x_ptr) {}\nextern "C" __global__ void g(float* y_ptr) {}',
-     "", "TVM made 2"),
+     "", "2 device functions for 1 launch nests"),
     ('extern "C" __global__ void f(float* __restrict__ x_ptr, int n) {}', "", "is not a tensor"),
     ('extern "C" __global__ void f(float* __restrict__ x_ptr) {}',
      'for i in T.thread_binding(n, thread="threadIdx.x"):', "is not a constant"),
@@ -179,20 +186,39 @@ def test_the_gpu_directory_holds_each_workload_its_specs_and_the_runner(tmp_path
      'for i in T.thread_binding(64, thread="threadIdx.x"):', "are not its __launch_bounds__"),
 ], ids=["two-functions", "size-argument", "symbolic-extent", "launch-bounds"])
 def test_a_launch_the_harness_cannot_make_is_refused_naming_the_kernel(source: str, script: str, message: str) -> None:
-    from einfuse.codegen.harness import launch
+    from einfuse.codegen.harness import launches
     from einfuse.errors import CompileError
     from einfuse.ir.kernels import Kernel
     with pytest.raises(CompileError, match=f"kernel k0_x: .*{message}"):
-        launch(Kernel("k0_x", "x", (), (), ()), script, source)
+        launches(Kernel("k0_x", "x", (), (), ()), script, source)
+
+
+def test_launches_read_each_device_functions_nest_and_the_kernels_workspaces() -> None:
+    """A kernel TVM splits in two device functions (a top-k's), passing a buffer between them."""
+    from einfuse.codegen.harness import Workspace, launches
+    from einfuse.ir.kernels import Kernel
+    source = ('extern "C" __global__ void __launch_bounds__(32) k1_t_kernel_1(float* __restrict__ t_ptr, '
+              'float* __restrict__ w_ptr) {\n}\nextern "C" __global__ void __launch_bounds__(64) k1_t_kernel('
+              'float* __restrict__ w_ptr, float* __restrict__ x_ptr) {\n}')
+    script = ('    w = T.sblock_alloc_buffer((T.int64(24), T.int64(6)))\n'
+              '    for a in T.thread_binding(T.int64(2), thread="blockIdx.x"):\n'
+              '        for b in T.thread_binding(T.int64(64), thread="threadIdx.x"):\n'
+              '    for a in T.thread_binding(T.int64(3), thread="blockIdx.x"):\n'
+              '        for b in T.thread_binding(T.int64(32), thread="threadIdx.x"):\n')
+    calls, workspaces = launches(Kernel("k1_t", "t", (), (), ("x",)), script, source)
+    assert workspaces == [Workspace("k1_t__w", (24, 6), "f32")]
+    assert [(c.function, c.grid, c.block, c.args) for c in calls] == [
+        ("k1_t_kernel", (2, 1, 1), (64, 1, 1), ("k1_t__w", "x")), ("k1_t_kernel_1", (3, 1, 1), (32, 1, 1), ("t", "k1_t__w"))]
 
 
 def test_a_launch_reads_grid_block_and_arguments() -> None:
-    from einfuse.codegen.harness import launch, launch_from_record
+    from einfuse.codegen.harness import launch_from_record, launches
     from einfuse.ir.kernels import Kernel
     source = 'extern "C" __global__ void __launch_bounds__(128) k0_y_kernel(float* __restrict__ y_ptr, float* __restrict__ x_ptr) {'
     script = ('for a in T.thread_binding(T.int64(32), thread="blockIdx.x"):\n for b in T.thread_binding(4, thread="blockIdx.y"):\n'
               '  for c in T.thread_binding(128, thread="threadIdx.x"):\n   for d in T.thread_binding(2, thread="vthread.x"):')
-    got = launch(Kernel("k0_y", "y", (), (), ("x",)), script, source)
+    (got,), workspaces = launches(Kernel("k0_y", "y", (), (), ("x",)), script, source)
+    assert workspaces == []
     assert (got.function, got.grid, got.block, got.shared_bytes, got.args) == ("k0_y_kernel", (32, 4, 1), (128, 1, 1), 0, ("y", "x"))
     record = {"function": got.function, "grid": list(got.grid), "block": list(got.block), "shared_bytes": 0,
               "args": [{"name": "y"}, {"name": "x"}]}
