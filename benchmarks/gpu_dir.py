@@ -9,8 +9,8 @@ and not; a 4096 x 4096 GEMM; the zoo's GPT-2 and Llama. Workloads small enough c
 the two models); the others make up their inputs and are only timed. Beside them
 ``workloads.json`` and ``gpu_run.py``, which on the GPU machine builds every workload, runs it
 and prints one table: per kernel its error against the CPU reference and its time, and per
-workload einfuse's time beside torch's SDPA and eager on the same GPU. The directory is kept
-under 64 MiB (what a device command carries); its size is printed.
+workload einfuse's time beside torch's SDPA and eager on the same GPU. Its size is printed, and
+the command fails if it is over 64 MiB (what a device command carries).
 """
 from __future__ import annotations
 

@@ -46,6 +46,8 @@ def kernels(model: Any, args: tuple | None = None, *, target: str, output: str |
     and every kernel's output computed here (random inputs for a cascade given none)."""
     from .codegen.emit import write_kernels
     from .targets import Target
+    if data and not harness:
+        raise EinfuseError("kernels: data= writes the harness's data: give harness=True too")
     t = Target.parse(target)
     pipeline = with_quantize(pipeline, quantize)
     cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=t), t)

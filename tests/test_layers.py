@@ -32,8 +32,8 @@ def modules() -> dict[str, Path]:
 def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
     """The einfuse modules ``name`` imports (a package's ``from . import x``: the submodule)."""
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-                   for stmt in node.body for n in ast.walk(stmt)}
+    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) in
+                   ("TYPE_CHECKING", "typing.TYPE_CHECKING") for stmt in node.body for n in ast.walk(stmt)}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(tree):
@@ -50,8 +50,11 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
         for t in targets:
             while t and t not in known:
                 t = t.rpartition(".")[0]
-            if t and t != name:
-                found.add(t)
+            while t:   # (and every package above it but the root, whose eager imports are the lowest layers:
+                       # importing a module runs their __init__ first)
+                if t != name and not name.startswith(t + "."):
+                    found.add(t)
+                t = t.rpartition(".")[0] if t.count(".") > 1 else ""
     return found
 
 

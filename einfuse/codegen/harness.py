@@ -4,7 +4,8 @@
 them where only nvcc is (no TVM, no Python): ``main.cu`` allocates every tensor on the device,
 reads the inputs and weights from ``data/``, launches the kernels in the model's order with the
 launch configuration TVM chose, compares each kernel's output with the CPU reference (the
-float64 interpreter's, in ``data/``) and prints the largest relative error per kernel, then
+float64 interpreter's, in ``data/``) and prints its normwise relative error per kernel
+(``max |got - want| / max |want|``, within :data:`TOLERANCE` of its dtype), then
 times each kernel and the whole model with CUDA events. ``make && ./run`` builds and runs it.
 The manifest gains each kernel's launch: its device function, grid, block, dynamic shared
 memory and arguments (name, shape, dtype, strides in elements), which a user's own host code
@@ -32,11 +33,13 @@ from ..ir.scope import declarations
 _SIGNATURE = re.compile(r'extern "C" __global__ void (?:__launch_bounds__\((\d+)\) )?(\w+)\(([^)]*)\)\s*\{')
 _BINDING = re.compile(r"T\.thread_binding\((.+?), thread=\"(blockIdx|threadIdx)\.([xyz])\"\)")
 _SHAPE = r"\(\(((?:[^()]|\([^()]*\))*)\)"   # (a shape tuple, its sizes maybe T.int64(n))
-_DYNAMIC = re.compile(r'T\.alloc_buffer\(' + _SHAPE + r', "(\w+)", scope="shared\.dyn"\)')
 _ALLOC = re.compile(r'^    (\w+) = T\.sblock_alloc_buffer' + _SHAPE + r'(?:, "(\w+)")?(?:, scope="([\w.]+)")?', re.M)
 _CTYPES = {"f32": "float", "f64": "double", "f16": "__half", "bf16": "__nv_bfloat16", "i8": "int8_t",
            "u8": "uint8_t", "i32": "int32_t", "i64": "int64_t", "bool": "bool"}
 REPEAT = 20   # timed launches of each kernel and of the model
+#: The largest normwise error (max |got - want| / max |want|) a kernel's output of each dtype may
+#: have against the float64 reference (integers: none).
+TOLERANCE = {"f32": 1e-3, "f64": 1e-9, "f16": 1e-2, "bf16": 3e-2}
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,15 @@ def launches(k: Kernel, script: str, source: str) -> tuple[list[Launch], list[Wo
     if len(signatures) != len(nests):
         raise CompileError(f"kernel {k.name}: {len(signatures)} device functions for {len(nests)} launch nests")
     out = []
+    if "extern __shared__" in source:   # (its size is the host code's, which the harness does not read yet)
+        raise CompileError(f"kernel {k.name}: it uses dynamic shared memory, which the harness cannot size yet")
     for (bounds, function, params), extents in zip(signatures, nests):
         args = tuple(workspaces[a].name if a in workspaces else a for a in _tensor_args(k, params))
         grid = tuple(extents.get(f"blockIdx.{a}", 1) for a in "xyz")
         block = tuple(extents.get(f"threadIdx.{a}", 1) for a in "xyz")
         if bounds and int(bounds) != math.prod(block):
             raise CompileError(f"kernel {k.name}: its threads {block} are not its __launch_bounds__({bounds})")
-        shared = sum(math.prod(_sizes(k, shape)) * np.dtype(dtype).itemsize for shape, dtype in _DYNAMIC.findall(script))
-        out.append(Launch(function, grid, block, shared, args))  # type: ignore[arg-type]
+        out.append(Launch(function, grid, block, 0, args))  # type: ignore[arg-type]
     return out, list(workspaces.values())
 
 
@@ -221,6 +225,9 @@ def write_harness(c: Cascade, kernels: list[Kernel], calls: list[list[Launch]], 
 def main_source(c: Cascade, kernels: list[Kernel], calls: list[list[Launch]], workspaces: list[Workspace]) -> str:
     """The host program: allocate, load, launch in order, check, time."""
     buffers = _buffers(c, workspaces, used(c, kernels))
+    unsupported = sorted({dtype for _, dtype, _ in buffers.values() if dtype not in _CTYPES})
+    if unsupported:
+        raise CompileError(f"the harness cannot hold tensors of dtype {', '.join(unsupported)} yet")
     index = {name: i for i, name in enumerate(buffers)}
     lines = [_PRELUDE]
     for item in (item for launches_ in calls for item in launches_):
@@ -237,7 +244,7 @@ def main_source(c: Cascade, kernels: list[Kernel], calls: list[list[Launch]], wo
                         for item in launches_)
         lines.append(f"    case {i}: {body} break;")
     lines.append("  }\n}\n")
-    names = ",\n".join(f'  {{"{k.name}", {index[k.output]}}}' for k in kernels)
+    names = ",\n".join(f'  {{"{k.name}", {index[k.output]}, {TOLERANCE.get(buffers[k.output][1], 0.0)}}}' for k in kernels)
     lines.append(f"static Kernel kernels[] = {{\n{names}\n}};\nstatic const int n_kernels = {len(kernels)};\n")
     lines.append(_MAIN.replace("REPEAT", str(REPEAT)))
     return "\n".join(lines)
@@ -271,7 +278,7 @@ _PRELUDE = r"""// The host harness of einfuse's kernels (einfuse/codegen/harness
 #endif
 
 struct Tensor { const char* name; size_t bytes; const char* dtype; bool given; void* dev; };
-struct Kernel { const char* name; int output; };
+struct Kernel { const char* name; int output; double tolerance; };
 """
 
 _MAIN = r"""
@@ -305,9 +312,9 @@ static size_t elements(const Tensor& t) {
   return t.bytes;
 }
 
-static void generate(const Tensor& t, std::vector<char>& out) {
-  out.assign(t.bytes, 0);   // integers and booleans 0, floats uniform in [-1, 1)
-  uint32_t state = 12345u;
+static void generate(const Tensor& t, int seed, std::vector<char>& out) {
+  out.assign(t.bytes, 0);   // integers and booleans 0, floats uniform in [-1, 1), each tensor its own
+  uint32_t state = 12345u + 7919u * (uint32_t)seed;
   for (size_t i = 0; i < elements(t); i++) {
     state = state * 1664525u + 1013904223u;
     float x = (float)(state >> 8) / 8388608.0f - 1.0f;
@@ -325,7 +332,7 @@ int main() {
     CHECK(cudaMalloc(&tensors[i].dev, tensors[i].bytes ? tensors[i].bytes : 1));
     if (tensors[i].given) {
       if (!read_file(tensors[i].name, host, tensors[i].bytes)) {   // (no data: made up, and nothing checked)
-        generate(tensors[i], host);
+        generate(tensors[i], i, host);
         missing++;
       }
       CHECK(cudaMemcpy(tensors[i].dev, host.data(), tensors[i].bytes, cudaMemcpyHostToDevice));
@@ -333,7 +340,7 @@ int main() {
   }
   if (missing) std::printf("%d inputs or weights have no data/ file: made up, outputs not checked\n", missing);
   int failed = 0;
-  std::printf("%-40s %12s %12s\n", "kernel", "max rel err", "ms");
+  std::printf("%-40s %12s %12s\n", "kernel", "rel err", "ms");   // (max |got - want| / max |want|)
   std::vector<char> want, got;
   std::vector<float> ms(n_kernels);
   cudaEvent_t start, stop;
@@ -366,7 +373,7 @@ int main() {
         if (std::isfinite(b)) scale = std::fmax(scale, std::fabs(b));
       }
       err = diff / (scale > 0 ? scale : 1.0);
-      failed += !(err <= 1e-3);
+      failed += !(err <= kernels[k].tolerance);
     }
     std::printf("%-40s %12.3g %12.4f\n", kernels[k].name, err, ms[k]);
   }
@@ -376,7 +383,7 @@ int main() {
   CHECK(cudaEventRecord(stop));
   CHECK(cudaEventSynchronize(stop));
   CHECK(cudaEventElapsedTime(&total, start, stop));
-  std::printf("%-40s %12s %12.4f\n", "model", failed ? "FAILED" : "ok", total / REPEAT);
+  std::printf("%-40s %12s %12.4f\n", "model", failed ? "FAILED" : missing ? "unchecked" : "ok", total / REPEAT);
   return failed ? 1 : 0;
 }
 """

@@ -6,14 +6,15 @@ reduction) is stored, and the Einsum that gives it back (the interpreter's exact
 | ``int8`` | ``Q[n,k]`` i8, ``S[n]`` f32 = max abs / 127 | ``Q * S[n]`` |
 | ``q8_0`` | ``Q[n,k]`` i8, ``D[n,b]`` f16 per block of 32 along k = max abs / 127 | ``Q * D[n,k//32]`` |
 | ``q4_0`` | ``P[n,j]`` u8, two 4-bit values a byte, ``D[n,b]`` f16 per block of 32 | ``(q - 8) * D[n,k//32]`` |
-| ``int4-gG`` | ``P[n,j]`` u8 as ``q4_0``'s bytes pairwise, ``Z[n,g]`` u8, ``S[n,g]`` f32 per group of G | ``(q - Z) * S`` |
+| ``int4-gG`` | ``P[n,j]`` u8, elements ``k`` and ``k + 1`` a byte, ``Z[n,g]`` u8, ``S[n,g]`` f32 per group of G | ``(q - Z) * S`` |
 | ``b1`` | ``P[n,j]`` u8, eight sign bits a byte, ``A[n]`` f32 = mean abs | ``(2 bit - 1) * A[n]`` |
 
 Bit layouts: ``q4_0`` follows llama.cpp's ``Q4_0`` within a block of 32: byte ``j`` of a block
 holds element ``j`` in its low nibble and element ``j + 16`` in its high nibble, ``q = round(w / d)
 + 8`` clamped to 0..15 with ``d = m / -8`` (``m`` the block's value of largest magnitude).
 ``int4-gG`` (GPTQ / AWQ / ONNX Runtime ``MatMulNBits``): element ``k`` in byte ``k // 2``, the low
-nibble first; ``s = (max - min) / 15``, ``z = round(-min / s)`` clamped to 0..15. ``b1``: element
+nibble first; ``s = (max - min) / 15``, ``z = round(-min / s)`` clamped to 0..15, with the group's
+``min`` at most 0 and ``max`` at least 0 (zero representable, as GPTQ and ONNX Runtime do). ``b1``: element
 ``k`` is bit ``k % 8`` of byte ``k // 8``, 1 for a positive weight. A ``k`` extent the block (or
 group, or byte) does not divide is padded with zeros to a whole one; the padding is stored, never
 read.
@@ -75,8 +76,8 @@ def _q4_0(w: np.ndarray) -> Stored:
 
 def _int4(group: int) -> Callable[[np.ndarray], Stored]:
     def quantize(w: np.ndarray) -> Stored:
-        groups = _padded(w, max(group, 2)).reshape(w.shape[0], -1, group)
-        low, high = groups.min(axis=2), groups.max(axis=2)
+        groups = _padded(w, group).reshape(w.shape[0], -1, group)
+        low, high = np.minimum(groups.min(axis=2), 0), np.maximum(groups.max(axis=2), 0)   # (zero representable)
         s = ((high - low) / 15).astype(np.float32)
         safe = np.where(s == 0, 1.0, s.astype(np.float64))
         z = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)

@@ -184,7 +184,9 @@ def test_the_gpu_directory_holds_each_workload_its_specs_and_the_runner(tmp_path
      'for i in T.thread_binding(n, thread="threadIdx.x"):', "is not a constant"),
     ('extern "C" __global__ void __launch_bounds__(128) f(float* __restrict__ x_ptr) {}',
      'for i in T.thread_binding(64, thread="threadIdx.x"):', "are not its __launch_bounds__"),
-], ids=["two-functions", "size-argument", "symbolic-extent", "launch-bounds"])
+    ('extern "C" __global__ void f(float* __restrict__ x_ptr) {\n  extern __shared__ uchar buf_dyn_shmem[];\n}', "",
+     "dynamic shared memory"),
+], ids=["two-functions", "size-argument", "symbolic-extent", "launch-bounds", "dynamic-shared"])
 def test_a_launch_the_harness_cannot_make_is_refused_naming_the_kernel(source: str, script: str, message: str) -> None:
     from einfuse.codegen.harness import launches
     from einfuse.errors import CompileError

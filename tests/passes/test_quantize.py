@@ -118,3 +118,14 @@ def test_einfuse_compile_quantize_writes_a_model_with_packed_weights(tmp_path: P
     assert main(["compile", "zoo:mlp", "--quantize", "q8_0", "-o", str(tmp_path / "out"), "--no-cache"]) == 0
     text = (tmp_path / "out" / "kernels.tir").read_text()
     assert '"int8"' in text and "_dq" in text and "kernels" in capsys.readouterr().out
+
+
+def test_a_group_of_one_sign_keeps_zero_representable(rng: np.random.Generator) -> None:
+    """int4-gG's range always holds 0 (as GPTQ's and ONNX Runtime's): a group of positive weights
+    dequantizes near itself instead of saturating at its zero point."""
+    c = linear(rng, 64)
+    w = c.params["W"].copy()
+    w[:, :32] = 1.0 + 0.1 * rng.random((24, 32))
+    q, _ = quantized(replace(c, params={"W": w}), "int4-g32")
+    got = dequantized(q)
+    assert np.abs(got[:, :32] - w[:, :32]).max() <= 1.1 / 15
