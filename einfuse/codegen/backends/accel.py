@@ -28,7 +28,10 @@ class AccelBackend(Backend):
 
     def kernel_function(self, c: Cascade, k: Kernel, sizes: SizeVars, tuning: Any = None) -> Any:
         """The kernel with its tiles on the arrays' intrinsics (:func:`..accel.kernel_function`)."""
-        index = list(c.groups).index(k)
+        return self._function(c, k, sizes, list(c.groups).index(k))
+
+    def _function(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> Any:
+        """Kernel ``k``, the ``index``-th (which the runtime counts its cycles under)."""
         return accel.kernel_function(c, k, sizes, self.target, index).func.with_attr("global_symbol", k.name)
 
     def check_runs(self) -> None:
@@ -37,9 +40,8 @@ class AccelBackend(Backend):
 
     def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's C."""
-        import tvm
-        func = accel.kernel_function(c, k, sizes, self.target, index).func.with_attr("global_symbol", k.name)
-        executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
+        func = self._function(c, k, sizes, index)
+        executable = self.compiled_alone(func, k.name)
         return {f"{k.name}.c": executable.mod.inspect_source()}, {}, func.script()
 
     def check_simulates(self) -> None:

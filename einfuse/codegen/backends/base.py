@@ -55,6 +55,11 @@ class Backend(ABC):
         """Kernel ``k`` (the ``index``-th) compiled alone: its source files, launch grid and
         scheduled TIR."""
 
+    def compiled_alone(self, func: Any, name: str) -> Any:
+        """``func`` compiled by itself for this target (what ``emit`` reads its source from)."""
+        import tvm
+        return tvm.compile(tvm.IRModule({name: func}), target=self.target.tvm_target())
+
     def rule_schedule(self, func: Any, k: Kernel) -> Any:
         """The rules' schedule of ``func`` as an ``s_tir.Schedule`` with its trace (tuning's
         seed), or None where the rules give no trace."""

@@ -32,9 +32,8 @@ class CPUBackend(TEBackend):
 
     def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's scheduled TIR and the host's assembly of it."""
-        import tvm
         func = self.kernel_function(c, k, sizes)
-        executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
+        executable = self.compiled_alone(func, k.name)
         return {f"{k.name}.tir": func.script(), f"{k.name}.s": executable.mod.inspect_source("asm")}, {}, func.script()
 
     def machine(self) -> Any:

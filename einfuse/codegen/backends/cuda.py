@@ -38,9 +38,8 @@ class CUDABackend(TEBackend):
 
     def emit(self, c: Cascade, k: Kernel, sizes: SizeVars, index: int) -> tuple[dict[str, str], dict, str]:
         """The kernel's CUDA C and its launch grid."""
-        import tvm
         func = self.kernel_function(c, k, sizes)
-        executable = tvm.compile(tvm.IRModule({k.name: func}), target=self.target.tvm_target())
+        executable = self.compiled_alone(func, k.name)
         return {f"{k.name}.cu": device_source(executable.mod)}, _launch(func), func.script()
 
     def device(self) -> Any:
