@@ -27,11 +27,13 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from ..errors import EinfuseError
 from ..ir import Access, Call, Cascade, Einsum, IVar, Rank, parse
 from ..ir.scope import declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
 from .manager import Pass, PassContext, register
-from .quant_formats import FORMATS, quantize_weight
+from .quant_formats import FORMATS, Stored, quantize_weight
 
 
 @register
@@ -52,7 +54,7 @@ class Quantize(Pass):
                 if reason:
                     ctx.stats[f"kept:{reason}"] += 1
                     continue
-                c, e = _quantized(c, e, weight, self.format)
+                c, e = quantized_read(c, e, weight, quantize_weight(_oriented(c, e, weight), self.format))
                 ctx.stats[f"quantized:{self.format}"] += 1
         return c
 
@@ -84,14 +86,25 @@ def _refusal(c: Cascade, w: Access, e: Einsum, readers: Counter, block: int) -> 
     return "" if isinstance(k, int) and k >= block else "short-reduction"
 
 
-def _quantized(c: Cascade, e: Einsum, w: Access, fmt: str) -> tuple[Cascade, Einsum]:
-    """``c`` with ``e``'s read of weight ``w`` replaced by its dequantization from ``fmt``'s
-    arrays, and ``e`` as it is now."""
+def _variables(e: Einsum, w: Access) -> tuple[str, str]:
+    """The output channel's and the reduction's variables of ``e``'s read of weight ``w``."""
+    first, second = (ix.expr.name for ix in w.indices)   # type: ignore[union-attr]
+    return (first, second) if second in reduced_vars(e) else (second, first)
+
+
+def _oriented(c: Cascade, e: Einsum, w: Access) -> np.ndarray:
+    """Weight ``w``'s data as ``[n, k]`` (output channel, reduction)."""
+    out_var, _ = _variables(e, w)
+    first = w.indices[0].expr.name   # type: ignore[union-attr]
+    return c.params[w.tensor] if out_var == first else c.params[w.tensor].T
+
+
+def quantized_read(c: Cascade, e: Einsum, w: Access, stored: Stored) -> tuple[Cascade, Einsum]:
+    """``c`` with ``e``'s read of weight ``w`` replaced by its dequantization from ``stored``
+    (:func:`.quant_formats.quantize_weight`'s arrays, reduction-major), and ``e`` as it is now."""
     decls, ranks = declarations(c), var_ranks(c)
     first, second = (ix.expr.name for ix in w.indices)   # type: ignore[union-attr]
-    out_var, red_var = (first, second) if second in reduced_vars(e) else (second, first)
-    data = c.params[w.tensor] if out_var == first else c.params[w.tensor].T
-    stored = quantize_weight(data, fmt)
+    out_var, red_var = _variables(e, w)
     base = w.tensor
     while any(f"{base}_{suffix}" in decls for suffix in (*stored.arrays, "dq")):
         base += "_"
