@@ -131,7 +131,8 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
             raise EinfuseError("compile: a torch model needs example args, e.g. einfuse.compile(model, (x,))")
         from .frontends import capture
         cascade = capture(model, args, dynamic_shapes=dynamic_shapes)
-    return PassManager(passes).run(cascade, PassContext(t))
+    inputs = _input_values(cascade, model, args) if args else None   # (calibration data, for quantize's awq)
+    return PassManager(passes).run(cascade, PassContext(t, inputs=inputs))
 
 
 def with_quantize(pipeline: str, quantize: str | None) -> str:

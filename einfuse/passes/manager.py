@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 from ..errors import EinfuseError
 from ..ir import Cascade, to_text, verify
@@ -34,10 +34,12 @@ class PassError(EinfuseError):
 
 @dataclass
 class PassContext:
-    """What every pass of one run may read: the target (parsed once) and the current pass's
-    pattern counts."""
+    """What every pass of one run may read: the target (parsed once), the model's example inputs
+    by name (calibration data, for ``quantize{method=awq}``; None when not given) and the current
+    pass's pattern counts."""
 
     target: Target = field(default_factory=lambda: Target.parse("cpu"))
+    inputs: Mapping[str, Any] | None = None
     stats: Counter = field(default_factory=Counter)
 
 

@@ -21,8 +21,8 @@ read.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -41,6 +41,31 @@ class Stored:
 
     arrays: dict[str, tuple[np.ndarray, str]]
     rhs: str
+    k: int = 0                              # (the reduction's length, before padding)
+    along_k: frozenset[str] = frozenset()   # (the one-dimensional arrays indexed by k, not n: awq's)
+
+    def nbytes(self) -> int:
+        """The bytes the weight takes stored."""
+        return sum(a.nbytes for a, _ in self.arrays.values())
+
+    def text(self, name: str, variables: tuple[str, str], ranks: Mapping[str, str], sizes: Mapping[str, int | str]) -> str:
+        """A cascade computing the dequantized weight ``<name>_dq[k,n]`` (reduction-major) as its
+        output from the arrays (params ``<name>_<suffix>``), with ``variables`` (n's and k's)
+        over the ranks ``ranks["n"]`` and ``ranks["k"]``; a two-dimensional array's first
+        dimension is rank ``ranks[suffix]`` (sized by the array). ``sizes`` sizes n's and k's."""
+        lines, extra = [], {}
+        for suffix, (array, dtype) in self.arrays.items():
+            dims = [ranks["k" if suffix in self.along_k else "n"]]
+            if array.ndim == 2:   # ([k-ish, n])
+                dims.insert(0, ranks[suffix])
+                extra[ranks[suffix]] = array.shape[0]
+            lines.append(f"tensor {name}_{suffix}[{','.join(dims)}] param {dtype}")
+        n, k = ranks["n"], ranks["k"]
+        all_ranks = {n: sizes[n], k: sizes[k], **extra}
+        return "\n".join([f"cascade {name}_dq", "rank " + ", ".join(f"{r}={v}" for r, v in all_ranks.items()), *lines,
+                          f"tensor {name}_dq[{k},{n}] output f32",
+                          f"{name}_dq[{variables[1]},{variables[0]}] = "
+                          + self.rhs.format(W=name, n=variables[0], k=variables[1]), ""])
 
 
 def _padded(w: np.ndarray, multiple: int) -> np.ndarray:
@@ -104,6 +129,16 @@ FORMATS: dict[str, tuple[int, Callable[[np.ndarray], Stored]]] = {
 }
 
 
+def dequantize(stored: Stored) -> np.ndarray:
+    """The weight ``[n, k]`` that ``stored`` gives back, by the interpreter (the reference)."""
+    from ..ir import interpret, parse
+    n = next(a.shape[-1] for name, (a, _) in stored.arrays.items() if name not in stored.along_k)
+    ranks = {"n": "N", "k": "K", **{suffix: suffix.upper() + "_" for suffix in stored.arrays}}
+    c = parse(stored.text("W", ("n", "k"), ranks, {"N": n, "K": stored.k}))
+    params = {f"W_{suffix}": a for suffix, (a, _) in stored.arrays.items()}
+    return interpret(replace(c, params=params), {})["W_dq"].T
+
+
 def quantize_weight(w: np.ndarray, fmt: str) -> Stored:
     """``w`` (``[n, k]``) stored in format ``fmt``, each two-dimensional array reduction-major
     (``[k-ish, n]``: a vector of output channels contiguous, as the kernels read them)."""
@@ -111,4 +146,4 @@ def quantize_weight(w: np.ndarray, fmt: str) -> Stored:
         raise EinfuseError(f"unknown quantization format '{fmt}'; known: {', '.join(FORMATS)}")
     stored = FORMATS[fmt][1](np.asarray(w, dtype=np.float64))
     return Stored({name: (np.ascontiguousarray(a.T) if a.ndim == 2 else a, dtype)
-                   for name, (a, dtype) in stored.arrays.items()}, stored.rhs)
+                   for name, (a, dtype) in stored.arrays.items()}, stored.rhs, k=w.shape[1])

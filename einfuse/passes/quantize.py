@@ -103,36 +103,27 @@ def quantized_read(c: Cascade, e: Einsum, w: Access, stored: Stored) -> tuple[Ca
     """``c`` with ``e``'s read of weight ``w`` replaced by its dequantization from ``stored``
     (:func:`.quant_formats.quantize_weight`'s arrays, reduction-major), and ``e`` as it is now."""
     decls, ranks = declarations(c), var_ranks(c)
-    first, second = (ix.expr.name for ix in w.indices)   # type: ignore[union-attr]
     out_var, red_var = _variables(e, w)
     base = w.tensor
     while any(f"{base}_{suffix}" in decls for suffix in (*stored.arrays, "dq")):
         base += "_"
-    new_ranks, decl_lines, params = [], [], dict(c.params)
-    taken = {r.name for r in c.ranks}
-    for suffix, (array, dtype) in stored.arrays.items():
-        dims = [ranks[out_var]]
-        if array.ndim == 2:   # ([k-ish, n])
-            dims.insert(0, fresh_name(f"{base}_{suffix}".upper(), taken))
-            taken.add(dims[0])
-            new_ranks.append(Rank(dims[0], array.shape[0]))
-        decl_lines.append(f"tensor {base}_{suffix}[{','.join(dims)}] param {dtype}")
-        params[f"{base}_{suffix}"] = array
-    dequant = f"{base}_dq"
-    del params[w.tensor]   # (read by this Einsum alone: the float weight is gone)
-    size = {r.name: r.size for r in c.ranks}
-    used = {ranks[first], ranks[second]}
-    text = "\n".join([f"cascade {dequant}", "rank " + ", ".join(f"{r}={size[r]}" for r in sorted(used)) +
-                      "".join(f", {r.name}={r.size}" for r in new_ranks), *decl_lines,
-                      f"tensor {dequant}[{ranks[red_var]},{ranks[out_var]}] output f32",   # (reduction-major)
-                      f"{dequant}[{red_var},{out_var}] = " + stored.rhs.format(W=base, n=out_var, k=red_var)])
-    piece = parse(text + "\n")
+    taken, names = {r.name for r in c.ranks}, {"n": ranks[out_var], "k": ranks[red_var]}
+    for suffix, (array, _) in stored.arrays.items():
+        if array.ndim == 2:
+            names[suffix] = fresh_name(f"{base}_{suffix}".upper(), taken)
+            taken.add(names[suffix])
+    piece = parse(stored.text(base, (out_var, red_var), names, {r.name: r.size for r in c.ranks}))
+    new_ranks = tuple(r for r in piece.ranks if r.name not in {x.name for x in c.ranks})
+    params = {k: v for k, v in c.params.items() if k != w.tensor}   # (read by this Einsum alone: the float weight is gone)
+    params.update({f"{base}_{suffix}": array for suffix, (array, _) in stored.arrays.items()})
+    dequant = piece.tensors[-1].name
+    first = w.indices[0].expr.name   # type: ignore[union-attr]
     indices = w.indices if red_var == first else w.indices[::-1]
     reader = replace(e, rhs=replace(e.rhs, args=tuple(Access(dequant, indices) if a == w else a
                                                       for a in e.rhs.args)))   # type: ignore[union-attr]
     temp = replace(piece.tensors[-1], role="temp")
     at = c.stmts.index(e)
     kept = tuple(t for t in c.tensors if t.name != w.tensor)
-    c = replace(c, ranks=c.ranks + tuple(new_ranks), tensors=kept + piece.tensors[:-1] + (temp,),
+    c = replace(c, ranks=c.ranks + new_ranks, tensors=kept + piece.tensors[:-1] + (temp,),
                 params=params, stmts=c.stmts[:at] + (piece.stmts[0], reader) + c.stmts[at + 1:])
     return c, reader
