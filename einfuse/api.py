@@ -1,6 +1,7 @@
 """``einfuse.compile``: frontend -> passes -> codegen, nothing else."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -136,8 +137,57 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
 
 
 def with_quantize(pipeline: str, quantize: str | None) -> str:
-    """``pipeline`` with the ``quantize`` pass of format ``quantize`` last, if one is given."""
-    return f"{pipeline},quantize{{format={quantize}}}" if quantize else pipeline
+    """``pipeline`` with the ``quantize`` pass last, if ``quantize`` is given: a format
+    (``"q4_0"``) or the pass's options (``"format=q4_0,method=awq,head=true"``)."""
+    if not quantize:
+        return pipeline
+    return f"{pipeline},quantize{{{quantize if '=' in quantize else 'format=' + quantize}}}"
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """:func:`quantization_report`'s findings: per weight (:class:`~einfuse.passes.quant_report.LayerRow`)
+    and end to end, the compiled quantized model's outputs against the compiled float32 model's
+    on the example inputs (relative error and cosine, each output)."""
+
+    format: str
+    layers: list
+    output_error: dict[str, float]
+    cosine: dict[str, float]
+
+    def text(self) -> str:
+        from .passes.quant_report import layers_table
+        ends = [f"output {name}: relative error {self.output_error[name]:.3e}, cosine {self.cosine[name]:.6f} "
+                f"(vs float32, compiled, on the example inputs)" for name in self.output_error]
+        return "\n".join([layers_table(self.layers, self.format), *ends])
+
+
+def quantization_report(model: Any, args: tuple, quantize: str, *, pipeline: str = "default",
+                        target: str = "cpu") -> QuantizationReport:
+    """What quantizing ``model`` as ``quantize`` (as :func:`compile` takes it) does: each
+    weight's error and bytes, and the compiled model's output error on ``args``."""
+    import numpy as np
+
+    from .passes import pipeline as named_pipeline
+    from .passes.quant_report import layer_rows
+    (options,) = named_pipeline(with_quantize("none", quantize))
+    cascade = optimized(model, args, pipeline=pipeline, target=target)
+    rows = layer_rows(cascade, options.format, options.method, options.head, _input_values(cascade, model, args))
+    outs = [np.asarray(o, dtype=np.float64) for o in _outputs(compile(model, args, target=target, pipeline=pipeline), args)]
+    got = _outputs(compile(model, args, target=target, pipeline=pipeline, quantize=quantize), args)
+    names = [t.name for t in cascade.tensors if t.role == "output"]
+    errors, cosines = {}, {}
+    for name, ref, q in zip(names, outs, got):
+        q = np.asarray(q, dtype=np.float64)
+        errors[name] = float(np.linalg.norm(q - ref) / max(np.linalg.norm(ref), np.finfo(np.float64).tiny))
+        cosines[name] = float((q.ravel() @ ref.ravel()) / max(np.linalg.norm(q) * np.linalg.norm(ref), np.finfo(np.float64).tiny))
+    return QuantizationReport(options.format, rows, errors, cosines)
+
+
+def _outputs(compiled: Any, args: tuple) -> list:
+    """``compiled``'s outputs on ``args`` as numpy arrays, a list even for one."""
+    out = compiled(*args)
+    return [o.detach().numpy() if hasattr(o, "detach") else o for o in (out if isinstance(out, (list, tuple)) else [out])]
 
 
 def laid_out(cascade: Cascade, target: Any) -> Cascade:

@@ -1,6 +1,7 @@
 """The ``einfuse`` command. Subcommands: ``ir`` (capture or read a cascade, run passes over it with
 IR-inspection instruments, print and analyse it) and
-``compile`` (compile it for a target, write the library and print the report), ``report`` (time
+``compile`` (compile it for a target, write the library and print the report), ``quantize`` (each
+weight's error and bytes under a quantization format, and the output's), ``report`` (time
 each kernel against the cost model's estimate; ``--plot`` draws the roofline), ``tune`` (tune its
 kernels with MetaSchedule into a database that ``compile`` reads), ``kernels``
 (write each kernel's source for a target, with a manifest; no device needed) and ``cache``
@@ -66,6 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("model", help="zoo:NAME or path/to/file.py:function returning (model, args)")
     rep.add_argument("--plot", metavar="FILE", help="draw the kernels on the roofline (a .png; needs matplotlib)")
     rep.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    quant = sub.add_parser("quantize", help="what quantizing a model does: each weight's error and bytes, the output's error")
+    quant.add_argument("model", help="zoo:NAME or path/to/file.py:function returning (model, args)")
+    quant.add_argument("--format", required=True, help="int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
+    quant.add_argument("--method", default="rtn", choices=("rtn", "awq"), help="scales: round to nearest, or AWQ's on the example inputs")
+    quant.add_argument("--head", action="store_true", help="quantize the LM head too")
+    quant.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     kern = sub.add_parser("kernels", help="write each kernel's source for a target, with manifest.json")
     kern.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
@@ -83,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"ir": _ir, "compile": _compile, "tune": _tune, "report": _report, "kernels": _kernels,
-                    "cache": _cache}
+                    "cache": _cache, "quantize": _quantize}
         return commands[args.command](args)
     except EinfuseError as err:
         print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)
@@ -200,6 +207,16 @@ def _kernels(args: argparse.Namespace) -> int:
     for line in lines:
         if line.startswith("Whole model"):   # (an accelerator's modelled timing, its sizes bound)
             print(f"{line} ({report})")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .api import quantization_report
+    model, example = load_torch_model(args.model)
+    if isinstance(model, Cascade):
+        raise EinfuseError("quantize needs example inputs to measure the error: give zoo:NAME or file.py:function")
+    options = f"format={args.format},method={args.method}" + (",head=true" if args.head else "")
+    print(quantization_report(model, example, options, pipeline=args.pipeline).text())
     return 0
 
 

@@ -33,6 +33,7 @@ from .backends import backend_for
 from .backends.cuda import device_source
 from .profile import kernel_seconds
 from ..ir.kernels import Kernel
+from ..passes.quant_formats import PACKED
 
 
 class CompiledModel:
@@ -170,6 +171,7 @@ class CompiledModel:
                              ruler=False)
         lines.append(f"{len(self.kernels)} kernels ({len(self.tuned)} tuned), compiled for {self.target} "
                      f"in {self.compile_seconds:.1f} s")
+        lines.append(weights_line(self.ir, self.kernels))
         if args is not None:
             lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
         return "\n".join(lines)
@@ -241,3 +243,16 @@ def _aligned_copy(x: torch.Tensor) -> torch.Tensor:
     out.copy_(x)
     return out
 
+
+def weights_line(c: Cascade, kernels: Sequence[Kernel]) -> str:
+    """The bytes of the parameters the kernels read, and of a quantized model the packed integers' share and the
+    kernels that dequantize them (docs/quantization.md)."""
+    read = {name for k in kernels for name in k.inputs}
+    params = [t.name for t in c.tensors if t.role == "param" and t.name in read]
+    packed = [t.name for t in c.tensors if t.name in params and t.dtype in PACKED]
+    line = f"weights: {format_number(tensors_bytes(c, params))} bytes"
+    if not packed:
+        return line
+    readers = sum(bool(set(packed) & set(k.inputs)) for k in kernels)
+    return f"{line}, {format_number(tensors_bytes(c, packed))} of them packed integers (quantized), " \
+        f"dequantized in the registers of {readers} kernels"

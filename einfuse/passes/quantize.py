@@ -30,10 +30,14 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..errors import EinfuseError
-from ..ir import Access, Call, Cascade, Einsum, IVar, Rank, parse
-from ..ir.scope import declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir import Access, Call, Cascade, Einsum, Index, IVar, TensorDecl, TensorRank, interpret, parse
+from ..ir.scope import declarations, expr_vars, fresh_name, gathers, lhs_vars, reads, reduced_vars, var_ranks
 from .manager import Pass, PassContext, register
+from .awq import search
 from .quant_formats import FORMATS, Stored, quantize_weight
+
+
+METHODS = ("rtn", "awq")
 
 
 @register
@@ -43,20 +47,80 @@ class Quantize(Pass):
 
     name = "quantize"
     format: str = "q4_0"
+    method: str = "rtn"   # (rtn: round to nearest; awq: scales searched on the example inputs, passes/awq.py)
+    head: bool = False    # (quantize the LM head too)
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
-        if self.format not in FORMATS:
-            raise EinfuseError(f"unknown quantization format '{self.format}'; known: {', '.join(FORMATS)}")
-        readers = Counter(a.tensor for e, _ in c.einsums() for a in reads(e))
-        for e in [s for s in c.stmts if isinstance(s, Einsum)]:
-            for weight in _weights(c, e):
-                reason = _refusal(c, weight, e, readers, FORMATS[self.format][0])
-                if reason:
-                    ctx.stats[f"kept:{reason}"] += 1
-                    continue
-                c, e = quantized_read(c, e, weight, quantize_weight(_oriented(c, e, weight), self.format))
-                ctx.stats[f"quantized:{self.format}"] += 1
+        chosen = []
+        for choice in choices(c, self.format, self.method, self.head):
+            if choice.kept:
+                ctx.stats[f"kept:{choice.kept}"] += 1
+            else:
+                chosen.append(choice)
+        acts = calibration(c, ctx, chosen) if self.method == "awq" else {}
+        now: dict[Einsum, Einsum] = {}
+        for choice in chosen:
+            e, w = now.get(choice.einsum, choice.einsum), choice.weight
+            data = oriented(c, e, w)
+            if self.method == "awq":
+                searched = search(data, acts[w.tensor], self.format)
+                ctx.stats["awq:rescaled"] += searched.alpha > 0
+                stored = searched.stored
+            else:
+                stored = quantize_weight(data, self.format)
+            c, now[choice.einsum] = quantized_read(c, e, w, stored)
+            ctx.stats[f"quantized:{self.format}"] += 1
         return c
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A weight read of a contraction and why it stays in float (``""``: it is quantized)."""
+
+    einsum: Einsum
+    weight: Access
+    kept: str
+
+
+def choices(c: Cascade, fmt: str, method: str = "rtn", head: bool = False) -> list[Choice]:
+    """Every parameter read of every contraction of ``c``, with the quantize pass's decision."""
+    if fmt not in FORMATS:
+        raise EinfuseError(f"unknown quantization format '{fmt}'; known: {', '.join(FORMATS)}")
+    if method not in METHODS:
+        raise EinfuseError(f"unknown quantization method '{method}'; known: {', '.join(METHODS)}")
+    readers = Counter(a.tensor for e, _ in c.einsums() for a in reads(e))
+    reading = [(e, _weights(c, e)) for e in c.stmts if isinstance(e, Einsum)]
+    reading = [(e, ws) for e, ws in reading if ws]
+    vocab = set() if head else _table_rows(c)   # (the LM head: the last contraction, as many outputs as a table's rows)
+    return [Choice(e, w, _refusal(c, w, e, readers, FORMATS[fmt][0], vocab if e is reading[-1][0] else set()))
+            for e, ws in reading for w in ws]
+
+
+def calibration(c: Cascade, ctx: PassContext, chosen: list[Choice]) -> dict[str, np.ndarray]:
+    """Each chosen weight's activations on the example inputs, ``[rows, k]``: the other operand
+    of its contraction, copied out by an Einsum of the contraction's row variables and ``k``."""
+    if ctx.inputs is None:
+        raise EinfuseError("quantize{method=awq} calibrates on example inputs: give them "
+                           "(einfuse.compile(model, args, ...) passes its args)")
+    ranks, extra, tensors = var_ranks(c), [], []
+    for ch in chosen:
+        out_var, red_var = _variables(ch.einsum, ch.weight)
+        operand = next(a for a in ch.einsum.rhs.args if a != ch.weight)   # type: ignore[union-attr]
+        row_vars = [v for v in lhs_vars(ch.einsum) if v != out_var and v in expr_vars(operand)]
+        name = fresh_name(f"{ch.weight.tensor}_calibration", {t.name for t in c.tensors} | {t.name for t in tensors})
+        tensors.append(TensorDecl(name, tuple(TensorRank(ranks[v]) for v in (*row_vars, red_var)), "output", "f64"))
+        extra.append(Einsum(Access(name, tuple(Index(IVar(v)) for v in (*row_vars, red_var))), operand))
+    marked = replace(c, tensors=c.tensors + tuple(tensors), stmts=c.stmts + tuple(extra))
+    values = interpret(marked, ctx.inputs)
+    return {ch.weight.tensor: values[t.name].reshape(-1, values[t.name].shape[-1]) for ch, t in zip(chosen, tensors)}
+
+
+def _table_rows(c: Cascade) -> set:
+    """The row counts of the embedding tables of ``c``: parameters read through a gather."""
+    size = {r.name: r.size for r in c.ranks}
+    decls = declarations(c)
+    return {size[decls[a.tensor].ranks[0].rank] for e, _ in c.einsums() for a in reads(e)
+            if decls[a.tensor].role == "param" and a.indices and list(gathers(a))}
 
 
 def _weights(c: Cascade, e: Einsum) -> list[Access]:
@@ -67,8 +131,9 @@ def _weights(c: Cascade, e: Einsum) -> list[Access]:
     return [a for a in e.rhs.args if isinstance(a, Access) and decls[a.tensor].role == "param"]
 
 
-def _refusal(c: Cascade, w: Access, e: Einsum, readers: Counter, block: int) -> str:
-    """Why weight read ``w`` of ``e`` is kept in float, or ``""``."""
+def _refusal(c: Cascade, w: Access, e: Einsum, readers: Counter, block: int, vocab: set) -> str:
+    """Why weight read ``w`` of ``e`` is kept in float (``vocab``: the LM head's output sizes
+    when it is kept), or ``""``."""
     decls, size = declarations(c), {r.name: r.size for r in c.ranks}
     names = [ix.expr.name if isinstance(ix.expr, IVar) and not ix.filter else None for ix in w.indices]
     if w.tensor not in c.params:
@@ -82,6 +147,9 @@ def _refusal(c: Cascade, w: Access, e: Einsum, readers: Counter, block: int) -> 
     reduced = [v for v in names if v in reduced_vars(e)]
     if len(reduced) != 1 or not any(v in lhs_vars(e) for v in names):
         return "not-a-linear"
+    out_var = next(v for v in names if v not in reduced)
+    if size[var_ranks(c)[out_var]] in vocab:
+        return "lm-head"
     k = size[var_ranks(c)[reduced[0]]]
     return "" if isinstance(k, int) and k >= block else "short-reduction"
 
@@ -92,7 +160,7 @@ def _variables(e: Einsum, w: Access) -> tuple[str, str]:
     return (first, second) if second in reduced_vars(e) else (second, first)
 
 
-def _oriented(c: Cascade, e: Einsum, w: Access) -> np.ndarray:
+def oriented(c: Cascade, e: Einsum, w: Access) -> np.ndarray:
     """Weight ``w``'s data as ``[n, k]`` (output channel, reduction)."""
     out_var, _ = _variables(e, w)
     first = w.indices[0].expr.name   # type: ignore[union-attr]

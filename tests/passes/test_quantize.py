@@ -43,7 +43,7 @@ def quantized(c: Cascade, fmt: str) -> tuple[Cascade, Counter]:
 def dequantized(c: Cascade) -> np.ndarray:
     """The weight as the interpreter reads it (``W_dq`` made an output)."""
     marked = replace(c, tensors=tuple(replace(t, role="output") if t.name == "W_dq" else t for t in c.tensors))
-    return interpret(marked, {"X": np.zeros((4, c.rank("K").size))})["W_dq"].T   # ([n, k])
+    return interpret(marked, {"X": np.zeros((c.rank("M").size, c.rank("K").size))})["W_dq"].T   # ([n, k])
 
 
 def by_hand(fmt: str, p: dict[str, np.ndarray], k: int) -> np.ndarray:
@@ -129,3 +129,76 @@ def test_a_group_of_one_sign_keeps_zero_representable(rng: np.random.Generator) 
     q, _ = quantized(replace(c, params={"W": w}), "int4-g32")
     got = dequantized(q)
     assert np.abs(got[:, :32] - w[:, :32]).max() <= 1.1 / 15
+
+
+def salient(rng: np.random.Generator, k: int = 256) -> tuple[Cascade, np.ndarray]:
+    """A Linear and calibration rows where a few input channels see 30x larger activations (the
+    case AWQ is for)."""
+    x = rng.standard_normal((64, k)) * np.where(np.arange(k) % 16 == 0, 30.0, 1.0)
+    return replace(parse(LINEAR.format(k=k).replace("rank M=4", "rank M=64")), params={"W": rng.standard_normal((24, k))}), x
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
+def test_awq_calibrates_on_the_inputs_and_errs_at_most_as_much_as_rtn(fmt: str, rng: np.random.Generator) -> None:
+    from einfuse.passes import PassContext
+    c, x = salient(rng)
+    errors = {}
+    for method in ("rtn", "awq"):
+        manager = PassManager([Quantize(fmt, method=method)])
+        q = manager.run(c, PassContext(inputs={"X": x}))
+        assert manager.records[0].stats[f"quantized:{fmt}"] == 1
+        got = interpret(q, {"X": x})["Y"]
+        assert rel_err(got, x @ dequantized(q).astype(np.float64).T) <= 1e-6   # (the 1/s folded into W_dq)
+        errors[method] = rel_err(got, x @ c.params["W"].T)
+    assert errors["awq"] < errors["rtn"], errors
+    with pytest.raises(EinfuseError, match="calibrates on example inputs"):
+        PassManager([Quantize(fmt, method="awq")]).run(c)
+    with pytest.raises(EinfuseError, match="unknown quantization method 'gptq'; known: rtn, awq"):
+        PassManager(pipeline("quantize{method=gptq}")).run(c)
+
+
+def test_the_lm_head_is_kept_unless_asked(rng: np.random.Generator) -> None:
+    lm = parse("""cascade lm
+rank T=4, V=64, D=32, E=32
+tensor ids[T] input i64
+tensor E[V,D] param f32
+tensor H[V,E] param f32
+tensor W[E,D] param f32
+tensor X[T,D] temp f32
+tensor Y[T,E] temp f32
+tensor L[T,V] output f32
+X[t,d] = E[ids[t],d]
+Y[t,e] = X[t,d] * W[e,d]
+L[t,v] = Y[t,e] * H[v,e]
+""")
+    lm = replace(lm, params={n: rng.standard_normal(s) for n, s in {"E": (64, 32), "H": (64, 32), "W": (32, 32)}.items()})
+    assert quantized(lm, "q8_0")[1] == {"quantized:q8_0": 1, "kept:lm-head": 1}
+    manager = PassManager(pipeline("quantize{format=q8_0,head=true}"))
+    manager.run(lm)
+    assert manager.records[0].stats == {"quantized:q8_0": 2}
+
+
+def test_the_quantization_report_measures_each_weight(rng: np.random.Generator) -> None:
+    from einfuse.passes.quant_formats import dequantize, quantize_weight
+    from einfuse.passes.quant_report import layer_rows, layers_table
+    c, x = salient(rng)
+    (row,) = layer_rows(c, "q4_0", "awq", inputs={"X": x})
+    w = c.params["W"]
+    assert (row.float_bytes, row.stored_bytes) == (24 * 256 * 4, 24 * 256 // 32 * 18 + 256 * 4)   # (+ AWQ's scales)
+    back = dequantize(quantize_weight(w, "q4_0"))
+    assert row.weight_error == pytest.approx(np.linalg.norm(back - w) / np.linalg.norm(w))
+    assert row.output_error == pytest.approx(np.linalg.norm(x @ (back - w).T) / np.linalg.norm(x @ w.T))
+    assert row.awq_output_error < row.output_error
+    assert "1 of 1 weights quantized" in layers_table([row], "q4_0")
+    (short,) = layer_rows(linear(rng, 16), "q4_0")
+    assert short.kept == "short-reduction" and short.weight_error is None
+
+
+@pytest.mark.slow
+def test_einfuse_quantize_prints_each_weight_and_the_output_error(capsys: pytest.CaptureFixture[str]) -> None:
+    from einfuse.cli import main
+    assert main(["quantize", "zoo:mlp", "--format", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("quantized") >= 3 and "output out0: relative error" in out and "cosine" in out
+    error = float(out.split("relative error ")[1].split(",")[0])
+    assert 0 < error <= 2 * BOUNDS["int8"]
