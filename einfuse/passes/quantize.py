@@ -1,5 +1,5 @@
 """``quantize{format=q4_0}``: weight-only quantization. Each contraction's constant weight is
-stored in a quantized format (:mod:`.quant_formats`: packed integers, scales, zero points) and
+stored in a quantized format (:mod:`einfuse.ir.quant_formats`: packed integers, scales, zero points) and
 read through an Einsum that dequantizes it, which the interpreter runs exactly: the reference
 every kernel is checked against.
 
@@ -31,9 +31,9 @@ import numpy as np
 
 from ..errors import EinfuseError
 from ..ir import Access, Call, Cascade, Einsum, IVar, Rank, parse
+from ..ir.quant_formats import FORMATS, Stored, quantize_weight
 from ..ir.scope import declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
 from .manager import Pass, PassContext, register
-from .quant_formats import FORMATS, Stored, quantize_weight
 
 
 @register
@@ -101,7 +101,7 @@ def _oriented(c: Cascade, e: Einsum, w: Access) -> np.ndarray:
 
 def quantized_read(c: Cascade, e: Einsum, w: Access, stored: Stored) -> tuple[Cascade, Einsum]:
     """``c`` with ``e``'s read of weight ``w`` replaced by its dequantization from ``stored``
-    (:func:`.quant_formats.quantize_weight`'s arrays, reduction-major), and ``e`` as it is now."""
+    (:func:`einfuse.ir.quant_formats.quantize_weight`'s arrays, reduction-major), and ``e`` as it is now."""
     decls, ranks = declarations(c), var_ranks(c)
     first, second = (ix.expr.name for ix in w.indices)   # type: ignore[union-attr]
     out_var, red_var = _variables(e, w)

@@ -16,7 +16,7 @@ from einfuse import zoo
 from einfuse.errors import EinfuseError
 from einfuse.ir import Cascade, interpret, parse
 from einfuse.passes import Canonicalize, PassManager, Quantize, pipeline
-from einfuse.passes.quant_formats import FORMATS
+from einfuse.ir.quant_formats import FORMATS
 
 from ..conftest import rel_err
 
