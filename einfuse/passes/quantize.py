@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Mapping
 
 import numpy as np
 
@@ -97,6 +98,25 @@ def _oriented(c: Cascade, e: Einsum, w: Access) -> np.ndarray:
     out_var, _ = _variables(e, w)
     first = w.indices[0].expr.name   # type: ignore[union-attr]
     return c.params[w.tensor] if out_var == first else c.params[w.tensor].T
+
+
+def read_imported(c: Cascade, weights: Mapping[str, Stored]) -> Cascade:
+    """``c`` with each parameter ``weights`` names read through its given stored form (weights
+    quantized before capture: torchao, GGUF), each quantized along its last dimension, which its
+    one contraction must reduce; raises :class:`EinfuseError` naming a weight that cannot be."""
+    readers, left = Counter(a.tensor for e, _ in c.einsums() for a in reads(e)), dict(weights)
+    for e in [s for s in c.stmts if isinstance(s, Einsum)]:
+        for weight in [w for w in _weights(c, e) if w.tensor in left]:
+            reason = _refusal(c, weight, e, readers, 1)
+            if not reason and _variables(e, weight)[1] != weight.indices[1].expr.name:   # type: ignore[union-attr]
+                reason = "reduced over its first dimension"
+            if reason:
+                raise EinfuseError(f"the pre-quantized weight '{weight.tensor}' cannot be read quantized ({reason})")
+            c, e = quantized_read(c, e, weight, left.pop(weight.tensor))
+    if left:
+        raise EinfuseError(f"no contraction reads the pre-quantized weight {', '.join(map(repr, sorted(left)))} as a "
+                           "Linear reads its weight (load it as float)")
+    return c
 
 
 def quantized_read(c: Cascade, e: Einsum, w: Access, stored: Stored) -> tuple[Cascade, Einsum]:
