@@ -20,7 +20,7 @@ import torch
 
 import einfuse
 from benchmarks.run import MatMul, measure
-from einfuse.passes.quant_formats import quantize_weight
+from einfuse.ir.quant_formats import quantize_weight
 
 N = K = 4096
 

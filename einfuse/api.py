@@ -130,10 +130,19 @@ def optimized(model: Any, args: tuple | None = None, *, pipeline: str = "default
     else:
         if args is None:
             raise EinfuseError("compile: a torch model needs example args, e.g. einfuse.compile(model, (x,))")
-        from .frontends import capture
-        cascade = capture(model, args, dynamic_shapes=dynamic_shapes)
+        cascade = captured(model, args, dynamic_shapes=dynamic_shapes)
     inputs = _input_values(cascade, model, args) if args else None   # (calibration data, for quantize's awq)
     return PassManager(passes).run(cascade, PassContext(t, inputs=inputs))
+
+
+def captured(model: Any, args: tuple, *, dynamic_shapes: Any = None) -> Cascade:
+    """The cascade of torch ``model``, each weight quantized before capture (by torchao, or loaded
+    from a GGUF file by :func:`einfuse.load_gguf`) read through its own integers and scales, as the
+    ``quantize`` pass writes them (docs/quantization.md, "Importing pre-quantized weights")."""
+    from .frontends import capture, prequantized
+    from .passes.quantize import read_imported
+    model, weights = prequantized.split(model)
+    return read_imported(capture(model, args, dynamic_shapes=dynamic_shapes), weights)
 
 
 def with_quantize(pipeline: str, quantize: str | None) -> str:

@@ -240,8 +240,8 @@ def load_model(spec: str) -> Cascade:
 
 
 def _capture(model: object, example_args: tuple) -> Cascade:
-    from .frontends import capture
-    return capture(model, example_args)  # type: ignore[arg-type]
+    from .api import captured
+    return captured(model, example_args)
 
 
 def _call_builder(path: Path, function: str) -> tuple:

@@ -33,7 +33,7 @@ from .backends import backend_for
 from .backends.cuda import device_source
 from .profile import kernel_seconds
 from ..ir.kernels import Kernel
-from ..passes.quant_formats import PACKED
+from ..ir.quant_formats import PACKED
 
 
 class CompiledModel:

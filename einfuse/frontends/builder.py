@@ -24,6 +24,12 @@ from ..ir.scope import expr_vars
 Size = sympy.Expr
 
 
+def identifier(hint: str) -> str:
+    """``hint`` made a valid tensor name (``0.weight`` -> ``t0_weight``)."""
+    base = re.sub(r"\W", "_", hint).strip("_") or "t"
+    return base if base[0].isalpha() else "t" + base
+
+
 def placeholder(i: int) -> IVar:
     """The placeholder variable of dimension ``i`` of a ref."""
     return IVar(f"_{i}")
@@ -124,9 +130,7 @@ class Builder:
 
     def name(self, hint: str) -> str:
         """A fresh tensor name from ``hint`` (made a valid identifier)."""
-        base = re.sub(r"\W", "_", hint).strip("_") or "t"
-        if not base[0].isalpha():
-            base = "t" + base
+        base = identifier(hint)
         name, k = base, 2
         while name in self._names or name == "idx":
             name, k = f"{base}_{k}", k + 1

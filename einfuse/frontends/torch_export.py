@@ -15,7 +15,7 @@ import os
 import re
 import warnings
 from dataclasses import replace
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import sympy
@@ -26,7 +26,7 @@ from ..errors import CaptureError, InputError, UnsupportedOperatorError
 from ..ir import Cascade, verify
 from ..ir.dtypes import DTYPES
 from .aten import RULES, Ctx, RuleError
-from .builder import Builder, Ref
+from .builder import Builder, Ref, identifier
 
 #: the torch dtype of each IR dtype (ir.dtypes names it; a torch before 2.6 has no int4), and
 #: the IR dtype of each torch dtype
@@ -286,7 +286,8 @@ class _Translator:
         data = self.ep.state_dict.get(spec.target)
         if data is None:
             data = self.ep.constants[spec.target]
-        name = self.b.name(_param_name(spec.target, self.ep))
+        keys = [s.target for s in self.ep.graph_signature.input_specs if s.target]
+        name = self.b.name(param_name(spec.target, keys))
         self.b.params[name] = data.detach().to(torch.float64 if data.is_floating_point() else torch.int64).numpy()
         return self.b.declare(name, shape, "param", dtype)
 
@@ -319,11 +320,11 @@ class _Translator:
                         name=self.b.name(f"out{i}"))
 
 
-def _param_name(target: str, exported: torch.export.ExportedProgram) -> str:
-    """A readable tensor name for a parameter or buffer: its state-dict key, without the ``model.``
-    that wraps every key of a wrapped model (``model.h.0.attn.c_attn.weight`` -> ``h_0_attn_c_attn_weight``)."""
-    keys = [s.target for s in exported.graph_signature.input_specs if s.target]
+def param_name(target: str, keys: Iterable[str]) -> str:
+    """The tensor name of the parameter or buffer ``target`` of a model whose parameters and buffers
+    are ``keys``: its state-dict key, without the ``model.`` that wraps every key of a wrapped
+    model (``model.h.0.attn.c_attn.weight`` -> ``h_0_attn_c_attn_weight``), as an identifier
+    (``0.weight`` -> ``t0_weight``); capture adds ``_2`` to a name already taken."""
     if all(k.startswith("model.") for k in keys):
         target = target[len("model."):]
-    return target.replace(".", "_")
-
+    return identifier(target.replace(".", "_"))

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .quant_formats import Stored, dequantize, quantize_weight
+from ..ir.quant_formats import Stored, dequantize, quantize_weight
 
 GRID = 20      # (alpha in 0, 1/20, ..., 19/20, as AWQ's search)
 SAMPLE = 256   # (output channels the search reads)

@@ -32,10 +32,10 @@ import numpy as np
 from ..ir import Access, Cascade, Einsum, Loop, TensorDecl
 from ..ir.interpret import interpret
 from ..ir.nodes import rewrite, walk
+from ..ir.quant_formats import PACKED
 from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
 from .algebra import fold_scales, simplify
-from .quant_formats import PACKED
 from .manager import Pass, PassContext, register
 
 

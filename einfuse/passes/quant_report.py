@@ -4,8 +4,8 @@ Per weight read by a contraction: its shape, whether it is quantized (or kept in
 its bytes in float32 and stored, the relative (Frobenius) error of its dequantized values, and
 given example inputs the relative error of the contraction's output on them (round-to-nearest's,
 and with ``method=awq`` AWQ's beside it). The quantization is the pass's own (:func:`.quantize.choices`,
-:func:`.quant_formats.quantize_weight`, :func:`.awq.search`) and the dequantization the
-interpreter's (:func:`.quant_formats.dequantize`).
+:func:`einfuse.ir.quant_formats.quantize_weight`, :func:`.awq.search`) and the dequantization the
+interpreter's (:func:`einfuse.ir.quant_formats.dequantize`).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..ir import Cascade
 from ..ir.analysis import format_number, format_table
 from .awq import output_error, search
 from .manager import PassContext
-from .quant_formats import dequantize, quantize_weight
+from ..ir.quant_formats import dequantize, quantize_weight
 from .quantize import oriented, calibration, choices
 
 

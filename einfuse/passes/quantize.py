@@ -1,5 +1,5 @@
 """``quantize{format=q4_0}``: weight-only quantization. Each contraction's constant weight is
-stored in a quantized format (:mod:`.quant_formats`: packed integers, scales, zero points) and
+stored in a quantized format (:mod:`einfuse.ir.quant_formats`: packed integers, scales, zero points) and
 read through an Einsum that dequantizes it, which the interpreter runs exactly: the reference
 every kernel is checked against.
 
@@ -26,15 +26,16 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, replace
+from typing import Mapping
 
 import numpy as np
 
 from ..errors import EinfuseError
 from ..ir import Access, Call, Cascade, Einsum, Index, IVar, TensorDecl, TensorRank, interpret, parse
+from ..ir.quant_formats import FORMATS, Stored, quantize_weight
 from ..ir.scope import declarations, expr_vars, fresh_name, gathers, lhs_vars, reads, reduced_vars, var_ranks
-from .manager import Pass, PassContext, register
 from .awq import search
-from .quant_formats import FORMATS, Stored, quantize_weight
+from .manager import Pass, PassContext, register
 
 
 METHODS = ("rtn", "awq")
@@ -167,9 +168,28 @@ def oriented(c: Cascade, e: Einsum, w: Access) -> np.ndarray:
     return c.params[w.tensor] if out_var == first else c.params[w.tensor].T
 
 
+def read_imported(c: Cascade, weights: Mapping[str, Stored]) -> Cascade:
+    """``c`` with each parameter ``weights`` names read through its given stored form (weights
+    quantized before capture: torchao, GGUF), each quantized along its last dimension, which its
+    one contraction must reduce; raises :class:`EinfuseError` naming a weight that cannot be."""
+    readers, left = Counter(a.tensor for e, _ in c.einsums() for a in reads(e)), dict(weights)
+    for e in [s for s in c.stmts if isinstance(s, Einsum)]:
+        for weight in [w for w in _weights(c, e) if w.tensor in left]:
+            reason = _refusal(c, weight, e, readers, 1, set())
+            if not reason and _variables(e, weight)[1] != weight.indices[1].expr.name:   # type: ignore[union-attr]
+                reason = "reduced over its first dimension"
+            if reason:
+                raise EinfuseError(f"the pre-quantized weight '{weight.tensor}' cannot be read quantized ({reason})")
+            c, e = quantized_read(c, e, weight, left.pop(weight.tensor))
+    if left:
+        raise EinfuseError(f"no contraction reads the pre-quantized weight {', '.join(map(repr, sorted(left)))} as a "
+                           "Linear reads its weight (load it as float)")
+    return c
+
+
 def quantized_read(c: Cascade, e: Einsum, w: Access, stored: Stored) -> tuple[Cascade, Einsum]:
     """``c`` with ``e``'s read of weight ``w`` replaced by its dequantization from ``stored``
-    (:func:`.quant_formats.quantize_weight`'s arrays, reduction-major), and ``e`` as it is now."""
+    (:func:`einfuse.ir.quant_formats.quantize_weight`'s arrays, reduction-major), and ``e`` as it is now."""
     decls, ranks = declarations(c), var_ranks(c)
     out_var, red_var = _variables(e, w)
     base = w.tensor

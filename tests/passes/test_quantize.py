@@ -16,7 +16,7 @@ from einfuse import zoo
 from einfuse.errors import EinfuseError
 from einfuse.ir import Cascade, interpret, parse
 from einfuse.passes import Canonicalize, PassManager, Quantize, pipeline
-from einfuse.passes.quant_formats import FORMATS
+from einfuse.ir.quant_formats import FORMATS
 
 from ..conftest import rel_err
 
@@ -179,7 +179,7 @@ L[t,v] = Y[t,e] * H[v,e]
 
 
 def test_the_quantization_report_measures_each_weight(rng: np.random.Generator) -> None:
-    from einfuse.passes.quant_formats import dequantize, quantize_weight
+    from einfuse.ir.quant_formats import dequantize, quantize_weight
     from einfuse.passes.quant_report import layer_rows, layers_table
     c, x = salient(rng)
     (row,) = layer_rows(c, "q4_0", "awq", inputs={"X": x})

@@ -18,6 +18,11 @@ nibble first; ``s = (max - min) / 15``, ``z = round(-min / s)`` clamped to 0..15
 ``k`` is bit ``k % 8`` of byte ``k // 8``, 1 for a positive weight. A ``k`` extent the block (or
 group, or byte) does not divide is padded with zeros to a whole one; the padding is stored, never
 read.
+
+Each format but ``b1`` has a constructor from integers already quantized (``int8_stored``,
+``q8_0_stored``, ``q4_0_stored``, ``int4_stored``): the quantizers here and the imports of
+pre-quantized weights (torchao, GGUF: ``frontends/prequantized.py``) share it, so an import's
+IR is the one the ``quantize`` pass writes.
 """
 from __future__ import annotations
 
@@ -73,19 +78,53 @@ def _padded(w: np.ndarray, multiple: int) -> np.ndarray:
     return np.pad(w, ((0, 0), (0, -k % multiple)))
 
 
+def _stored(arrays: dict[str, tuple[np.ndarray, str]], rhs: str, k: int) -> Stored:
+    """A :class:`Stored` of ``arrays`` given per output channel (``[n, k-ish]``), each
+    two-dimensional one made reduction-major (``[k-ish, n]``: a vector of output channels
+    contiguous, as the kernels read them), for a reduction of ``k``."""
+    return Stored({name: (np.ascontiguousarray(a.T) if a.ndim == 2 else a, dtype)
+                   for name, (a, dtype) in arrays.items()}, rhs, k)
+
+
+def int8_stored(q: np.ndarray, s: np.ndarray) -> Stored:
+    """``int8`` from its integers ``q`` (``[n, k]``) and per-channel scales ``s`` (``[n]``)."""
+    return _stored({"q": (q.astype(np.int8), "i8"), "s": (s.astype(np.float32), "f32")},
+                   "f32({W}_q[{k},{n}]) * {W}_s[{n}]", q.shape[1])
+
+
+def q8_0_stored(q: np.ndarray, d: np.ndarray) -> Stored:
+    """``q8_0`` from its integers ``q`` (``[n, k]``, ``k`` whole blocks) and block scales ``d`` (``[n, k/32]``)."""
+    return _stored({"q": (q.astype(np.int8), "i8"), "d": (d.astype(np.float16), "f16")},
+                   "f32({W}_q[{k},{n}]) * f32({W}_d[{k}//32,{n}])", q.shape[1])
+
+
+def q4_0_stored(p: np.ndarray, d: np.ndarray) -> Stored:
+    """``q4_0`` from its bytes ``p`` (``[n, k/2]``, llama.cpp's layout) and block scales ``d`` (``[n, k/32]``)."""
+    return _stored({"p": (p.astype(np.uint8), "u8"), "d": (d.astype(np.float16), "f16")},
+                   "(bitand(shr({W}_p[{k}//32*16+{k}%16,{n}], 4 * idx({k}%32//16)), 15) - 8) * f32({W}_d[{k}//32,{n}])", 2 * p.shape[1])
+
+
+def int4_stored(q: np.ndarray, z: np.ndarray, s: np.ndarray, group: int) -> Stored:
+    """``int4-g<group>`` from its integers ``q`` (``[n, k]``, 0..15, ``k`` whole groups), zero
+    points ``z`` (0..15) and scales ``s`` (both ``[n, k/group]``)."""
+    q = q.astype(np.uint8)
+    return _stored({"p": (q[:, 0::2] | (q[:, 1::2] << 4), "u8"), "z": (z.astype(np.uint8), "u8"),
+                    "s": (s.astype(np.float32), "f32")},
+                   "(bitand(shr({W}_p[{k}//2,{n}], 4 * idx({k}%2)), 15) - f32({W}_z[{k}//" + str(group)
+                   + ",{n}])) * {W}_s[{k}//" + str(group) + ",{n}]", q.shape[1])
+
+
 def _int8(w: np.ndarray) -> Stored:
     s = np.abs(w).max(axis=1) / 127
     s = np.where(s == 0, 1.0, s).astype(np.float32)
-    q = np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8)
-    return Stored({"q": (q, "i8"), "s": (s, "f32")}, "f32({W}_q[{k},{n}]) * {W}_s[{n}]")
+    return int8_stored(np.clip(np.rint(w / s[:, None]), -127, 127), s)
 
 
 def _q8_0(w: np.ndarray) -> Stored:
     blocks = _padded(w, 32).reshape(w.shape[0], -1, 32)
     d = (np.abs(blocks).max(axis=2) / 127).astype(np.float16)
     safe = np.where(d == 0, 1.0, d.astype(np.float64))
-    q = np.clip(np.rint(blocks / safe[:, :, None]), -127, 127).astype(np.int8).reshape(w.shape[0], -1)
-    return Stored({"q": (q, "i8"), "d": (d, "f16")}, "f32({W}_q[{k},{n}]) * f32({W}_d[{k}//32,{n}])")
+    return q8_0_stored(np.clip(np.rint(blocks / safe[:, :, None]), -127, 127).reshape(w.shape[0], -1), d)
 
 
 def _q4_0(w: np.ndarray) -> Stored:
@@ -94,9 +133,7 @@ def _q4_0(w: np.ndarray) -> Stored:
     d = (biggest / -8).astype(np.float16)
     safe = np.where(d == 0, 1.0, d.astype(np.float64))
     q = np.clip(np.rint(blocks / safe[:, :, None]) + 8, 0, 15).astype(np.uint8)
-    packed = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(w.shape[0], -1)
-    return Stored({"p": (packed, "u8"), "d": (d, "f16")},
-                  "(bitand(shr({W}_p[{k}//32*16+{k}%16,{n}], 4 * idx({k}%32//16)), 15) - 8) * f32({W}_d[{k}//32,{n}])")
+    return q4_0_stored((q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(w.shape[0], -1), d)
 
 
 def _int4(group: int) -> Callable[[np.ndarray], Stored]:
@@ -105,12 +142,9 @@ def _int4(group: int) -> Callable[[np.ndarray], Stored]:
         low, high = np.minimum(groups.min(axis=2), 0), np.maximum(groups.max(axis=2), 0)   # (zero representable)
         s = ((high - low) / 15).astype(np.float32)
         safe = np.where(s == 0, 1.0, s.astype(np.float64))
-        z = np.clip(np.rint(-low / safe), 0, 15).astype(np.uint8)
-        q = np.clip(np.rint(groups / safe[:, :, None]) + z[:, :, None], 0, 15).astype(np.uint8).reshape(w.shape[0], -1)
-        packed = q[:, 0::2] | (q[:, 1::2] << 4)
-        return Stored({"p": (packed, "u8"), "z": (z, "u8"), "s": (s, "f32")},
-                      "(bitand(shr({W}_p[{k}//2,{n}], 4 * idx({k}%2)), 15) - f32({W}_z[{k}//" + str(group)
-                      + ",{n}])) * {W}_s[{k}//" + str(group) + ",{n}]")
+        z = np.clip(np.rint(-low / safe), 0, 15)
+        q = np.clip(np.rint(groups / safe[:, :, None]) + z[:, :, None], 0, 15).reshape(w.shape[0], -1)
+        return int4_stored(q, z, s, group)
     return quantize
 
 
@@ -119,7 +153,7 @@ def _b1(w: np.ndarray) -> Stored:
     bits = (_padded(w, 8) > 0).astype(np.uint8).reshape(w.shape[0], -1, 8)
     packed = (bits << np.arange(8, dtype=np.uint8)).sum(axis=2).astype(np.uint8)
     bit = "bitand(shr({W}_p[{k}//8,{n}], idx({k}%8)), 1)"
-    return Stored({"p": (packed, "u8"), "a": (a, "f32")}, "(2 * " + bit + " - 1) * {W}_a[{n}]")
+    return _stored({"p": (packed, "u8"), "a": (a, "f32")}, "(2 * " + bit + " - 1) * {W}_a[{n}]", 8 * packed.shape[1])
 
 
 #: Each format: (the block of k it quantizes together (1: per channel), its quantizer).
@@ -131,7 +165,8 @@ FORMATS: dict[str, tuple[int, Callable[[np.ndarray], Stored]]] = {
 
 def dequantize(stored: Stored) -> np.ndarray:
     """The weight ``[n, k]`` that ``stored`` gives back, by the interpreter (the reference)."""
-    from ..ir import interpret, parse
+    from .interpret import interpret
+    from .parser import parse
     n = next(a.shape[-1] for name, (a, _) in stored.arrays.items() if name not in stored.along_k)
     ranks = {"n": "N", "k": "K", **{suffix: suffix.upper() + "_" for suffix in stored.arrays}}
     c = parse(stored.text("W", ("n", "k"), ranks, {"N": n, "K": stored.k}))
@@ -144,6 +179,4 @@ def quantize_weight(w: np.ndarray, fmt: str) -> Stored:
     (``[k-ish, n]``: a vector of output channels contiguous, as the kernels read them)."""
     if fmt not in FORMATS:
         raise EinfuseError(f"unknown quantization format '{fmt}'; known: {', '.join(FORMATS)}")
-    stored = FORMATS[fmt][1](np.asarray(w, dtype=np.float64))
-    return Stored({name: (np.ascontiguousarray(a.T) if a.ndim == 2 else a, dtype)
-                   for name, (a, dtype) in stored.arrays.items()}, stored.rhs, k=w.shape[1])
+    return replace(FORMATS[fmt][1](np.asarray(w, dtype=np.float64)), k=w.shape[1])
