@@ -146,6 +146,12 @@ def heldout_tokens(max_bytes: int) -> torch.Tensor:
     return _corpus(True)[:max_bytes].long()
 
 
+def training_tokens(max_bytes: int, start: int = 0) -> torch.Tensor:
+    """``max_bytes`` bytes of the training files from byte ``start`` on, as a LongTensor [N]
+    (calibration data: never the held-out files)."""
+    return _corpus(False)[start:start + max_bytes].long()
+
+
 def _data_fingerprint() -> str:
     """Names and sizes of the stdlib files: where they differ (another Python), the cache key does."""
     digest = hashlib.sha256()
@@ -269,7 +275,7 @@ def _train(c: Config, seconds: float, log: Callable[[str], None]) -> Trained:
 # ---- the cache ----
 
 def _paths(config: Config, seconds: float, cache_dir: Path) -> tuple[Path, Path]:
-    key = json.dumps({"config": asdict(config), "seconds": seconds, "data": _data_fingerprint()}, sort_keys=True)
+    key = json.dumps({"config": asdict(config), "seconds": float(seconds), "data": _data_fingerprint()}, sort_keys=True)
     stem = cache_dir / "tinylm" / hashlib.sha256(key.encode()).hexdigest()[:16]
     return stem.with_suffix(".pt"), stem.with_suffix(".json")
 

@@ -99,3 +99,19 @@ def test_einfuse_captures_the_model() -> None:
     model = TinyLM(TINY).eval()
     cascade = einfuse.capture(model, (torch.randint(0, 256, (1, 16)),))
     assert cascade.name == "tinylm"
+
+
+def test_quantization_quality_is_perplexity_kl_and_top1() -> None:
+    from benchmarks.quant_quality import option, quality
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.log_softmax(torch.randn(2, 5, 7, generator=gen, dtype=torch.float64), -1)
+    other = torch.log_softmax(ref + 0.3 * torch.randn(2, 5, 7, generator=gen, dtype=torch.float64), -1)
+    targets = torch.randint(0, 7, (2, 5), generator=gen)
+    same = quality(ref, ref, targets)
+    assert same["kl"] == pytest.approx(0, abs=1e-12) and same["top1"] == 1
+    assert same["ppl"] == pytest.approx(math.exp(F.nll_loss(ref.reshape(-1, 7), targets.reshape(-1)).item()))
+    got = quality(ref, other, targets)
+    p, q = ref.exp(), other.exp()
+    assert got["kl"] == pytest.approx(float((p * (p / q).log()).sum(-1).mean())) and got["kl"] > 0
+    assert got["top1"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
+    assert option("q4_0:awq") == "format=q4_0,method=awq" and option("int8") == "int8"
