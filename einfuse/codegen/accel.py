@@ -55,7 +55,8 @@ from .loop_frames import serial_launch
 from .lower import KernelBuilder, SizeVars
 
 RUNTIME = Path(__file__).parent / "fusemax"
-CFLAGS = [f"-I{RUNTIME}", "-O2", "-Dinff=__builtin_inff()"]   # (TVM's C spells infinity ``inff``)
+CFLAGS = [f"-I{RUNTIME}", "-O2", "-Dinff=__builtin_inff()", "-Dhalf=_Float16"]   # (TVM's C spells infinity ``inff``
+# and a float16 ``half``: quantized weights' scales)
 MAX_KERNELS = 4096   # FM_MAX_KERNELS of fusemax.h
 
 
@@ -360,7 +361,7 @@ def library(c: Cascade, target: Target, path: Path) -> list[AccelKernel]:
 
 
 #: What ``write_runtime`` puts in a kernels directory's ``Makefile`` and ``report.md`` (K: a kernel).
-BUILD = "cc -O2 -fPIC -shared -Iinclude -I. '-Dinff=__builtin_inff()' -o K.so K.c fusemax_rt.c -lm"
+BUILD = "cc -O2 -fPIC -shared -Iinclude -I. '-Dinff=__builtin_inff()' -Dhalf=_Float16 -o K.so K.c fusemax_rt.c -lm"
 _INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
 
 

@@ -4,7 +4,7 @@ FuseMax (§V, and its artifact's models) binds a cascade's Einsums to two arrays
 ``pe_rows x pe_cols`` PEs takes the GEMM-like work, the 1D array of ``vector_pes`` PEs the
 element-wise and reduction work; a PE does one MAC, add, max or compare per cycle, and ``exp``
 costs ``exp_macs + exp_adds`` of them (a 1D array with an exp unit of its own, as the unfused
-baseline's, costs ``vector_exp`` cycles instead). Operands move in ``word_bytes`` words.
+baseline's, costs ``vector_exp`` cycles instead). Operands move in ``word_bytes`` words (a narrower dtype, such as a quantized weight's packed integers, in its own bytes).
 
 The binding, per kernel (one kernel is one phase: its inputs come from DRAM, its output goes
 back):
@@ -30,7 +30,7 @@ import sympy
 
 from ..ir import Call, Cascade, Einsum
 from ..ir import ops as ir_ops
-from ..ir.analysis import map_ops
+from ..ir.analysis import element_bytes, map_ops
 from ..ir.kernels import KINDS, Kernel
 from ..ir.nodes import Loop, walk
 from ..ir.scope import declarations, iteration_vars, lhs_vars, loop_vars, reduced_vars, var_ranks
@@ -130,10 +130,18 @@ def kernel_work(c: Cascade, kernel: Kernel, acc: Accelerator, counted: frozenset
     for i, (e, loops) in enumerate(items):
         if i not in counted:
             ops[where[i]] += einsum_ops(c, e, loops, acc, where[i])
-    moved = sum((_elements(c, n) for n in (*kernel.inputs, kernel.output)), sympy.Integer(0))
+    decls = declarations(c)
+    moved = sum((_elements(c, n) * _element_bytes(decls[n].dtype, acc) for n in (*kernel.inputs, kernel.output)),
+                sympy.Integer(0))
     if KINDS[kernel.kind].loop:
-        moved += _rereads(c, kernel, items, acc)
-    return Work(sympy.expand(ops["2d"]), sympy.expand(ops["1d"]), sympy.expand(moved * acc.word_bytes))
+        moved += _rereads(c, kernel, items, acc) * acc.word_bytes
+    return Work(sympy.expand(ops["2d"]), sympy.expand(ops["1d"]), sympy.expand(moved))
+
+
+def _element_bytes(dtype: str, acc: Accelerator) -> sympy.Expr:
+    """DRAM bytes of one element: a word, or less for a narrower dtype (a quantized weight's
+    packed integers, its float16 scales)."""
+    return sympy.Min(acc.word_bytes, element_bytes(dtype))
 
 
 def _rereads(c: Cascade, kernel: Kernel, items: list, acc: Accelerator) -> sympy.Expr:

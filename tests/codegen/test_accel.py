@@ -3,6 +3,7 @@ matches the interpreter and torch, the runtime's counters against the model, ein
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import os
 import re
 import shutil
@@ -245,3 +246,27 @@ def test_the_kernels_directory_builds_with_cc_alone_and_its_libraries_run(tmp_pa
         values[k.output] = result.numpy()
     with torch.no_grad():
         assert rel_err(values["out0"], model(x).numpy()) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_a_quantized_weight_runs_on_the_accelerator_and_its_packed_bytes_are_counted(fmt: str) -> None:
+    rng = np.random.default_rng(3)
+    linear = parse("cascade lin\nrank M=16, K=256, N=64\ntensor X[M,K] input f32\ntensor W[N,K] param f32\n"
+                   "tensor Y[M,N] output f32\nY[m,n] = X[m,k] * W[n,k]\n")
+    linear = replace(linear, params={"W": rng.standard_normal((64, 256))})
+    x = rng.standard_normal((16, 256))
+    dram = {}
+    for pipeline in ("default", f"default,quantize{{format={fmt}}}"):
+        sim = einfuse.simulate(linear, (x,), target=SMALL, pipeline=pipeline)
+        quantized = optimized(linear, None, pipeline=pipeline, target=SMALL)
+        assert rel_err(sim.outputs["Y"], interpret(quantized, {"X": x})["Y"]) <= 1e-5
+        c, t = _grouped(linear, None, pipeline)
+        modelled = dict(cascade_timing(c, t.device))
+        for kernel, counted, _, _ in sim.kernels:
+            assert counted.dram_cycles == pytest.approx(modelled[kernel.name].dram_cycles, rel=1e-9)
+        dram[pipeline] = sim.total.dram_cycles
+    # (a float moves as a 2-byte word; the quantized weight in 18/32 (q4_0) or 34/32 (q8_0) bytes a
+    # value: its packed integers and float16 scales; X and Y as before)
+    weight, rest = 64 * 256, 16 * 256 + 16 * 64
+    expected = (rest * 2 + weight * (18 if fmt == "q4_0" else 34) / 32) / (rest * 2 + weight * 2)
+    assert dram[f"default,quantize{{format={fmt}}}"] / dram["default"] == pytest.approx(expected, rel=1e-6)

@@ -67,6 +67,19 @@ def test_every_kernel_of_every_zoo_model_compiles_with_nvcc(name: str, tmp_path:
     assert not failed, failed
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed on this machine")
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-g128", "q8_0", "b1"])
+def test_quantized_kernels_and_their_harness_compile_with_nvcc(fmt: str, tmp_path: Path) -> None:
+    model, args = zoo.build("mlp")
+    manifest = json.loads(einfuse.kernels(model, args, target="cuda:sm_90", output=tmp_path, harness=True,
+                                          quantize=fmt).read_text())
+    jobs = [(tmp_path / k["files"][0], "sm_90") for k in manifest["kernels"]] + [(tmp_path / "main.cu", "sm_90")]
+    assert all(("weight_p" in cu.read_text() or "weight_q" in cu.read_text()) for cu, _ in jobs[:-1])   # (packed reads)
+    failed = [f"{cu.name}: {err}" for cu, err in zip([cu for cu, _ in jobs], map(_nvcc, jobs)) if err]
+    assert not failed, failed
+
+
 def _nvcc(job: tuple[Path, str]) -> str:
     """nvcc's error output compiling one source to PTX (the host program: to an object), empty
     when it compiled."""
