@@ -12,7 +12,10 @@ rounds (``benchmarks.run.measure``).
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -94,6 +97,34 @@ def compare(rows: int, formats: list[str], repeat: int, rounds: int) -> None:
         print(f"{rows:5} {name:24} {seconds * 1e3:9.3f} ms  {base / seconds:6.2f}x f32   rel err {err:.1e}")
 
 
+_RSS = """
+import sys, torch, einfuse, einfuse.codegen.runtime
+def rss():   # (resident bytes: anonymous, and file pages such as the mapped library)
+    fields = dict(line.split(":") for line in open("/proc/self/status") if line.startswith("Rss"))
+    return [int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile")]
+before = rss()
+model = einfuse.load(sys.argv[1])
+model(torch.randn(1, int(sys.argv[2])))
+print(*[a - b for a, b in zip(rss(), before)])
+"""
+
+
+def memory(formats: list[str]) -> None:
+    """The resident memory a compiled model adds to a fresh process that loads it (its export)
+    and runs it once, beside its parameters' bytes: packed weights stay packed."""
+    model = MatMul(K).eval()
+    x = torch.randn(1, K)
+    for fmt in [None, *formats]:
+        out = Path(tempfile.mkdtemp()) / "model"
+        compiled = einfuse.compile(model, (x,), quantize=fmt, cache_dir=tempfile.mkdtemp())
+        compiled.export(out)
+        anon, file = (int(v) for v in subprocess.run([sys.executable, "-c", _RSS, str(out), str(K)], capture_output=True,
+                                                     text=True, check=True).stdout.split()[-2:])
+        weights = compiled.report().splitlines()[-1]
+        print(f"memory einfuse {fmt or 'f32':10} loaded and run: +{anon / 2**20:6.1f} MiB anonymous, "
+              f"+{file / 2**20:6.1f} MiB of mapped files resident   ({weights})")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,8,16,256")
@@ -101,11 +132,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="also each model's resident memory, loaded in a fresh process")
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     print(f"{N} x {K} weight, threads={opts.threads}; 'x f32': einfuse float32's time over this one's")
-    for rows in (int(r) for r in opts.rows.split(",")):
+    for rows in (int(r) for r in opts.rows.split(",") if r):
         compare(rows, opts.formats.split(","), opts.repeat, opts.rounds)
+    if opts.memory:
+        memory(opts.formats.split(","))
 
 
 if __name__ == "__main__":
