@@ -34,3 +34,49 @@ def test_onnx_runtimes_matmulnbits_gets_the_same_quantized_weight(fmt: str) -> N
     want = interpret(PassManager([Quantize(fmt)]).run(c), {"X": x})["Y"]
     got = ort_matmul_nbits(w, fmt, 3, 0)(x)
     assert np.abs(got - want).max() / np.abs(want).max() <= 1e-5
+
+
+def _host_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+@pytest.mark.parametrize("fmt", ["q4_0", "int4-g128"])
+def test_vnni_prototype_is_the_quantized_arithmetic(fmt: str, isa: str) -> None:
+    """benchmarks/vnni_proto.py's kernels: the int8 activations and their scales as numpy
+    quantizes them (exactly), the product as numpy computes the same arithmetic in float64 and
+    as ORT's ``MatMulNBits accuracy_level=4`` does (the source library), one row and 10 rows
+    (a register tile and an overhang)."""
+    import numpy as np
+
+    from benchmarks.quant import _values, ort_matmul_nbits
+    from benchmarks.vnni_proto import QuantMatmul, check, spec_for
+    if not _host_has("avx512_vnni" if isa == "avx512" else "avx2"):
+        pytest.skip(f"this host cannot run {isa}")
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 256))
+    q, scale, zero = _values(w, fmt)
+    for rows in (1, 10):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        x[0, :32] = 0.0                                    # a block of zeros quantizes to zeros
+        qm = QuantMatmul(spec_for(fmt, rows, 64, 256, isa), q, scale, zero)
+        got = check(qm, x, q, scale, zero)
+        assert got["xq_mismatch"] == 0 and got["xd_mismatch"] == 0
+        assert got["rel_err"] <= 1e-6
+        assert got["vs_float"] <= 0.02                     # the activations' 8-bit error, no more
+        ort = ort_matmul_nbits(w, fmt, rows, 4)(x)
+        assert np.abs(qm.y.numpy() - ort).max() / np.abs(ort).max() <= 1e-5
+
+
+def test_vnni_prototype_builds_for_avx_vnni() -> None:
+    """The 8-lane kernel builds for an AVX2 host with AVX-VNNI: ymm ``vpdpbusd``, no zmm."""
+    import tvm
+
+    from benchmarks.vnni_proto import kernels, spec_for
+    s = spec_for("q4_0", 8, 64, 256, "avxvnni")
+    asm = tvm.compile(kernels(s), target=s.target()).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "%ymm" in asm and "zmm" not in asm
