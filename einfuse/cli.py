@@ -26,6 +26,10 @@ from .ir.scope import loop_vars, reduced_vars
 from .ir.text import access_text
 
 
+QUANTIZE_HELP = ("store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1, or the quantize pass's "
+                 "options (format=q4_0,method=awq,head=true; docs/quantization.md)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``einfuse`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="einfuse", description="einfuse: an einsum-cascade compiler for PyTorch models")
@@ -52,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     comp.add_argument("--tuning-db", metavar="DIR", help="tuning records to use (default: the cache's tuning/)")
     comp.add_argument("--no-tuning", action="store_true", help="use the rule-based schedules only")
-    comp.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
+    comp.add_argument("--quantize", metavar="FORMAT", help=QUANTIZE_HELP)
     tune = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule; compile then uses the records")
     tune.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     tune.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
@@ -67,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rep.add_argument("model", help="zoo:NAME or path/to/file.py:function returning (model, args)")
     rep.add_argument("--plot", metavar="FILE", help="draw the kernels on the roofline (a .png; needs matplotlib)")
     rep.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
+    rep.add_argument("--quantize", metavar="FORMAT", help=QUANTIZE_HELP)
     quant = sub.add_parser("quantize", help="what quantizing a model does: each weight's error and bytes, the output's error")
     quant.add_argument("model", help="zoo:NAME or path/to/file.py:function returning (model, args)")
     quant.add_argument("--format", required=True, help="int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
@@ -78,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
     kern.add_argument("-o", "--output", required=True, help="directory for the sources and manifest.json")
     kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
-    kern.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
+    kern.add_argument("--quantize", metavar="FORMAT", help=QUANTIZE_HELP)
     kern.add_argument("--harness", action="store_true",
                       help="cuda:*: add main.cu and a Makefile that run the kernels with nvcc alone (make && ./run)")
     kern.add_argument("--data", action="store_true",
@@ -155,7 +160,7 @@ def _report(args: argparse.Namespace) -> int:
     model, example = load_torch_model(args.model)
     if isinstance(model, Cascade):
         raise EinfuseError("report needs example inputs to time the kernels: give zoo:NAME or file.py:function")
-    compiled = compile_model(model, example, pipeline=args.pipeline)
+    compiled = compile_model(model, example, pipeline=args.pipeline, quantize=args.quantize)
     table = compiled.kernel_times(example)
     print(compiled.report(example, table))
     if args.plot:
