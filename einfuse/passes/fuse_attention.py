@@ -65,6 +65,8 @@ class _Match:
     value: Access               # V's access
     group: set[str]             # the temps the attention computes
     absent: bool                # masked scores are absent points (MK has empty=-inf), not -inf values
+    original: Einsum | None = None   # the statement ``out`` stands for, if its variables were renamed
+    ranks: tuple[Rank, ...] = ()     # the ranks the renaming added
 
 
 @register
@@ -82,6 +84,7 @@ class FuseAttention(Pass):
             found = _find(c, stats, done)
             if found is None:
                 return c
+            c = replace(c, ranks=c.ranks + found.ranks)   # (those the renaming of its output Einsum added)
             c = _rewrite(c, found, self.tile or _target_tile(c, found, ctx.target))
             done.add(found.out.lhs.tensor)
             stats["attention"] += 1
@@ -124,12 +127,13 @@ def _writer(name: str, writers: dict[str, list[Einsum]]) -> Einsum | None:
 
 def _match(c: Cascade, o: Einsum, writers: dict, readers: Counter, stats: Counter) -> _Match | None:
     """The attention whose output is ``o``, or None."""
-    red = reduced_vars(o)
-    if o.reduce is not None or len(red) != 1 or not isinstance(o.rhs, Call) or o.rhs.op != "mul" \
+    if o.reduce is not None or len(reduced_vars(o)) != 1 or not isinstance(o.rhs, Call) or o.rhs.op != "mul" \
             or len(o.rhs.args) != 2 or not all(isinstance(a, Access) for a in o.rhs.args):
         return None
-    key = red[0]
-    for p, v in (o.rhs.args, o.rhs.args[::-1]):
+    for i in (0, 1):
+        aligned, added = _aligned(c, o, o.rhs.args[i], writers)
+        p, v = aligned.rhs.args[i], aligned.rhs.args[1 - i]   # type: ignore[union-attr]
+        key = reduced_vars(aligned)[0]
         chain = _softmax(p, key, writers)
         if chain is None:
             continue
@@ -143,8 +147,32 @@ def _match(c: Cascade, o: Einsum, writers: dict, readers: Counter, stats: Counte
         if any(readers[t] > _uses_inside(t, group | {o.lhs.tensor}, writers) or roles[t] != "temp" for t in group):
             stats["not-fused:intermediate-read-elsewhere"] += 1
             return None
-        return _Match(o, key, rows, qk, score, v, group, declarations(c)[mk.tensor].empty == -math.inf)
+        return _Match(aligned, key, rows, qk, score, v, group, declarations(c)[mk.tensor].empty == -math.inf,
+                      None if aligned is o else o, added)
     return None
+
+
+def _aligned(c: Cascade, o: Einsum, p: Access, writers: dict) -> tuple[Einsum, tuple[Rank, ...]]:
+    """``o`` with its variables renamed (it computes the same) so that those indexing ``P`` are
+    named as ``P``'s writer names them, as the softmax chain is matched by name; one of ``o``'s own
+    (a value's) whose name that takes becomes a fresh variable of a new rank of its size. (The
+    frontend names variables by size, so where the keys are as many as a head's width the two
+    Einsums name them differently.)"""
+    pw = _writer(p.tensor, writers)
+    if pw is None:
+        return o, ()
+    mapping = {ix.expr.name: wx.expr.name for ix, wx in zip(p.indices, pw.lhs.indices)
+               if isinstance(ix.expr, IVar) and isinstance(wx.expr, IVar)}
+    if all(k == v for k, v in mapping.items()):
+        return o, ()
+    ranks, size = var_ranks(c), {r.name: r.size for r in c.ranks}
+    taken, added = set(mapping.values()), []
+    for v in dict.fromkeys(lhs_vars(o) + reduced_vars(o)):
+        if v not in mapping and v in taken:
+            rank = Rank(fresh_name(ranks[v], set(size) | {r.name for r in added}), size[ranks[v]])
+            added.append(rank)
+            mapping[v] = rank.var
+    return rewrite(o, lambda x: IVar(mapping[x.name]) if isinstance(x, IVar) and x.name in mapping else x), tuple(added)
 
 
 def _softmax(p: Access, key: str, writers: dict) -> tuple[Access, str, set[str]] | None:
@@ -265,7 +293,7 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
                                            m.absent))
     stmts: list = []
     for s in c.stmts:
-        stmts += [*init, Loop(tiles, body), final] if s is m.out else [s]
+        stmts += [*init, Loop(tiles, body), final] if s is (m.original or m.out) else [s]
     new_ranks = (Rank(tiles, -(-n // tile) if static else sympy.ceiling(n / tile)), Rank(inner, tile))
     return replace(c, ranks=c.ranks + new_ranks, tensors=c.tensors + tuple(decls), stmts=tuple(stmts))
 

@@ -105,3 +105,35 @@ def test_tile_is_an_option_or_the_targets_choice() -> None:
     chosen = host_cpu().attention_tile(32, 32, 48)    # (48 keys)
     assert PassManager([FuseAttention()]).run(c).rank("MI").size == min(chosen, 48)
     assert PassManager([FuseAttention(tile=8)]).run(c).rank("MI").size == 8
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("seq, width", [(64, 64), (32, 32), (48, 16)])
+def test_keys_as_many_as_the_heads_width_are_fused_too(seq: int, width: int, causal: bool,
+                                                       rng: np.random.Generator) -> None:
+    """The frontend names variables by size: where the keys are as many as a head's width, P V
+    names the keys as the softmax's writer names the values; the match renames P V's variables."""
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, seq, width)).astype(np.float32)) for _ in range(3))
+    manager = PassManager(parse_pipeline("canonicalize,fuse-attention"))
+    fused = manager.run(capture(Attention(), (q, k, v)))
+    assert manager.records[-1].stats == {"attention": 1}
+    got = interpret(fused, {"q": q, "k": k, "v": v})
+    with torch.no_grad():
+        want = Attention()(q, k, v).numpy()
+    assert rel_err(next(iter(got.values())), want) <= 1e-5
+
+
+def test_keys_as_many_as_the_heads_width_compile_to_the_loop_kernel(rng: np.random.Generator) -> None:
+    import einfuse
+
+    class Attention(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (torch.from_numpy(rng.standard_normal((1, 2, 64, 64)).astype(np.float32)) for _ in range(3))
+    compiled = einfuse.compile(Attention(), (q, k, v))
+    assert "loop" in [kernel.kind for kernel in compiled.kernels]
+    with torch.no_grad():
+        assert rel_err(compiled(q, k, v).numpy(), Attention()(q, k, v).numpy()) <= 1e-5
