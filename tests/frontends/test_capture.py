@@ -220,3 +220,16 @@ def test_more_elementwise_and_reduction_rules(rng: np.random.Generator) -> None:
     y = y.abs() + 0.5
     c = capture(Elementwise(), (x, y))
     assert rel_err(run(c, (x, y)), Elementwise()(x, y).double().numpy()) < 1e-5
+
+
+def test_a_symbolic_size_is_a_value_in_arithmetic(rng: np.random.Generator) -> None:
+    """``x + x.shape[1]`` with a dynamic length: the size is an operand (as a position offset is
+    when a decode step's positions start at its cache's length)."""
+    class Offset(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2 + x.shape[1] - torch.arange(x.shape[1])
+    length = torch.export.Dim("length", min=2, max=64)
+    cascade = capture(Offset(), (torch.randn(3, 8),), dynamic_shapes={"x": {1: length}})
+    for n in (5, 17):
+        x = torch.from_numpy(rng.standard_normal((3, n)))
+        assert rel_err(run(cascade, (x,)), Offset()(x).numpy()) <= 1e-6

@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import sympy
 
-from ...ir import Call, Const, IConst
+from ...ir import Call, Const, Coord, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Builder, Ref
 
@@ -56,8 +56,13 @@ class Ctx:
             shape: Sequence[sympy.Expr] | None = None, empty: float | None = None) -> Ref:
         """An element-wise op over broadcast operands (refs or Python numbers)."""
         out_shape = tuple(self.shape if shape is None else shape)
+        operands = tuple(self.number(x) if isinstance(x, sympy.Expr) else x for x in operands)
         return self.b.emit(hint or self.name, out_shape, dtype or self.dtype,
                            lambda o, _: Call(op, tuple(broadcast(x, out_shape, o) for x in operands)), empty=empty)
+
+    def number(self, size: sympy.Expr) -> Any:
+        """A size as an operand: a Python number, or a ref holding the symbolic size."""
+        return int(size) if size.is_Integer else Ref(Coord(self.b.size_index(size)), (), "i64")
 
 
 def broadcast(x: Any, shape: Sequence[sympy.Expr], index: Sequence[IndexExpr]) -> Expr:

@@ -54,12 +54,7 @@ def mean(ctx: Ctx) -> Ref:
     dims = _dims(ctx, x)
     count = sympy.Mul(*[x.shape[norm_dim(d, len(x.shape))] for d in dims])
     total = reduce_ref(ctx.b, f"{ctx.name}_sum", x, dims, ctx.arg(2, "keepdim", False), "+", ctx.dtype)
-    return ctx.map("div", total, _number(ctx, count))
-
-
-def _number(ctx: Ctx, size: sympy.Expr) -> object:
-    """A size as an operand: a Python number, or a ref holding the symbolic size."""
-    return int(size) if size.is_Integer else Ref(Coord(ctx.b.size_index(size)), (), "i64")
+    return ctx.map("div", total, ctx.number(count))
 
 
 @rule("aten.amax.default", "aten.amin.default")
