@@ -17,7 +17,7 @@ import einfuse
 
 ROOT = Path(einfuse.__file__).parent
 LAYERS = [("errors", "cache", "version"), ("ir",), ("targets",), ("frontends", "passes"), ("codegen",),
-          ("api", "zoo", "plot"), ("cli",), ("__main__", "")]
+          ("api", "zoo", "plot", "dynamo"), ("cli",), ("__main__", "")]
 ALLOWED_CYCLES = [{"einfuse.ir.nodes", "einfuse.ir.text"}]
 
 

@@ -66,7 +66,7 @@ def capture(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any] | Non
     """
     _check_arguments(model, args, kwargs)
     check_inputs(model, tuple(args), dict(kwargs or {}))
-    exported = _export(model, tuple(args), dict(kwargs or {}), dynamic_shapes)
+    exported = export_aten(model, tuple(args), dict(kwargs or {}), dynamic_shapes)
     dependent = data_dependent_ops(exported.graph)
     if dependent:
         raise CaptureError("\n".join(["the shape of a result depends on the values in a tensor, which a "
@@ -138,7 +138,8 @@ def _quiet_torch() -> Iterator[None]:
         yield
 
 
-def _export(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+def export_aten(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
+    """``model`` exported by ``torch.export`` and decomposed to the ATen operators capture translates."""
     with _quiet_torch():
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)

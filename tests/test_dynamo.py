@@ -1,0 +1,112 @@
+"""``torch.compile(model, backend="einfuse")``: registered by name, a whole graph compiled, an
+unsupported operator left to eager with the rest compiled, graph breaks, new shapes, options."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from einfuse import zoo
+from einfuse.dynamo import EagerFallbackWarning
+from einfuse.errors import EinfuseError
+from tests.conftest import rel_err
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> None:
+    torch._dynamo.reset()
+
+
+class WithBessel(torch.nn.Module):
+    """Two Linears around an operator einfuse has no rule for (``i0``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.special.i0(self.a(x).tanh()))
+
+
+def _recorded(fn, *args):
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = fn(*args)
+    return out, [str(w.message) for w in caught if issubclass(w.category, EagerFallbackWarning)]
+
+
+def test_a_zoo_model_compiles_whole_by_the_backends_name() -> None:
+    model, args = zoo.build("mlp")
+    compiled = torch.compile(model, backend="einfuse")
+    got, fell_back = _recorded(compiled, *args)
+    with torch.no_grad():
+        assert rel_err(got.numpy(), model(*args).numpy()) <= 1e-5
+    assert fell_back == []
+
+
+def test_an_unsupported_operator_runs_in_eager_and_the_rest_is_compiled() -> None:
+    torch.manual_seed(0)
+    model, x = WithBessel().eval(), torch.randn(3, 16)
+    got, fell_back = _recorded(torch.compile(model, backend="einfuse"), x)
+    with torch.no_grad():
+        assert rel_err(got.numpy(), model(x).numpy()) <= 1e-5
+    assert fell_back == ["einfuse: aten.i0.default ran in eager; 2 subgraph(s) compiled by einfuse"]
+
+
+def test_each_graph_of_a_graph_break_is_compiled() -> None:
+    torch.manual_seed(0)
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x).relu()
+            torch._dynamo.graph_break()
+            return self.b(y)
+    model, x = Broken().eval(), torch.randn(2, 8)
+    graphs = []
+
+    def counting(gm: torch.fx.GraphModule, inputs: list, **kw: object) -> object:
+        from einfuse.dynamo import backend
+        graphs.append(gm)
+        return backend(gm, inputs, **kw)
+    got, fell_back = _recorded(torch.compile(model, backend=counting), x)
+    with torch.no_grad():
+        assert rel_err(got.numpy(), model(x).numpy()) <= 1e-5
+    assert len(graphs) == 2 and fell_back == []
+
+
+def test_a_new_shape_recompiles_and_dynamic_sizes_run_in_eager() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).eval()
+    static = torch.compile(model, backend="einfuse", dynamic=False)
+    for rows in (2, 5):
+        x = torch.randn(rows, 8)
+        got, fell_back = _recorded(static, x)
+        with torch.no_grad():
+            assert rel_err(got.numpy(), model(x).numpy()) <= 1e-5 and fell_back == []
+    x = torch.randn(3, 8)
+    got, fell_back = _recorded(torch.compile(model, backend="einfuse", dynamic=True), x)
+    with torch.no_grad():
+        assert rel_err(got.numpy(), model(x).numpy()) <= 1e-5
+    assert len(fell_back) == 1 and "symbolic sizes" in fell_back[0]
+
+
+def test_options_pass_through_and_gradients_run_in_eager() -> None:
+    model, args = zoo.build("mlp")
+    with pytest.raises(Exception, match="unknown options \\['tile'\\]"):
+        _recorded(torch.compile(model, backend="einfuse", options={"tile": 4}), *args)
+    torch._dynamo.reset()
+    got, fell_back = _recorded(torch.compile(model, backend="einfuse", options={"quantize": "int8"}), *args)
+    with torch.no_grad():
+        assert 0 < rel_err(got.numpy(), model(*args).numpy()) <= 0.02   # (int8 weights: close, not equal)
+    torch._dynamo.reset()
+    x = torch.randn(3, 16, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(WithBessel(), backend="einfuse")(x).sum().backward()
+    assert any("needs gradients" in str(w.message) for w in caught) and x.grad is not None
+    assert issubclass(EagerFallbackWarning, UserWarning) and issubclass(EinfuseError, Exception)
