@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, cache_dir: str | Path | None = None,
-            tuning_db: str | Path | bool | None = None, quantize: str | None = None) -> Any:
+            tuning_db: str | Path | bool | None = None, quantize: str | None = None, fallback: bool = False) -> Any:
     """Compile a torch model (with example ``args``) or a :class:`~einfuse.ir.Cascade` for ``target``.
 
     ``pipeline`` is ``"default"``, ``"none"`` or pipeline text (``"canonicalize"``; see
@@ -25,9 +25,15 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     model again only loads it. Kernels tuned by ``einfuse tune`` (docs/tuning.md) take their best
     schedule from ``tuning_db`` (default: ``<cache_dir>/tuning`` where it exists; ``False``: none).
     ``quantize`` (``"q4_0"``, ``"int8"``, ...: docs/quantization.md) stores the weights quantized
-    (the ``quantize`` pass, after ``pipeline``).
+    (the ``quantize`` pass, after ``pipeline``). With ``fallback``, a torch model using operators
+    einfuse has no rule for compiles in parts: each subgraph of supported operators compiled, the
+    rest run in eager, a warning naming them (a ``torch.fx.GraphModule`` is returned then;
+    docs/torch_compile.md).
     """
     from .codegen.backends import backend_for
+    if fallback and not isinstance(model, Cascade):
+        return _with_fallback(model, args, dict(target=target, pipeline=pipeline, dynamic_shapes=dynamic_shapes,
+                                                cache_dir=cache_dir, tuning_db=tuning_db, quantize=quantize))
     pipeline = with_quantize(pipeline, quantize)
     backend = backend_for(target)   # (an unknown name fails here, listing the known ones)
     backend.check_runs()
@@ -35,6 +41,33 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
                        backend.target)
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     return _compile_cascade(cascade, backend, cache, tuning_database(tuning_db, backend.target, cache))
+
+
+def _with_fallback(model: Any, args: tuple | None, options: dict) -> Any:
+    """``compile(model, args, **options)``, or where operators have no rule the model in parts."""
+    from .errors import UnsupportedOperatorError
+    from .frontends.partition import partitioned
+    from .frontends.torch_export import export_aten
+    try:
+        return compile(model, args, **options)
+    except UnsupportedOperatorError as exc:
+        if options["dynamic_shapes"] is not None:
+            raise EinfuseError(f"fallback=True takes static shapes only (yet): {exc}") from None
+        options.pop("dynamic_shapes")
+        module = export_aten(model, tuple(args or ()), {}, None).module()
+        return partitioned(module, tuple(args or ()), lambda m, a: compiled_graph(m, a, **options),
+                           [op for op, _ in exc.ops])
+
+
+def compiled_graph(module: Any, args: tuple, **options: Any) -> Any:
+    """An ATen graph module compiled, called as the graph is: a tuple back where it returns one."""
+    from .frontends.partition import single_output
+    model = compile(module, args, **options)
+
+    def run(*inputs: Any) -> Any:
+        out = model(*inputs)
+        return out if isinstance(out, tuple) else (out,)
+    return single_output(module, run)
 
 
 def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,

@@ -110,3 +110,18 @@ def test_options_pass_through_and_gradients_run_in_eager() -> None:
         torch.compile(WithBessel(), backend="einfuse")(x).sum().backward()
     assert any("needs gradients" in str(w.message) for w in caught) and x.grad is not None
     assert issubclass(EagerFallbackWarning, UserWarning) and issubclass(EinfuseError, Exception)
+
+
+def test_einfuse_compile_with_fallback_compiles_around_an_unsupported_operator() -> None:
+    import einfuse
+    from einfuse.errors import UnsupportedOperatorError
+    torch.manual_seed(0)
+    model, x = WithBessel().eval(), torch.randn(3, 16)
+    with pytest.raises(UnsupportedOperatorError, match="aten.i0"):
+        einfuse.compile(model, (x,))
+    compiled, fell_back = _recorded(lambda: einfuse.compile(model, (x,), fallback=True))
+    x2 = torch.randn(3, 16)
+    got, again = _recorded(compiled, x2)
+    with torch.no_grad():
+        assert rel_err(got.numpy(), model(x2).numpy()) <= 1e-5
+    assert fell_back == ["einfuse: aten.i0.default ran in eager; 2 subgraph(s) compiled by einfuse"] and again == []
