@@ -30,6 +30,10 @@ QUANTIZE_HELP = ("store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128
                  "options (format=q4_0,method=awq,head=true; docs/quantization.md)")
 
 
+DYNAMIC_HELP = ("a dynamic dimension: axis AXIS of forward's argument ARG from MIN to MAX (input_ids:1=2:512); "
+                "ARG:AXIS,ARG:AXIS=MIN:MAX shares one size; repeatable")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``einfuse`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="einfuse", description="einfuse: an einsum-cascade compiler for PyTorch models")
@@ -41,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="passes to run: a named pipeline (default, none), text such as 'canonicalize', and "
                          "'codegen' for the target's codegen passes ('default,codegen': the IR codegen receives)")
     ir.add_argument("--target", default="cpu", help="the target the passes are given (default: cpu, the host)")
+    ir.add_argument("--dynamic", action="append", default=[], metavar="ARG:AXIS=MIN:MAX", help=DYNAMIC_HELP)
     ir.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass")
     ir.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                     help="print the IR after the named pass (repeatable)")
@@ -57,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("--tuning-db", metavar="DIR", help="tuning records to use (default: the cache's tuning/)")
     comp.add_argument("--no-tuning", action="store_true", help="use the rule-based schedules only")
     comp.add_argument("--quantize", metavar="FORMAT", help=QUANTIZE_HELP)
+    comp.add_argument("--dynamic", action="append", default=[], metavar="ARG:AXIS=MIN:MAX", help=DYNAMIC_HELP)
     tune = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule; compile then uses the records")
     tune.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     tune.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
@@ -112,7 +118,7 @@ def _ir(args: argparse.Namespace) -> int:
     from .targets import Target
     target = Target.parse(args.target)
     passes = pipeline(args.pipeline, codegen=codegen_pipeline(target))
-    before = load_model(args.model)
+    before = load_model(args.model, args.dynamic)
     instruments = Instruments(
         verify_each=True, print_after_all=args.print_ir_after_all, print_after=frozenset(args.print_ir_after),
         print_after_change=args.print_ir_after_change, dump_dir=Path(args.dump_ir_to) if args.dump_ir_to else None,
@@ -145,7 +151,7 @@ def _compile(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
                                    cache_dir=scratch if args.no_cache else None, tuning_db=tuning,
-                                   quantize=args.quantize)
+                                   quantize=args.quantize, dynamic_shapes=dynamic_shapes(model, args.dynamic))
     report = compiled.report(example if not isinstance(model, Cascade) else None)
     compiled.export(out, {"report.txt": report + "\n"})
     print(report)
@@ -238,15 +244,40 @@ def load_torch_model(spec: str) -> tuple:
     return verify(parse_file(path)), None
 
 
-def load_model(spec: str) -> Cascade:
-    """The cascade MODEL names: parsed from a .ein file, or captured from a zoo or user model."""
+def load_model(spec: str, dynamic: Sequence[str] = ()) -> Cascade:
+    """The cascade MODEL names: parsed from a .ein file, or captured from a zoo or user model
+    (with the ``--dynamic`` dimensions given)."""
     model, example = load_torch_model(spec)
-    return model if isinstance(model, Cascade) else _capture(model, example)
-
-
-def _capture(model: object, example_args: tuple) -> Cascade:
+    if isinstance(model, Cascade):
+        return model
     from .api import captured
-    return captured(model, example_args)
+    return captured(model, example, dynamic_shapes=dynamic_shapes(model, dynamic))
+
+
+def dynamic_shapes(model: object, specs: Sequence[str]) -> dict | None:
+    """``torch.export``'s ``dynamic_shapes`` for ``model`` from ``--dynamic`` specs
+    (``ARG:AXIS[,ARG:AXIS...]=MIN:MAX``), or None for none."""
+    if not specs:
+        return None
+    if isinstance(model, Cascade):
+        raise EinfuseError("--dynamic applies to a torch model (a .ein file declares its own sizes)")
+    import inspect
+
+    import torch
+    names = list(inspect.signature(model.forward).parameters)   # type: ignore[attr-defined]
+    shapes: dict = {name: None for name in names}
+    for spec in specs:
+        match = re.fullmatch(r"((?:\w+:\d+,)*\w+:\d+)=(\d+):(\d+)", spec.replace(" ", ""))
+        if not match:
+            raise EinfuseError(f"--dynamic {spec!r}: write ARG:AXIS=MIN:MAX, e.g. input_ids:1=2:512")
+        first, axis = match[1].split(",")[0].split(":")
+        dim = torch.export.Dim(f"{first}_{axis}", min=int(match[2]), max=int(match[3]))
+        for part in match[1].split(","):
+            arg, axis = part.split(":")
+            if arg not in shapes:
+                raise EinfuseError(f"--dynamic {spec!r}: forward has no argument '{arg}'; it has {', '.join(names)}")
+            shapes[arg] = {**(shapes[arg] or {}), int(axis): dim}
+    return shapes
 
 
 def _call_builder(path: Path, function: str) -> tuple:

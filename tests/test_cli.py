@@ -182,3 +182,23 @@ def test_plot_without_matplotlib_says_how_to_install_it(monkeypatch: pytest.Monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(EinfuseError, match=r'needs matplotlib, which is not installed: pip install "einfuse\[plot\]"'):
         roofline_plot([], None, "unused.png")
+
+
+def test_dynamic_dimensions_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+    assert main(["ir", "zoo:llama", "--dynamic", "input_ids:1=2:256"]) == 0
+    assert "INPUT_IDS_1=input_ids_1" in capsys.readouterr().out
+    assert main(["ir", "zoo:llama", "--dynamic", "ids:1=2:256"]) == 1
+    assert "forward has no argument 'ids'; it has input_ids" in capsys.readouterr().err
+    assert main(["ir", "zoo:llama", "--dynamic", "input_ids=2"]) == 1
+    assert "write ARG:AXIS=MIN:MAX" in capsys.readouterr().err
+    out = tmp_path / "mlp"
+    assert main(["compile", "zoo:mlp", "--dynamic", "input:0=1:64", "-o", str(out), "--no-cache"]) == 0
+    import einfuse
+    from einfuse import zoo
+    model, _ = zoo.build("mlp")
+    loaded = einfuse.load(out)
+    for rows in (3, 40):
+        x = torch.randn(rows, 256)
+        with torch.no_grad():
+            assert rel_err(loaded(x).numpy(), model(x).numpy()) <= 1e-5
