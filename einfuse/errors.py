@@ -50,8 +50,12 @@ class UnsupportedOperatorError(CaptureError):
         self.ops = ops
         names = sorted({op for op, _ in ops})
         lines = [f"{len(names)} unsupported operator(s): {', '.join(names)}"]
-        lines += [f"  {op} at {where}" for op, where in ops]
-        lines.append("register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)")
+        for name in dict.fromkeys(op for op, _ in ops):   # (in the graph's order)
+            places = [where for op, where in ops if op == name]
+            more = f" (and {len(places) - 1} more use(s))" if len(places) > 1 else ""
+            lines.append(f"  {name} at {places[0]}{more}")
+        lines.append("compile around them with einfuse.compile(..., fallback=True) or torch.compile(model, "
+                     "backend='einfuse') (they run in eager), or add a rule: docs/frontend.md, \"Adding a rule\"")
         super().__init__("\n".join(lines))
 
 

@@ -182,12 +182,14 @@ def _is_size(node: torch.fx.Node) -> bool:
 
 
 def source_location(node: torch.fx.Node, code: bool = False) -> str:
-    """``file.py:LINE`` of the user code that made ``node`` (with the line's text if ``code``)."""
+    """``file.py:LINE`` of the user code that made ``node`` (with the line's text if ``code``): the
+    innermost frame outside torch itself (a model's own line, not ``torch/nn/functional.py``)."""
     trace = node.meta.get("stack_trace") or ""
     frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace)
     if not frames:
         return f"node {node.name} (no source location)"
-    path, line, fn, text = frames[-1]
+    torch_dir = os.path.dirname(torch.__file__)
+    path, line, fn, text = next((f for f in reversed(frames) if not f[0].startswith(torch_dir)), frames[-1])
     if not code:
         return f"{os.path.basename(path)}:{line}"
     return f"{path}:{line} in {fn}: {text.strip()}"

@@ -159,9 +159,25 @@ def test_unsupported_ops_are_listed_all_at_once_with_their_lines() -> None:
         "  aten.sort.default at " + where.format(first + 1, "y = torch.sort(x, dim=-1).values"),
         "  aten.cumprod.default at " + where.format(first + 2, "return torch.cumprod(y, dim=-1) + torch.atan2(x, y)"),
         "  aten.atan2.default at " + where.format(first + 2, "return torch.cumprod(y, dim=-1) + torch.atan2(x, y)"),
-        "register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)",
+        "compile around them with einfuse.compile(..., fallback=True) or torch.compile(model, backend='einfuse') "
+        "(they run in eager), or add a rule: docs/frontend.md, \"Adding a rule\"",
     ])
     assert [op for op, _ in info.value.ops] == ["aten.sort.default", "aten.cumprod.default", "aten.atan2.default"]
+
+
+class Soft(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.i0(x) + torch.special.i0(2 * x)
+
+
+def test_an_op_used_twice_is_listed_once_at_its_users_line() -> None:
+    with pytest.raises(UnsupportedOperatorError) as info:
+        capture(Soft(), (torch.randn(3, 4),))
+    line = inspect.getsourcelines(Soft.forward)[1] + 1
+    lines = str(info.value).splitlines()
+    assert lines[:2] == ["1 unsupported operator(s): aten.i0.default",
+                         f"  aten.i0.default at {__file__}:{line} in forward: "
+                         "return torch.special.i0(x) + torch.special.i0(2 * x) (and 1 more use(s))"]
 
 
 class IntBits(torch.nn.Module):
@@ -177,7 +193,8 @@ def test_an_unsupported_use_of_a_known_op_names_the_reason() -> None:
         "1 unsupported operator(s): aten.bitwise_and.Scalar",
         f"  aten.bitwise_and.Scalar at {__file__}:{line} in forward: return torch.bitwise_and(x, 3)",
         "    not supported: bitwise ops on i64 (only bool masks are supported)",
-        "register a rule for each in einfuse/frontends/aten/ (see docs/frontend.md)",
+        "compile around them with einfuse.compile(..., fallback=True) or torch.compile(model, backend='einfuse') "
+        "(they run in eager), or add a rule: docs/frontend.md, \"Adding a rule\"",
     ])
 
 
