@@ -38,12 +38,25 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
         warnings.warn(f"einfuse: this graph runs in eager: {why}", EagerFallbackWarning, stacklevel=2)
         return gm.forward
     args = tuple(example_inputs)
-    exported = export_aten(gm, args, {}, None).module()   # (ATen, as capture reads it)
+    exported = export_aten(_literals_as_buffers(gm), args, {}, None).module()   # (ATen, as capture reads it)
     try:
         return compiled_graph(exported, args, **options)
     except UnsupportedOperatorError as exc:
         return partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
                            [op for op, _ in exc.ops]).forward
+
+
+def _literals_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` with each ``torch.tensor(<literal>)`` call (an empty KV cache's start, say) a buffer:
+    ``torch.export`` traces with fake tensors and cannot run it."""
+    for i, node in enumerate([n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.tensor
+                              and not any(isinstance(a, torch.fx.Node) for a in (*n.args, *n.kwargs.values()))]):
+        gm.register_buffer(f"_einfuse_literal_{i}", torch.tensor(*node.args, **node.kwargs))
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.get_attr(f"_einfuse_literal_{i}"))
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def _eager_reason(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str:

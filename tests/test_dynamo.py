@@ -125,3 +125,14 @@ def test_einfuse_compile_with_fallback_compiles_around_an_unsupported_operator()
     with torch.no_grad():
         assert rel_err(got.numpy(), model(x2).numpy()) <= 1e-5
     assert fell_back == ["einfuse: aten.i0.default ran in eager; 2 subgraph(s) compiled by einfuse"] and again == []
+
+
+def test_a_literal_tensor_and_an_empty_constant_in_the_graph() -> None:
+    """``torch.tensor([])`` in a graph (how an empty KV cache starts) is a buffer the export can
+    trace, and an empty constant is dropped where a ``cat`` reads it."""
+    class Grows(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([torch.tensor([]), x.flatten()]) * 2
+    x = torch.randn(3, 4)
+    got, fell_back = _recorded(torch.compile(Grows(), backend="einfuse"), x)
+    assert rel_err(got.numpy(), (x.flatten() * 2).numpy()) == 0 and fell_back == []

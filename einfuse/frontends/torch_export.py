@@ -23,7 +23,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from ..errors import CaptureError, InputError, UnsupportedOperatorError
-from ..ir import Cascade, verify
+from ..ir import Cascade, Const, verify
 from ..ir.dtypes import DTYPES
 from .aten import RULES, Ctx, RuleError
 from .builder import Builder, Ref, identifier
@@ -289,6 +289,8 @@ class _Translator:
         data = self.ep.state_dict.get(spec.target)
         if data is None:
             data = self.ep.constants[spec.target]
+        if data.numel() == 0:   # (an empty constant, such as a KV cache's start: its readers drop it, as cat does)
+            return Ref(Const(0.0), shape, dtype)
         keys = [s.target for s in self.ep.graph_signature.input_specs if s.target]
         name = self.b.name(param_name(spec.target, keys))
         self.b.params[name] = data.detach().to(torch.float64 if data.is_floating_point() else torch.int64).numpy()
