@@ -42,13 +42,36 @@ def compile_executable(cascade: Cascade, backend: Any, tuning: Any = None) -> tu
         return out
     try:
         graph = build_graph(cascade, kernels, lower)
-        executable = tvm.compile(graph.module, target=backend.target.tvm_target())
     except CompileError:
         raise
     except Exception as exc:
-        raise CompileError(f"TVM could not compile the model: {type(exc).__name__}: "
-                           f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None)) from exc
+        raise _model_error(exc, cascade) from exc
+    try:
+        executable = tvm.compile(graph.module, target=backend.target.tvm_target())
+    except Exception as exc:
+        culprit = _failing_kernel(graph.module, kernels, backend)
+        raise (kernel_error(exc, cascade, culprit, backend.target) if culprit else _model_error(exc, cascade)) from exc
     return executable, kernels, "\n\n".join(scheduled), tuned
+
+
+def _model_error(exc: Exception, cascade: Cascade) -> CompileError:
+    return CompileError(f"TVM could not compile the model: {type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[-1]}", reproducer(cascade, None))
+
+
+def _failing_kernel(module: Any, kernels: list, backend: Any) -> Any:
+    """The first of ``kernels`` whose function in ``module`` does not compile by itself, or None
+    (the model failed elsewhere: its graph)."""
+    functions = {gv.name_hint: f for gv, f in module.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    for kernel in kernels:
+        func = functions.get(kernel.name)
+        if func is None:
+            continue
+        try:
+            backend.compiled_alone(func, kernel.name)
+        except Exception:   # (TVM's own error types: this is the kernel)
+            return kernel
+    return None
 
 
 def kernel_error(exc: Exception, cascade: Cascade, kernel: Any, target: Any = None) -> CompileError:

@@ -29,7 +29,8 @@ class _Supported(OperatorSupportBase):
     """The ATen operators capture has a rule for."""
 
     def is_node_supported(self, submodules: dict, node: torch.fx.Node) -> bool:
-        return node.op == "call_function" and str(node.target) in RULES
+        return node.op == "get_attr" or node.op == "call_function" and str(node.target) in RULES   # (a constant
+        # joins its readers' subgraph, rather than coming in as an input)
 
 
 class _Compiled(torch.nn.Module):

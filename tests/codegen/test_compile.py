@@ -135,3 +135,19 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path, rng: np.random.Generat
     x = torch.from_numpy(rng.standard_normal((64, 256)).astype(np.float32))
     with torch.no_grad():
         assert rel(rebuilt(x), model(x)) <= 1e-4
+
+
+def test_a_kernel_that_fails_only_in_the_whole_module_is_named(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When TVM fails on the whole model, each kernel is compiled alone to name the one at fault."""
+    import tvm
+    cascade = parse("cascade two\nrank M=4, N=8\ntensor X[M,N] input f32\ntensor Y[M,N] output f32\n"
+                    "tensor Z[M,N] output f32\nY[m,n] = exp(X[m,n])\nZ[m,n] = X[m,n] + 1\n")
+    real = tvm.compile
+
+    def failing(module: object, target: object = None) -> object:
+        if any(gv.name_hint.endswith("_Z") for gv in module.functions):   # type: ignore[attr-defined]
+            raise ValueError("Check failed: made up")
+        return real(module, target=target)
+    monkeypatch.setattr(tvm, "compile", failing)
+    with pytest.raises(CompileError, match=r"^kernel k1_Z \(single\) for cpu: ValueError: Check failed: made up"):
+        einfuse.compile(cascade, cache_dir=cache)
