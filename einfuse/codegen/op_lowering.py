@@ -46,8 +46,11 @@ class OpContext:
         return self.work.startswith("float")
 
     def flag(self, cond: Any) -> Any:
-        """A boolean as 1 or 0 of the work dtype."""
-        return cast(cond, self.work)
+        """A boolean as 1 or 0 of the work dtype (an integer one by a select: TVM cannot vectorize
+        a bool-to-integer cast, "IntImm can only take scalar, but boolx16 was supplied")."""
+        if self.is_float or self.work == "bool":
+            return cast(cond, self.work)
+        return tirx.Select(cond, const(1, self.work), const(0, self.work))
 
 
 Lowering = Callable[..., Any]

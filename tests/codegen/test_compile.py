@@ -151,3 +151,16 @@ def test_a_kernel_that_fails_only_in_the_whole_module_is_named(cache: Path, monk
     monkeypatch.setattr(tvm, "compile", failing)
     with pytest.raises(CompileError, match=r"^kernel k1_Z \(single\) for cpu: ValueError: Check failed: made up"):
         einfuse.compile(cascade, cache_dir=cache)
+
+
+def test_an_integer_count_of_comparisons_vectorizes(cache: Path, rng: np.random.Generator) -> None:
+    """Top-k's indices (Mixtral's router): an integer sum over ``(rank == j)``; a bool-to-integer
+    cast on a vector is a select (TVM refused the cast: "IntImm can only take scalar")."""
+    from einfuse.ir import interpret
+    cascade = parse("cascade topk\nrank R=12, E=4, E_2=4, J=2\ntensor S[R,E] input f32\ntensor K[R,E] i64\n"
+                    "tensor T[R,J] i64\ntensor O[R,J] output i64\n"
+                    "K[r,e] = or(S[r,e_2] > S[r,e], and(S[r,e_2] == S[r,e], idx(e_2) < idx(e)))\n"
+                    "T[r,j] = idx(e) * (K[r,e] == idx(j))\nO[r,j] = T[r,j]\n")
+    s = rng.standard_normal((12, 4)).astype(np.float32)
+    got = einfuse.compile(cascade, cache_dir=cache)(torch.from_numpy(s)).numpy()
+    assert (got == interpret(cascade, {"S": s})["O"]).all()
