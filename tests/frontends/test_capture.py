@@ -83,6 +83,16 @@ def test_views_are_index_renaming(rng: np.random.Generator) -> None:
     assert rel_err(run(c, (x,)), Views()(x).double().numpy()) == 0.0
 
 
+def test_repeat_reads_modulo_the_size(rng: np.random.Generator) -> None:
+    class Repeat(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.repeat(2, 3, 1) + x.repeat(3, 1)[None]
+    x = torch.from_numpy(rng.standard_normal((4, 5)).astype(np.float32))
+    c = capture(Repeat(), (x,))
+    assert [e.lhs.tensor for e, _ in c.einsums()] == ["add"]   # (repeats are views)
+    assert rel_err(run(c, (x,)), Repeat()(x).double().numpy()) == 0.0
+
+
 class SdpaAttention(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)

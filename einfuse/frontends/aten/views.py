@@ -89,6 +89,17 @@ def expand(ctx: Ctx) -> Ref:
                                  for d, s in enumerate(x.shape)])
 
 
+@rule("aten.repeat.default")
+def repeat(ctx: Ctx) -> Ref:
+    """``x.repeat(r0, r1, ...)``: output element ``i`` of a repeated dimension of size ``n`` reads
+    ``x`` at ``i % n`` (leading repeats add dimensions)."""
+    x = ctx.arg(0)
+    offset = len(ctx.shape) - len(x.shape)
+    return x.reindex(ctx.shape, [placeholder(offset + d) if s == ctx.shape[offset + d]
+                                 else ibin("%", placeholder(offset + d), ctx.b.size_index(s))
+                                 for d, s in enumerate(x.shape)])
+
+
 @rule("aten.unsqueeze.default")
 def unsqueeze(ctx: Ctx) -> Ref:
     x = ctx.arg(0)
