@@ -93,6 +93,20 @@ def test_repeat_reads_modulo_the_size(rng: np.random.Generator) -> None:
     assert rel_err(run(c, (x,)), Repeat()(x).double().numpy()) == 0.0
 
 
+def test_pad_and_copy(rng: np.random.Generator) -> None:
+    """``F.pad`` (a view when the value is 0; a negative pad crops) and ``copy_`` (Mamba's)."""
+    class Pad(torch.nn.Module):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            z = x.clone()
+            z.copy_(y)
+            pad = torch.nn.functional.pad
+            return pad(x, (2, 1)) * 2, pad(x, (1, 0, 0, 2), value=-3.0), pad(x, (-1, 2)), z + 1
+    x, y = (torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((4, 5), (5,)))
+    got = interpret(capture(Pad(), (x, y)), {"x": x.numpy(), "y": y.numpy()})
+    for name, want in zip(("out0", "out1", "out2", "out3"), Pad()(x, y)):
+        assert rel_err(got[name], want.double().numpy()) <= 1e-7
+
+
 class SdpaAttention(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)

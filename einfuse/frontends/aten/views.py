@@ -6,7 +6,7 @@ from typing import Sequence
 
 import sympy
 
-from ...ir import Access, Cond, Index, IConst, IVar
+from ...ir import Access, Call, Cond, Const, Coord, Index, IConst, IVar
 from ...ir.nodes import IndexExpr
 from ..builder import Builder, Ref, ibin, placeholder
 from .base import Ctx, RuleError, norm_dim, rule
@@ -98,6 +98,41 @@ def repeat(ctx: Ctx) -> Ref:
     return x.reindex(ctx.shape, [placeholder(offset + d) if s == ctx.shape[offset + d]
                                  else ibin("%", placeholder(offset + d), ctx.b.size_index(s))
                                  for d, s in enumerate(x.shape)])
+
+
+@rule("aten.constant_pad_nd.default")
+def constant_pad_nd(ctx: Ctx) -> Ref:
+    """``F.pad(x, pad, value=v)``: the output reads ``x`` shifted by each leading pad (a negative
+    one crops); outside ``x`` it is ``v``: a view where ``v`` is 0 (reads out of range are 0), else
+    a ``where`` on the index."""
+    x, pad, value = ctx.arg(0), list(ctx.arg(1)), float(ctx.arg(2, "value", 0.0))
+    n = len(x.shape)
+    low = [0] * n
+    for j in range(len(pad) // 2):
+        low[n - 1 - j] = int(pad[2 * j])
+    shifted = x.reindex(ctx.shape, [ibin("-", placeholder(d), IConst(low[d])) if low[d] else placeholder(d)
+                                    for d in range(n)])
+    if value == 0:
+        return shifted
+
+    def inside(o: list[IndexExpr], _: list[IndexExpr]) -> Call:
+        conds = [Call(op, (Coord(o[d]), Const(float(bound)))) for d in range(n) if low[d] > 0 or ctx.shape[d] != x.shape[d]
+                 for op, bound in (("ge", low[d]), ("lt", low[d] + x.shape[d]))]
+        cond = conds[0] if conds else Const(1.0)
+        for c in conds[1:]:
+            cond = Call("and", (cond, c))
+        return Call("where", (cond, shifted.at(o), Const(value)))
+    return ctx.emit(inside)
+
+
+@rule("aten.copy.default")
+def copy(ctx: Ctx) -> Ref:
+    """``dst.copy_(src)`` made functional: ``src`` broadcast to ``dst``'s shape, in its dtype."""
+    src = ctx.arg(1)
+    offset = len(ctx.shape) - len(src.shape)
+    view = src.reindex(ctx.shape, [IConst(0) if s == 1 and ctx.shape[offset + d] != 1 else placeholder(offset + d)
+                                   for d, s in enumerate(src.shape)])
+    return view if view.dtype == ctx.dtype else ctx.map(ctx.dtype, view)
 
 
 @rule("aten.unsqueeze.default")
