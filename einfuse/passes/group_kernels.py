@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from ..errors import CompileError
 from ..ir import Cascade, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
+from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
 from ..ir.scope import (
     access_vars,
@@ -113,8 +114,23 @@ def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
-    kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
+    kernels = _absorb(_int8_dots(c, kernels), {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
+
+
+def _int8_dots(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
+    """``kernels`` with each int8 contraction (``quantize{compute=int8}``, :mod:`einfuse.ir.int8_dot`)
+    one ``int8-dot`` kernel with its activations' quantization (their max, their int8 values)."""
+    for k in list(kernels):
+        found = parts(c, k.writes[0]) if len(k.writes) == 1 else None
+        if found is None:
+            continue
+        stages = (found.amax, found.xq)
+        producers = [j for j in kernels if j.output in stages]
+        inputs = tuple(dict.fromkeys(t for j in (*producers, k) for t in j.inputs if t not in stages))
+        kernels = [j for j in kernels if j not in producers]
+        kernels[kernels.index(k)] = replace(k, internal=stages, inputs=inputs, stages=stages, kind="int8-dot")
+    return kernels
 
 
 def _loop_kernel(c: Cascade, loop: Loop, decls: dict) -> Kernel:

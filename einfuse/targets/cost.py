@@ -376,7 +376,7 @@ def _loop_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p
 #: The estimate of each kernel kind (a key of ``ir.kernels.KINDS``).
 ESTIMATES: dict[str, Callable[[Cascade, Any, Machine, dict[str, int], _Parts], Estimate]] = {
     "": _tiled_estimate, "epilogue": _tiled_estimate, "dequant": _tiled_estimate, "rows": _streamed_estimate,
-    "attention": _streamed_estimate, "loop": _loop_estimate,
+    "attention": _streamed_estimate, "loop": _loop_estimate, "int8-dot": _tiled_estimate,
 }
 
 

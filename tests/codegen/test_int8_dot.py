@@ -1,0 +1,58 @@
+"""The ``int8-dot`` kernel (``quantize{compute=int8}``): compiled, on each ISA's code path (AVX-512
+VNNI; AVX2's ``vpmaddubsw``), against the interpreter running the same IR and against float32 torch
+within the format's error; a NaN in a row makes that row's outputs NaN, as in torch."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import einfuse
+from einfuse.ir import interpret
+from einfuse.targets import host_cpu, int8_isa
+
+from ..conftest import rel_err
+
+INTRINSIC = {"avx512": "vpdpbusd.512", "avxvnni": "vpdpbusd.256", "avx2": "pmadd.ub.sw"}
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def isa(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """The ISA forced (``EINFUSE_CPU_ISA``): the integer dot product it gives here, or None."""
+    monkeypatch.setenv("EINFUSE_CPU_ISA", request.param)
+    host_cpu.cache_clear()
+    yield int8_isa(host_cpu())
+    host_cpu.cache_clear()
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+
+
+@pytest.mark.parametrize("fmt, rows", [("q4_0", 1), ("q4_0", 3), ("int4-g32", 16), ("int4-g64", 3)])
+def test_compiled_matches_the_interpreter_and_float32(fmt: str, rows: int, isa: str | None, tmp_path: Path,
+                                                      rng: np.random.Generator) -> None:
+    model = mlp()
+    x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
+    x[0, 32:64] = 0   # (a block of zeros)
+    compiled = einfuse.compile(model, (x,), quantize=f"format={fmt},compute=int8", cache_dir=tmp_path, tuning_db=False)
+    kinds = [k.kind for k in compiled.kernels]
+    assert kinds.count("int8-dot") == (2 if isa else 0)
+    if isa:
+        assert INTRINSIC[isa] in compiled.source("tir")
+    got = compiled(x).numpy()
+    assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= 2e-6
+    with torch.no_grad():
+        assert rel_err(got, model(x).numpy()) <= 0.2
+
+
+def test_a_nan_makes_its_row_nan(isa: str | None, tmp_path: Path, rng: np.random.Generator) -> None:
+    model = mlp()
+    x = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32))
+    compiled = einfuse.compile(model, (x,), quantize="format=q4_0,compute=int8", cache_dir=tmp_path, tuning_db=False)
+    x[1, 100] = float("nan")
+    got = compiled(x).numpy()
+    assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
