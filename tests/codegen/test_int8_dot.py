@@ -56,3 +56,26 @@ def test_a_nan_makes_its_row_nan(isa: str | None, tmp_path: Path, rng: np.random
     x[1, 100] = float("nan")
     got = compiled(x).numpy()
     assert np.isnan(got[1]).all() and np.isfinite(got[[0, 2]]).all()
+
+
+def test_the_kernel_builds_for_avx_vnni(rng: np.random.Generator) -> None:
+    """On an AVX2 host with AVX-VNNI (Alder Lake): the 8-lane ``{vex} vpdpbusd ymm``, no zmm
+    (built, not run: this host may lack it)."""
+    from dataclasses import replace
+
+    from einfuse.codegen.backends import backend_for
+    from einfuse.codegen.backends.cpu import CPUBackend
+    from einfuse.codegen.int8_dot import int8_function
+    from einfuse.ir import parse
+    from einfuse.ir.kernels import kernels_of
+    from einfuse.passes import PassManager, Quantize, pipeline
+    from einfuse.passes.manager import PassContext
+    from einfuse.targets import Target
+    alder = Target("cpu", {"kind": "llvm", "mcpu": "alderlake", "num-cores": 2}, 2, 32, 16)
+    assert int8_isa(alder) == "avxvnni" and backend_for("cpu").kind == "cpu"
+    c = replace(parse("cascade l\nrank M=3, K=256, N=64\ntensor X[M,K] input f32\ntensor W[N,K] param f32\n"
+                      "tensor Y[M,N] output f32\nY[m,n] = X[m,k] * W[n,k]\n"), params={"W": rng.standard_normal((64, 256))})
+    c = PassManager([Quantize("q4_0", compute="int8"), *pipeline(CPUBackend.pipeline)]).run(c, PassContext(alder))
+    (k,) = [k for k in kernels_of(c) if k.kind == "int8-dot"]
+    asm = CPUBackend(alder).compiled_alone(int8_function(c, k, alder), k.name).mod.inspect_source("asm")
+    assert "vpdpbusd" in asm and "%ymm" in asm and "zmm" not in asm
