@@ -86,60 +86,27 @@ def integers(stored: Stored, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
 def int8_read(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: Stored,
               target: Target) -> tuple[Cascade, Einsum]:
     """``c`` with contraction ``e`` (its weight ``w`` stored as ``stored``) computed on int8
-    activations and the weight's integers (:mod:`einfuse.ir.int8_dot`)."""
+    activations and the weight's integers (:mod:`einfuse.ir.int8_dot`), and the contraction as it is now."""
     x = _operand(c, e, w, out_var)
-    assert x is not None
+    assert x is not None, "int8_read of a contraction refusal() refuses"
     block, L = FORMATS[fmt][0], lanes(target)
     q, scale, zero = integers(stored, fmt)
     packed, per_block = pack(q, [scale] if zero is None else [scale, zero], block, L)
-    taken_t, before = {t.name for t in c.tensors}, declarations(c)
+    scale_name = "d" if zero is None else "s"
+    arrays = {"p": (packed, "u8"), scale_name: (per_block[0], stored.arrays[scale_name][1]),
+              **({} if zero is None else {"z": (per_block[1], "u8")})}
+    taken = {t.name for t in c.tensors}
     base = w.tensor
-    while any(f"{base}_{suffix}" in taken_t for suffix in "pdsz"):
+    while any(f"{base}_{suffix}" in taken for suffix in "pdsz"):
         base += "_"
-    ranks = list(c.ranks)
-    taken_r = {r.name for r in ranks}
-
-    def rank(suffix: str, size: int) -> str:
-        name = fresh_name(f"{base}_{suffix}".upper(), taken_r)
-        taken_r.add(name)
-        ranks.append(Rank(name, size))
-        return name
-    n, k = q.shape
-    kb, ki = rank("kb", k // block), rank("ki", block)
-    wt, wj, wb, wl = rank("t", n // L), rank("j", block // 8), rank("byte", 4 * L), rank("lane", L)
-    b, i = kb.lower(), ki.lower()
-    rows = [_var(ix) for ix in x.indices[:-1]]
-    row_ranks = [var_ranks(c)[v] for v in rows]
-    red = _var(x.indices[-1])
-    amax, xq = fresh_name(f"{x.tensor}_amax", taken_t), fresh_name(f"{x.tensor}_q", taken_t | {base})
-    arrays = {"p": (packed, "u8"), "d" if zero is None else "s": (per_block[0], stored.arrays["d" if zero is None else "s"][1])}
-    if zero is not None:
-        arrays["z"] = (per_block[1], "u8")
-    used = {*row_ranks, var_ranks(c)[red], var_ranks(c)[out_var], kb, ki, wt, wj, wb, wl}
-    r, h = ",".join(rows), block // 2
-    nib = f"bitand(shr({base}_p[{out_var}//{L},{b},{i}%{h}//4,4*({out_var}%{L})+{i}%4], 4*idx({i}//{h})), 15)"
-    per = f"[{out_var}//{L},{b},{out_var}%{L}]"
-    sub = "8" if zero is None else f"f32({base}_z{per})"
-    scale_read = f"f32({base}_{'d' if zero is None else 's'}{per})"
-    guard = f"where({amax}[{r},{red}//{block}] > 0, 127 / {amax}[{r},{red}//{block}], 0)"
-    lines = [f"cascade {base}_int8",
-             "rank " + ", ".join(f"{rk.name}={rk.size}" for rk in ranks if rk.name in used),
-             f"tensor {x.tensor}[{','.join(row_ranks + [var_ranks(c)[red]])}] input f32",
-             f"tensor {base}_p[{wt},{kb},{wj},{wb}] param u8",
-             *[f"tensor {base}_{s}[{wt},{kb},{wl}] param {dt}" for s, (_, dt) in arrays.items() if s != "p"],
-             f"tensor {amax}[{','.join(row_ranks + [kb])}] output f32",
-             f"tensor {xq}[{','.join(row_ranks + [var_ranks(c)[red]])}] output i8",
-             f"tensor {e.lhs.tensor}[{','.join(row_ranks + [var_ranks(c)[out_var]])}] output f32",
-             f"{amax}[{r},{b}] = abs({x.tensor}[{r},{b}*{block}+{i}]) :: reduce[{i}] max",
-             f"{xq}[{r},{red}] = i8(round(f32({x.tensor}[{r},{red}] * f32({guard}))))",
-             f"{e.lhs.tensor}[{r},{out_var}] = {xq}[{r},{b}*{block}+{i}] * ({nib} - {sub}) * {scale_read}"
-             f" * f32({amax}[{r},{b}] / 127)", ""]
-    piece = parse("\n".join(lines))
-    new = {t.name: t for t in piece.tensors}
-    output = () if e.lhs.tensor in {t.name for t in c.tensors} else (before[e.lhs.tensor],)   # (inferred: i8 now)
+    ranks, new = _ranks(c, base, q.shape, block, L)
+    amax, xq = fresh_name(f"{x.tensor}_amax", taken), fresh_name(f"{x.tensor}_q", taken)
+    piece = parse(_text(c, e, x, out_var, base, arrays, (amax, xq), ranks, new, block, L))
+    decls = {t.name: t for t in piece.tensors}
+    before = declarations(c)
+    output = () if e.lhs.tensor in taken else (before[e.lhs.tensor],)   # (an inferred temp: inferred i8 now)
     tensors = tuple(t for t in c.tensors if t.name != w.tensor) + output + tuple(
-        replace(new[t], role="temp") if t in (amax, xq) else new[t]
-        for t in [f"{base}_{s}" for s in arrays] + [amax, xq])
+        replace(decls[t], role="temp") if t in (amax, xq) else decls[t] for t in [f"{base}_{s}" for s in arrays] + [amax, xq])
     params = {name: a for name, a in c.params.items() if name != w.tensor}
     params.update({f"{base}_{s}": a for s, (a, _) in arrays.items()})
     stmts = tuple(replace(s, provenance=e.provenance) for s in piece.stmts[:2]) + (
@@ -147,3 +114,44 @@ def int8_read(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: 
     at = c.stmts.index(e)
     c = replace(c, ranks=tuple(ranks), tensors=tensors, params=params, stmts=c.stmts[:at] + stmts + c.stmts[at + 1:])
     return c, stmts[-1]
+
+
+def _ranks(c: Cascade, base: str, shape: tuple[int, int], block: int, L: int) -> tuple[list[Rank], dict[str, str]]:
+    """``c``'s ranks and the new ones (by role: ``kb`` blocks, ``ki`` within a block, ``t``, ``j``,
+    ``byte``, ``lane`` the packed weight's), named after ``base``."""
+    ranks, taken, new = list(c.ranks), {r.name for r in c.ranks}, {}
+    n, k = shape
+    for role, size in (("kb", k // block), ("ki", block), ("t", n // L), ("j", block // 8), ("byte", 4 * L), ("lane", L)):
+        new[role] = fresh_name(f"{base}_{role}".upper(), taken)
+        taken.add(new[role])
+        ranks.append(Rank(new[role], size))
+    return ranks, new
+
+
+def _text(c: Cascade, e: Einsum, x: Access, out_var: str, base: str, arrays: dict, temps: tuple[str, str],
+          ranks: list[Rank], new: dict[str, str], block: int, L: int) -> str:
+    """The cascade text of the three Einsums (:mod:`einfuse.ir.int8_dot`'s docstring)."""
+    amax, xq = temps
+    of = var_ranks(c)
+    rows, red = [_var(ix) for ix in x.indices[:-1]], _var(x.indices[-1])
+    row_ranks = [of[v] for v in rows]
+    used = {*row_ranks, of[red], of[out_var], *new.values()}
+    r, h, b, i = ",".join(rows), block // 2, new["kb"].lower(), new["ki"].lower()
+    nibble = f"bitand(shr({base}_p[{out_var}//{L},{b},{i}%{h}//4,4*({out_var}%{L})+{i}%4], 4*idx({i}//{h})), 15)"
+    per_block = f"[{out_var}//{L},{b},{out_var}%{L}]"
+    zero = f"f32({base}_z{per_block})" if "z" in arrays else "8"
+    scale = f"f32({base}_{'s' if 'z' in arrays else 'd'}{per_block})"
+    inverse = f"where({amax}[{r},{red}//{block}] > 0, 127 / {amax}[{r},{red}//{block}], 0)"
+    return "\n".join([
+        f"cascade {base}_int8",
+        "rank " + ", ".join(f"{rk.name}={rk.size}" for rk in ranks if rk.name in used),
+        f"tensor {x.tensor}[{','.join(row_ranks + [of[red]])}] input f32",
+        f"tensor {base}_p[{new['t']},{new['kb']},{new['j']},{new['byte']}] param u8",
+        *[f"tensor {base}_{s}[{new['t']},{new['kb']},{new['lane']}] param {dt}" for s, (_, dt) in arrays.items() if s != "p"],
+        f"tensor {amax}[{','.join(row_ranks + [new['kb']])}] output f32",
+        f"tensor {xq}[{','.join(row_ranks + [of[red]])}] output i8",
+        f"tensor {e.lhs.tensor}[{','.join(row_ranks + [of[out_var]])}] output f32",
+        f"{amax}[{r},{b}] = abs({x.tensor}[{r},{b}*{block}+{i}]) :: reduce[{i}] max",
+        f"{xq}[{r},{red}] = i8(round(f32({x.tensor}[{r},{red}] * f32({inverse}))))",
+        f"{e.lhs.tensor}[{r},{out_var}] = {xq}[{r},{b}*{block}+{i}] * ({nibble} - {zero}) * {scale}"
+        f" * f32({amax}[{r},{b}] / 127)", ""])
