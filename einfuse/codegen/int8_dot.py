@@ -35,12 +35,14 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
 from ..errors import CompileError
-from ..ir import Cascade
+from ..ir import Access, Call, Cascade, Const, Einsum
+from ..ir.nodes import Expr
 from ..ir.dtypes import DTYPES
 from ..ir.int8_dot import parts
 from ..ir.kernels import Kernel
-from ..ir.scope import declarations
+from ..ir.scope import declarations, reads
 from ..targets import Target, int8_isa
+from .op_lowering import lower_op
 
 MAX_ROWS = {"avx512": 8, "avxvnni": 4, "avx2": 4}   # rows a register tile (8 f32 + 8 int32 accumulators of 32 zmm)
 PARALLEL_QUANTIZE = 1 << 17   # activations quantized by one thread below this many
@@ -82,10 +84,11 @@ def tiling(rows: int, n: int, lanes: int, isa: str) -> tuple[int, int]:
 
 def int8_function(c: Cascade, k: Kernel, target: Target) -> tirx.PrimFunc:
     """Kernel ``k`` (of kind ``int8-dot``) as a PrimFunc for ``target``."""
-    found = parts(c, k.writes[0])
+    dot = next((e for e in k.einsums(c) if parts(c, e) is not None), None)
     isa = int8_isa(target)
-    if found is None or isa is None:
+    if dot is None or isa is None:
         raise CompileError(f"kernel {k.name}: not an int8 contraction for {target.name}")
+    found = parts(c, dot)
     decls = declarations(c)
     size = {r.name: r.size for r in c.ranks}
     shape = {t: [size[r.rank] for r in decls[t].ranks] for t in (*k.inputs, k.output)}
@@ -99,14 +102,57 @@ def int8_function(c: Cascade, k: Kernel, target: Target) -> tirx.PrimFunc:
         T.func_attr({"tirx.noalias": True})
         args = {t: T.arg(t, T.buffer(shape[t], DTYPES[decls[t].dtype].tvm)) for t in (*k.inputs, k.output)}
         x = T.decl_buffer((rows, s.k), "float32", data=args[found.x].data)
-        y = T.decl_buffer((rows, n), "float32", data=args[k.output].data)
         xq = T.decl_buffer((rows, s.k), "int8", scope="global")
         xd = T.decl_buffer((rows, s.blocks), "float32", scope="global")
         xs = T.decl_buffer((rows, s.blocks), "int32", scope="global")
         _quantize(s, x, xq, xd, xs)
         weights = [args[found.packed], args[found.scale], args[found.zero] if found.zero else None]
-        _dot(s, xq, xd, xs, *weights, y)
+        store = Epilogue(c, k, dot, args, s)
+        _dot(s, xq, xd, xs, *weights, store)
     return ib.get()
+
+
+class Epilogue:
+    """The store of the accumulators: the kernel's element-wise Einsums after the contraction
+    (grouping's ``_int8_epilogue``: a bias, an activation, a residual), on each vector of
+    ``L`` outputs, reading their other operands as ``[rows, n]`` or ``[n]``, in float32."""
+
+    def __init__(self, c: Cascade, k: Kernel, dot: Einsum, args: dict[str, Any], s: Spec) -> None:
+        decls = declarations(c)
+        self.spec, self.dot = s, dot.lhs.tensor
+        self.writers = {e.lhs.tensor: e for e in k.einsums(c) if e.lhs.tensor != self.dot}
+        self.flat = {t: T.decl_buffer((s.rows, s.n) if len(decls[t].ranks) > 1 else (s.n,), DTYPES[decls[t].dtype].tvm,
+                                      data=buf.data) for t, buf in args.items() if t in self._plain(c, k)}
+        self.output = k.output
+
+    def _plain(self, c: Cascade, k: Kernel) -> set[str]:
+        """The tensors the store reads or writes (the output and the epilogue's operands)."""
+        return {k.output} | {a.tensor for e in self.writers.values() for a in reads(e)} - set(self.writers) - {self.dot}
+
+    def __call__(self, acc: Any, r: int, v: int, row: Any, n0: Any) -> None:
+        """Store accumulator vector ``acc[r, v]`` as outputs ``(row, n0 .. n0 + L)``: a vectorized
+        loop of scalar expressions (the op lowerings are scalar; TVM vectorizes them)."""
+        out = self.flat[self.output]
+        with T.vectorized(0, self.spec.lanes) as lane:
+            value = acc[r, v, lane]
+            if self.output != self.dot:
+                value = self.value(self.writers[self.output].rhs, value, row, n0 + lane)
+            T.buffer_store(out, tirx.Cast(out.dtype, value), [row, n0 + lane])
+
+    def value(self, x: Expr, acc: Any, row: Any, n: Any) -> Any:
+        """``x`` at output ``(row, n)``, float32 (``acc``: the contraction's value there)."""
+        if isinstance(x, Const):
+            return _f32(float(x.value))
+        if isinstance(x, Access):
+            if x.tensor == self.dot:
+                return acc
+            if x.tensor in self.writers:
+                return self.value(self.writers[x.tensor].rhs, acc, row, n)
+            buf = self.flat[x.tensor]
+            return tirx.Cast("float32", buf[row, n] if len(buf.shape) == 2 else buf[n])
+        if isinstance(x, Call):
+            return lower_op(x.op, [self.value(a, acc, row, n) for a in x.args], "float32")
+        raise CompileError(f"int8-dot epilogue: cannot generate {type(x).__name__}")
 
 
 def _vec(buf: Any, index: list[Any], lanes: int) -> Any:
@@ -157,7 +203,7 @@ def _quantize(s: Spec, x: Any, xq: Any, xd: Any, xs: Any) -> None:
         T.buffer_store(xs, tirx.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", total), [m, b])
 
 
-def _dot(s: Spec, xq: Any, xd: Any, xs: Any, wp: Any, wd: Any, wz: Any, y: Any) -> None:
+def _dot(s: Spec, xq: Any, xd: Any, xs: Any, wp: Any, wd: Any, wz: Any, store: Epilogue) -> None:
     """``y[m, n] = sum_b (dot_b - z * xs[m, b]) * wd * xd[m, b]`` (layouts: :mod:`einfuse.ir.int8_dot`)."""
     L, half, tiles = s.lanes, s.block // 8, s.n // s.tile
     with T.parallel(0, tiles) as t, T.serial(0, (s.rows + s.mr - 1) // s.mr) as m0:
@@ -172,7 +218,7 @@ def _dot(s: Spec, xq: Any, xd: Any, xs: Any, wp: Any, wd: Any, wz: Any, y: Any) 
             _block_end(s, xd, xs, wd, wz, acc, dots, rows, t, b)
         for r in range(s.mr):
             for v in range(s.nv):
-                T.buffer_store(y, _vec(acc, [r, v, 0], L), [rows[r], tirx.Ramp(t * s.tile + v * L, 1, L)])
+                store(acc, r, v, rows[r], t * s.tile + v * L)
 
 
 def _fill(s: Spec, buf: Any, value: Any) -> None:

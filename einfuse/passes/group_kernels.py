@@ -267,9 +267,25 @@ def _dequantizing(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: 
             and all(roles[t] == "param" for t in a.inputs) and contraction(eb) and _read_plainly(a.output, b, writes))
 
 
+def _int8_epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
+    """An ``int8-dot`` kernel read by a single element-wise kernel over its output (a bias, an
+    activation, a residual add), each of whose other reads is indexed by the output's variables
+    or by its innermost alone (``R[m,n]``, ``B[n]``): it runs on the accumulators as they are stored."""
+    eb = _single(b)
+    if a.kind != "int8-dot" or b.kind or eb is None or not _read_plainly(a.output, b, writes):
+        return False
+    out = lhs_vars(a.writes[-1])
+    members = [eb] + [writes[t][0] for t in b.internal]
+    allowed = (out, out[-1:])
+    return all(not e.reduce and not e.populate and lhs_vars(e) == out and all(
+        a_.tensor in b.internal or a_.tensor == a.output or
+        (all(isinstance(ix.expr, IVar) and not ix.filter for ix in a_.indices) and access_vars(a_) in allowed)
+        for a_ in reads(e)) for e in members)
+
+
 #: The merge rules, in order: (the kind formed, whether kernel ``a`` absorbed into its reader
 #: ``b`` forms it); the first that fits wins. Each kind is a key of ``ir.kernels.KINDS``.
-MERGES: tuple[tuple[str, MergeRule], ...] = (("dequant", _dequantizing), ("epilogue", _epilogue), ("rows", _same_rows),
+MERGES: tuple[tuple[str, MergeRule], ...] = (("int8-dot", _int8_epilogue), ("dequant", _dequantizing), ("epilogue", _epilogue), ("rows", _same_rows),
                                              ("attention", _attention))
 
 

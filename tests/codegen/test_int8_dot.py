@@ -1,6 +1,7 @@
 """The ``int8-dot`` kernel (``quantize{compute=int8}``): compiled, on each ISA's code path (AVX-512
 VNNI; AVX2's ``vpmaddubsw``), against the interpreter running the same IR and against float32 torch
-within the format's error; a NaN in a row makes that row's outputs NaN, as in torch."""
+within the format's error, with its element-wise epilogues; a NaN in a row makes that row's outputs
+NaN, as in torch; the AVX-VNNI kernel builds."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,6 +44,31 @@ def test_compiled_matches_the_interpreter_and_float32(fmt: str, rows: int, isa: 
     assert kinds.count("int8-dot") == (2 if isa else 0)
     if isa:
         assert INTRINSIC[isa] in compiled.source("tir")
+    got = compiled(x).numpy()
+    assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= 2e-6
+    with torch.no_grad():
+        assert rel_err(got, model(x).numpy()) <= 0.2
+
+
+class Residual(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(256, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.gelu(self.a(x))
+        return torch.nn.functional.silu(self.b(h)) + h
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bias_activation_and_residual_run_on_the_accumulators(rows: int, isa: str | None, tmp_path: Path,
+                                                              rng: np.random.Generator) -> None:
+    torch.manual_seed(0)
+    model = Residual().eval()
+    x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
+    compiled = einfuse.compile(model, (x,), quantize="format=q4_0,compute=int8", cache_dir=tmp_path, tuning_db=False)
+    if isa:   # (two kernels: bias and GELU; bias, SiLU and the residual add)
+        assert [(k.kind, k.output) for k in compiled.kernels] == [("int8-dot", "gelu"), ("int8-dot", compiled.outputs[0])]
     got = compiled(x).numpy()
     assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= 2e-6
     with torch.no_grad():
