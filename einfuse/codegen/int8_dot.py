@@ -26,6 +26,7 @@ Accumulators are ``"global"`` buffers under 1 KB (stack slots LLVM keeps in regi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import prod
 from typing import Any
@@ -42,6 +43,7 @@ from ..ir.int8_dot import parts
 from ..ir.kernels import Kernel
 from ..ir.scope import declarations, reads
 from ..targets import Target, int8_isa
+from .lower import SizeVars
 from .op_lowering import lower_op
 
 MAX_ROWS = {"avx512": 8, "avxvnni": 4, "avx2": 4}   # rows a register tile (8 f32 + 8 int32 accumulators of 32 zmm)
@@ -52,7 +54,7 @@ PARALLEL_QUANTIZE = 1 << 17   # activations quantized by one thread below this m
 class Spec:
     """One int8 contraction and its tiling: ``rows x k`` activations, ``n x k`` weights."""
 
-    rows: int
+    rows: Any                  # an int, or a TIR expression of size variables (symbolic rows)
     n: int
     k: int
     block: int                 # the weight's block (= the activations') along k
@@ -82,7 +84,20 @@ def tiling(rows: int, n: int, lanes: int, isa: str) -> tuple[int, int]:
     return mr, nv
 
 
-def int8_function(c: Cascade, k: Kernel, target: Target) -> tirx.PrimFunc:
+def _branch(cond: Any, then: Callable[[], None], otherwise: Callable[[], None]) -> None:
+    """``then()`` where ``cond`` holds, else ``otherwise()``: chosen here for a Python bool (static
+    sizes), at run time for a TIR condition (symbolic rows)."""
+    if isinstance(cond, bool):
+        (then if cond else otherwise)()
+        return
+    with T.If(cond):
+        with T.Then():
+            then()
+        with T.Else():
+            otherwise()
+
+
+def int8_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tirx.PrimFunc:
     """Kernel ``k`` (of kind ``int8-dot``) as a PrimFunc for ``target``."""
     dot = next((e for e in k.einsums(c) if parts(c, e) is not None), None)
     isa = int8_isa(target)
@@ -91,12 +106,14 @@ def int8_function(c: Cascade, k: Kernel, target: Target) -> tirx.PrimFunc:
     found = parts(c, dot)
     decls = declarations(c)
     size = {r.name: r.size for r in c.ranks}
-    shape = {t: [size[r.rank] for r in decls[t].ranks] for t in (*k.inputs, k.output)}
+    shape = {t: [v if isinstance(v, int) else sizes.expr(v) for v in (size[r.rank] for r in decls[t].ranks)]
+             for t in (*k.inputs, k.output)}
     n, k_len = shape[k.output][-1], shape[found.x][-1]
     blocks, lanes = shape[found.packed][1], shape[found.packed][3] // 4
     rows = prod(shape[found.x][:-1])
-    mr, nv = tiling(rows, n, lanes, isa)
-    s = Spec(rows, n, k_len, k_len // blocks, None if found.zero else 8, isa, lanes, mr, nv)
+    spec = lambda r: Spec(rows, n, k_len, k_len // blocks, None if found.zero else 8, isa, lanes,   # noqa: E731
+                          *tiling(r, n, lanes, isa))
+    s = spec(rows if isinstance(rows, int) else MAX_ROWS[isa])
     with IRBuilder() as ib, T.prim_func():
         T.func_name(k.name)
         T.func_attr({"tirx.noalias": True})
@@ -108,7 +125,11 @@ def int8_function(c: Cascade, k: Kernel, target: Target) -> tirx.PrimFunc:
         _quantize(s, x, xq, xd, xs)
         weights = [args[found.packed], args[found.scale], args[found.zero] if found.zero else None]
         store = Epilogue(c, k, dot, args, s)
-        _dot(s, xq, xd, xs, *weights, store)
+        if isinstance(rows, int):
+            _dot(s, xq, xd, xs, *weights, store)
+        else:   # (symbolic rows: one row, a decoder's step, has its own tiling)
+            _branch(tirx.EQ(rows, tirx.const(1, "int64")), lambda: _dot(spec(1), xq, xd, xs, *weights, store),
+                    lambda: _dot(s, xq, xd, xs, *weights, store))
     return ib.get()
 
 
@@ -181,8 +202,12 @@ def _dot4(s: Spec, acc: Any, w: Any, x4: Any) -> Any:
 def _quantize(s: Spec, x: Any, xq: Any, xd: Any, xs: Any) -> None:
     """Per block ``b`` of row ``m``: ``xd = max|x| / 127``, ``xq = round(x * (127 / max|x|))``
     (int8, ties to even; 0 for a block of zeros) and ``xs = sum(xq)``."""
+    _branch(s.rows * s.k >= PARALLEL_QUANTIZE, lambda: _quantize_blocks(s, T.parallel, x, xq, xd, xs),
+            lambda: _quantize_blocks(s, T.serial, x, xq, xd, xs))
+
+
+def _quantize_blocks(s: Spec, loop: Any, x: Any, xq: Any, xd: Any, xs: Any) -> None:
     lanes, chunks = 16, s.block // 16
-    loop = T.parallel if s.rows * s.k >= PARALLEL_QUANTIZE else T.serial
     with loop(0, s.rows * s.blocks) as p:
         m, b = p // s.blocks, p % s.blocks
         pieces = [_vec(x, [m, b * s.block + i * lanes], lanes) for i in range(chunks)]

@@ -45,8 +45,8 @@ def refusal(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: St
     if x is None:
         return "operand"
     size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
-    if not all(isinstance(size[ranks[v]], int) for v in lhs_vars(e)):
-        return "dynamic-size"
+    if not all(isinstance(size[ranks[v]], int) for v in (out_var, _var(x.indices[-1]))):
+        return "dynamic-size"   # (symbolic rows are fine; symbolic channels or reduction are not)
     if size[ranks[out_var]] % lanes(target):
         return "channels"
     block, k = FORMATS[fmt][0], size[ranks[_var(x.indices[-1])]]

@@ -75,6 +75,21 @@ def test_bias_activation_and_residual_run_on_the_accumulators(rows: int, isa: st
         assert rel_err(got, model(x).numpy()) <= 0.2
 
 
+def test_one_compile_with_symbolic_rows_serves_any_count(isa: str | None, tmp_path: Path,
+                                                          rng: np.random.Generator) -> None:
+    """One row (its own tiling), a few (a register tile and an overhang), 512 (the activations
+    quantized in parallel)."""
+    model = mlp()
+    rows = torch.export.Dim("rows", min=1, max=1024)
+    compiled = einfuse.compile(model, (torch.randn(4, 256),), quantize="format=q4_0,compute=int8",
+                               dynamic_shapes={"input": {0: rows}}, cache_dir=tmp_path, tuning_db=False)
+    assert [k.kind for k in compiled.kernels].count("int8-dot") == (2 if isa else 0)
+    for count in (1, 7, 512):
+        x = rng.standard_normal((count, 256)).astype(np.float32)
+        want = interpret(compiled.ir, {compiled.inputs[0]: x})[compiled.outputs[0]]
+        assert rel_err(compiled(torch.from_numpy(x)).numpy(), want) <= 2e-6
+
+
 def test_a_nan_makes_its_row_nan(isa: str | None, tmp_path: Path, rng: np.random.Generator) -> None:
     model = mlp()
     x = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32))
@@ -92,6 +107,7 @@ def test_the_kernel_builds_for_avx_vnni(rng: np.random.Generator) -> None:
     from einfuse.codegen.backends import backend_for
     from einfuse.codegen.backends.cpu import CPUBackend
     from einfuse.codegen.int8_dot import int8_function
+    from einfuse.codegen.lower import SizeVars
     from einfuse.ir import parse
     from einfuse.ir.kernels import kernels_of
     from einfuse.passes import PassManager, Quantize, pipeline
@@ -103,5 +119,5 @@ def test_the_kernel_builds_for_avx_vnni(rng: np.random.Generator) -> None:
                       "tensor Y[M,N] output f32\nY[m,n] = X[m,k] * W[n,k]\n"), params={"W": rng.standard_normal((64, 256))})
     c = PassManager([Quantize("q4_0", compute="int8"), *pipeline(CPUBackend.pipeline)]).run(c, PassContext(alder))
     (k,) = [k for k in kernels_of(c) if k.kind == "int8-dot"]
-    asm = CPUBackend(alder).compiled_alone(int8_function(c, k, alder), k.name).mod.inspect_source("asm")
+    asm = CPUBackend(alder).compiled_alone(int8_function(c, k, SizeVars(), alder), k.name).mod.inspect_source("asm")
     assert "vpdpbusd" in asm and "%ymm" in asm and "zmm" not in asm

@@ -24,7 +24,7 @@ class CPUBackend(TEBackend):
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
         if k.kind == "int8-dot":
-            return int8_function(c, k, self.target)
+            return int8_function(c, k, sizes, self.target)
         return LoopBuilder(c, k, sizes, self.target).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:
