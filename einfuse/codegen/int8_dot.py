@@ -39,7 +39,7 @@ from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Const, Einsum
 from ..ir.nodes import Expr
 from ..ir.dtypes import DTYPES
-from ..ir.int8_dot import parts
+from ..ir.int8_dot import Int8Dot, parts
 from ..ir.kernels import Kernel
 from ..ir.scope import declarations, reads
 from ..targets import Target, int8_isa
@@ -124,7 +124,7 @@ def int8_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tir
         xs = T.decl_buffer((rows, s.blocks), "int32", scope="global")
         _quantize(s, x, xq, xd, xs)
         weights = [args[found.packed], args[found.scale], args[found.zero] if found.zero else None]
-        store = Epilogue(c, k, dot, args, s)
+        store = Epilogue(c, k, dot, found, args, s)
         if isinstance(rows, int):
             _dot(s, xq, xd, xs, *weights, store)
         else:   # (symbolic rows: one row, a decoder's step, has its own tiling)
@@ -138,10 +138,11 @@ class Epilogue:
     (grouping's ``_int8_epilogue``: a bias, an activation, a residual), on each vector of
     ``L`` outputs, reading their other operands as ``[rows, n]`` or ``[n]``, in float32."""
 
-    def __init__(self, c: Cascade, k: Kernel, dot: Einsum, args: dict[str, Any], s: Spec) -> None:
+    def __init__(self, c: Cascade, k: Kernel, dot: Einsum, found: Int8Dot, args: dict[str, Any], s: Spec) -> None:
         decls = declarations(c)
         self.spec, self.dot = s, dot.lhs.tensor
-        self.writers = {e.lhs.tensor: e for e in k.einsums(c) if e.lhs.tensor != self.dot}
+        inside = {self.dot, found.amax, found.xq}
+        self.writers = {e.lhs.tensor: e for e in k.einsums(c) if e.lhs.tensor not in inside}   # (the epilogue's)
         self.flat = {t: T.decl_buffer((s.rows, s.n) if len(decls[t].ranks) > 1 else (s.n,), DTYPES[decls[t].dtype].tvm,
                                       data=buf.data) for t, buf in args.items() if t in self._plain(c, k)}
         self.output = k.output
