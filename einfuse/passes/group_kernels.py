@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import CompileError
-from ..ir import Cascade, Einsum, IAccess, IVar, Loop
+from ..ir import Access, Call, Cascade, Const, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
 from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
@@ -277,10 +277,17 @@ def _int8_epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles:
     out = lhs_vars(a.writes[-1])
     members = [eb] + [writes[t][0] for t in b.internal]
     allowed = (out, out[-1:])
-    return all(not e.reduce and not e.populate and lhs_vars(e) == out and all(
+    return all(not e.reduce and not e.populate and lhs_vars(e) == out and _values_only(e.rhs) and all(
         a_.tensor in b.internal or a_.tensor == a.output or
         (all(isinstance(ix.expr, IVar) and not ix.filter for ix in a_.indices) and access_vars(a_) in allowed)
         for a_ in reads(e)) for e in members)
+
+
+def _values_only(x: object) -> bool:
+    """Whether ``x`` is built of reads, constants and op calls alone (no coordinates, no conditions)."""
+    if isinstance(x, Call):
+        return all(_values_only(a) for a in x.args)
+    return isinstance(x, (Access, Const))
 
 
 #: The merge rules, in order: (the kind formed, whether kernel ``a`` absorbed into its reader
