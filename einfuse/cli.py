@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
     comp.add_argument("--tuning-db", metavar="DIR", help="tuning records to use (default: the cache's tuning/)")
     comp.add_argument("--no-tuning", action="store_true", help="use the rule-based schedules only")
-    comp.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
+    comp.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1, or the pass's options (format=q4_0,compute=int8: int8 activations, integer dot products; docs/quantization.md)")
     tune = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule; compile then uses the records")
     tune.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     tune.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kern.add_argument("--target", required=True, help="cpu, cuda:sm_80|a100|sm_90|h100|h200|sm_XX, accel:fusemax")
     kern.add_argument("-o", "--output", required=True, help="directory for the sources and manifest.json")
     kern.add_argument("-p", "--pipeline", default="default", help="passes to run first (default: default)")
-    kern.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1 (docs/quantization.md)")
+    kern.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1, or the pass's options (format=q4_0,compute=int8: int8 activations, integer dot products; docs/quantization.md)")
     kern.add_argument("--harness", action="store_true",
                       help="cuda:*: add main.cu and a Makefile that run the kernels with nvcc alone (make && ./run)")
     kern.add_argument("--data", action="store_true",
