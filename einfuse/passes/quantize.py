@@ -21,6 +21,10 @@ contiguous) that never reaches memory: grouping makes it a stage of the contract
 (a ``dequant`` kernel, ``passes/group_kernels.py``) and the CPU schedules dequantize a few rows
 of it at a time for a GEMV, a panel at a time for a GEMM (``codegen/schedules/cpu.py``).
 ``canonicalize`` never folds it back into a float weight (integer weights are never unpacked).
+
+``compute=int8`` (4-bit formats on an x86 CPU) instead quantizes the activations too and
+contracts integers (``passes/quantize_int8.py``); a weight it cannot take this way is read as
+above and counted as ``int8:<reason>``.
 """
 from __future__ import annotations
 
