@@ -1,7 +1,13 @@
 """The ``int8-dot`` kernel (``quantize{compute=int8}``): compiled, on each ISA's code path (AVX-512
 VNNI; AVX2's ``vpmaddubsw``), against the interpreter running the same IR and against float32 torch
 within the format's error, with its element-wise epilogues; a NaN in a row makes that row's outputs
-NaN, as in torch; the AVX-VNNI kernel builds."""
+NaN, as in torch; the AVX-VNNI kernel builds.
+
+A layer reading the model's input quantizes exactly what the interpreter does (:data:`EXACT`). A
+layer reading a computed activation may not: the kernel computes it in float32 (its sums in another
+order, GELU's erf approximated), and a value that close to a rounding boundary of the int8
+quantization rounds the other way, moving some outputs by one step of that block's scale
+(about 1e-3 of the largest: :data:`FLIPPED`), rarely, more often the more rows."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,6 +22,8 @@ from einfuse.targets import host_cpu, int8_isa
 
 from ..conftest import rel_err
 
+EXACT = 2e-6     # (float32's rounding of the per-block scaling and sum)
+FLIPPED = 1e-2   # (an int8 activation rounded the other way: a wrong layout or scale errs by O(1))
 INTRINSIC = {"avx512": "vpdpbusd.512", "avxvnni": "vpdpbusd.256", "avx2": "pmadd.ub.sw"}
 
 
@@ -33,19 +41,24 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(256, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
 
 
+def linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(256, 64).eval()
+
+
 @pytest.mark.parametrize("fmt, rows", [("q4_0", 1), ("q4_0", 3), ("int4-g32", 16), ("int4-g64", 3)])
 def test_compiled_matches_the_interpreter_and_float32(fmt: str, rows: int, isa: str | None, tmp_path: Path,
                                                       rng: np.random.Generator) -> None:
-    model = mlp()
+    model = linear()
     x = torch.from_numpy(rng.standard_normal((rows, 256)).astype(np.float32))
     x[0, 32:64] = 0   # (a block of zeros)
     compiled = einfuse.compile(model, (x,), quantize=f"format={fmt},compute=int8", cache_dir=tmp_path, tuning_db=False)
     kinds = [k.kind for k in compiled.kernels]
-    assert kinds.count("int8-dot") == (2 if isa else 0)
+    assert kinds == ["int8-dot"] if isa else "int8-dot" not in kinds   # (the bias on the accumulators)
     if isa:
         assert INTRINSIC[isa] in compiled.source("tir")
     got = compiled(x).numpy()
-    assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= 2e-6
+    assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= EXACT
     with torch.no_grad():
         assert rel_err(got, model(x).numpy()) <= 0.2
 
@@ -70,7 +83,7 @@ def test_bias_activation_and_residual_run_on_the_accumulators(rows: int, isa: st
     if isa:   # (two kernels: bias and GELU; bias, SiLU and the residual add)
         assert [(k.kind, k.output) for k in compiled.kernels] == [("int8-dot", "gelu"), ("int8-dot", compiled.outputs[0])]
     got = compiled(x).numpy()
-    assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= 2e-6
+    assert rel_err(got, interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]) <= FLIPPED
     with torch.no_grad():
         assert rel_err(got, model(x).numpy()) <= 0.2
 
@@ -79,15 +92,16 @@ def test_one_compile_with_symbolic_rows_serves_any_count(isa: str | None, tmp_pa
                                                           rng: np.random.Generator) -> None:
     """One row (its own tiling), a few (a register tile and an overhang), 512 (the activations
     quantized in parallel)."""
-    model = mlp()
+    model = linear()
     rows = torch.export.Dim("rows", min=1, max=1024)
     compiled = einfuse.compile(model, (torch.randn(4, 256),), quantize="format=q4_0,compute=int8",
                                dynamic_shapes={"input": {0: rows}}, cache_dir=tmp_path, tuning_db=False)
-    assert [k.kind for k in compiled.kernels].count("int8-dot") == (2 if isa else 0)
+    kinds = [k.kind for k in compiled.kernels]
+    assert kinds == ["int8-dot"] if isa else "int8-dot" not in kinds
     for count in (1, 7, 512):
         x = rng.standard_normal((count, 256)).astype(np.float32)
         want = interpret(compiled.ir, {compiled.inputs[0]: x})[compiled.outputs[0]]
-        assert rel_err(compiled(torch.from_numpy(x)).numpy(), want) <= 2e-6
+        assert rel_err(compiled(torch.from_numpy(x)).numpy(), want) <= EXACT
 
 
 def test_a_nan_makes_its_row_nan(isa: str | None, tmp_path: Path, rng: np.random.Generator) -> None:
