@@ -1,9 +1,10 @@
 """Quantized GEMV and GEMM against their peers, side by side in one process (issue 19).
 
-    python -m benchmarks.quant [--rows 1,8,16,256] [--formats q4_0,int4-g128,q8_0] [--repeat 20]
+    python -m benchmarks.quant [--rows 1,8,16,256] [--formats q4_0,int4-g128,q8_0] [--compute f32,int8] [--repeat 20]
 
 A 4096 x 4096 weight times ``rows`` activations: torch eager and einfuse in float32, einfuse with
-the weight quantized (``quantize=F``), and ONNX Runtime's ``MatMulNBits`` (4 bits, the format's
+the weight quantized (``quantize=F``; and, for the 4-bit formats, on int8 activations,
+``quantize{format=F,compute=int8}``, the rows ``einfuse F int8``), and ONNX Runtime's ``MatMulNBits`` (4 bits, the format's
 block, symmetric for ``q4_0``, with zero points for ``int4-gG``; ``accuracy_level`` 0 and 4) on
 the same quantized values. Every runtime's result is compared with float32's (relative error:
 an approximate rewrite reports its error beside its speed); times are medians over alternating
@@ -24,6 +25,7 @@ import torch
 import einfuse
 from benchmarks.run import MatMul, measure
 from einfuse.ir.quant_formats import quantize_weight
+from einfuse.passes.quantize_int8 import FORMATS_INT8
 
 N = K = 4096
 
@@ -68,7 +70,7 @@ def _values(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.where(ks % 2 == 0, byte & 15, byte >> 4), stored["s"], stored["z"].astype(np.int64)
 
 
-def compare(rows: int, formats: list[str], repeat: int, rounds: int) -> None:
+def compare(rows: int, formats: list[str], repeat: int, rounds: int, computes: tuple[str, ...] = ("f32", "int8")) -> None:
     torch.manual_seed(0)
     model = MatMul(K).eval()
     x = torch.randn(rows, K)
@@ -77,12 +79,15 @@ def compare(rows: int, formats: list[str], repeat: int, rounds: int) -> None:
         want = model(x).numpy()
     runs: dict[str, Callable[[], Any]] = {"eager": lambda: model(x)}
     outputs: dict[str, Callable[[], np.ndarray]] = {"eager": lambda: model(x).detach().numpy()}
-    for fmt in [None, *formats]:
-        compiled = einfuse.compile(model, (x,), quantize=fmt, cache_dir=tempfile.mkdtemp())
-        name = f"einfuse {fmt or 'f32'}"
+    variants = [(None, "f32")] + [(fmt, compute) for fmt in formats for compute in computes
+                                  if compute == "f32" or fmt in FORMATS_INT8]
+    for fmt, compute in variants:
+        compiled = einfuse.compile(model, (x,), quantize=fmt and f"format={fmt},compute={compute}",
+                                   cache_dir=tempfile.mkdtemp())
+        name = f"einfuse {fmt or 'f32'}" + (" int8" if compute == "int8" else "")
         runs[name] = lambda c=compiled: c(x)
         outputs[name] = lambda c=compiled: c(x).numpy()
-        if fmt in ("q4_0", "int4-g32", "int4-g64", "int4-g128"):
+        if fmt in FORMATS_INT8 and compute == computes[-1]:
             for accuracy in (0, 4):
                 run = ort_matmul_nbits(w, fmt, rows, accuracy)
                 a = x.numpy()
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,8,16,256")
     parser.add_argument("--formats", default="q4_0,int4-g128,q8_0")
+    parser.add_argument("--compute", default="f32,int8", help="einfuse's quantized compute (quantize{compute=...}): "
+                        "int8 for the 4-bit formats only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
@@ -137,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(opts.threads)
     print(f"{N} x {K} weight, threads={opts.threads}; 'x f32': einfuse float32's time over this one's")
     for rows in (int(r) for r in opts.rows.split(",") if r):
-        compare(rows, opts.formats.split(","), opts.repeat, opts.rounds)
+        compare(rows, opts.formats.split(","), opts.repeat, opts.rounds, tuple(opts.compute.split(",")))
     if opts.memory:
         memory(opts.formats.split(","))
 

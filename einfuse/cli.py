@@ -27,7 +27,8 @@ from .ir.text import access_text
 
 
 QUANTIZE_HELP = ("store the weights quantized: int8, q8_0, q4_0, int4-g32|64|128, b1, or the quantize pass's "
-                 "options (format=q4_0,method=awq,head=true; docs/quantization.md)")
+                 "options (format=q4_0,method=awq,head=true; compute=int8: int8 activations, integer dot products; "
+                 "docs/quantization.md)")
 
 
 DYNAMIC_HELP = ("a dynamic dimension: axis AXIS of forward's argument ARG from MIN to MAX (input_ids:1=2:512); "

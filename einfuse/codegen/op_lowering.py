@@ -246,6 +246,12 @@ def _intrinsic(ctx: OpContext, x: Any) -> Any:
     return getattr(tirx, ctx.op)(x)
 
 
+@lowers("round")
+def _round(ctx: OpContext, x: Any) -> Any:
+    """To nearest, ties to even (``nearbyint``: the current rounding mode, which is that)."""
+    return tirx.nearbyint(x)
+
+
 @lowers("neg")
 def _neg(ctx: OpContext, x: Any) -> Any:
     return ctx.zero - x

@@ -52,6 +52,8 @@ register_kind("rows", "a row group (softmax, LayerNorm): stages over the same ro
 register_kind("attention", "a row group read by a contraction over its rows' variable (P V), per block of query rows")
 register_kind("dequant", "a contraction whose weight is quantized: dequantized where it is loaded (a GEMV) or "
               "a panel at a time (a GEMM), never written out in float")
+register_kind("int8-dot", "a 4-bit weight's contraction on int8 activations (quantize{compute=int8}): the "
+              "activations quantized per block, then integer dot products (codegen/int8_dot.py)", loop=True)
 register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
               loop=True)
 

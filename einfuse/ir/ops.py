@@ -122,6 +122,7 @@ _unary("recip", lambda x: 1.0 / x)
 _unary("floor", np.floor)
 _unary("trunc", np.trunc)
 _unary("ceil", np.ceil)
+_unary("round", np.rint)   # (to nearest, ties to even: the int8 activations of quantize{compute=int8})
 _unary("sign", lambda x: (x > 0).astype(np.float64) - (x < 0).astype(np.float64))   # (0 for nan, as torch.sign)
 _unary("not", lambda x: (x == 0).astype(np.float64), result_dtype="bool")
 

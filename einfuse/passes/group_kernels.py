@@ -43,8 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..errors import CompileError
-from ..ir import Cascade, Einsum, IAccess, IVar, Loop
+from ..ir import Access, Call, Cascade, Const, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
+from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
 from ..ir.scope import (
     access_vars,
@@ -113,8 +114,23 @@ def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
-    kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
+    kernels = _absorb(_int8_dots(c, kernels), {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
+
+
+def _int8_dots(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
+    """``kernels`` with each int8 contraction (``quantize{compute=int8}``, :mod:`einfuse.ir.int8_dot`)
+    one ``int8-dot`` kernel with its activations' quantization (their max, their int8 values)."""
+    for k in list(kernels):
+        found = parts(c, k.writes[0]) if len(k.writes) == 1 else None
+        if found is None:
+            continue
+        stages = (found.amax, found.xq)
+        producers = [j for j in kernels if j.output in stages]
+        inputs = tuple(dict.fromkeys(t for j in (*producers, k) for t in j.inputs if t not in stages))
+        kernels = [j for j in kernels if j not in producers]
+        kernels[kernels.index(k)] = replace(k, internal=stages, inputs=inputs, stages=stages, kind="int8-dot")
+    return kernels
 
 
 def _loop_kernel(c: Cascade, loop: Loop, decls: dict) -> Kernel:
@@ -251,9 +267,32 @@ def _dequantizing(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: 
             and all(roles[t] == "param" for t in a.inputs) and contraction(eb) and _read_plainly(a.output, b, writes))
 
 
+def _int8_epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
+    """An ``int8-dot`` kernel read by a single element-wise kernel over its output (a bias, an
+    activation, a residual add), each of whose other reads is indexed by the output's variables
+    or by its innermost alone (``R[m,n]``, ``B[n]``): it runs on the accumulators as they are stored."""
+    eb = _single(b)
+    if a.kind != "int8-dot" or b.kind or eb is None or not _read_plainly(a.output, b, writes):
+        return False
+    out = lhs_vars(a.writes[-1])
+    members = [eb] + [writes[t][0] for t in b.internal]
+    allowed = (out, out[-1:])
+    return all(not e.reduce and not e.populate and lhs_vars(e) == out and _values_only(e.rhs) and all(
+        a_.tensor in b.internal or a_.tensor == a.output or
+        (all(isinstance(ix.expr, IVar) and not ix.filter for ix in a_.indices) and access_vars(a_) in allowed)
+        for a_ in reads(e)) for e in members)
+
+
+def _values_only(x: object) -> bool:
+    """Whether ``x`` is built of reads, constants and op calls alone (no coordinates, no conditions)."""
+    if isinstance(x, Call):
+        return all(_values_only(a) for a in x.args)
+    return isinstance(x, (Access, Const))
+
+
 #: The merge rules, in order: (the kind formed, whether kernel ``a`` absorbed into its reader
 #: ``b`` forms it); the first that fits wins. Each kind is a key of ``ir.kernels.KINDS``.
-MERGES: tuple[tuple[str, MergeRule], ...] = (("dequant", _dequantizing), ("epilogue", _epilogue), ("rows", _same_rows),
+MERGES: tuple[tuple[str, MergeRule], ...] = (("int8-dot", _int8_epilogue), ("dequant", _dequantizing), ("epilogue", _epilogue), ("rows", _same_rows),
                                              ("attention", _attention))
 
 

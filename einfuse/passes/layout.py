@@ -27,6 +27,7 @@ import numpy as np
 
 from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Expr, TensorRank, walk
+from ..ir import int8_dot
 from ..ir.panels import panel_access, panel_data
 from ..ir.sizes import in_range
 from ..targets import cost
@@ -196,9 +197,10 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
     ranks = var_ranks(c)
     decls = declarations(c)
     stmts: list = []
+    int8 = int8_dot.written(c)
 
     def operands(s: Einsum, bound: frozenset[str], local: frozenset[str]) -> Einsum:
-        if not reduced_vars(s, bound) or not lhs_vars(s):
+        if not reduced_vars(s, bound) or not lhs_vars(s) or s.lhs.tensor in int8:
             return s
         views = _ragged_output(s, ranks, size, ragged) or _self_product(s)
         inner = lhs_vars(s)[-1]

@@ -21,6 +21,10 @@ contiguous) that never reaches memory: grouping makes it a stage of the contract
 (a ``dequant`` kernel, ``passes/group_kernels.py``) and the CPU schedules dequantize a few rows
 of it at a time for a GEMV, a panel at a time for a GEMM (``codegen/schedules/cpu.py``).
 ``canonicalize`` never folds it back into a float weight (integer weights are never unpacked).
+
+``compute=int8`` (4-bit formats on an x86 CPU) instead quantizes the activations too and
+contracts integers (``passes/quantize_int8.py``); a weight it cannot take this way is read as
+above and counted as ``int8:<reason>``.
 """
 from __future__ import annotations
 
@@ -35,10 +39,12 @@ from ..ir import Access, Call, Cascade, Einsum, Index, IVar, TensorDecl, TensorR
 from ..ir.quant_formats import FORMATS, Stored, quantize_weight
 from ..ir.scope import declarations, expr_vars, fresh_name, gathers, lhs_vars, reads, reduced_vars, var_ranks
 from .awq import search
+from .quantize_int8 import int8_read, refusal
 from .manager import Pass, PassContext, register
 
 
 METHODS = ("rtn", "awq")
+COMPUTES = ("f32", "int8")
 
 
 @register
@@ -50,8 +56,11 @@ class Quantize(Pass):
     format: str = "q4_0"
     method: str = "rtn"   # (rtn: round to nearest; awq: scales searched on the example inputs, passes/awq.py)
     head: bool = False    # (quantize the LM head too)
+    compute: str = "f32"  # (int8: activations quantized per block too, integer dot products: passes/quantize_int8.py)
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
+        if self.compute not in COMPUTES:
+            raise EinfuseError(f"unknown quantized compute '{self.compute}'; known: {', '.join(COMPUTES)}")
         chosen = []
         for choice in choices(c, self.format, self.method, self.head):
             if choice.kept:
@@ -69,7 +78,14 @@ class Quantize(Pass):
                 stored = searched.stored
             else:
                 stored = quantize_weight(data, self.format)
-            c, now[choice.einsum] = quantized_read(c, e, w, stored)
+            why = "f32" if self.compute == "f32" else refusal(c, e, w, _variables(e, w)[0], self.format, stored, ctx.target)
+            if why:
+                c, now[choice.einsum] = quantized_read(c, e, w, stored)
+                if why != "f32":
+                    ctx.stats[f"int8:{why}"] += 1
+            else:
+                c, now[choice.einsum] = int8_read(c, e, w, _variables(e, w)[0], self.format, stored, ctx.target)
+                ctx.stats["compute:int8"] += 1
             ctx.stats[f"quantized:{self.format}"] += 1
         return c
 

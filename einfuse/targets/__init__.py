@@ -9,6 +9,7 @@ core count.
 from __future__ import annotations
 
 import os
+import platform
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -119,6 +120,25 @@ def host_cpu() -> Target:
     # two, so the code is right, if slower, and exercises the wide tiles)
     return Target("cpu", tvm_target, cores, vector_bytes, registers, _cache_bytes(2, 1 << 20),
                   _cache_bytes(3, 8 << 20), l1_bytes=_cache_bytes(0, 32 << 10))
+
+
+#: LLVM CPU names with the integer dot product (VNNI ``vpdpbusd``): AVX-512 VNNI, and AVX-VNNI on AVX2 hosts.
+_VNNI512 = ("cascadelake", "cooperlake", "icelake", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+            "graniterapids", "znver4", "znver5")
+_AVXVNNI = ("alderlake", "raptorlake", "meteorlake", "arrowlake", "lunarlake", "pantherlake", "sierraforest",
+            "grandridge", "clearwaterforest", "gracemont")
+
+
+def int8_isa(target: Target) -> str | None:
+    """The integer dot product ``target`` has for ``quantize{compute=int8}``'s kernels: ``avx512``
+    (AVX-512 VNNI, 16 int32 lanes), ``avxvnni`` (AVX-VNNI, 8), ``avx2`` (no VNNI: ``vpmaddubsw`` then
+    ``vpmaddwd``, 8), or None (not an x86 CPU, or AVX-512 without VNNI)."""
+    if target.kind != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    mcpu = str(target.tvm.get("mcpu", ""))
+    if target.vector_bytes == 64:
+        return "avx512" if mcpu.startswith(_VNNI512) else None
+    return "avxvnni" if mcpu.startswith(_AVXVNNI) or "+avxvnni" in target.tvm.get("mattr", ()) else "avx2"
 
 
 def _forced_isa() -> str | None:

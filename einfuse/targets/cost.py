@@ -45,6 +45,8 @@ ATTENTION_ROWS = 96   # query rows per block of the 1-pass attention on a CPU (c
 FMA_LATENCY = 4      # cycles; two FMA pipes, so 8 independent accumulators keep them busy
 PARALLEL_FMAS = 8
 HEADROOM = 1.2       # ... in theory: with the loads in the same steps, 8 ran at 0.85 of 12 (Zen 3)
+INT8_RATE = 2.0      # an int8-dot kernel's multiply-adds a second over float32 FMAs': vpdpbusd does four a lane,
+                     # less the nibbles' unpacking (two ops a vector) and the per-block scaling (measured: 2-4x)
 GEMV_RATE = 0.4      # a GEMV's share of the FMA rate (an accumulator's load and store per 4 FMAs: 55 and 67
                      # of 150 GFLOP/s at 8 and 16 x 4096 x 4096, Zen 3)
 PAGE, TLB_REACH = 4096, 2048 * 4096   # the data TLB maps 2048 pages of 4 KiB (Zen 3's L2 DTLB)
@@ -374,9 +376,20 @@ def _loop_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p
 
 
 #: The estimate of each kernel kind (a key of ``ir.kernels.KINDS``).
+def _int8_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """An ``int8-dot`` kernel (``codegen/int8_dot.py``): its multiply-adds at :data:`INT8_RATE`
+    times the FMA rate, its other Einsums' vector operations (the activations' quantization, the
+    epilogue) at half that, its inputs (the packed weight's bytes) and output moved once."""
+    from ..ir.int8_dot import parts
+    dot = next(e for e in p.einsums if parts(c, e) is not None)
+    macs = float(points(c, dot, sizes))
+    extra = float(sum(points(c, e, sizes) * vector_ops(e) for e in p.einsums if e is not dot))
+    return combine(m, 2 * macs + extra, 2 * macs / (m.flops * INT8_RATE) + extra / (m.flops / 2), p.moved, 0.0)
+
+
 ESTIMATES: dict[str, Callable[[Cascade, Any, Machine, dict[str, int], _Parts], Estimate]] = {
     "": _tiled_estimate, "epilogue": _tiled_estimate, "dequant": _tiled_estimate, "rows": _streamed_estimate,
-    "attention": _streamed_estimate, "loop": _loop_estimate,
+    "attention": _streamed_estimate, "loop": _loop_estimate, "int8-dot": _int8_estimate,
 }
 
 

@@ -119,6 +119,14 @@ Y[m,n] = X[m,k] * W[k,n]
     "dequant_gemv": Case(GEMV_Q, "Y", "dequant", "default,quantize{format=q4_0}", targets=(*ISAS, "cuda")),
     "dequant_gemm": Case(GEMV_Q.replace("M=1,", "M=64,"), "Y", "dequant", "default,quantize{format=q4_0}",
                          targets=ISAS),
+    # (compute=int8: activations quantized per block, integer dot products, the bias on the
+    # accumulators; AVX2's vpmaddubsw path alone: the pinned AVX-512 CPU, skylake-avx512, has no VNNI)
+    "int8_gemv": Case(GEMV_Q.replace("tensor Y[M,N] output f32\nY[m,n] = X[m,k] * W[n,k]",
+                                     "tensor B[N] param f32\ntensor Y[M,N] output f32\nZ[m,n] = X[m,k] * W[n,k]\n"
+                                     "Y[m,n] = Z[m,n] + B[n]"),
+                      "Y", "int8-dot", "default,quantize{format=q4_0,compute=int8}", targets=("avx2",)),
+    "int8_gemm": Case(GEMV_Q.replace("M=1,", "M=16,"), "Y", "int8-dot", "default,quantize{format=int4-g64,compute=int8}",
+                      targets=("avx2",)),
     "epilogue": Case("""cascade epilogue
 rank M=64, K=256, N=256
 tensor X[M,K] input f32

@@ -7,6 +7,7 @@ from typing import Any
 from ...ir import Cascade
 from ...ir.kernels import Kernel
 from ...targets import cost, host_peaks
+from ..int8_dot import int8_function
 from ..loop import LoopBuilder
 from ..lower import SizeVars
 from ..schedules.cpu import rule_schedule, schedule
@@ -22,6 +23,8 @@ class CPUBackend(TEBackend):
     cached = True
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
+        if k.kind == "int8-dot":
+            return int8_function(c, k, sizes, self.target)
         return LoopBuilder(c, k, sizes, self.target).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:
