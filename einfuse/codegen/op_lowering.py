@@ -246,6 +246,24 @@ def _intrinsic(ctx: OpContext, x: Any) -> Any:
     return getattr(tirx, ctx.op)(x)
 
 
+@lowers("log1p")
+def _log1p(ctx: OpContext, x: Any) -> Any:
+    """``log(1 + x)`` accurate for small ``x``: libm's ``log1p`` (a compensated form such as
+    ``log(u) * x / (u - 1)`` does not survive TVM's simplifier, which folds ``(1 + x) - 1``)."""
+    return tirx.log1p(x)
+
+
+@lowers("expm1")
+def _expm1(ctx: OpContext, x: Any) -> Any:
+    """``exp(x) - 1`` accurate for small ``x``: ``(u - 1) * x / log(u)`` with ``u = exp(x)`` for
+    ``|x| < 1/2`` (``x`` where ``u`` rounds to 1), ``u - 1`` beyond (exact enough there, and
+    ``inf``, ``-1`` and ``nan`` as torch)."""
+    u = _exp(x)
+    half = const(0.5, dtype_of(x))
+    small = tirx.Select(u == ctx.one, x, (u - ctx.one) * x / tirx.log(u))
+    return tirx.Select(tirx.abs(x) < half, small, u - ctx.one)
+
+
 @lowers("round")
 def _round(ctx: OpContext, x: Any) -> Any:
     """To nearest, ties to even (``nearbyint``: the current rounding mode, which is that)."""

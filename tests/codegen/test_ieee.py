@@ -70,6 +70,7 @@ OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "amax": lambda x: x.amax(-1), "amin": lambda x: x.amin(-1),
     "softmax": lambda x: torch.softmax(x, -1), "log_softmax": lambda x: torch.log_softmax(x, -1),
     "where": lambda x: torch.where(x != 0, x, 2.0), "sign": torch.sign,
+    "log1p": torch.log1p, "expm1": torch.expm1, "softplus": F.softplus,
 }
 
 
@@ -82,6 +83,15 @@ def test_special_values_follow_eager(name: str, tmp_path: Path, rng: np.random.G
     # the float64 interpreter: the same, away from float32's overflow (rows 4 and 5)
     keep = [0, 1, 2, 3, 6, 7]
     assert_same(interpreted(einfuse.capture(model, (x,)), (x,))[keep], want[keep])
+
+
+@pytest.mark.parametrize("op", [torch.log1p, torch.expm1], ids=["log1p", "expm1"])
+def test_log1p_and_expm1_keep_small_arguments_exact(op: Callable, tmp_path: Path) -> None:
+    """Each element within float32's rounding, also where ``1 + x`` rounds to 1."""
+    x = torch.tensor([1e-9, -3e-8, 1e-7, -1e-5, 1e-3, -0.3, 0.49, 0.51, 2.0, -0.999], dtype=torch.float32)
+    got = einfuse.compile(Fn(op), (x,), cache_dir=tmp_path)(x).double()
+    want = op(x.double())
+    assert float(((got - want) / want).abs().max()) <= 4e-7
 
 
 def test_gelu_of_nan_is_nan(tmp_path: Path, rng: np.random.Generator) -> None:

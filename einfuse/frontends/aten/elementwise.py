@@ -8,7 +8,7 @@ _UNARY = {
     "neg": "neg", "exp": "exp", "log": "log", "sqrt": "sqrt", "rsqrt": "rsqrt", "tanh": "tanh",
     "sigmoid": "sigmoid", "relu": "relu", "sin": "sin", "cos": "cos", "abs": "abs",
     "reciprocal": "recip", "erf": "erf", "floor": "floor", "ceil": "ceil", "sign": "sign",
-    "trunc": "trunc", "logical_not": "not", "silu": "silu",
+    "trunc": "trunc", "logical_not": "not", "silu": "silu", "log1p": "log1p", "expm1": "expm1",
 }
 for _aten, _op in _UNARY.items():
     rule(f"aten.{_aten}.default")((lambda op: lambda ctx: ctx.map(op, ctx.arg(0)))(_op))
