@@ -67,6 +67,7 @@ class _Match:
     absent: bool                # masked scores are absent points (MK has empty=-inf), not -inf values
     original: Einsum | None = None   # the statement ``out`` stands for, if its variables were renamed
     ranks: tuple[Rank, ...] = ()     # the ranks the renaming added
+    read_rows: tuple = ()            # where ``out`` reads P's rows (a squeezed batch of one: 0)
 
 
 @register
@@ -147,8 +148,10 @@ def _match(c: Cascade, o: Einsum, writers: dict, readers: Counter, stats: Counte
         if any(readers[t] > _uses_inside(t, group | {o.lhs.tensor}, writers) or roles[t] != "temp" for t in group):
             stats["not-fused:intermediate-read-elsewhere"] += 1
             return None
+        pw = _writer(p.tensor, writers)
+        at = {w.expr.name: ix.expr for w, ix in zip(pw.lhs.indices, p.indices) if isinstance(w.expr, IVar)}
         return _Match(aligned, key, rows, qk, score, v, group, declarations(c)[mk.tensor].empty == -math.inf,
-                      None if aligned is o else o, added)
+                      None if aligned is o else o, added, tuple(at.get(r, IVar(r)) for r in rows))
     return None
 
 
@@ -289,7 +292,8 @@ def _rewrite(c: Cascade, m: _Match, tile: int) -> Cascade:
     init = (Einsum(Access(names["rm"], (zero, *rows)), Const(float("-inf"))),
             Einsum(Access(names["rd"], (zero, *rows)), Const(0.0)),
             Einsum(Access(names["rnv"], (zero, *rows, *vf)), Const(0.0)))
-    final = replace(m.out, rhs=_normalized(Access(names["rnv"], (last, *rows, *vf)), Access(names["rd"], (last, *rows)),
+    read = [Index(x) for x in m.read_rows] or rows
+    final = replace(m.out, rhs=_normalized(Access(names["rnv"], (last, *read, *vf)), Access(names["rd"], (last, *read)),
                                            m.absent))
     stmts: list = []
     for s in c.stmts:

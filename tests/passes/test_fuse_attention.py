@@ -137,3 +137,25 @@ def test_keys_as_many_as_the_heads_width_compile_to_the_loop_kernel(rng: np.rand
     assert "loop" in [kernel.kind for kernel in compiled.kernels]
     with torch.no_grad():
         assert rel_err(compiled(q, k, v).numpy(), Attention()(q, k, v).numpy()) <= 1e-5
+
+
+def test_probabilities_read_at_a_squeezed_batch_row_fuse_and_compile(rng: np.random.Generator) -> None:
+    """BLOOM's attention: the softmax over a [1, H, T, T] view, P V over [H, T, T] (P read at
+    batch row 0): the 1-pass output reads the loop's results at that row, a plain read."""
+    import einfuse
+
+    class BloomLike(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.o = torch.nn.Linear(64, 64)
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, alibi: torch.Tensor) -> torch.Tensor:
+            s = alibi.baddbmm(q, k.transpose(1, 2), beta=1.0, alpha=0.25)
+            p = torch.softmax(s.view(1, 4, 12, 12), dim=-1).view(4, 12, 12)
+            return self.o(torch.bmm(p, v).view(1, 4, 12, 16).permute(0, 2, 1, 3).reshape(1, 12, 64))
+    args = tuple(torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for s in ((4, 12, 16),) * 3 + ((4, 1, 12),))
+    model = BloomLike().eval()
+    compiled = einfuse.compile(model, args)
+    assert "loop" in [k.kind for k in compiled.kernels]
+    with torch.no_grad():
+        assert rel_err(compiled(*args).numpy(), model(*args).numpy()) <= 1e-5
