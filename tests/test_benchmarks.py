@@ -61,3 +61,11 @@ def test_einfuse_int8_is_onnx_runtimes_accuracy_level_4(fmt: str, tmp_path) -> N
         # scale may differ in its last bit, a step of one block's scale, 1e-3)
         row_err = np.abs(got - ort).max(axis=1) / np.abs(ort).max()
         assert row_err.max() <= 1e-2 and (row_err > 1e-5).sum() <= 1
+
+
+def test_coverage_reports_a_model_dynamo_leaves_to_eager() -> None:
+    from benchmarks.coverage import check, markdown
+    row = check("lstm")
+    assert row["graphs"] == 0 and row["error"] is None and row["rel_err"] == 0.0
+    text = markdown([row])
+    assert "all: dynamo gave the backend no graph" in text and "0 of 1 match eager" in text
