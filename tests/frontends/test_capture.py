@@ -107,6 +107,25 @@ def test_pad_and_copy(rng: np.random.Generator) -> None:
         assert rel_err(got[name], want.double().numpy()) <= 1e-7
 
 
+def test_nearest_interpolation_is_a_view(rng: np.random.Generator) -> None:
+    interpolate = torch.nn.functional.interpolate
+
+    class Nearest(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return (interpolate(x, scale_factor=2) + 0.0, interpolate(x, size=(7, 9)) + 0.0,
+                    interpolate(x, size=(3, 2)) + 0.0, interpolate(x[:, :, 0], size=11) + 0.0)
+    x = torch.from_numpy(rng.standard_normal((1, 2, 4, 5)).astype(np.float32))
+    got = interpret(capture(Nearest(), (x,)), {"x": x.numpy()})
+    for name, want in zip(("out0", "out1", "out2", "out3"), Nearest()(x)):
+        assert rel_err(got[name], want.double().numpy()) == 0.0
+
+    class Fractional(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return interpolate(x, scale_factor=1.5)
+    with pytest.raises(UnsupportedOperatorError, match="nearest interpolation by the fractional scale factor 1.5"):
+        capture(Fractional(), (x,))
+
+
 class SdpaAttention(torch.nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)

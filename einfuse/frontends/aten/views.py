@@ -100,6 +100,25 @@ def repeat(ctx: Ctx) -> Ref:
                                  for d, s in enumerate(x.shape)])
 
 
+@rule("aten.upsample_nearest1d.vec", "aten.upsample_nearest2d.vec", "aten.upsample_nearest3d.vec")
+def upsample_nearest(ctx: Ctx) -> Ref:
+    """``F.interpolate(x, mode="nearest")``: a view, output element ``i`` of a resized dimension
+    reads ``x`` at ``floor(i * in / out)`` (torch's rule from sizes), or ``i // s`` for an integer
+    scale factor ``s``; a fractional scale factor is refused."""
+    x, scales = ctx.arg(0), ctx.arg(2, "scale_factors")
+    spatial = len(x.shape) - len(ctx.shape[2:])
+    index = [placeholder(d) for d in range(spatial)]
+    for j, d in enumerate(range(spatial, len(x.shape))):
+        size_in, size_out = x.shape[d], ctx.shape[d]
+        if scales:
+            if float(scales[j]) != int(scales[j]):
+                raise RuleError(f"nearest interpolation by the fractional scale factor {scales[j]}")
+            index.append(ibin("//", placeholder(d), IConst(int(scales[j]))))
+        else:
+            index.append(ibin("//", ibin("*", placeholder(d), ctx.b.size_index(size_in)), ctx.b.size_index(size_out)))
+    return x.reindex(ctx.shape, index)
+
+
 @rule("aten.constant_pad_nd.default")
 def constant_pad_nd(ctx: Ctx) -> Ref:
     """``F.pad(x, pad, value=v)``: the output reads ``x`` shifted by each leading pad (a negative
