@@ -152,6 +152,42 @@ def mixtral(batch: int = 1, seq: int = 24) -> Built:
     return _named(_LastHidden(tf.MixtralModel(cfg)), names), (torch.randint(0, 96, (batch, seq)),)
 
 
+#: Small configurations of each causal-LM family ``compile_lm`` serves (``causal_lm``): 2 layers,
+#: width 64, GQA where the family has it, a sliding window of 8 where it has one.
+CAUSAL_LMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=8)),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                    attn_implementation="eager")),   # (transformers refuses sdpa for it)
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=2, head_dim=16, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"])),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
+    # the decode benchmark's model (benchmarks/generate.py): ~0.4 GB of fp32 weights read per token
+    "llama-1024": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
+                                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)),
+}
+
+
+def causal_lm(family: str, **overrides: Any) -> torch.nn.Module:
+    """A ``*ForCausalLM`` of ``family`` (:data:`CAUSAL_LMS`) with random weights, seeded, in eval
+    mode: width 64, 2 layers of 4 heads, vocabulary 96 unless ``overrides`` say otherwise; weights
+    drawn wider than transformers' default (``initializer_range=0.1``) so that greedy decoding's
+    argmax is not a near-tie between tokens."""
+    if family not in CAUSAL_LMS:
+        raise EinfuseError(f"unknown causal LM '{family}'; the zoo has {', '.join(CAUSAL_LMS)}")
+    tf = _transformers()
+    config_name, options = CAUSAL_LMS[family]
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+                max_position_embeddings=512, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
+                attn_implementation="sdpa")
+    config = getattr(tf, config_name)(**{**base, **options, **overrides})
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
 BUILDERS: dict[str, Callable[..., Built]] = {
     "mlp": mlp, "convnet": convnet, "gpt2": gpt2, "llama": llama, "bert": bert, "vit": vit, "mixtral": mixtral,
 }

@@ -50,7 +50,7 @@ def build_graph(c: Cascade, kernels: list[Kernel], make: Callable[[Kernel, SizeV
                     data = np.asarray(c.params[t.name]).astype(DTYPES[t.dtype].numpy)
                     values[t.name] = relax.const(data, DTYPES[t.dtype].tvm)
             for k in kernels:
-                args = [values[name] for name in k.inputs]
+                args = [values[name] for name in k.inputs] + [relax.prim_value(v) for v in sizes.loose(c, k)]
                 values[k.output] = bb.emit(relax.call_tir(functions[k.name], args, tensor_type(k.output)))
             result = bb.emit_output(relax.Tuple([values[o] for o in outputs]))
         bb.emit_func_output(result)

@@ -117,7 +117,10 @@ def int8_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tir
     with IRBuilder() as ib, T.prim_func():
         T.func_name(k.name)
         T.func_attr({"tirx.noalias": True})
-        args = {t: T.arg(t, T.buffer(shape[t], DTYPES[decls[t].dtype].tvm)) for t in (*k.inputs, k.output)}
+        args = {t: T.arg(t, T.buffer(shape[t], DTYPES[decls[t].dtype].tvm)) for t in k.inputs}
+        for v in sizes.loose(c, k):
+            T.arg(v.name, v)
+        args[k.output] = T.arg(k.output, T.buffer(shape[k.output], DTYPES[decls[k.output].dtype].tvm))
         x = T.decl_buffer((rows, s.k), "float32", data=args[found.x].data)
         xq = T.decl_buffer((rows, s.k), "int8", scope="global")
         xd = T.decl_buffer((rows, s.blocks), "float32", scope="global")

@@ -134,6 +134,9 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
         with IRBuilder() as ib, T.prim_func():
             T.func_name(self.k.name)
             for name in self.k.inputs + (self.k.output,):
+                if name == self.k.output:
+                    for v in self.sizes.loose(self.c, self.k):
+                        T.arg(v.name, v)
                 d = self.decls[name]
                 self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype].tvm))
             extents = [self.sizes.expr(self.var_extent(v)) for v in outer]

@@ -35,6 +35,18 @@ class SizeVars:
     def __init__(self) -> None:
         self.vars: dict[str, tirx.Var] = {}
 
+    def loose(self, c: Cascade, kernel: Kernel) -> list[tirx.Var]:
+        """The size symbols ``kernel`` uses that no dimension of its tensors is alone (a kernel
+        reading ``K[L + 1]``): TVM cannot bind them from the buffers, so they travel as scalar
+        parameters between the inputs and the output (``call_tir`` passes primitive arguments
+        after the tensors, in the PrimFunc's order)."""
+        decls, rank_size = declarations(c), {r.name: r.size for r in c.ranks}
+        dims = [sympy.sympify(rank_size[r.rank] + int(r.iterative)) for t in (*kernel.inputs, kernel.output)
+                for r in decls[t].ranks]
+        bare = {d for d in dims if d.is_Symbol}
+        used = set().union(*(d.free_symbols for d in dims))
+        return [self.expr(s) for s in sorted(used - bare, key=str)]
+
     def expr(self, size: Any) -> Any:
         """A sympy size as a TIR int64 expression."""
         size = sympy.sympify(size)
@@ -47,7 +59,7 @@ class SizeVars:
         if size.is_Add:
             return fold(lambda a, b: a + b, [self.expr(a) for a in size.args])
         if isinstance(size, sympy.ceiling):  # ceiling(n/d): whole tiles of a symbolic length
-            num, den = sympy.fraction(size.args[0])
+            num, den = sympy.fraction(sympy.together(size.args[0]))   # ((s + 1)/64, not s/64 + 1/64)
             return tirx.floordiv(self.expr(num) + self.expr(den) - 1, self.expr(den))
         if size.is_Mul:
             num, den = sympy.fraction(size)
@@ -84,7 +96,8 @@ class KernelBuilder:
         for w in self.k.writes:
             out = self.einsum(w, out)
         self.tensors[self.k.output] = out
-        return te.create_prim_func(params + [out]).with_attr("global_symbol", self.k.name)
+        loose = self.sizes.loose(self.c, self.k)
+        return te.create_prim_func(params + loose + [out]).with_attr("global_symbol", self.k.name)
 
     def placeholder(self, name: str) -> te.Tensor:
         d = self.decls[name]

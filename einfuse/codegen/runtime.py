@@ -7,6 +7,7 @@ tensors sharing TVM's memory.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -90,13 +91,7 @@ class CompiledModel:
         for name, x in zip(self.inputs, args):
             x = self._checked(name, x)
             shapes[name] = tuple(x.shape)
-            if x.device.type != self.device:
-                x = x.to(self.device)
-            if self.device == "cuda":   # (CUDA allocations are aligned)
-                x = x.detach().contiguous()
-            elif not x.is_contiguous() or x.data_ptr() % 64 or x.requires_grad:
-                x = _aligned_copy(x.detach())
-            out.append(tvm.runtime.from_dlpack(x))
+            out.append(self._handed(x))
         key = tuple(shapes.values())
         if key not in self._shapes_seen:   # (solving the sizes with sympy took 0.4 ms per call)
             try:
@@ -106,6 +101,22 @@ class CompiledModel:
             self._check_ranges(shapes)
             self._shapes_seen.add(key)
         return out
+
+    def _handed(self, x: torch.Tensor) -> Any:
+        """``x`` as TVM takes it: on the model's device, contiguous, 64-byte aligned (copied only if not)."""
+        if x.device.type != self.device:
+            x = x.to(self.device)
+        if self.device == "cuda":   # (CUDA allocations are aligned)
+            x = x.detach().contiguous()
+        elif not x.is_contiguous() or x.data_ptr() % 64 or x.requires_grad:
+            x = _aligned_copy(x.detach())
+        return tvm.runtime.from_dlpack(x)
+
+    def run_trusted(self, *args: torch.Tensor) -> tuple:
+        """Run on tensors the caller guarantees are of the inputs' dtypes and of shapes the model
+        takes (:mod:`einfuse.lm`'s decode step: a new cache length each call, which ``__call__``
+        would check with sympy, 0.4 ms); the outputs as a tuple of tensors."""
+        return tuple(torch.from_dlpack(v) for v in self._run([self._handed(x) for x in args]))
 
     def _checked(self, name: str, x: Any) -> torch.Tensor:
         """Input ``name`` as a torch tensor (a numpy array is taken as one) of the compiled dtype,
@@ -234,14 +245,17 @@ def load(path: str | Path) -> CompiledModel:
                          {"tir": e.tir}, e.library, e.tuning, e.meta["tuned"])
 
 
-def _aligned_copy(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of ``x`` whose data starts on a 64-byte boundary."""
-    nbytes = x.numel() * x.element_size()
+def aligned_empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized contiguous tensor whose data starts on a 64-byte boundary."""
+    nbytes = math.prod(shape) * dtype.itemsize
     raw = torch.empty(nbytes + 64, dtype=torch.uint8)
     offset = (-raw.data_ptr()) % 64
-    out = raw[offset:offset + nbytes].view(x.dtype).view(x.shape)
-    out.copy_(x)
-    return out
+    return raw[offset:offset + nbytes].view(dtype).view(tuple(shape))
+
+
+def _aligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x`` whose data starts on a 64-byte boundary."""
+    return aligned_empty(x.shape, x.dtype).copy_(x)
 
 
 def weights_line(c: Cascade, kernels: Sequence[Kernel]) -> str:

@@ -195,11 +195,24 @@ def source_location(node: torch.fx.Node, code: bool = False) -> str:
     return f"{path}:{line} in {fn}: {text.strip()}"
 
 
+def named_dynamic(name: str, min: int | None = None, max: int | None = None) -> Any:
+    """A ``Dim.DYNAMIC`` hint whose size symbol is called ``name``: like ``Dim(name)``, but where
+    one size reaches several inputs (a KV cache's length in every layer) torch.export neither
+    demands it prove each guard for the whole range (GQA's ``repeat_kv`` makes one it cannot,
+    ``Min(16 + 16 L, 32 + 32 L) == 16 + 16 L``) nor keeps the inputs' symbols apart after capture."""
+    hint = torch.export.Dim.DYNAMIC(min=min, max=max)
+    hint.__name__ = name
+    return hint
+
+
 def _symbol_names(exported: torch.export.ExportedProgram, dynamic_shapes: Any) -> dict[sympy.Symbol, sympy.Symbol]:
     """torch's shape symbols (``s70``) -> size symbols named after the ``Dim`` (``seq``)."""
     user = [s.arg.name for s in exported.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     specs = dict(zip(user, dynamic_shapes)) if isinstance(dynamic_shapes, (tuple, list)) else dict(dynamic_shapes or {})
     nodes = {n.name: n for n in exported.graph.nodes if n.op == "placeholder"}
+    for arg, spec in list(specs.items()):   # (``*args``' specs, one per tensor: placeholders arg_0, arg_1, ...)
+        if arg not in nodes and isinstance(spec, (tuple, list)) and all(isinstance(s, Mapping) for s in spec):
+            specs.update({f"{arg}_{i}": s for i, s in enumerate(spec)})
     names: dict[sympy.Symbol, sympy.Symbol] = {}
     for arg, spec in specs.items():
         dims = spec.items() if isinstance(spec, Mapping) else enumerate(spec or ())
@@ -246,7 +259,8 @@ class _Translator:
 
     def size(self, d: Any) -> sympy.Expr:
         if isinstance(d, torch.SymInt):
-            return sympy.sympify(d.node.expr).xreplace(self.symbols)
+            node = d.node   # (replacements solved after tracing, e.g. the symbols Dim.DYNAMIC made equal)
+            return sympy.sympify(node.shape_env.replace(node.expr)).xreplace(self.symbols)
         return sympy.Integer(int(d))
 
     def shape_of(self, val: Any) -> Any:

@@ -1,0 +1,337 @@
+"""Causal LMs compiled for generation: ``einfuse.compile_lm(model, max_len=...)`` (docs/generate.md).
+
+Generation is a prefill (the prompt's tokens at once, compute-bound) and then one decode step per
+new token (memory-bound: every weight and the KV cache read once per token). ``compile_lm``
+captures a Hugging Face ``*ForCausalLM`` twice, through its own modeling code, with a cache
+class of ours (:class:`_StepCache`) in place of transformers' so that the cache is the programs'
+inputs and outputs rather than state inside torch:
+
+- ``prefill(ids[B,T], pos[B,T], mask[M,B,1,T,T]) -> (logits[B,V], k_0, v_0, ...)``, ``T`` dynamic;
+- ``decode(ids[B,1], pos[B,1], mask[M,B,1,1,L+1], k_0[L,B,Hkv,D], v_0, ...) -> (logits[B,V], k_0, v_0, ...)``,
+  ``L`` (the tokens already cached) dynamic; each returned ``k_i``/``v_i`` is the new token's.
+
+The KV cache is one preallocated buffer per layer and per K/V, laid out ``[max_len, B, Hkv, D]``:
+the first ``L`` rows are a contiguous, aligned view that reaches TVM without a copy, and the
+host writes each step's new rows after them (``B * Hkv * D`` numbers per layer and step: the
+cache is never copied and never grows). The masks (``M`` of them: one per attention layer type of
+a model that mixes full and sliding-window layers, as Gemma 2/3 do) are built here from each
+row's left padding and the window: additive, 0 where a query may see a key and the dtype's
+lowest value elsewhere, as transformers' eager attention writes them.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+from .errors import EinfuseError, InputError
+from .frontends.torch_export import named_dynamic
+
+
+class _StepCache(Cache):
+    """transformers' cache interface over one step's inputs: ``update`` returns a layer's past keys
+    (given ``[L, B, H, D]``, seen as ``[B, H, L, D]``) followed by the new ones, and keeps the new
+    ones to be returned by the program."""
+
+    def __init__(self, past: Sequence[torch.Tensor]) -> None:   # (not Cache.__init__: no layers of its own)
+        self.layers, self.layer_class_to_replicate, self.offloading = [], None, False
+        self.past, self.new = past, []
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.new += [key_states, value_states]
+        if not self.past:
+            return key_states, value_states
+        k, v = self.past[2 * layer_idx], self.past[2 * layer_idx + 1]
+        return torch.cat([k.permute(1, 2, 0, 3), key_states], 2), torch.cat([v.permute(1, 2, 0, 3), value_states], 2)
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.past[0].shape[0] if self.past else 0
+
+
+class _Step(torch.nn.Module):
+    """One step of ``lm`` over tensors only: the last position's logits and each layer's new K, V."""
+
+    def __init__(self, lm: torch.nn.Module, mask_types: Sequence[str] | None) -> None:
+        super().__init__()
+        self.lm, self.mask_types = lm, mask_types
+        self.keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, *past: torch.Tensor) -> tuple:
+        cache = _StepCache(past)
+        masks = mask[0] if self.mask_types is None else {t: mask[i] for i, t in enumerate(self.mask_types)}
+        extra = {"logits_to_keep": 1} if self.keep else {}
+        out = self.lm(input_ids=ids, position_ids=pos, attention_mask=masks, cache=cache, use_cache=True, **extra)
+        return (out.logits[:, -1], *cache.new)
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """What the host needs of a model to drive its programs."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    dtype: torch.dtype
+    windows: tuple[int | None, ...]      # per mask the programs take: its sliding window (None: full)
+    mask_types: tuple[str, ...] | None   # the layer types the masks are for, where the model maps them
+
+
+def lm_shape(lm: torch.nn.Module) -> LMShape:
+    """``lm``'s shape, read from a one-token eager step through :class:`_Step`."""
+    config = lm.config
+    base = getattr(lm, "base_model", lm)
+    mapped = "causal_mask_mapping" in inspect.getsource(type(base).forward)
+    types = tuple(dict.fromkeys(getattr(config, "layer_types", None) or ())) if mapped else None
+    window = getattr(config, "sliding_window", None)
+    windows = tuple(window if t == "sliding_attention" else None for t in types) if types else (window,)
+    dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
+    with torch.no_grad():
+        out = _Step(lm, types)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                               torch.zeros(len(windows), 1, 1, 1, 1, dtype=dtype))
+    _, kv_heads, _, head_dim = out[1].shape
+    return LMShape((len(out) - 1) // 2, kv_heads, head_dim, out[0].shape[-1], dtype, windows, types)
+
+
+def programs(lm: torch.nn.Module, max_len: int, batch: int = 1,
+             shape: LMShape | None = None) -> tuple[tuple, tuple]:
+    """The prefill and the decode step of ``lm`` as ``(module, example_args, dynamic_shapes)`` each,
+    what :func:`einfuse.compile` and :func:`einfuse.kernels` take."""
+    s = shape or lm_shape(lm)
+    if max_len < 3:
+        raise EinfuseError(f"compile_lm: max_len={max_len}; it must be at least 3 (a 2-token prompt and a step)")
+    step = _Step(lm, s.mask_types).eval()
+    m = len(s.windows)
+    t = named_dynamic("T", 2, max_len)
+    prefill = (step, (torch.zeros(batch, 4, dtype=torch.long), torch.zeros(batch, 4, dtype=torch.long),
+                      torch.zeros(m, batch, 1, 4, 4, dtype=s.dtype)),
+               {"ids": {1: t}, "pos": {1: t}, "mask": {3: t, 4: t}})
+    n = named_dynamic("L", 2, max_len - 1)
+    past = tuple(torch.zeros(4, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
+    decode = (step, (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long),
+                     torch.zeros(m, batch, 1, 1, 5, dtype=s.dtype), *past),
+              {"ids": None, "pos": None, "mask": {4: named_dynamic("L1", 3, max_len)}, "past": tuple({0: n} for _ in past)})
+    return prefill, decode
+
+
+@dataclass
+class Phases:
+    """The last generation's split: prefill and decode seconds, tokens generated."""
+
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    first_token_s: float = 0.0
+    samples: list[float] = field(default_factory=list)
+
+    def text(self) -> str:
+        per = self.decode_s / self.decode_steps if self.decode_steps else 0.0
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s * 1e3:.2f} ms (first token after "
+                f"{self.first_token_s * 1e3:.2f} ms); decode: {self.decode_steps} steps, "
+                f"{per * 1e3:.3f} ms per step ({1 / per if per else 0:.1f} tokens/s)")
+
+
+class CompiledLM:
+    """A causal LM as its compiled prefill and decode programs over a KV cache held here."""
+
+    def __init__(self, prefill: Any, decode: Any, shape: LMShape, max_len: int, batch: int) -> None:
+        from .codegen.runtime import aligned_empty
+        self.prefill_model, self.decode_model, self.shape = prefill, decode, shape
+        self.max_len, self.batch = max_len, batch
+        self.cache = [aligned_empty((max_len, batch, shape.kv_heads, shape.head_dim), shape.dtype)
+                      for _ in range(2 * shape.layers)]
+        self.phases = Phases()
+        self.reset()
+
+    @property
+    def kv_bytes(self) -> int:
+        """The KV cache's bytes (all of it, preallocated)."""
+        return sum(c.numel() * c.element_size() for c in self.cache)
+
+    def reset(self) -> None:
+        """Empty the cache (its memory is kept) for a new prompt."""
+        self.length = 0
+        self.valid = torch.zeros(self.batch, self.max_len, dtype=torch.bool)   # slots holding a real token
+        self.next_pos = torch.zeros(self.batch, dtype=torch.long)
+
+    # ---- the two programs -----------------------------------------------------------------------
+
+    def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt ``ids`` [batch, T] (left-padded where ``attention_mask`` has 0s) into an
+        emptied cache; the last position's logits [batch, vocab]."""
+        ids, keep = self._prompt(ids, attention_mask)
+        self.reset()
+        t = ids.shape[1]
+        pos = (keep.cumsum(1) - 1).masked_fill(~keep, 1)
+        slots = torch.arange(t)
+        out = self.prefill_model.run_trusted(ids, pos, self._masks(keep, slots))
+        self._store(out[1:], 0, t)
+        self.valid[:, :t] = keep
+        self.next_pos = pos[:, -1] + 1
+        self.length = t
+        return out[0]
+
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """One new token per row (``ids`` [batch] or [batch, 1]) after the cached ones; its logits."""
+        ids = ids.reshape(-1, 1).to(torch.long)
+        if ids.shape[0] != self.batch:
+            raise InputError(f"decode takes one token per row: {self.batch} of them, got {ids.shape[0]}")
+        n = self.length
+        if n == 0:
+            raise EinfuseError("decode before prefill: run prefill(ids) (or generate) first")
+        if n >= self.max_len:
+            raise EinfuseError(f"the KV cache is full: {n} tokens cached, max_len={self.max_len}; "
+                               "compile with a larger max_len or reset()")
+        self.valid[:, n] = True
+        past = [c[:n] for c in self.cache]
+        out = self.decode_model.run_trusted(ids, self.next_pos[:, None].clone(),
+                                            self._masks(self.valid[:, :n + 1], torch.tensor([n])), *past)
+        self._store(out[1:], n, 1)
+        self.next_pos += 1
+        self.length = n + 1
+        return out[0]
+
+    def _prompt(self, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt as ``(ids, keep)``, a 1-token one padded on the left to the programs' least 2."""
+        ids = torch.as_tensor(ids).to(torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
+        keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).to(torch.bool)
+        if ids.dim() != 2 or ids.shape[0] != self.batch or keep.shape != ids.shape:
+            raise InputError(f"prefill takes ids [batch={self.batch}, T] and a mask of their shape; got ids "
+                             f"{tuple(ids.shape)}" + ("" if mask is None else f", mask {tuple(keep.shape)}"))
+        if ids.shape[1] > self.max_len:
+            raise InputError(f"the prompt has {ids.shape[1]} tokens; the cache holds max_len={self.max_len}")
+        if (keep[:, 1:] < keep[:, :-1]).any() or not keep[:, -1].all():
+            raise InputError("the attention mask must pad on the left (0s, then 1s, ending with a token)")
+        if ids.shape[1] == 1:
+            ids, keep = torch.cat([ids, ids], 1), torch.cat([torch.zeros_like(keep), keep], 1)
+        return ids, keep
+
+    def _masks(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """The additive masks [M, batch, 1, Q, K]: query slot ``queries[q]`` sees key slot ``k`` of row
+        ``b`` where ``keys[b, k]`` (not padding), ``k <= queries[q]`` and, in a window ``w``, ``queries[q] - k < w``."""
+        k = torch.arange(keys.shape[1])
+        causal = k[None, :] <= queries[:, None]
+        lowest = torch.finfo(self.shape.dtype).min
+        out = []
+        for w in self.shape.windows:
+            see = causal if w is None else causal & (queries[:, None] - k[None, :] < w)
+            out.append(torch.where(see[None] & keys[:, None, :], 0.0, lowest).to(self.shape.dtype)[:, None])
+        return torch.stack(out)
+
+    def _store(self, kv: Sequence[torch.Tensor], start: int, n: int) -> None:
+        for buf, new in zip(self.cache, kv):   # (new: [batch, Hkv, n, D])
+            buf[start:start + n].copy_(new.permute(2, 0, 1, 3))
+
+    # ---- generation -----------------------------------------------------------------------------
+
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None, streamer: Any = None,
+                 seed: int | None = None) -> torch.Tensor:
+        """``ids`` [batch, T] followed by up to ``max_new_tokens`` generated tokens, as transformers'
+        ``model.generate`` returns them: greedy, or sampled (``temperature``, then ``top_k``, then
+        ``top_p``) from a generator seeded with ``seed``; a row that produced ``eos_token_id`` goes
+        on with ``pad_token_id`` (default: the first eos) until every row has; ``streamer`` gets
+        ``put(prompt)``, ``put(tokens)`` per step and ``end()``."""
+        ids = torch.as_tensor(ids).to(torch.long)
+        ids = ids[None] if ids.dim() == 1 else ids
+        if ids.shape[1] + max_new_tokens - 1 > self.max_len:
+            raise InputError(f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones need a cache of "
+                             f"{ids.shape[1] + max_new_tokens - 1}; this model was compiled with max_len={self.max_len}")
+        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        pick = _sampler(do_sample, temperature, top_k, top_p, seed)
+        if streamer is not None:
+            streamer.put(ids)
+        start = time.perf_counter()
+        logits = self.prefill(ids, attention_mask)
+        self.phases = Phases(prompt_tokens=ids.shape[1], prefill_s=time.perf_counter() - start)
+        tokens, done = [ids], torch.zeros(ids.shape[0], dtype=torch.bool)
+        for step in range(max_new_tokens):
+            token = torch.where(done, pad, pick(logits))
+            done |= torch.isin(token, eos)
+            tokens.append(token[:, None])
+            if step == 0:
+                self.phases.first_token_s = time.perf_counter() - start
+            if streamer is not None:
+                streamer.put(token)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            logits = self.decode(token)
+            self.phases.samples.append(time.perf_counter() - t0)
+        self.phases.decode_steps = len(self.phases.samples)
+        self.phases.decode_s = sum(self.phases.samples)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(tokens, 1)
+
+    # ---- inspection -----------------------------------------------------------------------------
+
+    def report(self, prompt_len: int = 16, cached: int | None = None) -> str:
+        """Both programs' kernel tables (each kernel on the roofline: the cost model's estimate and
+        what bounds it, beside its measured time), the prefill at ``prompt_len`` tokens and the
+        decode step after ``cached`` ones (default: half the cache), then the last generation's
+        phase split."""
+        cached = cached or self.max_len // 2
+        prefill_args = (torch.zeros(self.batch, prompt_len, dtype=torch.long),) * 2 + \
+            (self._masks(torch.ones(self.batch, prompt_len, dtype=torch.bool), torch.arange(prompt_len)),)
+        decode_args = (torch.zeros(self.batch, 1, dtype=torch.long),) * 2 + \
+            (self._masks(torch.ones(self.batch, cached + 1, dtype=torch.bool), torch.tensor([cached])),) + \
+            tuple(c[:cached] for c in self.cache)
+        lines = [f"prefill program ({prompt_len} tokens):", self.prefill_model.report(prefill_args), "",
+                 f"decode program (after {cached} cached tokens):", self.decode_model.report(decode_args), "",
+                 f"KV cache: {self.kv_bytes / 2**20:.1f} MiB ({self.shape.layers} layers x K,V x "
+                 f"[{self.max_len}, {self.batch}, {self.shape.kv_heads}, {self.shape.head_dim}] {self.shape.dtype})"]
+        if self.phases.prompt_tokens:
+            lines.append("last generation: " + self.phases.text())
+        return "\n".join(lines)
+
+
+def _sampler(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+             seed: int | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The next token of each row of logits [batch, vocab]: the argmax, or a draw as transformers'
+    processors make it (temperature, top-k, top-p in that order)."""
+    if not do_sample:
+        return lambda logits: logits.argmax(-1)
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else torch.seed())
+
+    def draw(logits: torch.Tensor) -> torch.Tensor:
+        x = logits.float() / temperature
+        if top_k:
+            kth = x.topk(min(top_k, x.shape[-1]), -1).values[:, -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            srt, order = x.sort(-1)
+            drop = srt.softmax(-1).cumsum(-1) <= 1 - top_p
+            drop[:, -1] = False
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(x.softmax(-1), 1, generator=gen)[:, 0]
+    return draw
+
+
+def compile_lm(model: torch.nn.Module, *, max_len: int, batch: int = 1, target: str = "cpu",
+               quantize: str | None = None, kv: str | None = None, pipeline: str = "default",
+               cache_dir: str | None = None) -> CompiledLM:
+    """A Hugging Face causal LM (``*ForCausalLM``) compiled for generation: a prefill program (the
+    prompt, up to ``max_len`` tokens) and a decode program (one token per row after up to
+    ``max_len - 1`` cached ones) sharing a KV cache of ``max_len`` tokens for ``batch`` rows,
+    each compiled for ``target`` through ``pipeline`` with ``quantize`` (docs/generate.md)."""
+    from .api import compile
+    if kv is not None:
+        raise EinfuseError("compile_lm: kv= (KV-cache sparsity) is not built yet; leave it out")
+    if not hasattr(model, "config") or not hasattr(model, "generation_config"):
+        raise EinfuseError(f"compile_lm takes a Hugging Face causal LM (*ForCausalLM); got {type(model).__name__}")
+    model = model.eval()
+    shape = lm_shape(model)
+    compiled = [compile(step, args, dynamic_shapes=dyn, target=target, pipeline=pipeline, quantize=quantize,
+                        cache_dir=cache_dir) for step, args, dyn in programs(model, max_len, batch, shape)]
+    return CompiledLM(*compiled, shape, max_len, batch)
