@@ -140,9 +140,11 @@ class Phases:
 class CompiledLM:
     """A causal LM as its compiled prefill and decode programs over a KV cache held here."""
 
-    def __init__(self, prefill: Any, decode: Any, shape: LMShape, max_len: int, batch: int) -> None:
+    def __init__(self, prefill: Any, decode: Any, shape: LMShape, max_len: int, batch: int,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> None:
         from .codegen.runtime import aligned_empty
         self.prefill_model, self.decode_model, self.shape = prefill, decode, shape
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id   # (generate's defaults)
         self.max_len, self.batch = max_len, batch
         self.cache = [aligned_empty((max_len, batch, shape.kv_heads, shape.head_dim), shape.dtype)
                       for _ in range(2 * shape.layers)]
@@ -232,14 +234,17 @@ class CompiledLM:
     # ---- generation -----------------------------------------------------------------------------
 
     def generate(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, attention_mask: torch.Tensor | None = None, streamer: Any = None,
+                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | Sequence[int] | None = -1,
+                 pad_token_id: int | None = -1, attention_mask: torch.Tensor | None = None, streamer: Any = None,
                  seed: int | None = None) -> torch.Tensor:
         """``ids`` [batch, T] followed by up to ``max_new_tokens`` generated tokens, as transformers'
         ``model.generate`` returns them: greedy, or sampled (``temperature``, then ``top_k``, then
         ``top_p``) from a generator seeded with ``seed``; a row that produced ``eos_token_id`` goes
-        on with ``pad_token_id`` (default: the first eos) until every row has; ``streamer`` gets
-        ``put(prompt)``, ``put(tokens)`` per step and ``end()``."""
+        on with ``pad_token_id`` until every row has (both default to the model's generation
+        config, as in transformers; ``eos_token_id=None``: no end token; a missing pad is the
+        first eos); ``streamer`` gets ``put(prompt)``, ``put(tokens)`` per step and ``end()``."""
+        eos_token_id = self.eos_token_id if eos_token_id == -1 else eos_token_id
+        pad_token_id = self.pad_token_id if pad_token_id == -1 else pad_token_id
         ids = torch.as_tensor(ids).to(torch.long)
         ids = ids[None] if ids.dim() == 1 else ids
         if ids.shape[1] + max_new_tokens - 1 > self.max_len:
@@ -334,4 +339,5 @@ def compile_lm(model: torch.nn.Module, *, max_len: int, batch: int = 1, target: 
     shape = lm_shape(model)
     compiled = [compile(step, args, dynamic_shapes=dyn, target=target, pipeline=pipeline, quantize=quantize,
                         cache_dir=cache_dir) for step, args, dyn in programs(model, max_len, batch, shape)]
-    return CompiledLM(*compiled, shape, max_len, batch)
+    generation = model.generation_config
+    return CompiledLM(*compiled, shape, max_len, batch, generation.eos_token_id, generation.pad_token_id)

@@ -22,11 +22,15 @@ def kernel_seconds(c: Cascade, kernels: list[Kernel], backend: Backend, rank_siz
     rng = np.random.default_rng(0)
     device = backend.device()
     out = {}
+    symbols = {str(r.size): rank_sizes[r.name] for r in c.ranks if getattr(r.size, "is_Symbol", False)}
     for k in kernels:
-        func = backend.kernel_function(c, k, SizeVars(), tuning)
+        sizes = SizeVars()
+        func = backend.kernel_function(c, k, sizes, tuning)
         lib = tvm.compile(func, target=backend.target.tvm_target())
         args = []
         for name in list(k.inputs) + [k.output]:
+            if name == k.output:   # (the sizes no tensor binds come between: SizeVars.loose)
+                args += [symbols[v.name] for v in sizes.loose(c, k)]
             d = decls[name]
             shape = [rank_sizes[r.rank] + int(r.iterative) for r in d.ranks]
             data = rng.standard_normal(shape) if d.dtype.startswith(("f", "b")) and d.dtype != "bool" \

@@ -23,6 +23,7 @@ Patterns counted: ``inline-view``, ``cse``, ``fold-constant``, ``dead-einsum``.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any
@@ -31,7 +32,7 @@ import numpy as np
 
 from ..ir import Access, Cascade, Einsum, Loop, TensorDecl
 from ..ir.interpret import interpret
-from ..ir.nodes import rewrite, walk
+from ..ir.nodes import ISym, rewrite, walk
 from ..ir.quant_formats import PACKED
 from ..ir.scope import broadcast, declarations, reads
 from ..ir.views import inline_views
@@ -86,7 +87,7 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
         if d is None or d.role != "temp" or d.dtype not in _NUMPY or any(not isinstance(s, Einsum) for _, s in ws) \
                 or not all(r.rank in static for r in d.ranks) \
                 or not all(a.tensor in known for e, _ in ws for a in reads(e)) \
-                or any(broadcast(e, c) for e, _ in ws):
+                or any(broadcast(e, c) or _sized_ranks(e) - static for e, _ in ws):
             continue   # (a broadcast stays: computing it where it is read beats loading it)
         known.add(t)
         folded += [e for e, _ in ws]
@@ -96,7 +97,7 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
                                   for a in reads(e) if a.tensor in names))
     if not frontier or sum(_nbytes(decls[t], c) for t in frontier) > FOLD_LIMIT:
         return c
-    sub = replace(c, stmts=tuple(folded), tensors=tuple(
+    sub = replace(c, stmts=tuple(folded), ranks=tuple(r for r in c.ranks if r.name in static), tensors=tuple(
         replace(decls[t], role="output" if t in frontier else decls[t].role)
         for t in dict.fromkeys([*(a.tensor for e in folded for a in reads(e)), *names])))
     values = interpret(sub, {})
@@ -106,6 +107,17 @@ def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
     tensors = [t for t in c.tensors if t.name not in names] + [replace(decls[t], role="param") for t in frontier]
     stats["fold-constant"] += len(folded)
     return replace(c, stmts=tuple(kept), tensors=tuple(tensors), params=params)
+
+
+def _sized_ranks(node: Any) -> set[str]:
+    """The ranks whose sizes ``node`` (an Einsum or a part of one) uses as values (``x[T - 1]``)."""
+    if isinstance(node, ISym):
+        return {node.rank}
+    if isinstance(node, (tuple, list)):
+        return set().union(*map(_sized_ranks, node))
+    if dataclasses.is_dataclass(node):
+        return set().union(*(_sized_ranks(getattr(node, f.name)) for f in dataclasses.fields(node)))
+    return set()
 
 
 _NUMPY = {"f32": np.float32, "f64": np.float64, "f16": np.float16, "i8": np.int8, "i32": np.int32,
