@@ -332,6 +332,35 @@ def load_tinylm(train_if_missing: bool = True, minutes: float = 10) -> tuple[Tin
     return load(config, minutes * 60, train_if_missing=train_if_missing), config
 
 
+def as_llama(model: TinyLM, c: Config) -> torch.nn.Module:
+    """``model`` as a transformers ``LlamaForCausalLM`` with the same weights and the same function
+    (the same RMSNorm, rotary halves, SwiGLU and untied head), for ``einfuse.compile_lm`` and
+    ``einfuse generate tinylm``; its vocabulary is bytes, so no token is an end of text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=c.vocab, hidden_size=c.width, intermediate_size=c.hidden,
+                         num_hidden_layers=c.layers, num_attention_heads=c.heads, num_key_value_heads=c.heads,
+                         max_position_embeddings=c.context, rms_norm_eps=1e-5, rope_theta=c.rope_base,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         attn_implementation="sdpa")
+    llama = LlamaForCausalLM(config).eval()
+    state = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+             "lm_head.weight": model.head.weight}
+    for i, b in enumerate(model.blocks):
+        layer = f"model.layers.{i}."
+        q, k, v = b.qkv.weight.chunk(3)
+        gate, up = b.gate_up.weight.chunk(2)
+        state.update({layer + "self_attn.q_proj.weight": q, layer + "self_attn.k_proj.weight": k,
+                      layer + "self_attn.v_proj.weight": v, layer + "self_attn.o_proj.weight": b.out.weight,
+                      layer + "mlp.gate_proj.weight": gate, layer + "mlp.up_proj.weight": up,
+                      layer + "mlp.down_proj.weight": b.down.weight,
+                      layer + "input_layernorm.weight": b.attn_norm.weight,
+                      layer + "post_attention_layernorm.weight": b.mlp_norm.weight})
+    missing, unexpected = llama.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    if unexpected or [m for m in missing if "rotary" not in m]:
+        raise TinyLMError(f"as_llama: weights left over {unexpected} or missing {missing}")
+    return llama
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)

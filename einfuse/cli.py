@@ -3,7 +3,8 @@ IR-inspection instruments, print and analyse it) and
 ``compile`` (compile it for a target, write the library and print the report), ``quantize`` (each
 weight's error and bytes under a quantization format, and the output's), ``report`` (time
 each kernel against the cost model's estimate; ``--plot`` draws the roofline), ``tune`` (tune its
-kernels with MetaSchedule into a database that ``compile`` reads), ``kernels``
+kernels with MetaSchedule into a database that ``compile`` reads), ``generate`` (a causal LM's
+prefill and decode programs: time to first token, tokens/s; :mod:`einfuse.lm_cli`), ``kernels``
 (write each kernel's source for a target, with a manifest; no device needed) and ``cache``
 (``status`` or ``clear`` the compile cache).
 
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from . import lm_cli
 from .errors import EinfuseError
 from .ir import Cascade, verify
 from .ir.parser import parse_file
@@ -95,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="cuda:*: add main.cu and a Makefile that run the kernels with nvcc alone (make && ./run)")
     kern.add_argument("--data", action="store_true",
                       help="with --harness: write the example inputs, weights and every kernel's CPU reference to data/")
+    lm_cli.add_parser(sub)
     cache = sub.add_parser("cache", help="the compile cache: status or clear")
     cache.add_argument("action", choices=("status", "clear"))
     cache.add_argument("--tuning", action="store_true", help="clear: remove the tuning records too")
@@ -102,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         commands = {"ir": _ir, "compile": _compile, "tune": _tune, "report": _report, "kernels": _kernels,
-                    "cache": _cache, "quantize": _quantize}
+                    "cache": _cache, "quantize": _quantize, "generate": lm_cli.generate}
         return commands[args.command](args)
     except EinfuseError as err:
         print(f"einfuse: error: {getattr(args, 'model', args.command)}: {err}", file=sys.stderr)

@@ -162,6 +162,14 @@ class CompiledLM:
         self.valid = torch.zeros(self.batch, self.max_len, dtype=torch.bool)   # slots holding a real token
         self.next_pos = torch.zeros(self.batch, dtype=torch.long)
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens (forget the rest), as transformers' ``crop``."""
+        if not 0 < length <= self.length:
+            raise EinfuseError(f"crop({length}): the cache holds {self.length} tokens")
+        self.next_pos -= self.length - length
+        self.valid[:, length:] = False
+        self.length = length
+
     # ---- the two programs -----------------------------------------------------------------------
 
     def prefill(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

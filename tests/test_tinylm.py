@@ -115,3 +115,12 @@ def test_quantization_quality_is_perplexity_kl_and_top1() -> None:
     assert got["kl"] == pytest.approx(float((p * (p / q).log()).sum(-1).mean())) and got["kl"] > 0
     assert got["top1"] == pytest.approx(float((p.argmax(-1) == q.argmax(-1)).double().mean()))
     assert option("q4_0:awq") == "format=q4_0,method=awq" and option("int8") == "int8"
+
+
+def test_as_llama_is_the_same_function(trained: Trained) -> None:
+    from benchmarks.tinylm import as_llama
+    tokens = torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        want = trained.model(tokens)
+        got = as_llama(trained.model, TINY)(tokens).logits
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
