@@ -69,7 +69,7 @@ def eager_step(model: torch.nn.Module, cached: int) -> Callable[[], Any]:
     def step() -> Any:
         with torch.no_grad():
             out = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
-        cache.crop(cached)
+        cache.crop(-1)   # (remove the step's token)
         return out
     return step
 

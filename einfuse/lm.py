@@ -20,22 +20,29 @@ lowest value elsewhere, as transformers' eager attention writes them.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from transformers import AttentionInterface, PretrainedConfig
 from transformers.cache_utils import Cache
 
 from .errors import EinfuseError, InputError
 from .frontends.torch_export import named_dynamic
 
 
+ATTENTION = "einfuse_cached"   # (the name of :func:`cached_attention` among transformers' attention functions)
+
+
 class _StepCache(Cache):
-    """transformers' cache interface over one step's inputs: ``update`` returns a layer's past keys
-    (given ``[L, B, H, D]``, seen as ``[B, H, L, D]``) followed by the new ones, and keeps the new
-    ones to be returned by the program."""
+    """transformers' cache interface over one step's inputs: ``update`` keeps a layer's new keys
+    and values (the program returns them) and returns them alone: :func:`cached_attention` reads
+    the cached ones (``past``, ``[L, B, Hkv, D]`` each) where they are."""
+
+    current: "_StepCache | None" = None   # (the step being traced: cached_attention's past)
 
     def __init__(self, past: Sequence[torch.Tensor]) -> None:   # (not Cache.__init__: no layers of its own)
         self.layers, self.layer_class_to_replicate, self.offloading = [], None, False
@@ -44,13 +51,37 @@ class _StepCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         self.new += [key_states, value_states]
-        if not self.past:
-            return key_states, value_states
-        k, v = self.past[2 * layer_idx], self.past[2 * layer_idx + 1]
-        return torch.cat([k.permute(1, 2, 0, 3), key_states], 2), torch.cat([v.permute(1, 2, 0, 3), value_states], 2)
+        return key_states, value_states
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         return self.past[0].shape[0] if self.past else 0
+
+
+def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' eager attention (``softmax(q k^T * scaling [softcapped] + mask) v``) over the
+    cached keys and values followed by the step's new ones, without concatenating them: the
+    scores of the two parts side by side (``L + T`` numbers per query row), each part multiplied
+    by its values. A group of ``H / Hkv`` query heads shares its key/value head (GQA) as query
+    rows of one product, so each cached head is read once per step, not once per query head."""
+    if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
+        raise EinfuseError(f"compile_lm: {type(module).__name__}'s attention has sinks or a position bias, "
+                           "which the decode program does not compute yet")
+    k_past, v_past = (_StepCache.current.past[2 * module.layer_idx + i] for i in (0, 1))   # type: ignore[union-attr]
+    b, h, t, d = query.shape
+    g, n = key.shape[1], k_past.shape[0]
+    q = query.reshape(b, g, h // g * t, d)
+    scores = torch.cat([torch.einsum("lbgd,bgqd->bglq", k_past, q).transpose(-1, -2), q @ key.transpose(-1, -2)], -1)
+    scores = scores * (d ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.reshape(b, h, t, n + t)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    p = scores.softmax(-1).to(value.dtype).reshape(b, g, h // g * t, n + t)
+    out = torch.einsum("bgql,lbgd->bgqd", p[..., :n], v_past) + p[..., n:] @ value
+    return out.reshape(b, h, t, d).transpose(1, 2), None
 
 
 class _Step(torch.nn.Module):
@@ -65,8 +96,28 @@ class _Step(torch.nn.Module):
         cache = _StepCache(past)
         masks = mask[0] if self.mask_types is None else {t: mask[i] for i, t in enumerate(self.mask_types)}
         extra = {"logits_to_keep": 1} if self.keep else {}
-        out = self.lm(input_ids=ids, position_ids=pos, attention_mask=masks, cache=cache, use_cache=True, **extra)
+        with _attention(self.lm, ATTENTION if past else None, cache):
+            out = self.lm(input_ids=ids, position_ids=pos, attention_mask=masks, cache=cache, use_cache=True, **extra)
         return (out.logits[:, -1], *cache.new)
+
+
+@contextlib.contextmanager
+def _attention(lm: torch.nn.Module, name: str | None, cache: _StepCache) -> Iterator[None]:
+    """Within: ``lm``'s attention layers call transformers' attention function ``name`` (None:
+    their own) with ``cache`` as the step's; the model's configuration restored after."""
+    configs = [m.config for m in lm.modules() if isinstance(getattr(m, "config", None), PretrainedConfig)]
+    before = [c._attn_implementation for c in configs]
+    _StepCache.current = cache
+    try:
+        if name is not None:
+            AttentionInterface.register(name, cached_attention)
+            for c in configs:
+                c._attn_implementation_internal = name
+        yield
+    finally:
+        _StepCache.current = None
+        for c, b in zip(configs, before):
+            c._attn_implementation_internal = b
 
 
 @dataclass(frozen=True)

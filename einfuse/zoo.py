@@ -167,7 +167,8 @@ CAUSAL_LMS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
     # the decode benchmark's model (benchmarks/generate.py): ~0.4 GB of fp32 weights read per token
     "llama-1024": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
-                                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000)),
+                                       num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,
+                                       initializer_range=0.02)),
 }
 
 

@@ -139,3 +139,27 @@ def test_report_and_phases(llama: tuple) -> None:
 def test_not_a_causal_lm() -> None:
     with pytest.raises(EinfuseError, match="causal LM"):
         einfuse.compile_lm(torch.nn.Linear(4, 4), max_len=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["cuda:sm_90", "accel:fusemax"])
+def test_the_decode_program_is_emitted_for_gpus_and_the_accelerator(target: str, tmp_path) -> None:
+    """The decode step's kernels (symbolic cache length) are written for ``target``; each distinct
+    CUDA source compiles to PTX with nvcc where nvcc is installed."""
+    import json
+    import shutil
+    import subprocess
+
+    from einfuse.lm import programs
+    _, (step, args, dynamic) = programs(causal_lm("llama"), max_len=32)
+    manifest = json.loads(einfuse.kernels(step, args, dynamic_shapes=dynamic, target=target,
+                                          output=tmp_path).read_text())
+    assert len(manifest["kernels"]) > 10 and manifest["target"] == target
+    files = [tmp_path / f for k in manifest["kernels"] for f in k["files"]]
+    assert all(f.is_file() and f.stat().st_size for f in files)
+    nvcc = shutil.which("nvcc")
+    if target.startswith("cuda") and nvcc:
+        sources = {f.read_text().replace(f.stem, "K"): f for f in files if f.suffix == ".cu"}
+        failed = [f.name for f in sources.values() if subprocess.run(
+            [nvcc, "-ptx", "-arch=sm_90", str(f), "-o", str(f.with_suffix(".ptx"))], capture_output=True).returncode]
+        assert not failed, failed

@@ -1,7 +1,8 @@
 """The package's layers import one way, and no two modules import each other.
 
 The layers, lowest first (docs/architecture.md): ``errors, cache, version`` < ``ir`` < ``targets``
-< ``frontends, passes`` < ``codegen`` < ``api`` (with ``zoo`` and ``plot``) < ``cli`` (with ``dynamo``, the torch.compile backend) < the package
+< ``frontends, passes`` < ``codegen`` < ``api`` (with ``zoo`` and ``plot``) < ``lm`` (compile_lm) < ``lm_cli``
+(``einfuse generate``) < ``cli`` (with ``dynamo``, the torch.compile backend) < the package
 root and ``__main__`` (the root imports the compiler on first use). A module may import its own
 package and the layers below it, never a sibling in its layer (``frontends`` and ``passes``, say). Every
 import counts, also one inside a function (that only delays the dependency); an import under
@@ -17,7 +18,7 @@ import einfuse
 
 ROOT = Path(einfuse.__file__).parent
 LAYERS = [("errors", "cache", "version"), ("ir",), ("targets",), ("frontends", "passes"), ("codegen",),
-          ("api", "zoo", "plot"), ("cli", "dynamo"), ("__main__", "")]
+          ("api", "zoo", "plot"), ("lm",), ("lm_cli",), ("cli", "dynamo"), ("__main__", "")]
 ALLOWED_CYCLES = [{"einfuse.ir.nodes", "einfuse.ir.text"}]
 
 

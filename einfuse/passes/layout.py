@@ -208,7 +208,7 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
         wanted = lambda a: a.tensor not in local and (
             (not _plain(a) and (views or (bound and _may_leave(a, decls[a.tensor], size, ranks))))
             or (product and decls[a.tensor].role != "param" and inner in access_vars(a)
-                and access_vars(a)[-1] != inner))
+                and access_vars(a)[-1] != inner and _reused(s, a, size, ranks)))
         return replace(s, rhs=_copy_reads(s.rhs, s.lhs.tensor, stmts, s.provenance, wanted, inner))
     for s in c.stmts:
         if isinstance(s, Loop):  # (the copies go before the loop: they read nothing it writes)
@@ -219,6 +219,21 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
             s = operands(s, frozenset(), frozenset())
         stmts.append(s)
     return replace(c, stmts=tuple(stmts))
+
+
+#: The output rows that must share an operand for its transposed copy to pay: a decode step's
+#: scores (one query row per head, or a GQA group's few) read the cached keys once where they are,
+#: 4x faster than copying them first (docs/generate.md).
+REUSE = 16
+
+
+def _reused(e: Einsum, a: Access, size: dict, ranks: dict[str, str]) -> bool:
+    """Whether the output variables ``a`` does not vary along span ``REUSE`` rows or more (or a
+    symbolic number): each of its elements is read by that many output rows."""
+    rows = 1
+    for v in set(lhs_vars(e)) - set(access_vars(a)):
+        rows *= size[ranks[v]]
+    return not isinstance(rows, int) or rows >= REUSE
 
 
 def _may_leave(a: Access, d: TensorDecl, size: dict, ranks: dict[str, str]) -> bool:

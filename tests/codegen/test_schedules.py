@@ -57,9 +57,12 @@ Z[m2,n] = A[m2,k] * W[k,n]
     assert "Z[m2,n] = A[m2,k] * W[k,n]" in text          # 64 rows: not ragged, untouched
 
 
-def test_activations_read_along_the_vector_are_stored_transposed_weights_are_not() -> None:
-    c = parse("""cascade scores
-rank S=8, T=8, E=4, F=4
+@pytest.mark.parametrize("rows", [16, 4])
+def test_activations_read_along_the_vector_are_stored_transposed_weights_are_not(rows: int) -> None:
+    """Transposed where 16 rows or more share the copy; a decode step's few query rows read the
+    keys where they are (layout.REUSE)."""
+    c = parse(f"""cascade scores
+rank S={rows}, T=8, E=4, F=4
 tensor Q[S,E] input f32
 tensor K[T,E] input f32
 tensor W[F,E] param f32
@@ -69,7 +72,10 @@ P[s,t] = Q[s,e] * K[t,e]
 Y[s,f] = Q[s,e] * W[f,e]
 """)
     text = to_text(materialize_operands(c, lambda rows, cols: False))
-    assert "P_K[e,t] = K[t,e]" in text and "P[s,t] = Q[s,e] * P_K[e,t]" in text
+    if rows >= 16:
+        assert "P_K[e,t] = K[t,e]" in text and "P[s,t] = Q[s,e] * P_K[e,t]" in text
+    else:
+        assert "P[s,t] = Q[s,e] * K[t,e]" in text and "P_K" not in text
     assert "Y[s,f] = Q[s,e] * W[f,e]" in text           # weights are transposed at compile time instead
 
 
