@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .nodes import Access, Call, Cascade, Einsum
+from .nodes import Call, Cascade, Einsum
 from .scope import declarations, reads, reduced_vars
 
 

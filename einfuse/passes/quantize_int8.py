@@ -22,7 +22,7 @@ import numpy as np
 from ..ir import Access, Call, Cascade, Einsum, IVar, Rank, parse
 from ..ir.int8_dot import pack
 from ..ir.quant_formats import FORMATS, Stored
-from ..ir.scope import declarations, fresh_name, lhs_vars, var_ranks
+from ..ir.scope import declarations, fresh_name, var_ranks
 from ..targets import Target, int8_isa
 
 FORMATS_INT8 = ("q4_0", "int4-g32", "int4-g64", "int4-g128")
