@@ -6,7 +6,7 @@ captures a Hugging Face ``*ForCausalLM`` twice, through its own modeling code, w
 class of ours (:class:`_StepCache`) in place of transformers' so that the cache is the programs'
 inputs and outputs rather than state inside torch:
 
-- ``prefill(ids[B,T], pos[B,T], mask[M,B,1,T,T]) -> (logits[B,V], k_0, v_0, ...)``, ``T`` dynamic;
+- ``prefill(ids[B,T], pos[B,T], keep[B,T]) -> (logits[B,V], k_0, v_0, ...)``, ``T`` dynamic, its masks made in the graph;
 - ``decode(ids[B,1], pos[B,1], mask[M,B,1,1,L+1], k_0[L,B,Hkv,D], v_0, ...) -> (logits[B,V], k_0, v_0, ...)``,
   ``L`` (the tokens already cached) dynamic; each returned ``k_i``/``v_i`` is the new token's.
 
@@ -85,20 +85,41 @@ def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
 
 class _Step(torch.nn.Module):
-    """One step of ``lm`` over tensors only: the last position's logits and each layer's new K, V."""
+    """One step of ``lm`` over tensors only: the last position's logits and each layer's new K, V.
+    A prompt's step (no ``past``) takes which of its tokens are real (``mask``: ``keep[B, T]``) and
+    makes its masks in the graph (the compiler sees their causal and window structure); a decode
+    step takes them made (``[M, B, 1, 1, L + 1]``, :func:`additive_masks`)."""
 
-    def __init__(self, lm: torch.nn.Module, mask_types: Sequence[str] | None) -> None:
+    def __init__(self, lm: torch.nn.Module, mask_types: Sequence[str] | None, windows: Sequence[int | None],
+                 dtype: torch.dtype) -> None:
         super().__init__()
-        self.lm, self.mask_types = lm, mask_types
+        self.lm, self.mask_types, self.windows, self.dtype = lm, mask_types, tuple(windows), dtype
         self.keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, *past: torch.Tensor) -> tuple:
         cache = _StepCache(past)
+        if not past:
+            mask = additive_masks(mask, torch.arange(ids.shape[1]), self.windows, self.dtype)
         masks = mask[0] if self.mask_types is None else {t: mask[i] for i, t in enumerate(self.mask_types)}
         extra = {"logits_to_keep": 1} if self.keep else {}
         with _attention(self.lm, ATTENTION if past else None, cache):
             out = self.lm(input_ids=ids, position_ids=pos, attention_mask=masks, cache=cache, use_cache=True, **extra)
         return (out.logits[:, -1], *cache.new)
+
+
+def additive_masks(keys: torch.Tensor, queries: torch.Tensor, windows: Sequence[int | None],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The masks ``[M, B, 1, Q, K]``, one per window (None: full attention), additive as
+    transformers' eager attention makes them: 0 where query slot ``queries[q]`` sees key slot
+    ``k`` of row ``b`` (``keys[b, k]``: not padding; ``k <= queries[q]``; in a window ``w``,
+    ``queries[q] - k < w``, transformers' rule), the dtype's lowest value elsewhere."""
+    k = torch.arange(keys.shape[1])
+    causal = k[None, :] <= queries[:, None]
+    out = []
+    for w in windows:
+        see = causal if w is None else causal & (queries[:, None] - k[None, :] < w)
+        out.append(torch.where(see[None] & keys[:, None, :], 0.0, torch.finfo(dtype).min).to(dtype)[:, None])
+    return torch.stack(out)
 
 
 @contextlib.contextmanager
@@ -143,8 +164,8 @@ def lm_shape(lm: torch.nn.Module) -> LMShape:
     windows = tuple(window if t == "sliding_attention" else None for t in types) if types else (window,)
     dtype = next(p.dtype for p in lm.parameters() if p.is_floating_point())
     with torch.no_grad():
-        out = _Step(lm, types)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                               torch.zeros(len(windows), 1, 1, 1, 1, dtype=dtype))
+        out = _Step(lm, types, windows, dtype)(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                                               torch.ones(1, 1, dtype=torch.bool))
     _, kv_heads, _, head_dim = out[1].shape
     return LMShape((len(out) - 1) // 2, kv_heads, head_dim, out[0].shape[-1], dtype, windows, types)
 
@@ -156,12 +177,12 @@ def programs(lm: torch.nn.Module, max_len: int, batch: int = 1,
     s = shape or lm_shape(lm)
     if max_len < 3:
         raise EinfuseError(f"compile_lm: max_len={max_len}; it must be at least 3 (a 2-token prompt and a step)")
-    step = _Step(lm, s.mask_types).eval()
+    step = _Step(lm, s.mask_types, s.windows, s.dtype).eval()
     m = len(s.windows)
     t = named_dynamic("T", 2, max_len)
     prefill = (step, (torch.zeros(batch, 4, dtype=torch.long), torch.zeros(batch, 4, dtype=torch.long),
-                      torch.zeros(m, batch, 1, 4, 4, dtype=s.dtype)),
-               {"ids": {1: t}, "pos": {1: t}, "mask": {3: t, 4: t}})
+                      torch.ones(batch, 4, dtype=torch.bool)),
+               {"ids": {1: t}, "pos": {1: t}, "mask": {1: t}})
     n = named_dynamic("L", 2, max_len - 1)
     past = tuple(torch.zeros(4, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
     decode = (step, (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long),
@@ -230,8 +251,7 @@ class CompiledLM:
         self.reset()
         t = ids.shape[1]
         pos = (keep.cumsum(1) - 1).masked_fill(~keep, 1)
-        slots = torch.arange(t)
-        out = self.prefill_model.run_trusted(ids, pos, self._masks(keep, slots))
+        out = self.prefill_model.run_trusted(ids, pos, keep)
         self._store(out[1:], 0, t)
         self.valid[:, :t] = keep
         self.next_pos = pos[:, -1] + 1
@@ -275,16 +295,7 @@ class CompiledLM:
         return ids, keep
 
     def _masks(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """The additive masks [M, batch, 1, Q, K]: query slot ``queries[q]`` sees key slot ``k`` of row
-        ``b`` where ``keys[b, k]`` (not padding), ``k <= queries[q]`` and, in a window ``w``, ``queries[q] - k < w``."""
-        k = torch.arange(keys.shape[1])
-        causal = k[None, :] <= queries[:, None]
-        lowest = torch.finfo(self.shape.dtype).min
-        out = []
-        for w in self.shape.windows:
-            see = causal if w is None else causal & (queries[:, None] - k[None, :] < w)
-            out.append(torch.where(see[None] & keys[:, None, :], 0.0, lowest).to(self.shape.dtype)[:, None])
-        return torch.stack(out)
+        return additive_masks(keys, queries, self.shape.windows, self.shape.dtype)
 
     def _store(self, kv: Sequence[torch.Tensor], start: int, n: int) -> None:
         for buf, new in zip(self.cache, kv):   # (new: [batch, Hkv, n, D])
@@ -346,7 +357,7 @@ class CompiledLM:
         phase split."""
         cached = cached or self.max_len // 2
         prefill_args = (torch.zeros(self.batch, prompt_len, dtype=torch.long),) * 2 + \
-            (self._masks(torch.ones(self.batch, prompt_len, dtype=torch.bool), torch.arange(prompt_len)),)
+            (torch.ones(self.batch, prompt_len, dtype=torch.bool),)
         decode_args = (torch.zeros(self.batch, 1, dtype=torch.long),) * 2 + \
             (self._masks(torch.ones(self.batch, cached + 1, dtype=torch.bool), torch.tensor([cached])),) + \
             tuple(c[:cached] for c in self.cache)

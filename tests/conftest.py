@@ -32,6 +32,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):   # (two workers on two cores: one thread each, or their
+        os.environ["TVM_NUM_THREADS"] = "1"      # spinning thread pools wait on each other's cores)
+        import torch
+        torch.set_num_threads(1)
     isa = config.getoption("--isa")
     if isa == "host":
         return
