@@ -163,3 +163,13 @@ def test_the_decode_program_is_emitted_for_gpus_and_the_accelerator(target: str,
         failed = [f.name for f in sources.values() if subprocess.run(
             [nvcc, "-ptx", "-arch=sm_90", str(f), "-o", str(f.with_suffix(".ptx"))], capture_output=True).returncode]
         assert not failed, failed
+
+
+def test_the_generate_command(capsys: pytest.CaptureFixture) -> None:
+    from einfuse.cli import main
+    assert main(["generate", "llama", "--prompt-len", "7", "--new-tokens", "5", "--max-len", "32"]) == 0
+    out = capsys.readouterr()
+    assert "time to first token" in out.out and "tokens/s" in out.out and "KV cache" in out.out
+    assert "peak RSS" in out.out and "generating: 5/5 tokens" in out.err
+    assert main(["generate", "llama", "--prompt", "def main("]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err
