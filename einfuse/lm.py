@@ -372,16 +372,15 @@ class CompiledLM:
 
     def report(self, prompt_len: int = 16, cached: int | None = None) -> str:
         """Both programs' kernel tables (each kernel on the roofline: the cost model's estimate and
-        what bounds it, beside its measured time), the prefill at ``prompt_len`` tokens and the
+        what bounds it, beside its measured time), the prefill of ``prompt_len`` tokens' bucket and the
         decode step after ``cached`` ones (default: half the cache), then the last generation's
         phase split."""
-        cached = cached or self.max_len // 2
-        prefill_args = (torch.zeros(self.batch, prompt_len, dtype=torch.long),) * 2 + \
-            (torch.ones(self.batch, prompt_len, dtype=torch.bool),)
+        cached, n = cached or self.max_len // 2, self.bucket(prompt_len)
+        prefill_args = (torch.zeros(self.batch, n, dtype=torch.long),) * 2 + (torch.ones(self.batch, n, dtype=torch.bool),)
         decode_args = (torch.zeros(self.batch, 1, dtype=torch.long),) * 2 + \
             (self._masks(torch.ones(self.batch, cached + 1, dtype=torch.bool), torch.tensor([cached])),) + \
             tuple(c[:cached] for c in self.cache)
-        lines = [f"prefill program ({prompt_len} tokens):", self.prefill_program(prompt_len).report(prefill_args), "",
+        lines = [f"prefill program ({n} tokens, the bucket of {prompt_len}):", self.prefill_program(n).report(prefill_args), "",
                  f"decode program (after {cached} cached tokens):", self.decode_model.report(decode_args), "",
                  f"KV cache: {self.kv_bytes / 2**20:.1f} MiB ({self.shape.layers} layers x K,V x "
                  f"[{self.max_len}, {self.batch}, {self.shape.kv_heads}, {self.shape.head_dim}] {self.shape.dtype})"]
