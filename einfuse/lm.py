@@ -2,11 +2,12 @@
 
 Generation is a prefill (the prompt's tokens at once, compute-bound) and then one decode step per
 new token (memory-bound: every weight and the KV cache read once per token). ``compile_lm``
-captures a Hugging Face ``*ForCausalLM`` twice, through its own modeling code, with a cache
+captures a Hugging Face ``*ForCausalLM`` through its own modeling code, with a cache
 class of ours (:class:`_StepCache`) in place of transformers' so that the cache is the programs'
 inputs and outputs rather than state inside torch:
 
-- ``prefill(ids[B,T], pos[B,T], keep[B,T]) -> (logits[B,V], k_0, v_0, ...)``, ``T`` dynamic, its masks made in the graph;
+- ``prefill(ids[B,T], pos[B,T], keep[B,T]) -> (logits[B,V], k_0, v_0, ...)``, its masks made in the
+  graph; ``T`` dynamic in :func:`programs`, a bucket's static length in ``compile_lm`` (16, 32, ...);
 - ``decode(ids[B,1], pos[B,1], mask[M,B,1,1,L+1], k_0[L,B,Hkv,D], v_0, ...) -> (logits[B,V], k_0, v_0, ...)``,
   ``L`` (the tokens already cached) dynamic; each returned ``k_i``/``v_i`` is the new token's.
 
@@ -14,8 +15,8 @@ The KV cache is one preallocated buffer per layer and per K/V, laid out ``[max_l
 the first ``L`` rows are a contiguous, aligned view that reaches TVM without a copy, and the
 host writes each step's new rows after them (``B * Hkv * D`` numbers per layer and step: the
 cache is never copied and never grows). The masks (``M`` of them: one per attention layer type of
-a model that mixes full and sliding-window layers, as Gemma 2/3 do) are built here from each
-row's left padding and the window: additive, 0 where a query may see a key and the dtype's
+a model that mixes full and sliding-window layers, as Gemma 2/3 do) are built from each row's
+left padding and the window (by the prefill program itself, by the host for a decode step): additive, 0 where a query may see a key and the dtype's
 lowest value elsewhere, as transformers' eager attention writes them.
 """
 from __future__ import annotations
