@@ -27,6 +27,7 @@ from ..ir import Cascade, Const, verify
 from ..ir.dtypes import DTYPES
 from .aten import RULES, Ctx, RuleError
 from .builder import Builder, Ref, identifier
+from .experts import batched_experts
 
 #: the torch dtype of each IR dtype (ir.dtypes names it; a torch before 2.6 has no int4), and
 #: the IR dtype of each torch dtype
@@ -140,7 +141,7 @@ def _quiet_torch() -> Iterator[None]:
 
 def export_aten(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """``model`` exported by ``torch.export`` and decomposed to the ATen operators capture translates."""
-    with _quiet_torch():
+    with _quiet_torch(), batched_experts(model):
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch.export raises many unrelated types; all mean "could not export"

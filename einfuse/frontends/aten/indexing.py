@@ -96,6 +96,23 @@ def gather(ctx: Ctx) -> Ref:
     return x.reindex(ctx.shape, index_exprs)
 
 
+@rule("aten.scatter.value")
+def scatter_value(ctx: Ctx) -> Ref:
+    """``Y = X`` with ``value`` written where ``IDX`` points along ``dim``: ``HIT[.., j, ..] =
+    max_i (IDX[.., i, ..] == j)`` (a one-hot's union, DeepSeek's group mask), then
+    ``Y = where(HIT, value, X)``. Repeated indices write the same value, so their order is moot."""
+    x, dim, ix, value = ctx.arg(0), norm_dim(ctx.arg(1), len(ctx.arg(0).shape)), ctx.arg(2), ctx.arg(3)
+    if len(ix.shape) != len(x.shape) or any(a != b for d, (a, b) in enumerate(zip(ix.shape, x.shape)) if d != dim):
+        raise RuleError(f"scatter along {dim} with an index of shape {list(ix.shape)} into {list(x.shape)}")
+
+    def hit(out: list[IndexExpr], red: list[IndexExpr]) -> Call:
+        at = list(out)
+        at[dim] = red[0]
+        return Call("eq", (ix.at(at), Coord(out[dim])))
+    hits = ctx.b.emit(f"{ctx.name}_hit", ctx.shape, "bool", hit, reduce=[ix.shape[dim]], op="max")
+    return ctx.map("where", hits, float(value), x)
+
+
 @rule("aten.index_select.default")
 def index_select(ctx: Ctx) -> Ref:
     x, dim, ix = ctx.arg(0), norm_dim(ctx.arg(1), len(ctx.arg(0).shape)), ctx.arg(2)
