@@ -54,6 +54,8 @@ register_kind("dequant", "a contraction whose weight is quantized: dequantized w
               "a panel at a time (a GEMM), never written out in float")
 register_kind("int8-dot", "a 4-bit weight's contraction on int8 activations (quantize{compute=int8}): the "
               "activations quantized per block, then integer dot products (codegen/int8_dot.py)", loop=True)
+register_kind("grouped", "each row times its own expert's weights, H[p,n] = W[G[p],d,n] * X[p,d], run by run of "
+              "equal G (a mixture-of-experts FFN, codegen/grouped.py)", loop=True)
 register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
               loop=True)
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Const, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
+from ..ir.grouped import grouped as grouped_parts
 from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
 from ..ir.scope import (
@@ -68,10 +69,11 @@ class GroupKernels(Pass):
 
     name = "group-kernels"
     attention: bool = True   # a softmax row group joins the P V reading it (off: one phase each, as on an accelerator)
+    grouped: bool = False    # each grouped contraction (ir/grouped.py) one kernel of its kind (a CPU's)
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
         stats = ctx.stats
-        kernels = group_kernels(c, self.attention)
+        kernels = group_kernels(c, self.attention, self.grouped)
         for k in kernels:
             stats[f"kernel:{KINDS[k.kind].label}"] += 1
             stream, levels = stream_levels(c, k)
@@ -81,8 +83,8 @@ class GroupKernels(Pass):
         return replace(c, groups=tuple(kernels))
 
 
-def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
-    """Kernels in execution order (``attention``: see :class:`GroupKernels`)."""
+def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False) -> list[Kernel]:
+    """Kernels in execution order (``attention``, ``grouped``: see :class:`GroupKernels`)."""
     decls = declarations(c)
     loops = {k.output: k for k in (_loop_kernel(c, s, decls) for s in c.stmts if isinstance(s, Loop))}
     in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}  # (with recomputed temps)
@@ -114,7 +116,8 @@ def group_kernels(c: Cascade, attention: bool = True) -> list[Kernel]:
                 if a.tensor not in inline and a.tensor != t and a.tensor not in external:
                     external.append(a.tensor)
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
-    kernels = _absorb(_int8_dots(c, kernels), {t: d.role for t, d in decls.items()}, writes, attention)
+    kernels = _int8_dots(c, _grouped(c, kernels) if grouped else kernels)
+    kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
 
 
@@ -131,6 +134,19 @@ def _int8_dots(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
         kernels = [j for j in kernels if j not in producers]
         kernels[kernels.index(k)] = replace(k, internal=stages, inputs=inputs, stages=stages, kind="int8-dot")
     return kernels
+
+
+def _grouped(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
+    """``kernels`` with each grouped contraction over a weight stored ``[E, d, n]`` (``n`` at
+    least a vector of 16) of kind ``grouped``."""
+    size = {r.name: r.size for r in c.ranks}
+    decls = declarations(c)
+
+    def fits(k: Kernel) -> bool:
+        found = grouped_parts(c, k.writes[0]) if len(k.writes) == 1 and not k.internal else None
+        n = size[decls[found.weight].ranks[2].rank] if found else 0
+        return found is not None and found.transposed and isinstance(n, int) and n >= 16
+    return [replace(k, kind="grouped") if fits(k) else k for k in kernels]
 
 
 def _loop_kernel(c: Cascade, loop: Loop, decls: dict) -> Kernel:
@@ -298,9 +314,12 @@ MERGES: tuple[tuple[str, MergeRule], ...] = (("int8-dot", _int8_epilogue), ("deq
 
 def _reads_each_once(reader: Einsum, tensor: str) -> bool:
     """Whether every iteration variable of ``reader`` indexes its reads of ``tensor`` (so inlining
-    the tensor's computation into the reader recomputes nothing; a GEMM operand fails this)."""
-    used = {v for a in reads(reader) if a.tensor == tensor for v in access_vars(a)}
-    return set(iteration_vars(reader)) <= used
+    the tensor's computation into the reader recomputes nothing; a GEMM operand fails this), and
+    a reduction reads it at one index (``K[r2] < K[r]`` would put both sides in one pass)."""
+    found = [a for a in reads(reader) if a.tensor == tensor]
+    used = {v for a in found for v in access_vars(a)}
+    one_index = not reduced_vars(reader) or len({a.indices for a in found}) == 1
+    return set(iteration_vars(reader)) <= used and one_index
 
 
 def _elementwise(e: Einsum) -> bool:

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..ir import Access, Call, Cascade, Einsum, Index, IVar, Loop, Rank, TensorDecl
+from ..ir import Access, Call, Cascade, Einsum, IAccess, Index, IVar, Loop, Rank, TensorDecl
 from ..ir.nodes import Expr, TensorRank, walk
 from ..ir import int8_dot
 from ..ir.panels import panel_access, panel_data
@@ -88,14 +88,23 @@ def transpose_weights(c: Cascade) -> Cascade:
     """``c`` with each contraction's weight reads moved to weights whose innermost dimension is
     the contraction's innermost output dimension."""
     decls = declarations(c)
+    size = {r.name: r.size for r in c.ranks}
     tensors, params, made = list(c.tensors), dict(c.params), {}
     stmts = []
     for s in c.stmts:
-        if isinstance(s, Einsum) and reduced_vars(s) and s.lhs.indices and isinstance(s.lhs.indices[-1].expr, IVar):
-            inner = s.lhs.indices[-1].expr.name
+        inner = _innermost(s, decls, size) if isinstance(s, Einsum) and reduced_vars(s) else None
+        if inner is not None:
             s = replace(s, rhs=_rewrite(s.rhs, inner, decls, tensors, params, made))
         stmts.append(s)
     return replace(c, tensors=tuple(tensors), stmts=tuple(stmts), params=params)
+
+
+def _innermost(e: Einsum, decls: dict, size: dict) -> str | None:
+    """The innermost output variable of ``e`` past trailing dimensions of size 1 (``bmm``'s
+    matrix-vector products), if it is a plain variable."""
+    indices = [ix for ix, r in zip(e.lhs.indices, decls[e.lhs.tensor].ranks) if size[r.rank] != 1] or e.lhs.indices
+    last = indices[-1].expr if indices else None
+    return last.name if isinstance(last, IVar) else None
 
 
 def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made: dict) -> Expr:
@@ -103,10 +112,11 @@ def _rewrite(x: Expr, inner: str, decls: dict, tensors: list, params: dict, made
         return replace(x, args=tuple(_rewrite(a, inner, decls, tensors, params, made) for a in x.args))
     if not isinstance(x, Access) or decls[x.tensor].role != "param" or x.tensor not in params:
         return x
-    exprs = [ix.expr for ix in x.indices]
-    if any(ix.filter for ix in x.indices) or not all(isinstance(e, IVar) for e in exprs):
+    exprs = [ix.expr for ix in x.indices]   # (all variables, but for an expert's gather first: ir/grouped.py)
+    if any(ix.filter for ix in x.indices) or not all(isinstance(e, IVar) for e in exprs[1:]) \
+            or not isinstance(exprs[0], (IVar, IAccess)):
         return x
-    names = [e.name for e in exprs]
+    names = [e.name if isinstance(e, IVar) else "" for e in exprs]
     if inner not in names or names[-1] == inner:
         return x
     d = names.index(inner)

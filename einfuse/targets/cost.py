@@ -387,9 +387,24 @@ def _int8_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p
     return combine(m, 2 * macs + extra, 2 * macs / (m.flops * INT8_RATE) + extra / (m.flops / 2), p.moved, 0.0)
 
 
+def _grouped_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """A ``grouped`` kernel (``codegen/grouped.py``): its FMAs at the FMA rate; its rows, output
+    and the weights of as many experts as it has rows (at most all) moved once."""
+    from ..ir.analysis import tensors_bytes
+    from ..ir.grouped import grouped
+    found = grouped(c, p.einsums[0])
+    weight = float(tensors_bytes(c, [found.weight]).subs(p.at)) if found else 0.0
+    experts = sizes.get(c.tensor(found.weight).ranks[0].rank, 1) if found else 1
+    rows = sizes.get(c.tensor(found.x).ranks[0].rank, 1) if found else 1
+    moved = p.moved - weight + weight * min(1.0, rows / max(experts, 1))
+    fma = float(sum(2.0 * points(c, e, sizes) for e in p.einsums))
+    return combine(m, fma, fma / m.flops, moved, 0.0)
+
+
 ESTIMATES: dict[str, Callable[[Cascade, Any, Machine, dict[str, int], _Parts], Estimate]] = {
     "": _tiled_estimate, "epilogue": _tiled_estimate, "dequant": _tiled_estimate, "rows": _streamed_estimate,
     "attention": _streamed_estimate, "loop": _loop_estimate, "int8-dot": _int8_estimate,
+    "grouped": _grouped_estimate,
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from ...ir import Cascade
 from ...ir.kernels import Kernel
 from ...targets import cost, host_peaks
+from ..grouped import grouped_function
 from ..int8_dot import int8_function
 from ..loop import LoopBuilder
 from ..lower import SizeVars
@@ -19,12 +20,14 @@ class CPUBackend(TEBackend):
     """``cpu`` (the host, or a named ISA): LLVM."""
 
     kind = "cpu"
-    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels"
+    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels{grouped=true}"
     cached = True
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
         if k.kind == "int8-dot":
             return int8_function(c, k, sizes, self.target)
+        if k.kind == "grouped":
+            return grouped_function(c, k, sizes, self.target)
         return LoopBuilder(c, k, sizes, self.target).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:

@@ -373,8 +373,11 @@ def _row_schedule(sch: s_tir.Schedule, blocks: list[Any], target: Target, attent
     for p in partials:
         if p is not None:  # under the row: the lanes, then the reduction; the lanes go innermost
             _, lanes, *reduce = sch.get_loops(p)
-            sch.reorder(*reduce, lanes)
-            sch.vectorize(lanes)
+            try:
+                sch.reorder(*reduce, lanes)
+                sch.vectorize(lanes)
+            except s_tir.ScheduleError:   # (a sum of comparisons of the reduced coordinate: the lanes stay serial)
+                pass
     if finish is not None:
         init = sch.decompose_reduction(out, finish)
         sch.vectorize(sch.get_loops(init)[-1])
