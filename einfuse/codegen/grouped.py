@@ -25,13 +25,13 @@ from tvm.script.ir_builder import tirx as T
 from ..errors import CompileError
 from ..ir import Cascade
 from ..ir.dtypes import DTYPES
-from ..ir.grouped import grouped
+from ..ir.grouped import grouped, panel_columns
 from ..ir.kernels import Kernel
 from ..ir.scope import declarations
 from ..targets import Target
 from .lower import SizeVars
 
-MAX_TILE = {16: (6, 4), 8: (4, 2)}   # (MR, NV) by lanes: 24 of 32 zmm, 8 of 16 ymm accumulators
+MAX_ROWS = {16: 6, 8: 4}   # MR by lanes: 24 of 32 zmm, 8 of 16 ymm accumulators (ir.grouped.panel_columns)
 
 
 def grouped_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tirx.PrimFunc:
@@ -44,8 +44,11 @@ def grouped_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> 
     shape = {t: [v if isinstance(v, int) else sizes.expr(v) for v in (size[r.rank] for r in decls[t].ranks)]
              for t in (*k.inputs, k.output)}
     lanes = target.vector_lanes
-    mr, nv = MAX_TILE.get(lanes, (4, 2))
-    rows, depth, n = shape[found.x][0], shape[found.x][1], shape[found.weight][2]
+    mr, nv = MAX_ROWS.get(lanes, 4), panel_columns(lanes) // lanes
+    rows, depth = shape[found.x]
+    n = shape[found.weight][1] * shape[found.weight][3] if found.panel else shape[found.weight][2]
+    if found.panel and found.panel != nv * lanes:
+        raise CompileError(f"kernel {k.name}: weight panels of {found.panel} columns, not the tile's {nv * lanes}")
     with IRBuilder() as ib, T.prim_func():
         T.func_name(k.name)
         T.func_attr({"tirx.noalias": True})
@@ -57,7 +60,7 @@ def grouped_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> 
         starts = T.decl_buffer((rows + 1,), "int32", scope="global")
         count = T.decl_buffer((1,), "int32", scope="global")
         _runs(args[found.groups], rows, starts, count)
-        tile = Tile(mr, nv, lanes, n, depth)
+        tile = Tile(mr, nv, lanes, n, depth, bool(found.panel))
         with T.parallel(0, (n + tile.cols - 1) // tile.cols) as t, T.serial(0, count[0]) as run:
             lo, hi = starts[run], starts[run + 1]
             expert = T.bind(tirx.Cast("int64", args[found.groups][lo]))
@@ -81,16 +84,22 @@ def _runs(groups: Any, rows: Any, starts: Any, count: Any) -> None:
 class Tile:
     """A register tile: ``MR`` rows x ``NV`` vectors of ``L`` columns, over the whole depth."""
 
-    def __init__(self, mr: int, nv: int, lanes: int, n: int, depth: Any) -> None:
+    def __init__(self, mr: int, nv: int, lanes: int, n: int, depth: Any, panels: bool) -> None:
         if n < lanes:
             raise CompileError(f"grouped kernel: {n} output columns, fewer than a vector's {lanes}")
-        self.mr, self.lanes, self.n, self.depth = mr, lanes, n, depth
+        self.mr, self.lanes, self.n, self.depth, self.panels = mr, lanes, n, depth, panels
         self.nv = max(1, min(nv, n // lanes))
         self.cols = self.nv * lanes
 
     def column(self, t: Any, v: int) -> Any:
         """The first column of vector ``v`` of tile ``t`` (the last tile's clamped to fit)."""
         return tirx.min(t * self.cols + v * self.lanes, self.n - self.lanes)
+
+    def weight(self, w: Any, expert: Any, t: Any, d: Any, v: int) -> Any:
+        """Vector ``v`` of the weights of tile ``t`` at depth ``d``."""
+        if self.panels:
+            return w[expert, t, d, tirx.Ramp(v * self.lanes, 1, self.lanes)]
+        return w[expert, d, tirx.Ramp(self.column(t, v), 1, self.lanes)]
 
     def emit(self, rows: list[Any], t: Any, expert: Any, x: Any, w: Any, h: Any) -> None:
         L = self.lanes
@@ -99,7 +108,7 @@ class Tile:
             for v in range(self.nv):
                 T.buffer_store(acc, tirx.Broadcast(tirx.const(0.0, "float32"), L), [i, v, tirx.Ramp(0, 1, L)])
         with T.serial(0, self.depth) as d:
-            weights = [T.bind(w[expert, d, tirx.Ramp(self.column(t, v), 1, L)]) for v in range(self.nv)]
+            weights = [T.bind(self.weight(w, expert, t, d, v)) for v in range(self.nv)]
             for i, row in enumerate(rows):
                 xb = T.bind(tirx.Broadcast(x[row, d], L))
                 for v in range(self.nv):

@@ -144,7 +144,8 @@ def _grouped(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
 
     def fits(k: Kernel) -> bool:
         found = grouped_parts(c, k.writes[0]) if len(k.writes) == 1 and not k.internal else None
-        n = size[decls[found.weight].ranks[2].rank] if found else 0
+        ranks = [size[r.rank] for r in decls[found.weight].ranks] if found else []
+        n = (ranks[1] * ranks[3] if found.panel else ranks[2]) if found else 0
         return found is not None and found.transposed and isinstance(n, int) and n >= 16
     return [replace(k, kind="grouped") if fits(k) else k for k in kernels]
 

@@ -25,7 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..ir import Access, Call, Cascade, Einsum, IAccess, Index, IVar, Loop, Rank, TensorDecl
+from ..ir import Access, Call, Cascade, Einsum, IAccess, IBin, IConst, Index, IVar, Loop, Rank, TensorDecl
+from ..ir.grouped import Grouped, grouped, panel_columns
 from ..ir.nodes import Expr, TensorRank, walk
 from ..ir import int8_dot
 from ..ir.panels import panel_access, panel_data
@@ -139,13 +140,15 @@ def pack_weights(c: Cascade, target: Target) -> Cascade:
     every row). For static sizes the register tile divides, unless the GEMV schedule (which
     streams the weight's rows) is still estimated faster."""
     sizes = {r.name: r.size for r in c.ranks}
-    if not all(isinstance(v, int) for v in sizes.values()):
-        return c
+    static = all(isinstance(v, int) for v in sizes.values())
     decls = declarations(c)
     ranks, tensors, params, made = list(c.ranks), list(c.tensors), dict(c.params), {}
     stmts = []
     for s in c.stmts:
-        panel = _panel(c, s, decls, sizes, target) if isinstance(s, Einsum) else None
+        expert = grouped(c, s) if isinstance(s, Einsum) else None
+        if expert is not None:
+            s = _grouped_panels(s, expert, target, sizes, decls, ranks, tensors, params, made)
+        panel = _panel(c, s, decls, sizes, target) if isinstance(s, Einsum) and static and not expert else None
         if panel is not None:
             weight, nr = panel
             if (weight.tensor, nr) not in made:
@@ -172,6 +175,40 @@ def _panel(c: Cascade, e: Einsum, decls: dict, sizes: dict, target: Target) -> t
     if rows % mr or cols % nr or cost.prefers_gemv(cost.nominal(target), batch, rows, cols, depth, packed=True):
         return None
     return w, nr
+
+
+def _grouped_panels(e: Einsum, found: Grouped, target: Target, sizes: dict, decls: dict, ranks: list,
+                    tensors: list, params: dict, made: dict) -> Einsum:
+    """Grouped contraction ``e`` reading its weight (``W[E, d, n]``) as panels of the grouped
+    kernel's columns, ``W_p[G[p], n//c, d, n%c]``, each panel contiguous (rows ``n`` apart, a
+    power of two of bytes, would share a few cache sets)."""
+    cols = panel_columns(target.vector_lanes)
+    experts, depth, n = (sizes[r.rank] for r in decls[found.weight].ranks)
+    if not found.transposed or found.panel or not isinstance(n, int) or n % cols or found.weight not in params:
+        return e
+    key = (found.weight, cols)
+    if key not in made:
+        taken = {r.name for r in ranks}
+        panels = fresh_name(f"{found.weight.upper()}_P", taken)
+        lanes = fresh_name(f"{found.weight.upper()}_L", taken | {panels})
+        ranks += [Rank(panels, n // cols), Rank(lanes, cols)]
+        packed = fresh_name(f"{found.weight}_p", {t.name for t in tensors})
+        decl = decls[found.weight]
+        tensors.append(TensorDecl(packed, (decl.ranks[0], TensorRank(panels), decl.ranks[1], TensorRank(lanes)),
+                                  "param", decl.dtype, decl.empty))
+        params[packed] = np.ascontiguousarray(params[found.weight].reshape(experts, depth, n // cols, cols)
+                                              .transpose(0, 2, 1, 3))
+        made[key] = packed
+
+    def read(x: Expr) -> Expr:
+        if isinstance(x, Call):
+            return replace(x, args=tuple(read(a) for a in x.args))
+        if not isinstance(x, Access) or x.tensor != found.weight:
+            return x
+        g, d, col = (ix.expr for ix in x.indices)
+        return Access(made[key], (Index(g), Index(IBin("//", col, IConst(cols))), Index(d),
+                                  Index(IBin("%", col, IConst(cols)))))
+    return replace(e, rhs=read(e.rhs))
 
 
 def _packed(name: str, nr: int, decls: dict, sizes: dict, ranks: list, tensors: list, params: dict) -> str:
