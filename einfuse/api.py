@@ -1,6 +1,7 @@
 """``einfuse.compile``: frontend -> passes -> codegen, nothing else."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -15,7 +16,8 @@ if TYPE_CHECKING:
 
 def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipeline: str = "default",
             dynamic_shapes: Any = None, cache_dir: str | Path | None = None,
-            tuning_db: str | Path | bool | None = None, quantize: str | None = None, fallback: bool = False) -> Any:
+            tuning_db: str | Path | bool | None = None, quantize: str | None = None, fallback: bool = False,
+            moe: str | None = None) -> Any:
     """Compile a torch model (with example ``args``) or a :class:`~einfuse.ir.Cascade` for ``target``.
 
     ``pipeline`` is ``"default"``, ``"none"`` or pipeline text (``"canonicalize"``; see
@@ -25,7 +27,9 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     model again only loads it. Kernels tuned by ``einfuse tune`` (docs/tuning.md) take their best
     schedule from ``tuning_db`` (default: ``<cache_dir>/tuning`` where it exists; ``False``: none).
     ``quantize`` (``"q4_0"``, ``"int8"``, ...: docs/quantization.md) stores the weights quantized
-    (the ``quantize`` pass, after ``pipeline``). With ``fallback``, a torch model using operators
+    (the ``quantize`` pass, after ``pipeline``). ``moe`` sets the options of the pipeline's ``moe``
+    pass: ``"capacity"`` (Tutel's capacity factor 1.25: tokens over an expert's capacity dropped) or
+    ``"mode=capacity,factor=2"``; default dropless (docs/moe.md). With ``fallback``, a torch model using operators
     einfuse has no rule for compiles in parts: each subgraph of supported operators compiled, the
     rest run in eager, a warning naming them (a ``torch.fx.GraphModule`` is returned then;
     docs/torch_compile.md).
@@ -33,8 +37,8 @@ def compile(model: Any, args: tuple | None = None, *, target: str = "cpu", pipel
     from .codegen.backends import backend_for
     if fallback and not isinstance(model, Cascade):
         return _with_fallback(model, args, dict(target=target, pipeline=pipeline, dynamic_shapes=dynamic_shapes,
-                                                cache_dir=cache_dir, tuning_db=tuning_db, quantize=quantize))
-    pipeline = with_quantize(pipeline, quantize)
+                                                cache_dir=cache_dir, tuning_db=tuning_db, quantize=quantize, moe=moe))
+    pipeline = with_quantize(with_moe(pipeline, moe), quantize)
     backend = backend_for(target)   # (an unknown name fails here, listing the known ones)
     backend.check_runs()
     cascade = laid_out(optimized(model, args, pipeline=pipeline, dynamic_shapes=dynamic_shapes, target=backend.target),
@@ -176,6 +180,21 @@ def captured(model: Any, args: tuple, *, dynamic_shapes: Any = None) -> Cascade:
     from .passes.quantize import read_imported
     model, weights = prequantized.split(model)
     return read_imported(capture(model, args, dynamic_shapes=dynamic_shapes), weights)
+
+
+def with_moe(pipeline: str, moe: str | None) -> str:
+    """``pipeline`` with its ``moe`` pass given ``moe``'s options (a mode, ``"capacity"``, or the
+    pass's options, ``"mode=capacity,factor=2"``); appended where the pipeline has none."""
+    if not moe:
+        return pipeline
+    from .passes.pipeline import NAMED_TEXT
+    options = f"moe{{{moe if '=' in moe else 'mode=' + moe}}}"
+    items = [NAMED_TEXT.get(item.strip(), item) for item in re.split(r",(?![^{]*\})", pipeline)]
+    items = [part for item in items for part in re.split(r",(?![^{]*\})", item) if part.strip()]
+    found = [i for i, item in enumerate(items) if item.strip().split("{")[0] == "moe"]
+    if not found:
+        return ",".join(items + [options])
+    return ",".join(options if i in found else item for i, item in enumerate(items))
 
 
 def with_quantize(pipeline: str, quantize: str | None) -> str:

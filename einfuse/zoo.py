@@ -143,8 +143,7 @@ def mixtral(batch: int = 1, seq: int = 24) -> Built:
     tf = _transformers()
     cfg = tf.MixtralConfig(hidden_size=64, intermediate_size=112, num_hidden_layers=1, num_attention_heads=4,
                            num_key_value_heads=2, vocab_size=96, num_local_experts=6, num_experts_per_tok=2,
-                           max_position_embeddings=max(512, seq), bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
-                           experts_implementation="batched_mm")
+                           max_position_embeddings=max(512, seq), bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
     names = {batch: "B", seq: "S", 64: "D", 4: "H", 2: "G", 16: "E", 112: "F", 224: "F2", 96: "V", 6: "X",
              "seq": "S"}
     names.setdefault(batch * seq, "T")
@@ -165,6 +164,20 @@ CAUSAL_LMS: dict[str, tuple[str, dict[str, Any]]] = {
                                         layer_types=["sliding_attention", "full_attention"])),
     "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
+    # mixtures of experts (issue 22): 4 experts, top-2; Qwen2-MoE with its gated shared expert;
+    # DeepSeek-V3's routed + shared experts and grouped routing (its MLA attention is not captured: use its block)
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, shared_expert_intermediate_size=80)),
+    "olmoe": ("OlmoeConfig", dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                             moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0,
+                                             q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=8,
+                                             qk_nope_head_dim=16, v_head_dim=16)),
+    # the MoE benchmark's model (benchmarks/moe.py): width 512, 2 layers, 8 experts of 1792, top-2, GQA 8/2
+    "mixtral-512": ("MixtralConfig", dict(hidden_size=512, intermediate_size=1792, num_attention_heads=8,
+                                          num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                                          vocab_size=1000, initializer_range=0.02)),
     # the decode benchmark's model (benchmarks/generate.py): ~0.4 GB of fp32 weights read per token
     "llama-1024": ("LlamaConfig", dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=8,
                                        num_attention_heads=16, num_key_value_heads=4, vocab_size=32000,

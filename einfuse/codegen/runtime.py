@@ -34,6 +34,7 @@ from .backends import backend_for
 from .backends.cuda import device_source
 from .profile import kernel_seconds
 from ..ir.kernels import Kernel
+from ..passes.moe import ROUTING
 from ..ir.quant_formats import PACKED
 
 
@@ -58,7 +59,9 @@ class CompiledModel:
         self._vm: Any = None   # (made on the first call: a GPU model can be inspected where no GPU is)
         self._decls = declarations(cascade)
         self.inputs = [t.name for t in cascade.tensors if t.role == "input"]
-        self.outputs = [t.name for t in cascade.tensors if t.role == "output"]
+        results = [t.name for t in cascade.tensors if t.role == "output"]
+        self.outputs = [n for n in results if not ROUTING.fullmatch(n)]   # (the rest: the routing, for report())
+        self._results = {n: i for i, n in enumerate(results)}
         self._shapes_seen: set[tuple] = set()   # input shapes already checked against the sizes
         self.size_ranges = dict(cascade.size_ranges)   # each Dim symbol's (min, max or None)
 
@@ -70,7 +73,16 @@ class CompiledModel:
 
     def _run(self, args: list[Any]) -> list[Any]:
         result = self._machine()["main"](*args)
-        return [result[i] for i in range(len(self.outputs))]
+        return [result[self._results[n]] for n in self.outputs]
+
+    def routing(self, args: tuple) -> dict[str, np.ndarray]:
+        """The routing of each mixture-of-experts block on ``args`` (the ``moe`` pass's outputs:
+        each row's expert, where it went), by name; empty for a model without."""
+        wanted = [n for n in self._results if ROUTING.fullmatch(n)]
+        if not wanted:
+            return {}
+        result = self._machine()["main"](*self.to_tvm(args))
+        return {n: result[self._results[n]].numpy() for n in wanted}
 
     def _machine(self) -> Any:
         """The Relax VM on the model's device, made on first use."""
@@ -171,7 +183,9 @@ class CompiledModel:
         """A table per kernel: the Einsums it computes, FLOPs, bytes and, given inputs, the cost
         model's estimate (:mod:`einfuse.targets.cost`, on the host's measured peaks) and what
         bounds it, each kernel's measured time alone and its share, and the model's time per call
-        (``table``: rows :meth:`kernel_times` already measured)."""
+        (``table``: rows :meth:`kernel_times` already measured); for a mixture of experts, each
+        block's routing on ``args`` (:mod:`.experts_report`)."""
+        from .experts_report import experts_lines
         table = table if table is not None else self.kernel_times(args)
         total = sum(r["measured_s"] or 0.0 for r in table) or 1.0
         rows = [(r["kernel"], str(r["einsums"]), format_number(r["flops"]), format_number(r["bytes"]),
@@ -183,6 +197,7 @@ class CompiledModel:
         lines.append(f"{len(self.kernels)} kernels ({len(self.tuned)} tuned), compiled for {self.target} "
                      f"in {self.compile_seconds:.1f} s")
         lines.append(weights_line(self.ir, self.kernels))
+        lines += experts_lines(self, args)
         if args is not None:
             lines.append(f"measured: {self.time(args) * 1e3:.3f} ms per call (median)")
         return "\n".join(lines)

@@ -183,8 +183,10 @@ def _grouped_panels(e: Einsum, found: Grouped, target: Target, sizes: dict, decl
     kernel's columns, ``W_p[G[p], n//c, d, n%c]``, each panel contiguous (rows ``n`` apart, a
     power of two of bytes, would share a few cache sets)."""
     cols = panel_columns(target.vector_lanes)
+    if not found.transposed or found.panel or found.weight not in params:
+        return e
     experts, depth, n = (sizes[r.rank] for r in decls[found.weight].ranks)
-    if not found.transposed or found.panel or not isinstance(n, int) or n % cols or found.weight not in params:
+    if not isinstance(n, int) or n % cols:
         return e
     key = (found.weight, cols)
     if key not in made:

@@ -31,7 +31,8 @@ The key ``K`` orders rows by expert, then by Tutel's priority: every token's fir
 before any second choice, tokens in order within a slot. **Capacity mode** (``moe{mode=capacity,factor=1.25}``, Tutel's
 ``capacity_factor``): each expert has ``C = k * int(factor * ceil(T / E))`` rows, ``p = e*C + c``
 (so ``SE[p] = p // C``); a row whose place in its expert's queue
-(``Q[r] = (EX[r2] == EX[r]) * (K[r2] < K[r])``) is ``C`` or more is dropped: its readers read row ``E*C``, out of range, which reads
+(``Q[r]``: the rows before it, ``K[r2] < K[r]``, less those of lower experts,
+``EX[r2] < EX[r]``) is ``C`` or more is dropped: its readers read row ``E*C``, out of range, which reads
 as 0 (the IR's rule), so a dropped (token, slot) adds nothing, as in Tutel.
 
 **Few rows** (fewer than ``sort_from``: decoding's one token) are not sorted: ``SE = EX``, each
@@ -45,6 +46,7 @@ reason (``moe:not rewritten: ...``).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import sympy
@@ -56,6 +58,10 @@ from ..ir.scope import declarations, fresh_name, lhs_vars, reads, reduced_vars, 
 from .manager import Pass, PassContext, register
 
 MODES = ("dropless", "capacity")
+PREFIX = "moe"   # a rewritten block's tensors: moe<i>_expert (each row's expert), moe<i>_place (where it went), ...
+#: The routing tensors, outputs of the cascade (the last, after the model's own: a compiled model
+#: returns them only to ``routing()``, for its report's experts section)
+ROUTING = re.compile(rf"{PREFIX}\d+_(expert|place)")
 
 
 @register
@@ -71,10 +77,12 @@ class Moe(Pass):
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
         if self.mode not in MODES:
             raise CompileError(f"moe: unknown mode '{self.mode}'; known: {', '.join(MODES)}")
-        for block in blocks(c):
+        left: set[IndexExpr] = set()   # (the gathers of blocks left as they are)
+        while (block := next((b for b in blocks(c) if b.gather not in left), None)) is not None:
             problem = block.problem(c)
             if problem:
                 ctx.stats[f"moe:not rewritten: {problem}"] += 1
+                left.add(block.gather)
                 continue
             rows = block.rows(c)
             sort = not isinstance(rows, int) or rows >= self.sort_from
@@ -99,9 +107,15 @@ class Block:
         return int(size) if isinstance(size, int) or getattr(size, "is_Integer", False) else size
 
     def problem(self, c: Cascade) -> str | None:
-        """Why the block cannot be rewritten (None: it can): a member reading something outside
-        the block by its row other than an expert contraction's operand, or the block's output
-        read in a way other than by the row's value."""
+        """Why the block cannot be rewritten (None: it can): its gather reading more than the row,
+        an expert weight read past the expert by more than variables, or a member reading a
+        tensor outside the block by its row other than an expert contraction's operand."""
+        if _index_vars(self.gather) != {self.row}:
+            return f"its expert gather reads more than the row {self.row}"
+        for i in self.contractions:
+            w = next(a for a in c.stmts[i].rhs.args if isinstance(a, Access) and a.indices[0].expr == self.gather)  # type: ignore[union-attr]
+            if not all(isinstance(ix.expr, IVar) for ix in w.indices[1:]):
+                return f"{w.tensor} is read past its expert by more than variables"
         inside = {c.stmts[i].lhs.tensor for i in self.members}   # type: ignore[union-attr]
         for i in self.members:
             e = c.stmts[i]
@@ -122,6 +136,8 @@ def blocks(c: Cascade) -> list[Block]:
             found.setdefault(key, []).append(i)
     out = []
     for (row, gather), contractions in found.items():
+        if re.fullmatch(rf"{PREFIX}\d+_(sorted_)?expert", gather.access.tensor):   # type: ignore[union-attr]
+            continue   # (rewritten already)
         members = _members(c, row, contractions)
         if members is not None:
             out.append(Block(row, gather, members, tuple(contractions)))
@@ -139,7 +155,7 @@ def _expert_key(c: Cascade, s: object) -> tuple[str, IndexExpr] | None:
     for a in s.rhs.args:
         if isinstance(a, Access) and decls[a.tensor].role == "param" and len(a.indices) >= 3:
             g = a.indices[0].expr
-            if isinstance(g, IAccess) and row in _index_vars(g) and all(isinstance(ix.expr, IVar) for ix in a.indices[1:]):
+            if isinstance(g, IAccess) and row in _index_vars(g):
                 return row, g
     return None
 
@@ -184,6 +200,7 @@ class Rewrite:
         self.ranks, self.tensors = list(c.ranks), list(c.tensors)
         self.row_rank = var_ranks(c)[block.row]
         self.new: list[Einsum] = []
+        self.prefix = next(f"{PREFIX}{i}" for i in range(len(self.taken) + 1) if f"{PREFIX}{i}_expert" not in self.taken)
         self.provenance = c.stmts[block.contractions[0]].provenance   # type: ignore[union-attr]
 
     # ---- declarations ----------------------------------------------------------------------
@@ -195,9 +212,12 @@ class Rewrite:
         return name
 
     def tensor(self, hint: str, ranks: list[str], dtype: str) -> str:
-        name = fresh_name(hint, self.taken)
+        """A new tensor ``<prefix>_<hint>`` (the block's tensors share the prefix: :data:`PREFIX`),
+        a temp but for the routing's (:data:`ROUTING`)."""
+        name = fresh_name(f"{self.prefix}_{hint}", self.taken)
         self.taken.add(name)
-        self.tensors.append(TensorDecl(name, tuple(TensorRank(r) for r in ranks), "temp", dtype))
+        role = "output" if ROUTING.fullmatch(name) else "temp"
+        self.tensors.append(TensorDecl(name, tuple(TensorRank(r) for r in ranks), role, dtype))
         return name
 
     def emit(self, tensor: str, index: list[str], rhs: Expr) -> None:
@@ -208,7 +228,7 @@ class Rewrite:
 
     def cascade(self) -> Cascade:
         r = self.block.row
-        experts = self.tensor("moe_expert", [self.row_rank], "i64")
+        experts = self.tensor("expert", [self.row_rank], "i64")
         self.emit(experts, [r], _as_value(self.block.gather))
         first = self.block.members[0]
         if self.mode == "unsorted":
@@ -234,30 +254,32 @@ class Rewrite:
         r2 = self.rank("MOE_R", n_rows).lower()
         ex, ex2 = _at(experts, IVar(r)), _at(experts, IVar(r2))
         k, tokens = self.slots()
-        key = self.tensor("moe_key", [self.row_rank], "i64")   # (expert, then Tutel's priority: slot, token)
+        key = self.tensor("key", [self.row_rank], "i64")   # (expert, then Tutel's priority: slot, token)
         self.emit(key, [r], _priority_key(ex, IVar(r), k, self.number(tokens), self.number(self.row_rank)))
         before = Call("lt", (_at(key, IVar(r2)), _at(key, IVar(r))))
         if self.mode == "dropless":
-            rank = self.tensor("moe_place", [self.row_rank], "i64")
+            rank = self.tensor("place", [self.row_rank], "i64")
             self.emit(rank, [r], before)
             place: IndexExpr = IAccess(_at(rank, IVar(r)))
             rows = self.rank("MOE_P", n_rows)
         else:
             n_experts = self.experts_count()
             cap = k * int(self.factor * math.ceil(int(self.c.rank(tokens).size) / n_experts))
-            queue = self.tensor("moe_queue", [self.row_rank], "i64")
-            self.emit(queue, [r], Call("mul", (Call("eq", (ex2, ex)), before)))
+            rank, lower, queue = (self.tensor(hint, [self.row_rank], "i64") for hint in ("rank", "lower", "queue"))
+            self.emit(rank, [r], before)
+            self.emit(lower, [r], Call("lt", (ex2, ex)))
+            self.emit(queue, [r], Call("sub", (_at(rank, IVar(r)), _at(lower, IVar(r)))))
             q = _at(queue, IVar(r))
             rows = self.rank("MOE_P", n_experts * cap)
-            where = self.tensor("moe_place", [self.row_rank], "i64")
+            where = self.tensor("place", [self.row_rank], "i64")
             self.emit(where, [r], Call("where", (Call("lt", (q, Const(cap))), Call("add", (Call("mul", (ex, Const(cap))), q)),
                                                  Const(n_experts * cap))))
             place = IAccess(_at(where, IVar(r)))
         p = rows.lower()
-        src = self.tensor("moe_source", [rows], "i64")   # (the source row + 1; 0 for an empty row)
+        src = self.tensor("source", [rows], "i64")   # (the source row + 1; 0 for an empty row)
         found = Call("eq", (_as_value(place), Coord(IVar(p))))
         self.emit(src, [p], Call("mul", (Call("add", (Coord(IVar(r)), Const(1))), found)))
-        sorted_experts = self.tensor("moe_sorted_expert", [rows], "i64")
+        sorted_experts = self.tensor("sorted_expert", [rows], "i64")
         if self.mode == "dropless":
             self.emit(sorted_experts, [p], _at(experts, _source(src, p)))
         else:
@@ -315,7 +337,7 @@ class Rewrite:
                 args.append(a)
                 continue
             d = next(v for v in _vars(a) if v != p)   # type: ignore[arg-type]
-            copy = self.tensor(f"moe_{a.tensor}", [out_rank, var_ranks(self.c)[d]], self.decls[a.tensor].dtype)   # type: ignore[union-attr]
+            copy = self.tensor(a.tensor, [out_rank, var_ranks(self.c)[d]], self.decls[a.tensor].dtype)   # type: ignore[union-attr]
             source = a if src is None else _rename_access(a, {p: _source(src, p)})   # type: ignore[arg-type]
             self.emit(copy, [p, d], source)
             args.append(_at(copy, IVar(p), IVar(d)))

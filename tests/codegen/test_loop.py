@@ -89,7 +89,7 @@ def test_heads_wider_than_the_register_tile_take_whole_unrolled_vectors(width: i
 
 def test_the_default_pipeline_fuses_attention() -> None:
     names = [p.name for p in pipeline("default")]
-    assert names == ["canonicalize", "fuse-attention", "defer", "canonicalize"]
+    assert names == ["canonicalize", "fuse-attention", "defer", "canonicalize", "moe"]
     assert [p.name for p in pipeline("unfused")] == ["canonicalize"]
     c = parse(ATTENTION.replace("SEQ", "80"))
     out = PassManager(pipeline("default")).run(c)
