@@ -86,3 +86,16 @@ def test_the_report_counts_each_blocks_rows_per_expert(moe: str | None, tokens: 
     assert len(lines) == 1 and f"{mode}; rows per expert {rows.tolist()}" in lines[0]
     if mode == "capacity":   # (capacity 2 * int(1.25 * ceil(24 / 4)) = 14: the places past 4 * 14 dropped)
         assert f"dropped {int((routing['moe0_place'] >= 56).sum())}" in lines[0]
+
+
+@pytest.mark.parametrize("family", [pytest.param("mixtral"), pytest.param("qwen2_moe", marks=pytest.mark.slow),
+                                    pytest.param("olmoe", marks=pytest.mark.slow)])
+def test_compile_lm_generates_hfs_greedy_tokens_on_moe_models(family: str, tmp_path: Path) -> None:
+    lm = zoo.causal_lm(family, experts_implementation="eager")
+    compiled = einfuse.compile_lm(lm, max_len=64, cache_dir=tmp_path)
+    ids = torch.randint(3, 96, (1, 20))
+    with torch.no_grad():
+        want = lm.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(compiled.generate(ids, max_new_tokens=12), want)
+    experts = [line for line in compiled.decode_model.report().splitlines() if line.startswith("experts ")]
+    assert len(experts) == 2 and all(": unsorted" in line for line in experts)   # (a token's k rows: own experts)
