@@ -8,7 +8,7 @@ fp32), its last hidden state at ``--tokens`` tokens:
 * ``model``: einfuse (dropless; and capacity mode, factor 1.25, with its error against eager
   beside) against torch eager and torch.compile in each of transformers' experts implementations
   (``eager``: the loop over experts; ``grouped_mm``; ``batched_mm``), ONNX Runtime and TVM's own
-  Relax pipeline, beside the roofline floor: the FLOPs of the routed tokens only (the compiled
+  Relax pipeline (on the loop, and on ``batched_mm``, which ``torch.export`` can trace), beside the roofline floor: the FLOPs of the routed tokens only (the compiled
   cascade's, whose expert GEMMs have ``tokens x k`` rows) at the host's measured peak, or the
   weights' bytes at its copy bandwidth, whichever is longer (``einfuse.targets.host_peaks``);
 * ``layer``: one MoE block alone against the same eager implementations;
@@ -54,8 +54,11 @@ def peers(model: torch.nn.Module, inductor: bool) -> dict[str, Callable]:
         out[f"eager-{impl}"] = lambda _m, a, v=variant: PEERS["eager"](v, a)
         if inductor:
             out[f"compile-{impl}"] = lambda _m, a, v=variant: PEERS["inductor"](v, a)
-    if inductor:
+    if inductor:   # (ONNX Runtime and Relax export through torch.export: the loop fails, batched_mm exports)
+        batched = with_implementation(model, "batched_mm")
         out["ort"], out["relax"] = PEERS["ort"], PEERS["relax"]
+        out["ort-batched_mm"] = lambda _m, a: PEERS["ort"](batched, a)
+        out["relax-batched_mm"] = lambda _m, a: PEERS["relax"](batched, a)
     out["einfuse"] = PEERS["einfuse"]
     return out
 

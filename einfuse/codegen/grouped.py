@@ -24,10 +24,8 @@ from tvm.script.ir_builder import tirx as T
 
 from ..errors import CompileError
 from ..ir import Cascade
-from ..ir.dtypes import DTYPES
 from ..ir.grouped import grouped, panel_columns
 from ..ir.kernels import Kernel
-from ..ir.scope import declarations
 from ..targets import Target
 from .lower import SizeVars
 
@@ -39,10 +37,7 @@ def grouped_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> 
     found = grouped(c, k.writes[0]) if len(k.writes) == 1 else None
     if found is None or not found.transposed:
         raise CompileError(f"kernel {k.name}: not a grouped contraction over weights stored [E, d, n]")
-    decls = declarations(c)
-    size = {r.name: r.size for r in c.ranks}
-    shape = {t: [v if isinstance(v, int) else sizes.expr(v) for v in (size[r.rank] for r in decls[t].ranks)]
-             for t in (*k.inputs, k.output)}
+    shape = sizes.shapes(c, k)
     lanes = target.vector_lanes
     mr, nv = MAX_ROWS.get(lanes, 4), panel_columns(lanes) // lanes
     rows, depth = shape[found.x]
@@ -50,13 +45,8 @@ def grouped_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> 
     if found.panel and found.panel != nv * lanes:
         raise CompileError(f"kernel {k.name}: weight panels of {found.panel} columns, not the tile's {nv * lanes}")
     with IRBuilder() as ib, T.prim_func():
-        T.func_name(k.name)
-        T.func_attr({"tirx.noalias": True})
-        args = {t: T.arg(t, T.buffer(shape[t], DTYPES[decls[t].dtype].tvm)) for t in k.inputs}
-        for v in sizes.loose(c, k):
-            T.arg(v.name, v)
-        out = T.arg(k.output, T.buffer(shape[k.output], DTYPES[decls[k.output].dtype].tvm))
-        h = T.decl_buffer((rows, n), "float32", data=out.data)   # (bmm's trailing size-1 dimension dropped)
+        args = sizes.arguments(c, k, shape)
+        h = T.decl_buffer((rows, n), "float32", data=args[k.output].data)   # (bmm's trailing size-1 dimension dropped)
         starts = T.decl_buffer((rows + 1,), "int32", scope="global")
         count = T.decl_buffer((1,), "int32", scope="global")
         _runs(args[found.groups], rows, starts, count)

@@ -104,10 +104,7 @@ def int8_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tir
     if dot is None or isa is None:
         raise CompileError(f"kernel {k.name}: not an int8 contraction for {target.name}")
     found = parts(c, dot)
-    decls = declarations(c)
-    size = {r.name: r.size for r in c.ranks}
-    shape = {t: [v if isinstance(v, int) else sizes.expr(v) for v in (size[r.rank] for r in decls[t].ranks)]
-             for t in (*k.inputs, k.output)}
+    shape = sizes.shapes(c, k)
     n, k_len = shape[k.output][-1], shape[found.x][-1]
     blocks, lanes = shape[found.packed][1], shape[found.packed][3] // 4
     rows = prod(shape[found.x][:-1])
@@ -115,12 +112,7 @@ def int8_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tir
                           *tiling(r, n, lanes, isa))
     s = spec(rows if isinstance(rows, int) else MAX_ROWS[isa])
     with IRBuilder() as ib, T.prim_func():
-        T.func_name(k.name)
-        T.func_attr({"tirx.noalias": True})
-        args = {t: T.arg(t, T.buffer(shape[t], DTYPES[decls[t].dtype].tvm)) for t in k.inputs}
-        for v in sizes.loose(c, k):
-            T.arg(v.name, v)
-        args[k.output] = T.arg(k.output, T.buffer(shape[k.output], DTYPES[decls[k.output].dtype].tvm))
+        args = sizes.arguments(c, k, shape)
         x = T.decl_buffer((rows, s.k), "float32", data=args[found.x].data)
         xq = T.decl_buffer((rows, s.k), "int8", scope="global")
         xd = T.decl_buffer((rows, s.blocks), "float32", scope="global")

@@ -68,6 +68,25 @@ class SizeVars:
             return fold(lambda a, b: a * b, [self.expr(a) for a in size.args])
         raise CompileError(f"cannot generate code for the size {size}")
 
+    def shapes(self, c: Cascade, kernel: Kernel) -> dict[str, list[Any]]:
+        """The shape of each tensor ``kernel`` reads or writes: ints, or TIR expressions."""
+        decls, size = declarations(c), {r.name: r.size for r in c.ranks}
+        return {t: [v if isinstance(v, int) else self.expr(v) for v in (size[r.rank] for r in decls[t].ranks)]
+                for t in (*kernel.inputs, kernel.output)}
+
+    def arguments(self, c: Cascade, kernel: Kernel, shape: dict[str, list[Any]]) -> dict[str, Any]:
+        """Inside a ``T.prim_func()`` frame, the kernel's name and its parameters: its inputs' buffers,
+        its loose sizes (:meth:`loose`), its output's buffer; the buffers by tensor name."""
+        from tvm.script.ir_builder import tirx as T
+        decls = declarations(c)
+        T.func_name(kernel.name)
+        T.func_attr({"tirx.noalias": True})
+        args = {t: T.arg(t, T.buffer(shape[t], DTYPES[decls[t].dtype].tvm)) for t in kernel.inputs}
+        for v in self.loose(c, kernel):
+            T.arg(v.name, v)
+        args[kernel.output] = T.arg(kernel.output, T.buffer(shape[kernel.output], DTYPES[decls[kernel.output].dtype].tvm))
+        return args
+
 
 class KernelBuilder:
     """Builds the TE tensors of one kernel and turns them into a PrimFunc."""

@@ -108,7 +108,7 @@ def _substitute_index(e: IndexExpr, view: Einsum) -> IndexExpr | None:
 def _apply_view(use: Access, view: Einsum) -> Access | None:
     names = [ix.expr.name for ix in view.lhs.indices]  # type: ignore[union-attr]
     binding = {n: ix.expr for n, ix in zip(names, use.indices)}
-    out = [Index(_rename(ix.expr, binding)) for ix in view.rhs.indices]  # type: ignore[union-attr]
+    out = [Index(rename_index(ix.expr, binding)) for ix in view.rhs.indices]  # type: ignore[union-attr]
     for n, ix in zip(names, use.indices):
         if not ix.filter:
             continue
@@ -120,12 +120,13 @@ def _apply_view(use: Access, view: Einsum) -> Access | None:
     return Access(view.rhs.tensor, tuple(out))  # type: ignore[union-attr]
 
 
-def _rename(e: IndexExpr, binding: dict[str, IndexExpr]) -> IndexExpr:
+def rename_index(e: IndexExpr, binding: dict[str, IndexExpr]) -> IndexExpr:
+    """``e`` with each variable named in ``binding`` replaced by its index expression (in gathers too)."""
     if isinstance(e, IVar):
         return binding.get(e.name, e)
     if isinstance(e, IBin):
-        return IBin(e.op, _rename(e.a, binding), _rename(e.b, binding))
+        return IBin(e.op, rename_index(e.a, binding), rename_index(e.b, binding))
     if isinstance(e, IAccess):
-        return IAccess(Access(e.access.tensor, tuple(replace(ix, expr=_rename(ix.expr, binding))
+        return IAccess(Access(e.access.tensor, tuple(replace(ix, expr=rename_index(ix.expr, binding))
                                                       for ix in e.access.indices)))
     return e

@@ -54,7 +54,8 @@ import sympy
 from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Const, Coord, Einsum, IAccess, IBin, IConst, Index, ISym, IVar, Rank
 from ..ir.nodes import Expr, IndexExpr, TensorDecl, TensorRank
-from ..ir.scope import declarations, fresh_name, lhs_vars, reads, reduced_vars, var_ranks
+from ..ir.scope import declarations, fresh_name, reads, reduced_vars, var_ranks
+from ..ir.views import rename_index
 from .manager import Pass, PassContext, register
 
 MODES = ("dropless", "capacity")
@@ -319,8 +320,8 @@ class Rewrite:
         e = self.c.stmts[i]
         assert isinstance(e, Einsum)
         rename = {self.block.row: IVar(p)}
-        g = _rename(self.block.gather, rename)
-        lhs = Access(e.lhs.tensor, tuple(replace(ix, expr=_rename(ix.expr, rename)) for ix in e.lhs.indices))
+        g = rename_index(self.block.gather, rename)
+        lhs = Access(e.lhs.tensor, tuple(replace(ix, expr=rename_index(ix.expr, rename)) for ix in e.lhs.indices))
         rhs = _map_reads(e.rhs, lambda a: _replace_gather(_rename_access(a, rename), g, IAccess(_at(experts, IVar(p)))))
         if i in self.block.contractions:
             rhs = self.operand_rows(rhs, p, src, out_rank)
@@ -373,18 +374,8 @@ def _as_value(g: IndexExpr) -> Expr:
     return g.access if isinstance(g, IAccess) else Coord(g)
 
 
-def _rename(e: IndexExpr, binding: dict[str, IndexExpr]) -> IndexExpr:
-    if isinstance(e, IVar):
-        return binding.get(e.name, e)
-    if isinstance(e, IBin):
-        return IBin(e.op, _rename(e.a, binding), _rename(e.b, binding))
-    if isinstance(e, IAccess):
-        return IAccess(_rename_access(e.access, binding))
-    return e
-
-
 def _rename_access(a: Access, binding: dict[str, IndexExpr]) -> Access:
-    return replace(a, indices=tuple(replace(ix, expr=_rename(ix.expr, binding)) for ix in a.indices))
+    return replace(a, indices=tuple(replace(ix, expr=rename_index(ix.expr, binding)) for ix in a.indices))
 
 
 def _replace_gather(a: Access, gather: IndexExpr, by: IndexExpr) -> Access:
@@ -408,7 +399,7 @@ def _read_at(s: object, inside: set[str], place: IndexExpr) -> object:
         if a.tensor not in inside:
             return a
         row = a.indices[0].expr
-        return replace(a, indices=(replace(a.indices[0], expr=_rename(place, {_place_var(place): row})),) + a.indices[1:])
+        return replace(a, indices=(replace(a.indices[0], expr=rename_index(place, {_place_var(place): row})),) + a.indices[1:])
     return replace(s, rhs=_map_reads(s.rhs, moved))
 
 

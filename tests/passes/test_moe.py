@@ -12,7 +12,7 @@ import pytest
 
 import einfuse
 from einfuse.ir import Cascade, interpret, parse, to_text
-from einfuse.passes import Moe, PassManager
+from einfuse.passes import Moe
 from einfuse.passes.manager import PassContext
 
 from ..conftest import rel_err
