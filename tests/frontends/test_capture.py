@@ -4,11 +4,13 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import einfuse
 from einfuse import zoo
 from einfuse.errors import CaptureError, UnsupportedOperatorError
 from einfuse.frontends import capture
@@ -293,3 +295,29 @@ def test_a_symbolic_size_is_a_value_in_arithmetic(rng: np.random.Generator) -> N
     for n in (5, 17):
         x = torch.from_numpy(rng.standard_normal((3, n)))
         assert rel_err(run(cascade, (x,)), Offset()(x).numpy()) <= 1e-6
+
+
+class Reorder(torch.nn.Module):
+    """sort and argsort, scatter_add, index_add and index_put (repeated indices: the last wins),
+    cumprod, bilinear interpolation aligned and not, by a scale factor and to a size."""
+
+    def forward(self, x: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        values, order = torch.sort(x, -1, descending=True)
+        put = x.clone()
+        put[i] = x[:3] + 1
+        up = torch.nn.functional.interpolate(x[None, None], scale_factor=2, mode="bilinear", align_corners=False)
+        sized = torch.nn.functional.interpolate(x[None, None], size=(7, 9), mode="bilinear", align_corners=True)
+        return (values, order, torch.argsort(x, 0), x.scatter_add(1, i[None].expand(4, 3), x[:, :3]),
+                x.index_add(0, i, x[:3] * 2), put, torch.cumprod(x, 1), up, sized)
+
+
+def test_sort_scatter_index_put_cumprod_and_bilinear_match_eager(rng: np.random.Generator, tmp_path: Path) -> None:
+    model, i = Reorder(), torch.tensor([0, 2, 2])
+    compiled = einfuse.compile(model, (torch.randn(4, 6), i), cache_dir=tmp_path)
+    x = torch.from_numpy(rng.standard_normal((4, 6)).astype(np.float32))
+    for got, want in zip(compiled(x, i), model(x, i)):
+        assert rel_err(got.numpy(), want.numpy()) <= 1e-6
+    cascade = capture(model, (x, i))
+    values = interpret(cascade, {"x": x, "i": i})
+    for k, want in enumerate(model(x, i)):
+        assert rel_err(values[f"out{k}"], want.double().numpy()) <= 1e-6

@@ -8,7 +8,7 @@ import sympy
 from ...ir import Call, Const, Coord, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, ibin, index_of, placeholder
-from .base import Ctx, RuleError, norm_dim, rule
+from .base import Ctx, RuleError, broadcast, norm_dim, rule
 
 
 @rule("aten.arange.start_step", "aten.arange.default", "aten.arange.start")
@@ -126,13 +126,30 @@ def index_select(ctx: Ctx) -> Ref:
 
 @rule("aten.topk.default")
 def topk(ctx: Ctx) -> tuple[Ref, Ref]:
-    """Top-k by rank, dense and lowerable anywhere: ``RANK[.., e]`` counts the elements of the
-    fiber that come before ``e`` (larger, or equal at a lower coordinate); then
+    """Top-k by rank (:func:`_ranked`); ``k`` is in the output shapes. (Selection as a sparse
+    ``populate`` is the routing pass's business.)"""
+    x = ctx.arg(0)
+    return _ranked(ctx, x, norm_dim(ctx.arg(2, "dim", -1), len(x.shape)), "gt" if ctx.arg(3, "largest", True) else "lt")
+
+
+@rule("aten.sort.default", "aten.sort.stable")
+def sort(ctx: Ctx) -> tuple[Ref, Ref]:
+    """``torch.sort`` (and ``argsort``, which exports as it) by rank (:func:`_ranked`), stable:
+    equal values keep their order."""
+    x = ctx.arg(0)
+    if ctx.op.endswith("stable"):   # (sort.stable's options are keywords only)
+        dim, descending = ctx.kwargs.get("dim", -1), ctx.kwargs.get("descending", False)
+    else:
+        dim, descending = ctx.arg(1, "dim", -1), ctx.arg(2, "descending", False)
+    return _ranked(ctx, x, norm_dim(dim, len(x.shape)), "gt" if descending else "lt")
+
+
+def _ranked(ctx: Ctx, x: Ref, dim: int, before: str) -> tuple[Ref, Ref]:
+    """The first elements of ``x`` along ``dim`` in order (``before``: ``gt``, largest first),
+    dense and lowerable anywhere: ``RANK[.., e]`` counts the elements of the fiber that come
+    before ``e`` (``before`` it, or equal at a lower coordinate); then
     ``VALUES[.., j] = X[.., e] * (RANK[.., e] == j)`` and ``INDICES[.., j] = idx(e) * (...)``
-    summed over ``e``. (Selection as a sparse ``populate`` is the routing pass's business.)"""
-    x = ctx.arg(0)  # k is in the output shapes
-    dim = norm_dim(ctx.arg(2, "dim", -1), len(x.shape))
-    before = "gt" if ctx.arg(3, "largest", True) else "lt"
+    summed over ``e`` (the output shapes say how many)."""
     (vshape, ishape), (vdtype, idtype) = ctx.shape, ctx.dtype
 
     def at(out: list[IndexExpr], i: IndexExpr) -> list[IndexExpr]:
@@ -153,3 +170,51 @@ def topk(ctx: Ctx) -> tuple[Ref, Ref]:
                         reduce=[x.shape[dim]])
     indices = ctx.b.emit(f"{ctx.name}_indices", ishape, idtype, pick(lambda o, e: Coord(e)), reduce=[x.shape[dim]])
     return values, indices
+
+
+@rule("aten.scatter_add.default")
+def scatter_add(ctx: Ctx) -> Ref:
+    """``Y = X`` plus, along ``dim``, each source element at its index: ``Y[.., j, ..] = X[.., j, ..] +
+    sum_i (IDX[.., i, ..] == j) * SRC[.., i, ..]`` (index and source of one shape, X's elsewhere)."""
+    x, dim, ix, src = ctx.arg(0), norm_dim(ctx.arg(1), len(ctx.arg(0).shape)), ctx.arg(2), ctx.arg(3)
+    if tuple(ix.shape) != tuple(src.shape) or any(ix.shape[d] != x.shape[d] for d in range(len(x.shape)) if d != dim):
+        raise RuleError(f"scatter_add with an index of shape {list(ix.shape)}, a source of shape "
+                        f"{list(src.shape)} into {list(x.shape)} (they must agree but along {dim})")
+
+    def added(out: list[IndexExpr], red: list[IndexExpr]) -> Call:
+        at = list(out)
+        at[dim] = red[0]
+        return Call("mul", (Call("eq", (ix.at(at), Coord(out[dim]))), src.at(at)))
+    return ctx.map("add", x, ctx.emit(added, reduce=[ix.shape[dim]], hint=f"{ctx.name}_added"))
+
+
+@rule("aten.index_put.default")
+def index_put(ctx: Ctx) -> Ref:
+    """``x[..., idx, ...] = v`` (one 1-D index tensor, along ``dim``) and, with ``accumulate``,
+    ``index_add``: ``Y[.., j, ..] = X + sum_i (IDX[i] == j) * V[.., i, ..]``; without, the last
+    ``i`` with ``IDX[i] == j`` wins (``LAST[j] = max_i where(IDX[i] == j, i, -1)``), as a
+    sequential loop would write."""
+    x, indices, v, accumulate = ctx.arg(0), list(ctx.arg(1)), ctx.arg(2), bool(ctx.arg(3, "accumulate", False))
+    used = [d for d, i in enumerate(indices) if i is not None]
+    if len(used) != 1 or len(indices[used[0]].shape) != 1:
+        raise RuleError("index_put with other than one 1-D index tensor")
+    dim, ix = used[0], indices[used[0]]
+    vshape = list(x.shape)
+    vshape[dim] = ix.shape[0]
+
+    def value_at(out: list[IndexExpr], i: IndexExpr) -> Expr:
+        at = list(out)
+        at[dim] = i
+        return broadcast(v, vshape, at)
+    if accumulate:
+        added = ctx.emit(lambda out, red: Call("mul", (Call("eq", (ix.at([red[0]]), Coord(out[dim]))), value_at(out, red[0]))),
+                         reduce=[ix.shape[0]], hint=f"{ctx.name}_added")
+        return ctx.map("add", x, added)
+    last = ctx.b.emit(f"{ctx.name}_last", (x.shape[dim],), "i64",
+                      lambda out, red: Call("where", (Call("eq", (ix.at([red[0]]), Coord(out[0]))), Coord(red[0]), Const(-1.0))),
+                      reduce=[ix.shape[0]], op="max")
+
+    def put(out: list[IndexExpr], _: list[IndexExpr]) -> Call:
+        found = last.at([out[dim]])
+        return Call("where", (Call("ge", (found, Const(0.0))), value_at(out, index_of(found)), x.at(out)))
+    return ctx.emit(put)

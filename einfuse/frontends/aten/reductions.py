@@ -99,6 +99,20 @@ def cumsum(ctx: Ctx) -> Ref:
     return ctx.emit(rhs, reduce=[x.shape[dim]])
 
 
+@rule("aten.cumprod.default")
+def cumprod(ctx: Ctx) -> Ref:
+    """``Y[..i..] = prod_j where(j <= i, X[..j..], 1)``: a product reduction (a filter would read
+    the excluded points as 0)."""
+    x = ctx.arg(0)
+    dim = norm_dim(ctx.arg(1), len(x.shape))
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        index = list(out)
+        index[dim] = red[0]
+        return Call("where", (Call("le", (Coord(red[0]), Coord(out[dim]))), x.at(index), Const(1.0)))
+    return ctx.emit(rhs, reduce=[x.shape[dim]], op="*")
+
+
 def _filtered(e: Expr, dim: int, cond: Cond) -> Expr:
     """``e`` with ``cond`` as a filter on its index ``dim`` when it is an access; any other
     expression is wrapped in ``where`` on the coordinates."""

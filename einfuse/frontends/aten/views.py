@@ -2,13 +2,14 @@
 of the ref it reads (no Einsum); only ``cat`` and dtype casts compute."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import sympy
 
 from ...ir import Access, Call, Cond, Const, Coord, Index, IConst, IVar
-from ...ir.nodes import IndexExpr
-from ..builder import Builder, Ref, ibin, placeholder
+from ...ir.nodes import Expr, IndexExpr
+from ..builder import Builder, Ref, ibin, index_of, placeholder
 from .base import Ctx, RuleError, norm_dim, rule
 
 
@@ -117,6 +118,42 @@ def upsample_nearest(ctx: Ctx) -> Ref:
         else:
             index.append(ibin("//", ibin("*", placeholder(d), ctx.b.size_index(size_in)), ctx.b.size_index(size_out)))
     return x.reindex(ctx.shape, index)
+
+
+@rule("aten.upsample_bilinear2d.vec")
+def upsample_bilinear(ctx: Ctx) -> Ref:
+    """``F.interpolate(x, mode="bilinear", align_corners=...)``: per resized dimension, the source
+    coordinate of each output (torch's: ``o * (in-1)/(out-1)`` aligned, else
+    ``max((o + 0.5) * scale - 0.5, 0)``, ``scale`` the inverse scale factor or ``in/out``), its
+    two neighbours ``I0 = floor``, ``I1 = min(I0 + 1, in - 1)`` and the weight of the second,
+    ``L = src - I0``; then the four neighbours weighted, one Einsum."""
+    x, aligned, scales = ctx.arg(0), bool(ctx.arg(2, "align_corners", False)), ctx.arg(3, "scale_factors")
+    axes = []
+    for j, d in enumerate((2, 3)):
+        size_in, size_out = int(x.shape[d]), int(ctx.shape[d])
+        if aligned:
+            src = lambda o, f=(size_in - 1) / (size_out - 1) if size_out > 1 else 0.0: Call("mul", (o, Const(f)))  # noqa: E731
+        else:
+            f = 1.0 / float(scales[j]) if scales else size_in / size_out
+            src = lambda o, f=f: Call("max", (Call("sub", (Call("mul", (Call("add", (o, Const(0.5))), Const(f))),  # noqa: E731
+                                                           Const(0.5))), Const(0.0)))
+        low = ctx.b.emit(f"{ctx.name}_i0", (size_out,), "i64", lambda out, _: Call("floor", (src(Coord(out[0])),)))
+        high = ctx.b.emit(f"{ctx.name}_i1", (size_out,), "i64",
+                          lambda out, _: Call("min", (Call("add", (low.at(out), Const(1.0))), Const(size_in - 1.0))))
+        weight = ctx.b.emit(f"{ctx.name}_l", (size_out,), "f32",
+                            lambda out, _: Call("sub", (src(Coord(out[0])), low.at(out))))
+        axes.append((low, high, weight))
+
+    def rhs(out: list[IndexExpr], _: list[IndexExpr]) -> Expr:
+        (h0, h1, hl), (w0, w1, wl) = axes
+        oh, ow = out[2], out[3]
+        terms = []
+        for ih, wh in ((h0, Call("sub", (Const(1.0), hl.at([oh])))), (h1, hl.at([oh]))):
+            for iw, ww in ((w0, Call("sub", (Const(1.0), wl.at([ow])))), (w1, wl.at([ow]))):
+                at = [out[0], out[1], index_of(ih.at([oh])), index_of(iw.at([ow]))]
+                terms.append(Call("mul", (Call("mul", (wh, ww)), x.at(at))))
+        return functools.reduce(lambda a, b: Call("add", (a, b)), terms)
+    return ctx.emit(rhs)
 
 
 @rule("aten.constant_pad_nd.default")
