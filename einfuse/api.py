@@ -71,7 +71,9 @@ def compiled_graph(module: Any, args: tuple, **options: Any) -> Any:
     def run(*inputs: Any) -> Any:
         out = model(*inputs)
         return out if isinstance(out, tuple) else (out,)
-    return single_output(module, run)
+    called = single_output(module, run)
+    called.einfuse_model = model   # type: ignore[attr-defined]   # (einfuse compile --fallback exports each)
+    return called
 
 
 def kernels(model: Any, args: tuple | None = None, *, target: str, output: str | Path,

@@ -17,7 +17,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import lm_cli
 from .errors import EinfuseError
@@ -66,6 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     comp.add_argument("--no-tuning", action="store_true", help="use the rule-based schedules only")
     comp.add_argument("--quantize", metavar="FORMAT", help=QUANTIZE_HELP)
     comp.add_argument("--dynamic", action="append", default=[], metavar="ARG:AXIS=MIN:MAX", help=DYNAMIC_HELP)
+    comp.add_argument("--fallback", action="store_true",
+                      help="where operators have no rule, compile the subgraphs between them, each written to "
+                           "OUTPUT/<subgraph>/ (the rest runs in eager: use einfuse.compile(..., fallback=True))")
     tune = sub.add_parser("tune", help="tune a model's kernels with MetaSchedule; compile then uses the records")
     tune.add_argument("model", help="a .ein file, zoo:NAME, or path/to/file.py:function returning (model, args)")
     tune.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
@@ -155,11 +158,27 @@ def _compile(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         compiled = compile_cascade(model, example, target=args.target, pipeline=args.pipeline,
                                    cache_dir=scratch if args.no_cache else None, tuning_db=tuning,
-                                   quantize=args.quantize, dynamic_shapes=dynamic_shapes(model, args.dynamic))
+                                   quantize=args.quantize, dynamic_shapes=dynamic_shapes(model, args.dynamic),
+                                   fallback=args.fallback and not isinstance(model, Cascade))
+    if not hasattr(compiled, "export"):   # (--fallback, in parts)
+        return _write_parts(compiled, out)
     report = compiled.report(example if not isinstance(model, Cascade) else None)
     compiled.export(out, {"report.txt": report + "\n"})
     print(report)
     print(f"wrote {out / 'model.so'}, {out / 'model.json'}, {out / 'report.txt'}")
+    return 0
+
+
+def _write_parts(module: Any, out: Path) -> int:
+    """Each compiled subgraph of a partitioned model exported to ``out/<subgraph>/`` with its report."""
+    from .frontends.partition import compiled_parts
+    parts = compiled_parts(module)
+    for name, part in parts.items():
+        report = part.report()
+        part.export(out / name, {"report.txt": report + "\n"})
+        print(f"{name}:\n{report}\n")
+    print(f"wrote {len(parts)} compiled subgraph(s) under {out}; the operators between them run in eager "
+          "(einfuse.compile(model, args, fallback=True) runs the whole model)")
     return 0
 
 

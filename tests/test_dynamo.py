@@ -136,3 +136,19 @@ def test_a_literal_tensor_and_an_empty_constant_in_the_graph() -> None:
     x = torch.randn(3, 4)
     got, fell_back = _recorded(torch.compile(Grows(), backend="einfuse"), x)
     assert rel_err(got.numpy(), (x.flatten() * 2).numpy()) == 0 and fell_back == []
+
+
+def test_the_cli_compiles_around_an_unsupported_operator_with_fallback(tmp_path, capsys) -> None:
+    from einfuse.cli import main
+    source = tmp_path / "bessel.py"
+    source.write_text("import torch\n\nclass M(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                      "        self.lin = torch.nn.Linear(16, 16)\n\n    def forward(self, x):\n"
+                      "        return torch.special.i0(self.lin(x)).tanh() * 2\n\n"
+                      "def build():\n    torch.manual_seed(0)\n    return M().eval(), (torch.randn(3, 16),)\n")
+    out = tmp_path / "out"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EagerFallbackWarning)
+        assert main(["compile", f"{source}:build", "-o", str(out), "--fallback", "--no-cache"]) == 0
+    parts = sorted(p.name for p in out.iterdir())
+    assert parts == ["fused_0", "fused_1"] and all((out / p / "model.so").is_file() for p in parts)
+    assert "wrote 2 compiled subgraph(s)" in capsys.readouterr().out

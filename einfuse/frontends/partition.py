@@ -44,6 +44,12 @@ class _Compiled(torch.nn.Module):
         return self.run(*inputs)
 
 
+def compiled_parts(module: torch.nn.Module) -> dict[str, Any]:
+    """The compiled models of a partitioned module (:func:`partitioned`), by subgraph name."""
+    return {name: m.run.einfuse_model for name, m in module.named_children()
+            if isinstance(m, _Compiled) and hasattr(m.run, "einfuse_model")}
+
+
 def partitioned(module: torch.fx.GraphModule, args: tuple, compile_fn: Callable[[torch.nn.Module, tuple], Callable],
                 unsupported: list[str]) -> torch.fx.GraphModule:
     """``module`` (an ATen graph) with each maximal subgraph of supported operators replaced by
@@ -67,7 +73,12 @@ def single_output(module: torch.nn.Module, run: Callable) -> Callable:
     """``run`` (which gives a tuple back), giving one output bare where ``module``'s graph
     returns one bare."""
     outputs = next(n for n in module.graph.nodes if n.op == "output").args[0]
-    return run if isinstance(outputs, (tuple, list)) else (lambda *inputs: run(*inputs)[0])
+    if isinstance(outputs, (tuple, list)):
+        return run
+
+    def first(*inputs: Any) -> Any:
+        return run(*inputs)[0]
+    return first
 
 
 def _submodule_inputs(fused: torch.fx.GraphModule, args: tuple) -> dict[str, tuple]:
