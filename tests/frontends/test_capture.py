@@ -321,3 +321,36 @@ def test_sort_scatter_index_put_cumprod_and_bilinear_match_eager(rng: np.random.
     values = interpret(cascade, {"x": x, "i": i})
     for k, want in enumerate(model(x, i)):
         assert rel_err(values[f"out{k}"], want.double().numpy()) <= 1e-6
+
+
+class Bags(torch.nn.Module):
+    """EmbeddingBag in each mode (per-sample weights, a padding index, an empty bag, 2-D bags)
+    and transposed convolutions (stride, padding, output padding, dilation, groups; 1-D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sum, self.max = torch.nn.EmbeddingBag(20, 8, mode="sum"), torch.nn.EmbeddingBag(20, 8, mode="max")
+        self.mean = torch.nn.EmbeddingBag(20, 8, mode="mean", padding_idx=4)
+        self.up = torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)
+        self.grouped = torch.nn.ConvTranspose2d(4, 6, 3, stride=3, padding=2, dilation=2, groups=2)
+        self.line = torch.nn.ConvTranspose1d(4, 6, 4, stride=2)
+
+    def forward(self, ids: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> tuple:
+        return (self.sum(ids, offsets, per_sample_weights=weights), self.mean(ids, offsets), self.max(ids, offsets),
+                self.max(ids.view(2, -1)), self.up(x), self.grouped(x), self.line(x[:, :, 0]))
+
+
+def test_embedding_bags_and_transposed_convolutions_match_eager(rng: np.random.Generator, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, offsets = Bags().eval(), torch.tensor([0, 2, 2])   # (bag 1 is empty)
+    ids, weights, x = torch.tensor([1, 2, 4, 5, 4, 3]), torch.rand(6), torch.randn(2, 4, 5, 7)
+    compiled = einfuse.compile(model, (ids, offsets, weights, x), cache_dir=tmp_path)
+    ids = torch.from_numpy(rng.integers(0, 20, 6))
+    x = torch.from_numpy(rng.standard_normal((2, 4, 5, 7)).astype(np.float32))
+    with torch.no_grad():
+        wants = model(ids, offsets, weights, x)
+    for got, want in zip(compiled(ids, offsets, weights, x), wants):
+        assert rel_err(got.numpy(), want.numpy()) <= 1e-5
+    values = interpret(capture(model, (ids, offsets, weights, x)), {"ids": ids, "offsets": offsets, "weights": weights, "x": x})
+    for k, want in enumerate(wants):
+        assert rel_err(values[f"out{k}"], want.double().numpy()) <= 1e-5

@@ -91,7 +91,7 @@ def _contraction_rule(sch: s_tir.Schedule, blocks: list[Any], kernel: Kernel, ta
     """A contraction block on register tiles (or as a GEMV)."""
     if not (_is_reduction(sch, blocks[0]) and _contraction(sch, blocks[0])):
         return None
-    _contraction_schedule(sch, blocks[0], target)
+    _contraction_schedule(sch, blocks[0], target, gathers=kernel.gathers)
     return sch
 
 
@@ -186,9 +186,10 @@ def _innermost_last(uses: list[bool]) -> list[int]:
 
 
 def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilogue: bool = False,
-                          dequant: list[Any] | None = None) -> None:
+                          dequant: list[Any] | None = None, gathers: bool = False) -> None:
     """A contraction on register tiles, or as a GEMV where that is estimated faster; a quantized
-    weight's ``dequant`` stages computed per GEMV step or per packed panel."""
+    weight's ``dequant`` stages computed per GEMV step or per packed panel; an operand read
+    through a gather (``gathers``) not packed (TVM cannot bound the panel it reads)."""
     spatial_vars = [iv for iv in sch.get(block).iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     row = _row_dim(sch.get(block))
     if _streams_rows(sch.get(block), row, target):
@@ -219,7 +220,7 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
     sch.reorder(*outer, j0, i0, *reduce, i1, j1)
     loads = _loads(blk.body.value)
     packs = len(streamed) == 1 and sum(_source(ld).same_as(_source(blk.reads[streamed[0]])) for ld in loads) == 1 \
-        and not _reads_panels(blk)
+        and not _reads_panels(blk) and not gathers
     if packs:
         # pack the reduction x NR panel the streamed operand reads, once per j0, reused by every i0
         region = blk.reads[streamed[0]].region

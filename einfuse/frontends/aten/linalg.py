@@ -1,9 +1,11 @@
 """Contractions: matrix products, convolution, pooling."""
 from __future__ import annotations
 
+import functools
+
 import sympy
 
-from ...ir import Call, IConst
+from ...ir import Call, Const, Coord, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, ibin, placeholder
 from .base import Ctx, RuleError, rule
@@ -45,7 +47,7 @@ def convolution(ctx: Ctx) -> Ref:
     x, w, bias = ctx.arg(0), ctx.arg(1), ctx.arg(2)
     stride, padding, dilation = ctx.arg(3), ctx.arg(4), ctx.arg(5)
     if ctx.arg(6):
-        raise RuleError("transposed convolution")
+        return _transposed(ctx, x, w, bias, stride, padding, dilation, ctx.arg(8))
     groups = ctx.arg(8)
     spatial = len(x.shape) - 2
     cin, cout = w.shape[1], w.shape[0]
@@ -63,6 +65,32 @@ def convolution(ctx: Ctx) -> Ref:
     if bias is None:
         return conv
     return ctx.map("add", conv, _channel_bias(bias, spatial))
+
+
+def _transposed(ctx: Ctx, x: Ref, w: Ref, bias: Ref | None, stride: list[int], padding: list[int],
+                dilation: list[int], groups: int) -> Ref:
+    """A transposed convolution (``ConvTranspose2d``): input point ``i`` adds ``W[c, o, r]`` times
+    itself to output ``s*i + d*r - p``, so output ``y`` reads input ``(y + p - d*r) / s`` where that
+    divides: ``where((y+p-d*r) % s == 0, I[n, g*C+c, (y+p-d*r)//s], 0) * W[g*C+c, o%O, r]``
+    (``W[C_in, C_out/groups, r..]``, ``g = o // O``); out-of-range points read as 0.
+    ``output_padding`` is in the output's shape."""
+    spatial = len(x.shape) - 2
+    cin, per_group = int(w.shape[0]) // groups, int(w.shape[1])
+
+    def rhs(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        c, window, o = red[0], red[1:], out[1]
+        channel = c if groups == 1 else ibin("+", ibin("*", ibin("//", o, IConst(per_group)), IConst(cin)), c)
+        at = [ibin("-", ibin("+", out[2 + i], IConst(padding[i])), ibin("*", IConst(dilation[i]), window[i]))
+              for i in range(spatial)]
+        source = x.at([out[0], channel] + [ibin("//", a, IConst(s)) for a, s in zip(at, stride)])
+        weight = w.at([channel, o if groups == 1 else ibin("%", o, IConst(per_group))] + window)
+        whole = [Call("eq", (Coord(ibin("%", a, IConst(s))), Const(0.0))) for a, s in zip(at, stride) if s != 1]
+        if whole:   # (a condition on the value: TVM's schedules fail on such a filter of a reduction's read)
+            source = Call("where", (functools.reduce(lambda p, q: Call("and", (p, q)), whole), source, Const(0.0)))
+        return Call("mul", (source, weight))
+    conv = ctx.b.emit(f"{ctx.name}_conv" if bias is not None else ctx.name, ctx.shape, ctx.dtype, rhs,
+                      reduce=[sympy.Integer(cin)] + list(w.shape[2:]))
+    return conv if bias is None else ctx.map("add", conv, _channel_bias(bias, spatial))
 
 
 def _channel_bias(bias: Ref, spatial: int) -> Ref:

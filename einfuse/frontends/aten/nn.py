@@ -5,7 +5,7 @@ import math
 
 import sympy
 
-from ...ir import Call, Cond, IBin, IConst
+from ...ir import Call, Cond, Const, Coord, IBin, IConst
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Ref, index_of, placeholder
 from .base import Ctx, RuleError, rule
@@ -59,6 +59,47 @@ def embedding(ctx: Ctx) -> Ref:
     """``X[.., d] = W[ids[..], d]``: a gather (EINSUM_CASCADES.md EMBEDDING)."""
     weight, ids = ctx.arg(0), ctx.arg(1)
     return gather_rows(ctx, weight, ids)
+
+
+@rule("aten._embedding_bag.default", "aten._embedding_bag_forward_only.default")
+def embedding_bag(ctx: Ctx) -> tuple[Ref, Ref, Ref, Ref | None]:
+    """``nn.EmbeddingBag``: bag ``b`` holds ``ids[offsets[b] .. offsets[b+1])``; each index's bag
+    ``BAG[i] = sum_b (offsets[b] <= i) - 1``, then per bag the rows' sum (times
+    ``per_sample_weights``), mean (an empty bag: 0) or max (an empty bag: 0), as dense sums over
+    the indices. Returns (output, offset2bag, bag_size, max_indices:
+    the row of each max, by the first index holding it; None but in max mode); ``padding_idx``
+    rows are left out."""
+    w, ids, offsets = ctx.arg(0), ctx.arg(1), ctx.arg(2)
+    mode, weights, last, pad = ctx.arg(4, "mode", 0), ctx.arg(6, "per_sample_weights"), ctx.arg(7, "include_last_offset", False), ctx.arg(8, "padding_idx", -1)
+    if len(ids.shape) != 1:
+        raise RuleError("embedding_bag of other than 1-D indices with offsets")
+    n, bags = ids.shape[0], ctx.shape[0][0]
+    bag = ctx.b.emit(f"{ctx.name}_bag", (n,), "i64", lambda out, red: Call("le", (offsets.at([red[0]]), Coord(out[0]))),
+                     reduce=[offsets.shape[0] - (1 if last else 0)])
+    member = lambda out, i: Call("and", (Call("eq", (bag.at([i]), Call("add", (Coord(out[0]), Const(1.0))))),   # noqa: E731
+                                         Call("ne", (ids.at([i]), Const(float(pad)))))) if pad is not None and pad >= 0 \
+        else Call("eq", (bag.at([i]), Call("add", (Coord(out[0]), Const(1.0)))))
+    size = ctx.b.emit(f"{ctx.name}_size", (bags,), "i64", lambda out, red: member(out, red[0]), reduce=[n])
+    row = lambda out, i: w.at([index_of(ids.at([i])), out[1]])   # noqa: E731
+    if mode == 2:
+        top = ctx.b.emit(f"{ctx.name}_max", ctx.shape[0], ctx.dtype[0], lambda out, red: Call(
+            "where", (member(out, red[0]), row(out, red[0]), Const(-math.inf))), reduce=[n], op="max")
+        out = ctx.map("where", size.reindex(ctx.shape[0], [placeholder(0)]), top, 0.0, shape=ctx.shape[0],
+                      dtype=ctx.dtype[0])
+        first = ctx.b.emit(f"{ctx.name}_argmax", ctx.shape[0], "i64", lambda o, red: Call("where", (
+            Call("and", (member(o, red[0]), Call("eq", (row(o, red[0]), top.at(o))))), Coord(red[0]), Const(float(n)))),
+            reduce=[n], op="min")
+        rows = ctx.b.emit(f"{ctx.name}_rows", ctx.shape[0], "i64",
+                          lambda o, _: Call("where", (Call("lt", (first.at(o), Const(float(n)))), ids.at([index_of(first.at(o))]), Const(-1.0))))
+    else:
+        factor = (lambda i: weights.at([i])) if weights is not None else (lambda i: Const(1.0))   # noqa: E731
+        total = ctx.b.emit(f"{ctx.name}_sum", ctx.shape[0], ctx.dtype[0], lambda o, red: Call(
+            "mul", (Call("mul", (member(o, red[0]), factor(red[0]))), row(o, red[0]))), reduce=[n])
+        out = total if mode == 0 else ctx.map("div", total, ctx.map("max", size.reindex(ctx.shape[0], [placeholder(0)]), 1.0,
+                                                                    shape=ctx.shape[0], dtype=ctx.dtype[0]),
+                                              shape=ctx.shape[0], dtype=ctx.dtype[0])
+        rows = None
+    return out, bag, size, rows
 
 
 def gather_rows(ctx: Ctx, table: Ref, ids: Ref) -> Ref:
