@@ -99,3 +99,22 @@ def test_compile_lm_generates_hfs_greedy_tokens_on_moe_models(family: str, tmp_p
     assert torch.equal(compiled.generate(ids, max_new_tokens=12), want)
     experts = [line for line in compiled.decode_model.report().splitlines() if line.startswith("experts ")]
     assert len(experts) == 2 and all(": unsorted" in line for line in experts)   # (a token's k rows: own experts)
+
+
+@pytest.mark.slow
+def test_torch_compile_backend_runs_transformers_grouped_mm_experts_whole() -> None:
+    """Under dynamo the experts run as configured (``grouped_mm``: sort, histc, cumsum and
+    transformers' grouped GEMM op), and each has a rule: nothing falls back to eager."""
+    import warnings
+
+    from einfuse.dynamo import EagerFallbackWarning
+    torch._dynamo.reset()
+    model = hidden("mixtral", "grouped_mm")
+    ids = torch.randint(0, 96, (1, 24))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got, want = torch.compile(model, backend="einfuse")(ids), model(ids)
+    assert not [w for w in caught if issubclass(w.category, EagerFallbackWarning)]
+    assert rel(got, want) <= 1e-4
+    torch._dynamo.reset()

@@ -243,11 +243,12 @@ def _read_plainly(tensor: str, k: Kernel, writes: dict[str, list[Einsum]]) -> bo
 
 
 def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:
-    """A single kernel (or a dequantizing one) computing a contraction (a sum of products), read
-    by a single element-wise map over its output."""
+    """A single kernel (or a dequantizing one) computing a contraction (a sum of products) of a
+    matrix or more (the register tile's rows and columns), read by a single element-wise map over
+    its output."""
     ea, eb = _single(a), _single(b)
     return (a.kind in ("", "dequant") and not b.kind and ea is not None and eb is not None and contraction(ea)
-            and isinstance(ea.rhs, Call) and ea.rhs.op == "mul" and not eb.reduce and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
+            and isinstance(ea.rhs, Call) and ea.rhs.op == "mul" and len(lhs_vars(ea)) > 1 and not eb.reduce and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
 
 
 def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:

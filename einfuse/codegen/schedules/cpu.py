@@ -410,10 +410,14 @@ def _stage_contraction(sch: s_tir.Schedule, block: Any, row: Any, target: Target
     """The scores ``S[s, t] = Q[s, e] * K[t, e]`` of one query block (an attention kernel's), or
     of one query row (a row group's: its row loop is the query's): ``K`` read with ``t``
     innermost (packed per block if it is not stored so), the ``t`` lanes vectorized, the query
-    rows unrolled."""
+    rows unrolled. A block streaming other than one read (a sort's rank compares two reads along
+    ``t``) is left as it is."""
     blk = sch.get(block)
     spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
-    (streamed,) = [n for n, r in enumerate(blk.reads) if uses_var(r, spatial[-1])]
+    found = [n for n, r in enumerate(blk.reads) if uses_var(r, spatial[-1])]
+    if len(found) != 1:
+        return
+    (streamed,) = found
     region = blk.reads[streamed].region
     order = _innermost_last([uses_var_range(r, spatial[-1]) for r in region])
     if order != list(range(len(region))):  # (the layout rewrite usually stored it so already)

@@ -24,6 +24,13 @@ def arange(ctx: Ctx) -> Ref:
     return Ref(Coord(value), tuple(ctx.shape), ctx.dtype)
 
 
+@rule("aten.empty_permuted.default", "aten.empty.memory_format")
+def empty(ctx: Ctx) -> Ref:
+    """An uninitialized tensor (a graph reads it only where it wrote it first, or the read is
+    undefined in torch too): zeros."""
+    return ctx.emit(lambda out, _: Const(0.0))
+
+
 @rule("aten.full.default", "aten.full_like.default", "aten.scalar_tensor.default", "aten.zeros.default",
       "aten.ones.default", "aten.zeros_like.default", "aten.ones_like.default", "aten.new_ones.default",
       "aten.new_zeros.default")

@@ -7,7 +7,7 @@ import sympy
 
 from ...ir import Call, Const, Coord, IConst
 from ...ir.nodes import Expr, IndexExpr
-from ..builder import Ref, ibin, placeholder
+from ..builder import Ref, ibin, index_of, placeholder
 from .base import Ctx, RuleError, rule
 
 
@@ -65,6 +65,20 @@ def convolution(ctx: Ctx) -> Ref:
     if bias is None:
         return conv
     return ctx.map("add", conv, _channel_bias(bias, spatial))
+
+
+@rule("transformers.grouped_mm_fallback.default")
+def grouped_mm(ctx: Ctx) -> Ref:
+    """transformers' grouped GEMM (its CPU fallback op; ``grouped_mm`` experts): rows sorted by
+    group, ``offs[e]`` the end of group ``e``'s rows: ``G[r] = sum_e (offs[e] <= r)``, then
+    ``Y[r,n] = X[r,k] * W[G[r],k,n]`` (a row past the last group reads ``W`` out of range: 0, as
+    the op leaves it): the ``grouped`` form (``ir/grouped.py``, ``passes/moe.py``)."""
+    x, w, offs = ctx.arg(0), ctx.arg(1), ctx.arg(2, "offs")
+    rows = x.shape[0]
+    group = ctx.b.emit(f"{ctx.name}_group", (rows,), "i64", lambda out, red: Call("le", (offs.at([red[0]]), Coord(out[0]))),
+                       reduce=[offs.shape[0]])
+    return ctx.emit(lambda out, red: Call("mul", (x.at([out[0], red[0]]), w.at([index_of(group.at([out[0]])), red[0], out[1]]))),
+                    reduce=[x.shape[1]])
 
 
 def _transposed(ctx: Ctx, x: Ref, w: Ref, bias: Ref | None, stride: list[int], padding: list[int],

@@ -8,7 +8,7 @@ import sympy
 from ...ir import Access, Call, Cond, Const, Coord, Index
 from ...ir.nodes import Expr, IndexExpr
 from ..builder import Builder, Ref, placeholder
-from .base import Ctx, norm_dim, rule
+from .base import Ctx, RuleError, norm_dim, rule
 
 
 def reduce_ref(b: Builder, hint: str, x: Ref, dims: Sequence[int], keepdim: bool, op: str, dtype: str) -> Ref:
@@ -97,6 +97,24 @@ def cumsum(ctx: Ctx) -> Ref:
         read = x.at(index)
         return _filtered(read, dim, Cond(red[0], "<=", out[dim]))
     return ctx.emit(rhs, reduce=[x.shape[dim]])
+
+
+@rule("aten.histc.default")
+def histc(ctx: Ctx) -> Ref:
+    """``torch.histc(x, bins, min, max)``: ``H[b] = sum_i (bin(x_i) == b)``, ``bin(x) =
+    min(floor((x - min) * bins / (max - min)), bins - 1)`` for ``min <= x <= max`` (others are
+    not counted); ``min == max`` (torch's: the data's range) is refused."""
+    x, bins, low, high = ctx.arg(0), int(ctx.arg(1, "bins", 100)), float(ctx.arg(2, "min", 0)), float(ctx.arg(3, "max", 0))
+    if low == high:
+        raise RuleError("histc over the data's own range (min == max)")
+    flat = list(range(len(x.shape)))
+
+    def counted(out: list[IndexExpr], red: list[IndexExpr]) -> Expr:
+        v = x.at(red)
+        where = Call("floor", (Call("mul", (Call("sub", (v, Const(low))), Const(bins / (high - low)))),))
+        inside = Call("and", (Call("ge", (v, Const(low))), Call("le", (v, Const(high)))))
+        return Call("and", (inside, Call("eq", (Call("min", (where, Const(bins - 1.0))), Coord(out[0])))))
+    return ctx.emit(counted, reduce=[x.shape[d] for d in flat])
 
 
 @rule("aten.cumprod.default")
