@@ -12,7 +12,8 @@ D=16) and ``attn1024w80``, ``attn1024w96`` (D=80, 96); eager is then torch's fus
 Peak memory of the fused attention: ``python -m benchmarks.memory``.
 
 Peers: torch eager, torch.compile (inductor), ONNX Runtime (CPU, if installed), TVM's own Relax
-pipeline (from_exported_program + the default pipeline), einfuse, and (by name only) ``unfused``:
+pipeline (from_exported_program + the default pipeline), einfuse, and (by name only) ``backend``:
+``torch.compile(backend="einfuse")``, and ``unfused``:
 einfuse without ``fuse-attention``, attention as the 3-pass cascade (a row-block kernel: each
 block's scores stay in cache), and ``3pass``: torch eager on the attention workloads spelled out
 (``q k^T``, softmax, ``@ v``: the N x N scores in memory). Prints the median latency
@@ -164,6 +165,15 @@ def peer_inductor(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]
     return (lambda: compiled(*args)), time.perf_counter() - start
 
 
+def peer_backend(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
+    """``torch.compile(model, backend="einfuse")``: dynamo's graph compiled by einfuse."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="einfuse")
+    start = time.perf_counter()
+    compiled(*args)
+    return (lambda: compiled(*args)), time.perf_counter() - start
+
+
 def peer_ort(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
     import onnxruntime as ort
     start = time.perf_counter()
@@ -212,7 +222,7 @@ def peer_unfused(model: torch.nn.Module, args: tuple) -> tuple[Callable, float]:
     return peer_einfuse(model, args, pipeline="unfused")
 
 
-PEERS = {"eager": peer_eager, "inductor": peer_inductor, "ort": peer_ort, "relax": peer_relax,
+PEERS = {"eager": peer_eager, "inductor": peer_inductor, "backend": peer_backend, "ort": peer_ort, "relax": peer_relax,
          "unfused": peer_unfused, "3pass": peer_spelled, "einfuse": peer_einfuse}
 
 

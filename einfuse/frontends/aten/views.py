@@ -104,16 +104,18 @@ def repeat(ctx: Ctx) -> Ref:
 @rule("aten.upsample_nearest1d.vec", "aten.upsample_nearest2d.vec", "aten.upsample_nearest3d.vec")
 def upsample_nearest(ctx: Ctx) -> Ref:
     """``F.interpolate(x, mode="nearest")``: a view, output element ``i`` of a resized dimension
-    reads ``x`` at ``floor(i * in / out)`` (torch's rule from sizes), or ``i // s`` for an integer
-    scale factor ``s``; a fractional scale factor is refused."""
+    reads ``x`` at ``floor(i * in / out)`` (torch's rule from sizes), ``i // s`` for an integer
+    scale factor ``s``, or for a fractional one through a gather of ``min(floor(i / s), in - 1)``."""
     x, scales = ctx.arg(0), ctx.arg(2, "scale_factors")
     spatial = len(x.shape) - len(ctx.shape[2:])
     index = [placeholder(d) for d in range(spatial)]
     for j, d in enumerate(range(spatial, len(x.shape))):
         size_in, size_out = x.shape[d], ctx.shape[d]
-        if scales:
-            if float(scales[j]) != int(scales[j]):
-                raise RuleError(f"nearest interpolation by the fractional scale factor {scales[j]}")
+        if scales and float(scales[j]) != int(scales[j]):   # (a gather: min(floor(i / s), in - 1), torch's)
+            source = ctx.b.emit(f"{ctx.name}_source{j}", (size_out,), "i64", lambda out, _, f=1.0 / float(scales[j]), n=size_in: Call(
+                "min", (Call("floor", (Call("mul", (Coord(out[0]), Const(f))),)), Const(float(n) - 1.0))))
+            index.append(index_of(source.at([placeholder(d)])))
+        elif scales:
             index.append(ibin("//", placeholder(d), IConst(int(scales[j]))))
         else:
             index.append(ibin("//", ibin("*", placeholder(d), ctx.b.size_index(size_in)), ctx.b.size_index(size_out)))
