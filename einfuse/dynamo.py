@@ -2,8 +2,10 @@
 fallback for the operators einfuse has no rule for (issue 23, a first part).
 
 Dynamo hands the backend each FX graph it captured (graph breaks give several) with example
-inputs. The backend exports the graph to ATen operators (``torch.export``, parameters kept as
-constants, so the weights are packed and folded as ``einfuse.compile`` does) and compiles it
+inputs, the module's parameters among them. The backend makes the parameters constants of the
+graph (so the weights are transposed, packed and folded at compile time, as ``einfuse.compile``
+does them, and not copied in on every call), exports the graph to ATen operators
+(``torch.export``) and compiles it
 whole when every operator has a rule; otherwise each maximal subgraph of supported operators is
 compiled and the rest runs in eager (:mod:`einfuse.frontends.partition`, one warning per graph).
 ``options`` of ``torch.compile`` pass through to :func:`einfuse.compile` (``target``,
@@ -13,6 +15,7 @@ needs gradients runs in eager, with a warning saying why. The entry point
 """
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -37,13 +40,37 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     if why:
         warnings.warn(f"einfuse: this graph runs in eager: {why}", EagerFallbackWarning, stacklevel=2)
         return gm.forward
-    args = tuple(example_inputs)
-    exported = export_aten(_literals_as_buffers(gm), args, {}, None).module()   # (ATen, as capture reads it)
+    gm, kept = _parameters_as_constants(_literals_as_buffers(gm), example_inputs)
+    args = tuple(example_inputs[i] for i in kept)
+    exported = export_aten(gm, args, {}, None).module()   # (ATen, as capture reads it)
     try:
-        return compiled_graph(exported, args, **options)
+        run = compiled_graph(exported, args, **options)
     except UnsupportedOperatorError as exc:
-        return partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
-                           [op for op, _ in exc.ops]).forward
+        run = partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
+                          [op for op, _ in exc.ops]).forward
+    if len(kept) == len(example_inputs):
+        return run
+    return lambda *inputs: run(*(inputs[i] for i in kept))
+
+
+def _parameters_as_constants(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[torch.fx.GraphModule, list[int]]:
+    """``gm`` with each input that is a module's parameter (dynamo passes them as inputs) made a
+    buffer of the graph, so that einfuse reads it as a weight (transposed, packed, quantized at
+    compile time, as ``einfuse.compile`` does: later changes to it are not seen); the positions
+    of the inputs left."""
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))   # (dynamo's own keeps its inputs: it calls with them)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept = []
+    for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(x, torch.nn.Parameter):
+            kept.append(i)
+            continue
+        gm.register_buffer(f"_einfuse_parameter_{i}", x.detach())
+        with gm.graph.inserting_before(node):
+            node.replace_all_uses_with(gm.graph.get_attr(f"_einfuse_parameter_{i}"))
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm, kept
 
 
 def _literals_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
