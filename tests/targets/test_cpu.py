@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from einfuse.errors import EinfuseError
@@ -76,9 +77,8 @@ def test_an_unknown_target_lists_the_known_ones(name: str) -> None:
 
 @pytest.mark.parametrize("isa, vector_bytes, registers", [("avx2", 32, 16), ("avx512", 64, 32)])
 def test_the_isa_can_be_forced_and_its_code_runs_here(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                       rng: "np.random.Generator", isa: str, vector_bytes: int,
+                                                       rng: np.random.Generator, isa: str, vector_bytes: int,
                                                        registers: int) -> None:
-    import numpy as np
     import torch
     import einfuse
     monkeypatch.setenv("EINFUSE_CPU_ISA", isa)
