@@ -118,3 +118,16 @@ def test_torch_compile_backend_runs_transformers_grouped_mm_experts_whole() -> N
     assert not [w for w in caught if issubclass(w.category, EagerFallbackWarning)]
     assert rel(got, want) <= 1e-4
     torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_a_dynamic_sequence_sorts_a_symbolic_number_of_rows(tmp_path: Path) -> None:
+    model = hidden("mixtral", "eager")
+    seq = torch.export.Dim("seq", min=2, max=128)
+    compiled = einfuse.compile(model, (torch.randint(0, 96, (1, 24)),), dynamic_shapes={"input_ids": {1: seq}},
+                               cache_dir=tmp_path)
+    assert [k.kind for k in compiled.kernels].count("grouped") == 4
+    for n in (5, 40):
+        ids = torch.randint(0, 96, (1, n))
+        with torch.no_grad():
+            assert rel(compiled(ids), model(ids)) <= 1e-4
