@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .errors import EinfuseError, UnsupportedOperatorError
+from .errors import CaptureError, EinfuseError, UnsupportedOperatorError
 from .frontends.partition import EagerFallbackWarning, partitioned
 
 OPTIONS = ("target", "pipeline", "quantize")
@@ -41,16 +41,58 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
         warnings.warn(f"einfuse: this graph runs in eager: {why}", EagerFallbackWarning, stacklevel=2)
         return gm.forward
     gm, kept = _parameters_as_constants(_literals_as_buffers(gm), example_inputs)
+    gm, kept = _sizes_read_from_tensors(gm, example_inputs, kept)
     args = tuple(example_inputs[i] for i in kept)
-    exported = export_aten(gm, args, {}, None).module()   # (ATen, as capture reads it)
-    try:
-        run = compiled_graph(exported, args, **options)
-    except UnsupportedOperatorError as exc:
-        run = partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
-                          [op for op, _ in exc.ops]).forward
+    dynamic = _dynamic_shapes(gm)
+    with torch._guards.tracing(None):   # (not dynamo's frame: export's shape guards would name it)
+        try:
+            exported = export_aten(gm, args, {}, dynamic).module()   # (ATen, as capture reads it)
+            run = compiled_graph(exported, args, dynamic_shapes=dynamic, **options)
+        except (CaptureError, UnsupportedOperatorError) as exc:
+            if dynamic is None and isinstance(exc, UnsupportedOperatorError):
+                run = partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
+                                  [op for op, _ in exc.ops]).forward
+            elif dynamic is None:
+                raise
+            else:   # (symbolic sizes: no fallback by parts, and torch.export may not take dynamo's graph)
+                warnings.warn(f"einfuse: this graph runs in eager: its sizes are symbolic and {exc}".splitlines()[0],
+                              EagerFallbackWarning, stacklevel=2)
+                return lambda *inputs: gm(*(inputs[i] for i in kept))
     if len(kept) == len(example_inputs):
         return run
     return lambda *inputs: run(*(inputs[i] for i in kept))
+
+
+def _sizes_read_from_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
+                             kept: list[int]) -> tuple[torch.fx.GraphModule, list[int]]:
+    """``gm`` with each size input (a ``SymInt``: dynamo's dynamic shapes pass the symbols too)
+    read from a tensor input that has it as a dimension (``aten.sym_size``), and dropped from the
+    inputs; the positions of the inputs left (:func:`_eager_reason` made sure a tensor has it)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    tensors = [n for n in placeholders if isinstance(n.meta.get("example_value"), torch.Tensor)]
+    left = []
+    for i, node in zip(kept, placeholders):
+        if not isinstance(example_inputs[i], torch.SymInt):
+            left.append(i)
+            continue
+        holder, dim = next((n, d) for n in tensors for d, s in enumerate(n.meta["example_value"].shape)
+                           if str(s) == str(node.meta["example_value"]))
+        with gm.graph.inserting_after(tensors[-1]):
+            size = gm.graph.call_function(torch.ops.aten.sym_size.int, (holder, dim))
+        node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm, left
+
+
+def _dynamic_shapes(gm: torch.fx.GraphModule) -> tuple | None:
+    """The inputs' free symbolic dimensions (not fixed by dynamo's guards: a Linear's width) as
+    ``torch.export`` hints, one name per symbol (dynamo's ``s33``); None where all are static."""
+    from .frontends.torch_export import named_dynamic
+    shapes = [n.meta["example_value"].shape for n in gm.graph.nodes if n.op == "placeholder"]
+    spec = tuple({d: named_dynamic(str(s)) for d, s in enumerate(shape) if isinstance(s, torch.SymInt)
+                  and not s.node.shape_env.replace(s.node.expr).is_number} for shape in shapes)
+    return spec if any(spec) else None
 
 
 def _parameters_as_constants(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[torch.fx.GraphModule, list[int]]:
@@ -88,8 +130,12 @@ def _literals_as_buffers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 def _eager_reason(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> str:
     """Why ``gm`` cannot be compiled at all, or ``""``."""
-    if any(not isinstance(x, torch.Tensor) for x in example_inputs):
-        return "symbolic sizes among its inputs (dynamic shapes are not taken by the backend yet)"
+    if any(not isinstance(x, (torch.Tensor, torch.SymInt)) for x in example_inputs):
+        return "inputs other than tensors and sizes"
+    dims = {str(s) for n in gm.graph.nodes if n.op == "placeholder"
+            and isinstance(n.meta.get("example_value"), torch.Tensor) for s in n.meta["example_value"].shape}
+    if any(isinstance(x, torch.SymInt) and str(x) not in dims for x in example_inputs):
+        return "a size input that no tensor input has as a dimension"
     if torch.is_grad_enabled() and any(x.requires_grad for x in [*example_inputs, *gm.parameters()]):
         return "it needs gradients (einfuse compiles inference; run under torch.no_grad())"
     return ""
