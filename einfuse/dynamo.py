@@ -30,8 +30,6 @@ __all__ = ["EagerFallbackWarning", "backend"]
 
 def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None) -> Callable:
     """The TorchDynamo backend: a callable running ``gm`` with einfuse's kernels."""
-    from .api import compiled_graph
-    from .frontends.torch_export import export_aten
     options = dict(options or {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -40,27 +38,32 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     if why:
         warnings.warn(f"einfuse: this graph runs in eager: {why}", EagerFallbackWarning, stacklevel=2)
         return gm.forward
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))   # (dynamo keeps its own: it calls with its inputs)
     gm, kept = _parameters_as_constants(_literals_as_buffers(gm), example_inputs)
     gm, kept = _sizes_read_from_tensors(gm, example_inputs, kept)
-    args = tuple(example_inputs[i] for i in kept)
+    run = _compiled(gm, tuple(example_inputs[i] for i in kept), options)
+    return run if len(kept) == len(example_inputs) else lambda *inputs: run(*(inputs[i] for i in kept))
+
+
+def _compiled(gm: torch.fx.GraphModule, args: tuple, options: dict) -> Callable:
+    """``gm`` compiled whole, or in parts where operators have no rule; with symbolic sizes (which
+    the parts do not take, nor ``torch.export`` every graph) ``gm`` itself, with a warning."""
+    from .api import compiled_graph
+    from .frontends.torch_export import export_aten
     dynamic = _dynamic_shapes(gm)
     with torch._guards.tracing(None):   # (not dynamo's frame: export's shape guards would name it)
         try:
             exported = export_aten(gm, args, {}, dynamic).module()   # (ATen, as capture reads it)
-            run = compiled_graph(exported, args, dynamic_shapes=dynamic, **options)
+            return compiled_graph(exported, args, dynamic_shapes=dynamic, **options)
         except (CaptureError, UnsupportedOperatorError) as exc:
-            if dynamic is None and isinstance(exc, UnsupportedOperatorError):
-                run = partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
-                                  [op for op, _ in exc.ops]).forward
-            elif dynamic is None:
-                raise
-            else:   # (symbolic sizes: no fallback by parts, and torch.export may not take dynamo's graph)
+            if dynamic is not None:
                 warnings.warn(f"einfuse: this graph runs in eager: its sizes are symbolic and {exc}".splitlines()[0],
-                              EagerFallbackWarning, stacklevel=2)
-                return lambda *inputs: gm(*(inputs[i] for i in kept))
-    if len(kept) == len(example_inputs):
-        return run
-    return lambda *inputs: run(*(inputs[i] for i in kept))
+                              EagerFallbackWarning, stacklevel=3)
+                return gm
+            if not isinstance(exc, UnsupportedOperatorError):   # (a capture error of another kind)
+                raise
+            return partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
+                               [op for op, _ in exc.ops]).forward
 
 
 def _sizes_read_from_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
@@ -100,7 +103,6 @@ def _parameters_as_constants(gm: torch.fx.GraphModule, example_inputs: Sequence[
     buffer of the graph, so that einfuse reads it as a weight (transposed, packed, quantized at
     compile time, as ``einfuse.compile`` does: later changes to it are not seen); the positions
     of the inputs left."""
-    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))   # (dynamo's own keeps its inputs: it calls with them)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     kept = []
     for i, (node, x) in enumerate(zip(placeholders, example_inputs)):

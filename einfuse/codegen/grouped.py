@@ -41,7 +41,7 @@ def grouped_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> 
     lanes = target.vector_lanes
     mr, nv = MAX_ROWS.get(lanes, 4), panel_columns(lanes) // lanes
     rows, depth = shape[found.x]
-    n = shape[found.weight][1] * shape[found.weight][3] if found.panel else shape[found.weight][2]
+    n = found.columns(shape[found.weight])
     if found.panel and found.panel != nv * lanes:
         raise CompileError(f"kernel {k.name}: weight panels of {found.panel} columns, not the tile's {nv * lanes}")
     with IRBuilder() as ib, T.prim_func():

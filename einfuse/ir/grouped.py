@@ -26,6 +26,10 @@ class Grouped:
     transposed: bool      # the weight stored ``[E, d, n]`` (n innermost), not ``[E, n, d]``
     panel: int = 0        # the columns of a panel where stored as panels, ``[E, n//c, d, n%c]``
 
+    def columns(self, weight_shape: list) -> object:
+        """The output columns ``n``, from the weight's shape (in panels: their count times ``c``)."""
+        return weight_shape[1] * weight_shape[3] if self.panel else weight_shape[2]
+
 
 def panel_columns(lanes: int) -> int:
     """The columns of a grouped kernel's register tile, and of its weight's panels, for vectors

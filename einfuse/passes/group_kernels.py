@@ -144,9 +144,10 @@ def _grouped(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
 
     def fits(k: Kernel) -> bool:
         found = grouped_parts(c, k.writes[0]) if len(k.writes) == 1 and not k.internal else None
-        ranks = [size[r.rank] for r in decls[found.weight].ranks] if found else []
-        n = (ranks[1] * ranks[3] if found.panel else ranks[2]) if found else 0
-        return found is not None and found.transposed and isinstance(n, int) and n >= 16
+        if found is None or not found.transposed:
+            return False
+        n = found.columns([size[r.rank] for r in decls[found.weight].ranks])
+        return isinstance(n, int) and n >= 16
     return [replace(k, kind="grouped") if fits(k) else k for k in kernels]
 
 
@@ -248,7 +249,8 @@ def _epilogue(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict
     its output."""
     ea, eb = _single(a), _single(b)
     return (a.kind in ("", "dequant") and not b.kind and ea is not None and eb is not None and contraction(ea)
-            and isinstance(ea.rhs, Call) and ea.rhs.op == "mul" and len(lhs_vars(ea)) > 1 and not eb.reduce and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
+            and isinstance(ea.rhs, Call) and ea.rhs.op == "mul" and len(lhs_vars(ea)) > 1
+            and not eb.reduce and lhs_vars(ea) == lhs_vars(eb) and _read_plainly(a.output, b, writes))
 
 
 def _same_rows(a: Kernel, b: Kernel, writes: dict[str, list[Einsum]], roles: dict[str, str]) -> bool:

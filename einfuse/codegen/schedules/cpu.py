@@ -377,8 +377,8 @@ def _row_schedule(sch: s_tir.Schedule, blocks: list[Any], target: Target, attent
             try:
                 sch.reorder(*reduce, lanes)
                 sch.vectorize(lanes)
-            except s_tir.ScheduleError:   # (a sum of comparisons of the reduced coordinate: the lanes stay serial)
-                pass
+            except s_tir.ScheduleError:   # (a rank's sum of comparisons of the reduced coordinate, a sort's:
+                pass                      # TVM cannot vectorize its partials; the lanes stay serial)
     if finish is not None:
         init = sch.decompose_reduction(out, finish)
         sch.vectorize(sch.get_loops(init)[-1])
