@@ -9,8 +9,9 @@ does them, and not copied in on every call), exports the graph to ATen operators
 whole when every operator has a rule; otherwise each maximal subgraph of supported operators is
 compiled and the rest runs in eager (:mod:`einfuse.frontends.partition`, one warning per graph).
 ``options`` of ``torch.compile`` pass through to :func:`einfuse.compile` (``target``,
-``pipeline``, ``quantize``). A graph with symbolic sizes (dynamo's dynamic shapes) or one that
-needs gradients runs in eager, with a warning saying why. The entry point
+``pipeline``, ``quantize``). A graph with symbolic sizes (dynamo's dynamic shapes) is compiled
+once for every size where ``torch.export`` keeps them symbolic, else once per input shape (up to
+8, then in eager); one that needs gradients runs in eager, with a warning saying why. The entry point
 (``torch_dynamo_backends``) registers the name on ``pip install``.
 """
 from __future__ import annotations
@@ -46,24 +47,56 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
 
 
 def _compiled(gm: torch.fx.GraphModule, args: tuple, options: dict) -> Callable:
-    """``gm`` compiled whole, or in parts where operators have no rule; with symbolic sizes (which
-    the parts do not take, nor ``torch.export`` every graph) ``gm`` itself, with a warning."""
+    """``gm`` compiled whole, or in parts where operators have no rule; with symbolic sizes that
+    ``torch.export`` cannot keep (or that the parts do not take), compiled once per input shape."""
+    dynamic = _dynamic_shapes(gm)
+    if dynamic is None:
+        return _compiled_for(gm, args, options, None)
+    try:
+        return _compiled_for(gm, args, options, dynamic)
+    except (CaptureError, UnsupportedOperatorError) as exc:
+        warnings.warn(f"einfuse: this graph is compiled for each input shape: its sizes are symbolic and "
+                      f"{exc}".splitlines()[0], EagerFallbackWarning, stacklevel=3)
+        return PerShape(gm, options)
+
+
+def _compiled_for(gm: torch.fx.GraphModule, args: tuple, options: dict, dynamic: tuple | None) -> Callable:
+    """``gm`` exported for ``args`` (``dynamic``: the symbolic dimensions) and compiled; with
+    static sizes, in parts where operators have no rule."""
     from .api import compiled_graph
     from .frontends.torch_export import export_aten
-    dynamic = _dynamic_shapes(gm)
     with torch._guards.tracing(None):   # (not dynamo's frame: export's shape guards would name it)
         try:
             exported = export_aten(gm, args, {}, dynamic).module()   # (ATen, as capture reads it)
             return compiled_graph(exported, args, dynamic_shapes=dynamic, **options)
-        except (CaptureError, UnsupportedOperatorError) as exc:
+        except UnsupportedOperatorError as exc:
             if dynamic is not None:
-                warnings.warn(f"einfuse: this graph runs in eager: its sizes are symbolic and {exc}".splitlines()[0],
-                              EagerFallbackWarning, stacklevel=3)
-                return gm
-            if not isinstance(exc, UnsupportedOperatorError):   # (a capture error of another kind)
                 raise
             return partitioned(exported, args, lambda m, a: compiled_graph(m, a, **options),
                                [op for op, _ in exc.ops]).forward
+
+
+class PerShape:
+    """A graph compiled for each distinct shape of its inputs, as a recompile would: up to
+    ``LIMIT`` shapes (dynamo's own recompile limit), then in eager with a warning."""
+
+    LIMIT = 8
+
+    def __init__(self, gm: torch.fx.GraphModule, options: dict) -> None:
+        self.gm, self.options = gm, options
+        self.compiled: dict[tuple, Callable] = {}
+
+    def __call__(self, *inputs: Any) -> Any:
+        key = tuple(tuple(x.shape) for x in inputs)
+        run = self.compiled.get(key)
+        if run is None and len(self.compiled) >= self.LIMIT:
+            warnings.warn(f"einfuse: {self.LIMIT} input shapes compiled for this graph; new ones run in eager",
+                          EagerFallbackWarning, stacklevel=2)
+            run = self.compiled[key] = self.gm.forward
+        elif run is None:
+            fresh = tuple(x.detach() for x in inputs)   # (without the dynamic marks dynamo left on them)
+            run = self.compiled[key] = _compiled_for(self.gm, fresh, self.options, None)
+        return run(*inputs)
 
 
 def _sizes_read_from_tensors(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

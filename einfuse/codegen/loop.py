@@ -115,13 +115,30 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
         return [v for v in lhs_vars(e) if v not in self.rows and v not in bound]
 
     def row_vars(self) -> list[str]:
-        """The variables indexing every Einsum's output, in the output's order."""
-        rows = lhs_vars(self.k.writes[0])
+        """The variables indexing every Einsum's output, in the output's order, less those along
+        which an Einsum reads what the loop writes at another point (a recurrence's
+        ``HG[t,b,g,h] = HS[t,b,j] * W[g,h,j]`` reads all of ``HS[t,b,:]``: ``h`` is no row)."""
+        rows = [v for v in lhs_vars(self.k.writes[0]) if v != self.loop.var]
         for e in self.init + self.body:
             rows = [v for v in rows if v in lhs_vars(e)]
+        rows = [v for v in rows if not self.read_across(v)]
         if not rows:
             raise CompileError(f"kernel {self.k.name}: no variable indexes every Einsum of the loop")
         return rows
+
+    def read_across(self, v: str) -> bool:
+        """Whether an Einsum reads a tensor the loop writes, where its writer has ``v``, at
+        another index."""
+        at = {e.lhs.tensor: [ix.expr == IVar(v) for ix in e.lhs.indices] for e in self.init + self.body}
+        return any(at[a.tensor][i] and ix.expr != IVar(v)
+                   for e in self.body + list(self.k.writes) for a in reads(e) if a.tensor in at
+                   for i, ix in enumerate(a.indices))
+
+    @property
+    def per_step(self) -> bool:
+        """Whether the output is indexed by the loop's variable (a recurrence's every step,
+        ``Y[b,t,h] = HS[t+1,b,h]``): it is then stored at the end of each step."""
+        return self.loop.var in lhs_vars(self.k.writes[0])
 
     # ---- the function ---------------------------------------------------------------------------
 
@@ -179,7 +196,10 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
                         self.emit_tile(inner)
                     with T.Else():
                         self.carry(t)
-        self.emit(self.k.writes[0], env, frozenset())
+            if self.per_step:
+                self.emit(self.k.writes[0], inner, frozenset({self.loop.var}))
+        if not self.per_step:
+            self.emit(self.k.writes[0], env, frozenset())
 
     def stage(self, env: dict[str, Any]) -> None:
         """Work at the start of each tile, before any row decides to skip it (none on a CPU; a

@@ -4,7 +4,7 @@ per op (``einfuse/frontends/aten``).
 Views are index renaming, weights and buffers become ``param`` tensors whose data the cascade
 carries, inputs keep forward()'s argument names, outputs are ``out0, out1, ...``, and a
 ``torch.export.Dim`` becomes a symbolic rank size. ``scaled_dot_product_attention`` is kept whole
-and translated to FuseMax's attention cascade.
+and translated to FuseMax's attention cascade, and LSTM and GRU layers to a loop over time.
 """
 from __future__ import annotations
 
@@ -33,6 +33,11 @@ from .experts import batched_experts
 #: the IR dtype of each torch dtype
 TORCH_DTYPES = {name: getattr(torch, d.torch) for name, d in DTYPES.items() if hasattr(torch, d.torch)}
 IR_DTYPES = {t: name for name, t in TORCH_DTYPES.items()}
+
+#: ops kept out of the decomposition: their rules translate them whole (attention's cascade; a
+#: recurrence as a loop, where the decomposition unrolls every step)
+KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.lstm.input,
+              torch.ops.aten.gru.input)
 
 #: shorter tensor names for nodes named after long op names
 SHORT_NAMES = {"native_layer_norm": "layernorm", "scaled_dot_product_attention": "attn",
@@ -133,9 +138,11 @@ def input_problem(x: Any) -> str | None:
 @contextlib.contextmanager
 def _quiet_torch() -> Iterator[None]:
     """Ignore :data:`LEAFSPEC_WARNING` here too (a test or a ``-W`` option may have reset the
-    filter set at import)."""
+    filter set at import), and export's note that an RNN module sets its ``_flat_weights`` (its
+    parameters, which capture reads as such)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"The tensor attributes .*_flat_weights", category=UserWarning)
         yield
 
 
@@ -149,7 +156,8 @@ def export_aten(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shape
             raise CaptureError(f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: "
                                f"{first}") from exc
         table = torch.export.default_decompositions()
-        table.pop(torch.ops.aten.scaled_dot_product_attention.default, None)
+        for kept in KEPT_WHOLE:
+            table.pop(kept, None)
         return exported.run_decompositions(table)
 
 

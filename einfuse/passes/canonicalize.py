@@ -54,7 +54,7 @@ class Canonicalize(Pass):
             c = inline_views(c)
             stats["inline-view"] += before - len(c.stmts)
             c = _merge_common(c, stats)
-            c = _fold_constants(c, stats)
+            c = fold_constants(c, stats)
             c = simplify(c, stats)
             c = fold_scales(c, stats)
             c = _remove_dead(c, stats)
@@ -69,7 +69,7 @@ ROUNDS = 8
 FOLD_LIMIT = 1 << 26  # bytes: larger constants are computed at run time
 
 
-def _fold_constants(c: Cascade, stats: Counter) -> Cascade:
+def fold_constants(c: Cascade, stats: Counter) -> Cascade:
     """Temps computed from weights and coordinates only (a causal mask built from positions,
     ``where(idx(k) <= idx(s), 0, -inf)``) are computed once, now, by the interpreter: the ones
     other Einsums read become weights; the rest are dead. Broadcasts (a variable the right-hand

@@ -43,6 +43,7 @@ from ..ir.scope import (
     var_ranks,
 )
 from ..targets import Target
+from .canonicalize import fold_constants
 from .manager import Pass, PassContext, register
 
 
@@ -76,7 +77,8 @@ class MaterializeOperands(Pass):
     name = "materialize-operands"
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
-        return _counted(materialize_operands(c, ctx.target.ragged), c, ctx.stats, "materialized")
+        out = _counted(materialize_operands(c, ctx.target.ragged), c, ctx.stats, "materialized")
+        return fold_constants(out, ctx.stats)   # (a weight's copy is made now: an LSTM's W[g*H+h,j])
 
 
 def _counted(out: Cascade, c: Cascade, stats: Counter, pattern: str) -> Cascade:

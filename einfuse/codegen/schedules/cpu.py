@@ -229,7 +229,9 @@ def _contraction_schedule(sch: s_tir.Schedule, block: Any, target: Target, epilo
         if order != list(range(len(region))):  # the panel's NR lanes must be contiguous
             sch.transform_layout(packed, ("write", 0), lambda *ix: tuple(ix[d] for d in order))
         sch.compute_at(packed, j0)
-        sch.vectorize(sch.get_loops(packed)[-1])
+        lanes = sch.get_loops(packed)[-1]
+        if _static(sch.get(lanes).extent) is not None:   # (a transposed convolution's input read
+            sch.vectorize(lanes)                          # at (o+p-k)//s spans a varying range)
         for producer in sch.get_producers(packed) if not padded else []:   # (a quantized weight's
             sch.compute_inline(producer)                                    # dequantization, per panel)
     if padded:  # the operands' zero padding is computed where they are read

@@ -10,6 +10,6 @@ with several outputs). To support a new op, add a function beside its peers:
         return ctx.map("mul", x, ctx.map("div", ctx.map("min", ctx.map("relu", ...), 6.0), 6.0))
 """
 from .base import RULES, Ctx, Rule, RuleError, broadcast, norm_dim, rule
-from . import elementwise, indexing, linalg, nn, reductions, views  # noqa: E402,F401  (register rules)
+from . import elementwise, indexing, linalg, nn, recurrent, reductions, views  # noqa: E402,F401  (register rules)
 
 __all__ = ["RULES", "Ctx", "Rule", "RuleError", "broadcast", "norm_dim", "rule"]

@@ -280,13 +280,17 @@ def to_copy(ctx: Ctx) -> Ref:
 
 @rule("aten.cat.default")
 def cat(ctx: Ctx) -> Ref:
-    """Concatenation writes each piece into its slab of one tensor (an Einsum per piece, with a
-    filter on the concatenated dimension)."""
+    """Concatenation (see :func:`concatenate`)."""
     pieces = [p for p in ctx.arg(0) if all(s != 0 for s in p.shape)]
-    dim = norm_dim(ctx.arg(1, "dim", 0), len(ctx.shape))
-    b = ctx.b
-    name = b.name(ctx.name)
-    out = b.declare(name, ctx.shape, "temp", ctx.dtype)
+    return concatenate(ctx.b, ctx.name, pieces, norm_dim(ctx.arg(1, "dim", 0), len(ctx.shape)), ctx.shape, ctx.dtype)
+
+
+def concatenate(b: Builder, hint: str, pieces: Sequence[Ref], dim: int, shape: Sequence[sympy.Expr],
+                dtype: str) -> Ref:
+    """``pieces`` concatenated along ``dim``: each written into its slab of one tensor (an Einsum
+    per piece, with a filter on the concatenated dimension)."""
+    name = b.name(hint)
+    out = b.declare(name, shape, "temp", dtype)
     vars_ = [IVar(r.rank.lower()) for r in b.tensors[-1].ranks]
     start = sympy.Integer(0)
     for piece in pieces:
