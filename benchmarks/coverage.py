@@ -4,7 +4,7 @@
     python -m benchmarks.coverage [--only llama,t5] [--markdown]
 
 For each model: eager's output, then the backend's (under ``torch.no_grad()``, after
-``torch._dynamo.reset()``), their relative error, how many graphs dynamo gave the backend, and
+``torch._dynamo.reset()``, with ``allow_rnn``: dynamo traces an RNN module only with it), their relative error, how many graphs dynamo gave the backend, and
 what fell back to eager (the backend's ``EagerFallbackWarning`` messages) or the error that
 stopped it. ``--markdown`` prints the table docs/coverage.md holds.
 """
@@ -119,7 +119,7 @@ def check(name: str) -> dict[str, Any]:
     torch._dynamo.reset()
     start = time.perf_counter()
     row: dict[str, Any] = {"model": name, "graphs": 0, "fell_back": [], "error": None, "rel_err": None}
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    with torch.no_grad(), torch._dynamo.config.patch(allow_rnn=True), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             model, args = MODELS[name]()

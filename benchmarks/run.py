@@ -6,7 +6,8 @@
 Workloads: the zoo's models, a 1024^3 matmul, and (by name only) ``gemv1x1024``, ``gemv1x4096``,
 ``gemv8x4096`` and ``gemv16x4096`` (a few rows times a square weight), GPT-2 and Llama at sequence 1024
 (``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
-``attn16384``, with a ``c`` suffix for causal, ``attnvit`` (the zoo ViT's: B=2, H=4, 785 tokens,
+``attn16384``, with a ``c`` suffix for causal, ``lstm32``, ``lstm256``, ``lstm1024`` (a 2-layer
+LSTM of that many steps, batch 1; ``b8`` suffix: batch 8), ``attnvit`` (the zoo ViT's: B=2, H=4, 785 tokens,
 D=16) and ``attn1024w80``, ``attn1024w96`` (D=80, 96); eager is then torch's fused
 ``scaled_dot_product_attention``.
 Peak memory of the fused attention: ``python -m benchmarks.memory``.
@@ -118,6 +119,27 @@ def _attention(n: int, causal: bool, shape: tuple[int, int, int] = (1, 8, 64)) -
 for _n in (1024, 4096, 16384):
     workload(f"attn{_n}")(_attention(_n, False))
     workload(f"attn{_n}c")(_attention(_n, True))
+class Recurrent(torch.nn.Module):
+    """A 2-layer LSTM (256 wide, input 256) under a Linear head, batch ``batch``: every step's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = torch.nn.LSTM(256, 256, num_layers=2, batch_first=True), torch.nn.Linear(256, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0])
+
+
+def _recurrent(steps: int, batch: int) -> Callable[[], tuple]:
+    def build() -> tuple:
+        torch.manual_seed(0)
+        return Recurrent().eval(), (torch.randn(batch, steps, 256),)
+    return build
+
+
+for _steps in (32, 256, 1024):   # compile time and speed as the sequence grows (a loop, not unrolled)
+    workload(f"lstm{_steps}")(_recurrent(_steps, 1))
+    workload(f"lstm{_steps}b8")(_recurrent(_steps, 8))
 workload("attnvit")(_attention(785, False, (2, 4, 16)))   # the zoo ViT's attention: 785 tokens, 16-wide heads
 for _width in (80, 96):   # heads wider than a register tile and no power of two (Phi's 80 and 96)
     workload(f"attn1024w{_width}")(_attention(1024, False, (1, 8, _width)))

@@ -24,6 +24,7 @@ import torch
 
 from .errors import CaptureError, EinfuseError, UnsupportedOperatorError
 from .frontends.partition import EagerFallbackWarning, partitioned
+from .frontends.recurrent_ops import rnn_calls_as_ops
 
 OPTIONS = ("target", "pipeline", "quantize")
 __all__ = ["EagerFallbackWarning", "backend"]
@@ -39,7 +40,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     if why:
         warnings.warn(f"einfuse: this graph runs in eager: {why}", EagerFallbackWarning, stacklevel=2)
         return gm.forward
-    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))   # (dynamo keeps its own: it calls with its inputs)
+    gm = rnn_calls_as_ops(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)))   # (dynamo keeps its own: it calls with its inputs)
     gm, kept = _parameters_as_constants(_literals_as_buffers(gm), example_inputs)
     gm, kept = _sizes_read_from_tensors(gm, example_inputs, kept)
     run = _compiled(gm, tuple(example_inputs[i] for i in kept), options)

@@ -28,6 +28,7 @@ from ..ir.dtypes import DTYPES
 from .aten import RULES, Ctx, RuleError
 from .builder import Builder, Ref, identifier
 from .experts import batched_experts
+from .recurrent_ops import recurrent_ops
 
 #: the torch dtype of each IR dtype (ir.dtypes names it; a torch before 2.6 has no int4), and
 #: the IR dtype of each torch dtype
@@ -35,7 +36,8 @@ TORCH_DTYPES = {name: getattr(torch, d.torch) for name, d in DTYPES.items() if h
 IR_DTYPES = {t: name for name, t in TORCH_DTYPES.items()}
 
 #: ops kept out of the decomposition: their rules translate them whole (attention's cascade; a
-#: recurrence as a loop, where the decomposition unrolls every step)
+#: recurrence as a loop, where the decomposition unrolls every step; export meets these two only
+#: outside ``nn.LSTM``/``nn.GRU``, see .recurrent_ops)
 KEPT_WHOLE = (torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.lstm.input,
               torch.ops.aten.gru.input)
 
@@ -148,7 +150,7 @@ def _quiet_torch() -> Iterator[None]:
 
 def export_aten(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.export.ExportedProgram:
     """``model`` exported by ``torch.export`` and decomposed to the ATen operators capture translates."""
-    with _quiet_torch(), batched_experts(model):
+    with _quiet_torch(), batched_experts(model), recurrent_ops():
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         except Exception as exc:  # torch.export raises many unrelated types; all mean "could not export"

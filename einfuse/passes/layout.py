@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -93,13 +93,50 @@ def transpose_weights(c: Cascade) -> Cascade:
     decls = declarations(c)
     size = {r.name: r.size for r in c.ranks}
     tensors, params, made = list(c.tensors), dict(c.params), {}
-    stmts = []
-    for s in c.stmts:
-        inner = _innermost(s, decls, size) if isinstance(s, Einsum) and reduced_vars(s) else None
-        if inner is not None:
-            s = replace(s, rhs=_rewrite(s.rhs, inner, decls, tensors, params, made))
-        stmts.append(s)
+    ranks = var_ranks(c)
+
+    def moved(s: Einsum, bound: frozenset[str]) -> Einsum:
+        inner = _innermost(s, decls, size) if reduced_vars(s, bound) else None
+        if inner is None:
+            return s
+        rhs = _unflatten(s.rhs, decls, size, ranks, tensors, params, made)
+        return replace(s, rhs=_rewrite(rhs, inner, declarations(replace(c, tensors=tuple(tensors))), tensors, params, made))
+    stmts = [replace(s, body=tuple(moved(e, frozenset({s.var})) if isinstance(e, Einsum) else e for e in s.body))
+             if isinstance(s, Loop) else moved(s, frozenset()) if isinstance(s, Einsum) else s for s in c.stmts]
     return replace(c, tensors=tuple(tensors), stmts=tuple(stmts), params=params)
+
+
+def _unflatten(x: Expr, decls: dict, size: dict, ranks: dict, tensors: list, params: dict, made: dict) -> Expr:
+    """``x`` with each weight read at ``a*C+b`` (an LSTM's gates stacked in one matrix, ``W[g*H+h,j]``),
+    where the dimension is ``a``'s extent times ``b``'s, ``C``, read from the weight reshaped to
+    keep ``a`` and ``b`` apart (``W_s[g,h,j]``), made now."""
+    if isinstance(x, Call):
+        return replace(x, args=tuple(_unflatten(a, decls, size, ranks, tensors, params, made) for a in x.args))
+    if not isinstance(x, Access) or decls[x.tensor].role != "param" or x.tensor not in params \
+            or any(ix.filter for ix in x.indices):
+        return x
+    split = [_stacked(ix.expr, r.rank, size, ranks) for ix, r in zip(x.indices, decls[x.tensor].ranks)]
+    if not any(split):
+        return x
+    key = (x.tensor, "split", tuple(bool(p) for p in split))
+    if key not in made:
+        decl = decls[x.tensor]
+        new_ranks = [t for r, p in zip(decl.ranks, split) for t in ([TensorRank(ranks[v.name]) for v in p] if p else [r])]
+        made[key] = f"{x.tensor}_s"
+        tensors.append(TensorDecl(made[key], tuple(new_ranks), "param", decl.dtype, decl.empty))
+        params[made[key]] = np.ascontiguousarray(params[x.tensor]).reshape([size[t.rank] for t in new_ranks])
+    return Access(made[key], tuple(Index(v) for ix, p in zip(x.indices, split) for v in (p or [ix.expr])))
+
+
+def _stacked(e: Any, rank: str, size: dict, ranks: dict) -> list[IVar] | None:
+    """``[a, b]`` where index ``e`` is ``a*C+b`` over a dimension of ``a``'s extent times ``C``,
+    ``b``'s extent."""
+    if not (isinstance(e, IBin) and e.op == "+" and isinstance(e.b, IVar) and isinstance(e.a, IBin)
+            and e.a.op == "*" and isinstance(e.a.a, IVar) and isinstance(e.a.b, IConst)):
+        return None
+    a, b, c = e.a.a, e.b, e.a.b.value
+    outer, inner = size.get(ranks.get(a.name)), size.get(ranks.get(b.name))
+    return [a, b] if inner == c and isinstance(outer, int) and outer * c == size[rank] else None
 
 
 def _innermost(e: Einsum, decls: dict, size: dict) -> str | None:

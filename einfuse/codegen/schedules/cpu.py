@@ -320,10 +320,12 @@ def _row_dim(blk: Any) -> int:
     """The register tile's row dimension: the innermost output dimension besides the vectorized
     one that the streamed operand does not read (a GEMM's ``m``, a convolution's output channel),
     so the packed panel is reused by every row tile."""
-    spatial = [iv.var for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    data = [iv for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+    spatial = [iv.var for iv in data]
     streamed = [r for r in blk.reads if uses_var(r, spatial[-1])]
     free = [d for d in range(len(spatial) - 1) if not any(uses_var(r, spatial[d]) for r in streamed)]
-    return free[-1] if free else len(spatial) - 2
+    longer = [d for d in free if _static(data[d].dom.extent) != 1]   # (an LSTM's batch of one: its steps)
+    return (longer or free)[-1] if free else len(spatial) - 2
 
 
 def _pad_ragged(sch: s_tir.Schedule, block: Any, row: int, mr: int, nr: int) -> bool:

@@ -1,4 +1,5 @@
-"""LSTM and GRU layers (``aten.lstm.input``, ``aten.gru.input``) as a ``for`` loop over time.
+"""LSTM and GRU layers (``einfuse::lstm``/``gru``: see ..recurrent_ops; ``aten.lstm.input``,
+``aten.gru.input``) as a ``for`` loop over time.
 
 What: each layer and direction becomes one GEMM over every step's input, the initial state, a
 loop over the time rank ``T`` carrying the state (iterative ranks, EINSUM_CASCADES.md §1), and
@@ -75,10 +76,10 @@ class _Layer:
         return w.at([ibin("+", ibin("*", gate, IConst(self.hidden)), self.v("h")), *rest])
 
 
-@rule("aten.lstm.input", "aten.gru.input")
+@rule("aten.lstm.input", "aten.gru.input", "einfuse.lstm.default", "einfuse.gru.default")
 def recurrent(ctx: Ctx) -> tuple[Ref, ...]:
     """A stacked, possibly bidirectional LSTM or GRU (see the module docstring)."""
-    cell = "lstm" if ctx.op.startswith("aten.lstm") else "gru"
+    cell = "lstm" if ".lstm." in ctx.op else "gru"
     x, hx, params, biased, layers, dropout, train, bidirectional, batch_first = (ctx.arg(i) for i in range(9))
     h0, c0 = (hx if cell == "lstm" else (hx, None))
     directions = 2 if bidirectional else 1
