@@ -2,14 +2,16 @@
 unsupported operator left to eager with the rest compiled, graph breaks, new shapes, options."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 
+import einfuse
 from einfuse import zoo
 from einfuse.dynamo import EagerFallbackWarning
-from einfuse.errors import EinfuseError
+from einfuse.errors import EinfuseError, UnsupportedOperatorError
 from tests.conftest import rel_err
 
 
@@ -103,6 +105,34 @@ def test_a_new_shape_recompiles_and_dynamic_sizes_compile_once() -> None:
             assert rel_err(got.numpy(), model(x).numpy()) <= 1e-5 and fell_back == []
     assert len(graphs) == 1
     torch._dynamo.reset()
+
+
+class ScaledBySize(torch.nn.Module):
+    """A scale computed from a size: a float that is symbolic where the size is (``symbolic``:
+    written so that torch.export keeps it so too, where ``math.sqrt`` makes it specialize)."""
+
+    def __init__(self, symbolic: bool = False) -> None:
+        super().__init__()
+        self.symbolic = symbolic
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[-1]
+        return x.softmax(-1) * (torch._sym_sqrt(torch.sym_float(n)) if self.symbolic else math.sqrt(n))
+
+
+def test_a_float_from_a_symbolic_size_compiles_per_shape_not_as_a_constant() -> None:
+    """Capture once took ``sqrt(size)`` at the example's size: right there, wrong at the next."""
+    compiled = torch.compile(ScaledBySize(), backend="einfuse", dynamic=True)
+    warned = []
+    for n in (5, 11, 7):
+        x = torch.randn(2, n)
+        got, fell_back = _recorded(compiled, x)
+        warned += fell_back
+        assert rel_err(got.numpy(), ScaledBySize()(x).numpy()) <= 1e-5
+    assert warned == ["einfuse: this graph is compiled for each input shape: its sizes are symbolic and "
+                      "1 unsupported operator(s): sym_float"]
+    with pytest.raises(UnsupportedOperatorError, match=r"a float computed from a symbolic size \(ToFloat"):
+        einfuse.compile(ScaledBySize(symbolic=True), (torch.randn(2, 6),), dynamic_shapes=({1: torch.export.Dim("n")},))
 
 
 def test_options_pass_through_and_gradients_run_in_eager() -> None:

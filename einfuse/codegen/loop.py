@@ -26,6 +26,7 @@ store it (a key past the sequence's end is ``-inf`` in the scores). Its loops ar
 """
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from typing import Any
 
@@ -158,6 +159,8 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
                 self.buffers[name] = T.arg(name, T.buffer(self.shape(d), DTYPES[d.dtype].tvm))
             extents = [self.sizes.expr(self.var_extent(v)) for v in outer]
             blocks = tirx.floordiv(self.sizes.expr(extent) + (rows - 1), rows)
+            static = [self.var_extent(v) for v in outer] + [extent]
+            self.one_block = all(isinstance(n, int) for n in static) and math.prod(static) <= rows
             with self.launch(fold(lambda a, b: a * b, extents + [blocks]), rows) as (p, first):
                 # the block varies fastest: each thread's share of the parallel loop then
                 # holds early and late query blocks alike (a causal mask skips more in early ones)
@@ -170,10 +173,19 @@ class LoopBuilder(TileTests, EinsumNests, KernelBuilder):
 
     def launch(self, blocks: Any, rows: int) -> Any:
         """A context over the blocks of rows, giving (the block, the first row it emits in it):
-        one parallel loop over the blocks, each block's rows emitted together."""
+        one parallel loop over the blocks, each block's rows emitted together; with one block
+        only, a serial loop, its products parallel over their columns instead (see
+        ``across_columns``)."""
         stack = ExitStack()
         stack.enter_context(T.sblock("root"))
-        return Entered(stack, (stack.enter_context(LoopFrame(T.parallel, blocks)), tirx.const(0, "int64")))
+        kind = T.serial if self.across_columns else T.parallel
+        return Entered(stack, (stack.enter_context(LoopFrame(kind, blocks)), tirx.const(0, "int64")))
+
+    @property
+    def across_columns(self) -> bool:
+        """Whether each step's products run in parallel over their column groups: when all rows
+        are one block (an LSTM of batch 1), which would leave every core but one idle."""
+        return self.one_block and self.target.cores > 1
 
     def emit_block(self, env: dict[str, Any], start: Any) -> None:
         """One block of rows: local buffers, the initial state, the loop, the output."""

@@ -63,9 +63,11 @@ class EinsumNests:
         with ExitStack() as stack:   # the tile's rows, then its other output variables
             group = stack.enter_context(LoopFrame(T.serial, self.row_count // unroll))
             at = dict(env)
+            kind = T.parallel if self.across_columns else T.serial   # (the first column loop)
             for v in own[:-1]:
-                at[v] = stack.enter_context(LoopFrame(T.serial, self.sizes.expr(self.var_extent(v))))
-            chunk = stack.enter_context(LoopFrame(T.serial, chunks)) if chunks > 1 else None
+                at[v] = stack.enter_context(LoopFrame(kind, self.sizes.expr(self.var_extent(v))))
+                kind = T.serial
+            chunk = stack.enter_context(LoopFrame(kind, chunks)) if chunks > 1 else None
             span = (chunk, width) if chunk is not None else None
             # the accumulators: a buffer of the tile's own, so LLVM keeps it in registers whatever
             # else the kernel writes (accumulated in the block's buffer, they were stored on

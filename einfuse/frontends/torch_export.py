@@ -274,6 +274,22 @@ class _Translator:
             return sympy.sympify(node.shape_env.replace(node.expr)).xreplace(self.symbols)
         return sympy.Integer(int(d))
 
+    def scalar(self, node: torch.fx.Node, val: Any) -> Any:
+        """A scalar the graph computes: a size (sympy), or a float or bool, which must not depend
+        on a symbolic size (its value at the example, a rule's constant, would be wrong at the
+        next size: ``math.sqrt(x.shape[-1])``)."""
+        if isinstance(val, (int, torch.SymInt)):
+            return self.size(val)
+        if isinstance(val, (torch.SymFloat, torch.SymBool)):
+            expr = val.node.shape_env.replace(val.node.expr)
+            if expr.free_symbols:
+                kind = "float" if isinstance(val, torch.SymFloat) else "bool"
+                op = getattr(node.target, "__name__", str(node.target))
+                raise UnsupportedOperatorError([(op, f"{source_location(node, code=True)}\n    not supported: "
+                                                 f"a {kind} computed from a symbolic size ({expr}); make that size static")])
+            return float(expr) if isinstance(val, torch.SymFloat) else bool(expr)
+        return val
+
     def shape_of(self, val: Any) -> Any:
         if isinstance(val, torch.Tensor):
             return tuple(self.size(d) for d in val.shape)
@@ -326,7 +342,7 @@ class _Translator:
             return self.resolve(node.args[0])[node.args[1]]
         val = node.meta.get("val")
         if _is_size(node):
-            return self.size(val) if isinstance(val, (int, torch.SymInt)) else val
+            return self.scalar(node, val)
         op = str(node.target)
         if op in IGNORED:
             return None

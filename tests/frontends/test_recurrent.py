@@ -102,9 +102,9 @@ def test_dropout_in_training_mode_is_refused() -> None:
         capture(model, (torch.randn(5, 2, 8),))
 
 
-def test_backend_compiles_an_lstm_for_each_length(rng: np.random.Generator) -> None:
-    """dynamo traces an RNN module with ``allow_rnn``; torch.export fixes the sequence length, so
-    a new length is compiled for its shape."""
+def test_backend_compiles_an_lstm_once_for_every_length(rng: np.random.Generator) -> None:
+    """dynamo traces an RNN module with ``allow_rnn``; on a second length it marks the length
+    dynamic, and the one graph compiled then serves the third."""
     torch.manual_seed(int(rng.integers(1 << 30)))
     model = torch.nn.Sequential(Last(torch.nn.LSTM(6, 8, batch_first=True)), torch.nn.Linear(8, 3)).eval()
     compiled = torch.compile(model, backend="einfuse")
@@ -114,5 +114,4 @@ def test_backend_compiles_an_lstm_for_each_length(rng: np.random.Generator) -> N
             x = _random(rng, (2, n, 6))
             assert rel_err(compiled(x).numpy(), model(x).numpy()) <= 1e-5
     torch._dynamo.reset()
-    assert not any("runs in eager" in str(w.message) for w in seen)
-    assert any("compiled for each input shape" in str(w.message) for w in seen)
+    assert not [str(w.message) for w in seen if "einfuse" in str(w.message)]
