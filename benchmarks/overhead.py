@@ -2,7 +2,7 @@
 about 100 ns) called end to end from Python, torch tensors in and out, beside torch eager and
 ONNX Runtime on the same model; then where einfuse's time goes, each step timed alone: the
 input checks and DLPack hand-over (``to_tvm``), the Relax VM's run of the kernels (``_run``),
-the outputs back to torch (``from_dlpack``).
+the outputs back to torch (``_to_torch``, DLPack).
 
     python -m benchmarks.overhead [--kernels 1,4,16] [--repeat 3000] [--rounds 5]
 
@@ -67,7 +67,7 @@ def runs_for(k: int) -> tuple[dict[str, Callable[[], Any]], int]:
         "einfuse": lambda: compiled(x),
         "  to_tvm": lambda: compiled.to_tvm((x,)),
         "  _run": lambda: compiled._run(handed),
-        "  from_dlpack": lambda: [torch.from_dlpack(v) for v in values],
+        "  to_torch": lambda: [compiled._to_torch(v) for v in values],
     }, len(compiled.kernels)
 
 
@@ -81,7 +81,7 @@ def main() -> None:
     torch.set_num_threads(opts.threads)
     print(f"threads={opts.threads} repeat={opts.repeat} rounds={opts.rounds} torch={torch.__version__}")
     print(f"{'chain':6} {'kernels':>7} " + " ".join(f"{n.strip():>12}" for n in
-                                                     ("eager", "ort", "einfuse", "to_tvm", "_run", "from_dlpack")) + "   (us per call)")
+                                                     ("eager", "ort", "einfuse", "to_tvm", "_run", "to_torch")) + "   (us per call)")
     einfuse_us = {}
     with torch.no_grad():
         for k in [int(n) for n in opts.kernels.split(",")]:

@@ -69,3 +69,15 @@ def test_coverage_compiles_the_lstm_through_the_backend() -> None:
     row = check("lstm")
     assert row["graphs"] == 1 and row["error"] is None and row["fell_back"] == [] and row["rel_err"] <= 1e-4
     assert "1 of 1 match eager" in markdown([row])
+
+
+def test_overhead_benchmark_times_each_step_of_a_call_and_matches_eager() -> None:
+    import torch
+
+    from benchmarks.overhead import measure, runs_for
+    with torch.no_grad():
+        runs, kernels = runs_for(3)
+        got, want = runs["einfuse"](), runs["eager"]()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and kernels >= 1
+        times = measure(runs, repeat=3, rounds=1)
+    assert set(times) == set(runs) and all(t > 0 for t in times.values())
