@@ -3,7 +3,8 @@
     python -m benchmarks.run [--models gpt2,llama,...] [--peers eager,inductor,ort,relax,unfused,3pass,einfuse]
                              [--threads 2] [--repeat 20] [--rounds 3]
 
-Workloads: the zoo's models, a 1024^3 matmul, and (by name only) ``gemv1x1024``, ``gemv1x4096``,
+Workloads: the zoo's models, a 1024^3 matmul, and (by name only) ``convnet8`` (the zoo ConvNet at
+batch 8), ``mlp4096`` (1024-4096-1024, GELU, batch 64), ``gemv1x1024``, ``gemv1x4096``,
 ``gemv8x4096`` and ``gemv16x4096`` (a few rows times a square weight), GPT-2 and Llama at sequence 1024
 (``gpt21024``, ``llama1024``) and attention alone, B=1, H=8, D=64: ``attn1024``, ``attn4096``,
 ``attn16384``, with a ``c`` suffix for causal, ``lstm32``, ``lstm256``, ``lstm1024`` (a 2-layer
@@ -83,6 +84,16 @@ for _name, _opts in {"mlp": {"batch": 64}, "gpt2": {"seq": 256}, "llama": {"seq"
                      "vit": {"image": 224}}.items():
     workload(_name)(_zoo(_name, **_opts))
 DEFAULT = list(WORKLOADS)  # attention alone and long sequences are run by name: --models attn1024,...
+workload("convnet8")(_zoo("convnet", batch=8))   # issue 24's small ConvNet: batch 8, 32 x 32
+
+
+@workload("mlp4096")
+def _wide_mlp() -> tuple:
+    """Issue 24's MLP: Linear(1024, 4096), GELU, Linear(4096, 1024), batch 64."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024))
+    return net.eval(), (torch.randn(64, 1024),)
+
 for _name in ("gpt2", "llama"):
     workload(f"{_name}1024")(_zoo(_name, seq=1024))   # where attention's share is large
 
