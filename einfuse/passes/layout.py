@@ -99,8 +99,8 @@ def transpose_weights(c: Cascade) -> Cascade:
         inner = _innermost(s, decls, size) if reduced_vars(s, bound) else None
         if inner is None:
             return s
-        rhs = _unflatten(s.rhs, decls, size, ranks, tensors, params, made)
-        return replace(s, rhs=_rewrite(rhs, inner, declarations(replace(c, tensors=tuple(tensors))), tensors, params, made))
+        rhs = _unflatten(s.rhs, decls, size, ranks, tensors, params, made)   # (adds to decls what it makes)
+        return replace(s, rhs=_rewrite(rhs, inner, decls, tensors, params, made))
     stmts = [replace(s, body=tuple(moved(e, frozenset({s.var})) if isinstance(e, Einsum) else e for e in s.body))
              if isinstance(s, Loop) else moved(s, frozenset()) if isinstance(s, Einsum) else s for s in c.stmts]
     return replace(c, tensors=tuple(tensors), stmts=tuple(stmts), params=params)
@@ -118,12 +118,13 @@ def _unflatten(x: Expr, decls: dict, size: dict, ranks: dict, tensors: list, par
     split = [_stacked(ix.expr, r.rank, size, ranks) for ix, r in zip(x.indices, decls[x.tensor].ranks)]
     if not any(split):
         return x
-    key = (x.tensor, "split", tuple(bool(p) for p in split))
+    decl = decls[x.tensor]
+    new_ranks = tuple(t for r, p in zip(decl.ranks, split) for t in ([TensorRank(ranks[v.name]) for v in p] if p else [r]))
+    key = (x.tensor, new_ranks)
     if key not in made:
-        decl = decls[x.tensor]
-        new_ranks = [t for r, p in zip(decl.ranks, split) for t in ([TensorRank(ranks[v.name]) for v in p] if p else [r])]
-        made[key] = f"{x.tensor}_s"
-        tensors.append(TensorDecl(made[key], tuple(new_ranks), "param", decl.dtype, decl.empty))
+        made[key] = fresh_name(f"{x.tensor}_s", set(decls))
+        decls[made[key]] = TensorDecl(made[key], new_ranks, "param", decl.dtype, decl.empty)
+        tensors.append(decls[made[key]])
         params[made[key]] = np.ascontiguousarray(params[x.tensor]).reshape([size[t.rank] for t in new_ranks])
     return Access(made[key], tuple(Index(v) for ix, p in zip(x.indices, split) for v in (p or [ix.expr])))
 
