@@ -284,7 +284,8 @@ def element_bytes(c: Cascade, e: Einsum) -> float:
 def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int, int, int, int] | None:
     """(batch, rows, cols, depth) of a two-operand contraction, or None if ``e`` is not one.
     cols is the innermost output variable; rows the innermost other one the operand reading
-    cols does not read (the register tile's rows, as codegen/schedules/cpu.py takes them)."""
+    cols does not read, of extent above one where there is one (the register tile's rows, as
+    codegen/schedules/cpu.py takes them)."""
     accesses = reads(e)
     reduce = reduced_vars(e)
     out = lhs_vars(e)
@@ -295,7 +296,8 @@ def contraction_dims(c: Cascade, e: Einsum, sizes: dict[str, int]) -> tuple[int,
     if len(streamed) != 1:
         return None
     free = [v for v in out[:-1] if v not in access_vars(streamed[0])]
-    row = free[-1] if free else out[-2]
+    longer = [v for v in free if size[v] != 1]   # (an LSTM's batch of one: its steps are the rows)
+    row = (longer or free)[-1] if free else out[-2]
     batch = math.prod(size[v] for v in out if v not in (row, out[-1]))
     return batch, size[row], size[out[-1]], math.prod(size[v] for v in reduce)
 

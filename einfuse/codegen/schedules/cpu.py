@@ -319,7 +319,7 @@ def _static(extent: Any) -> int | None:
 def _row_dim(blk: Any) -> int:
     """The register tile's row dimension: the innermost output dimension besides the vectorized
     one that the streamed operand does not read (a GEMM's ``m``, a convolution's output channel),
-    so the packed panel is reused by every row tile."""
+    of extent above one where there is one, so the packed panel is reused by every row tile."""
     data = [iv for iv in blk.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
     spatial = [iv.var for iv in data]
     streamed = [r for r in blk.reads if uses_var(r, spatial[-1])]
