@@ -24,7 +24,7 @@ def inline_views(c: Cascade) -> Cascade:
     while changed:
         changed = False
         for pos, s in enumerate(stmts):
-            if isinstance(s, Einsum) and _is_view(s, decls[s.lhs.tensor].role, stmts[pos + 1:], decls):
+            if isinstance(s, Einsum) and _is_view(s, stmts[pos + 1:], decls):
                 rest = [_substitute_stmt(t, s) for t in stmts[pos + 1:]]
                 if all(r is not None for r in rest):
                     stmts = stmts[:pos] + rest  # type: ignore[operator]
@@ -35,8 +35,8 @@ def inline_views(c: Cascade) -> Cascade:
     return replace(c, tensors=tensors, stmts=tuple(stmts))
 
 
-def _is_view(e: Einsum, role: str, later: list[Stmt], decls: dict) -> bool:
-    if role != "temp" or e.reduce or e.populate or not isinstance(e.rhs, Access):
+def _is_view(e: Einsum, later: list[Stmt], decls: dict) -> bool:
+    if decls[e.lhs.tensor].role != "temp" or e.reduce or e.populate or not isinstance(e.rhs, Access):
         return False
     source = decls.get(e.rhs.tensor)
     if source is not None and any(r.iterative for r in source.ranks):   # (a loop's results leave it by one Einsum)
