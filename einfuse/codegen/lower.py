@@ -22,7 +22,7 @@ from tvm import te, tirx
 from ..errors import CompileError
 from ..ir import Access, Cascade, Const, Coord, Einsum, IAccess, IConst, ISym, IVar, TensorDecl
 from ..ir.dtypes import DTYPES
-from ..ir.nodes import Expr, IndexExpr
+from ..ir.nodes import Expr, IndexExpr, rewrite
 from ..ir.scope import declarations, expr_accesses, reduced_vars, var_ranks
 from ..ir.sizes import in_range
 from ..ir.kernels import Kernel
@@ -44,7 +44,8 @@ class SizeVars:
         dims = [sympy.sympify(rank_size[r.rank] + int(r.iterative)) for t in (*kernel.inputs, kernel.output)
                 for r in decls[t].ranks]
         bare = {d for d in dims if d.is_Symbol}
-        used = set().union(*(d.free_symbols for d in dims))
+        used = set().union(*(d.free_symbols for d in dims), *(sympy.sympify(rank_size[r]).free_symbols
+                                                                for r in _sizes_read(c, kernel)))
         return [self.expr(s) for s in sorted(used - bare, key=str)]
 
     def expr(self, size: Any) -> Any:
@@ -86,6 +87,19 @@ class SizeVars:
             T.arg(v.name, v)
         args[kernel.output] = T.arg(kernel.output, T.buffer(shape[kernel.output], DTYPES[decls[kernel.output].dtype].tvm))
         return args
+
+
+def _sizes_read(c: Cascade, kernel: Kernel) -> set[str]:
+    """The ranks whose sizes ``kernel``'s Einsums read as values (``idx(L)``, ``m1*M0+m0``)."""
+    ranks: set[str] = set()
+
+    def note(node: Any) -> Any:
+        if isinstance(node, ISym):
+            ranks.add(node.rank)
+        return node
+    names = {kernel.output, *kernel.internal}
+    rewrite(tuple(e for e, _ in c.einsums() if e.lhs.tensor in names), note)
+    return ranks
 
 
 class KernelBuilder:

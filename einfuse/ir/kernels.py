@@ -56,6 +56,8 @@ register_kind("int8-dot", "a 4-bit weight's contraction on int8 activations (qua
               "activations quantized per block, then integer dot products (codegen/int8_dot.py)", loop=True)
 register_kind("grouped", "each row times its own expert's weights, H[p,n] = W[G[p],d,n] * X[p,d], run by run of "
               "equal G (a mixture-of-experts FFN, codegen/grouped.py)", loop=True)
+register_kind("select", "the coordinates of each fiber's k largest values in order (torch.topk's indices, "
+              "captured as a rank count), one pass over the fiber (codegen/select.py)", loop=True)
 register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
               loop=True)
 

@@ -46,6 +46,7 @@ from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Const, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
 from ..ir.grouped import grouped as grouped_parts
+from ..ir.select import selection
 from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
 from ..ir.scope import (
@@ -70,10 +71,11 @@ class GroupKernels(Pass):
     name = "group-kernels"
     attention: bool = True   # a softmax row group joins the P V reading it (off: one phase each, as on an accelerator)
     grouped: bool = False    # each grouped contraction (ir/grouped.py) one kernel of its kind (a CPU's)
+    select: bool = False     # each top-k's coordinates by rank (ir/select.py) one kernel of its kind (a CPU's)
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
         stats = ctx.stats
-        kernels = group_kernels(c, self.attention, self.grouped)
+        kernels = group_kernels(c, self.attention, self.grouped, self.select)
         for k in kernels:
             stats[f"kernel:{KINDS[k.kind].label}"] += 1
             stream, levels = stream_levels(c, k)
@@ -83,8 +85,8 @@ class GroupKernels(Pass):
         return replace(c, groups=tuple(kernels))
 
 
-def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False) -> list[Kernel]:
-    """Kernels in execution order (``attention``, ``grouped``: see :class:`GroupKernels`)."""
+def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False, select: bool = False) -> list[Kernel]:
+    """Kernels in execution order (``attention``, ``grouped``, ``select``: see :class:`GroupKernels`)."""
     decls = declarations(c)
     loops = {k.output: k for k in (_loop_kernel(c, s, decls) for s in c.stmts if isinstance(s, Loop))}
     in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}  # (with recomputed temps)
@@ -117,6 +119,7 @@ def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False) -> 
                     external.append(a.tensor)
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
     kernels = _int8_dots(c, _grouped(c, kernels) if grouped else kernels)
+    kernels = _selects(c, kernels, readers) if select else kernels
     kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
 
@@ -133,6 +136,21 @@ def _int8_dots(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
         inputs = tuple(dict.fromkeys(t for j in (*producers, k) for t in j.inputs if t not in stages))
         kernels = [j for j in kernels if j not in producers]
         kernels[kernels.index(k)] = replace(k, internal=stages, inputs=inputs, stages=stages, kind="int8-dot")
+    return kernels
+
+
+def _selects(c: Cascade, kernels: list[Kernel], readers: dict[str, set[int]]) -> list[Kernel]:
+    """``kernels`` with each top-k's coordinates (:mod:`einfuse.ir.select`) one ``select`` kernel
+    with the rank count it reads, where nothing else reads the count."""
+    by_output = {k.output: k for k in kernels}
+    for k in list(kernels):
+        count = by_output.get(k.inputs[0]) if len(k.writes) == 1 and len(k.inputs) == 1 else None
+        if count is None or len(count.writes) != 1 or count.internal or len(readers.get(count.output, ())) != 1:
+            continue
+        found = selection(count.writes[0], k.writes[0])
+        if found is not None:
+            kernels.remove(count)
+            kernels[kernels.index(k)] = replace(k, internal=(count.output,), inputs=count.inputs, kind="select")
     return kernels
 
 

@@ -403,10 +403,26 @@ def _grouped_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int]
     return combine(m, fma, fma / m.flops, moved, 0.0)
 
 
+def _select_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """A ``select`` kernel (``codegen/select.py``): each fiber's elements compared once, scalar, and
+    the entries of ``k`` best moved for the ``k (1 + ln(P / k))`` elements expected to enter a fiber
+    read in random order; its input and output moved once."""
+    from ..ir.select import selection
+    found = selection(*p.einsums)
+    x, out = (c.tensor(t) for t in (kernel.inputs[0], kernel.output))
+    axis = found.axis if found else len(out.ranks) - 1
+    elements = math.prod(sizes.get(r.rank, 1) for r in x.ranks)
+    length, best = sizes.get(x.ranks[axis].rank, 1), sizes.get(out.ranks[axis].rank, 1)
+    fibers = elements / max(length, 1)
+    entering = min(length, best * (1 + math.log(max(length / best, 1.0))))
+    ops = 4.0 * elements + fibers * entering * 4.0 * best
+    return combine(m, ops, ops / (m.flops / (2 * m.lanes)), p.moved, 0.0)
+
+
 ESTIMATES: dict[str, Callable[[Cascade, Any, Machine, dict[str, int], _Parts], Estimate]] = {
     "": _tiled_estimate, "epilogue": _tiled_estimate, "dequant": _tiled_estimate, "rows": _streamed_estimate,
     "attention": _streamed_estimate, "loop": _loop_estimate, "int8-dot": _int8_estimate,
-    "grouped": _grouped_estimate,
+    "grouped": _grouped_estimate, "select": _select_estimate,
 }
 
 

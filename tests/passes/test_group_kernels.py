@@ -70,7 +70,7 @@ def test_a_group_that_breaks_the_rule_fails_naming_the_kernel(monkeypatch: pytes
     c = parse(TWO_PASSES)
     kernels = grouping.group_kernels(c)
     illegal = grouping.Kernel("k0_Y", "Y", kernels[1].writes, ("S",), ("X",), kind="rows")
-    monkeypatch.setattr(grouping, "group_kernels", lambda c, attention=True, grouped=False: [illegal])
+    monkeypatch.setattr(grouping, "group_kernels", lambda c, *options: [illegal])
     with pytest.raises(PassError, match=r"kernel k0_Y fuses Einsums at pass levels \[1, 2\] along M") as info:
         PassManager([GroupKernels()]).run(c)
     assert isinstance(info.value.__cause__, CompileError)

@@ -12,6 +12,7 @@ from ..int8_dot import int8_function
 from ..loop import LoopBuilder
 from ..lower import SizeVars
 from ..schedules.cpu import rule_schedule, schedule
+from ..select import select_function
 from .base import TEBackend, register_backend
 
 
@@ -20,7 +21,7 @@ class CPUBackend(TEBackend):
     """``cpu`` (the host, or a named ISA): LLVM."""
 
     kind = "cpu"
-    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels{grouped=true}"
+    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels{grouped=true,select=true}"
     cached = True
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
@@ -28,6 +29,8 @@ class CPUBackend(TEBackend):
             return int8_function(c, k, sizes, self.target)
         if k.kind == "grouped":
             return grouped_function(c, k, sizes, self.target)
+        if k.kind == "select":
+            return select_function(c, k, sizes, self.target)
         return LoopBuilder(c, k, sizes, self.target).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:
