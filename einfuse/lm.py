@@ -33,6 +33,8 @@ from transformers.cache_utils import Cache
 
 from .errors import EinfuseError, InputError
 from .frontends.torch_export import named_dynamic
+from .kv import KVPages, KVPolicy, parse_kv
+from .kv.pages import update_bounds
 
 
 ATTENTION = "einfuse_cached"   # (the name of :func:`cached_attention` among transformers' attention functions)
@@ -45,9 +47,11 @@ class _StepCache(Cache):
 
     current: "_StepCache | None" = None   # (the step being traced: cached_attention's past)
 
-    def __init__(self, past: Sequence[torch.Tensor]) -> None:   # (not Cache.__init__: no layers of its own)
+    def __init__(self, past: Sequence[torch.Tensor], bounds: Sequence[torch.Tensor] = (),
+                 paged: "KVPages | None" = None) -> None:   # (not Cache.__init__: no layers of its own)
         self.layers, self.layer_class_to_replicate, self.offloading = [], None, False
         self.past, self.new = past, []
+        self.bounds, self.paged = bounds, paged   # (kv-pages: each layer's page bounds, the policy)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +73,18 @@ def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None:
         raise EinfuseError(f"compile_lm: {type(module).__name__}'s attention has sinks or a position bias, "
                            "which the decode program does not compute yet")
-    k_past, v_past = (_StepCache.current.past[2 * module.layer_idx + i] for i in (0, 1))   # type: ignore[union-attr]
+    cache = _StepCache.current
+    k_past, v_past = (cache.past[2 * module.layer_idx + i] for i in (0, 1))   # type: ignore[union-attr]
     b, h, t, d = query.shape
     g, n = key.shape[1], k_past.shape[0]
     q = query.reshape(b, g, h // g * t, d)
+    scale = d ** -0.5 if scaling is None else scaling
+    if cache.paged is not None:   # type: ignore[union-attr]
+        bounds = (cache.bounds[2 * module.layer_idx + i] for i in (0, 1))   # type: ignore[union-attr]
+        out = cache.paged.attend(q, key, value, attention_mask, (k_past, v_past, *bounds), scale, softcap)
+        return out.reshape(b, h, t, d).transpose(1, 2), None
     scores = torch.cat([torch.einsum("lbgd,bgqd->bglq", k_past, q).transpose(-1, -2), q @ key.transpose(-1, -2)], -1)
-    scores = scores * (d ** -0.5 if scaling is None else scaling)
+    scores = scores * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.reshape(b, h, t, n + t)
@@ -92,13 +102,15 @@ class _Step(torch.nn.Module):
     step takes them made (``[M, B, 1, 1, L + 1]``, :func:`additive_masks`)."""
 
     def __init__(self, lm: torch.nn.Module, mask_types: Sequence[str] | None, windows: Sequence[int | None],
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, paged: "KVPages | None" = None) -> None:
         super().__init__()
         self.lm, self.mask_types, self.windows, self.dtype = lm, mask_types, tuple(windows), dtype
+        self.paged = paged   # (a decode step over chosen pages: its ``past`` ends with the page bounds)
         self.keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, *past: torch.Tensor) -> tuple:
-        cache = _StepCache(past)
+        bounds = past[len(past) // 2:] if self.paged else ()
+        cache = _StepCache(past[:len(past) - len(bounds)], bounds, self.paged)
         if not past:
             mask = additive_masks(mask, torch.arange(ids.shape[1]), self.windows, self.dtype)
         masks = mask[0] if self.mask_types is None else {t: mask[i] for i, t in enumerate(self.mask_types)}
@@ -109,12 +121,13 @@ class _Step(torch.nn.Module):
 
 
 def additive_masks(keys: torch.Tensor, queries: torch.Tensor, windows: Sequence[int | None],
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, key_pos: torch.Tensor | None = None) -> torch.Tensor:
     """The masks ``[M, B, 1, Q, K]``, one per window (None: full attention), additive as
-    transformers' eager attention makes them: 0 where query slot ``queries[q]`` sees key slot
-    ``k`` of row ``b`` (``keys[b, k]``: not padding; ``k <= queries[q]``; in a window ``w``,
-    ``queries[q] - k < w``, transformers' rule), the dtype's lowest value elsewhere."""
-    k = torch.arange(keys.shape[1])
+    transformers' eager attention makes them: 0 where the query at ``queries[q]`` sees key ``k``
+    of row ``b`` at ``key_pos[k]`` (default ``k``): ``keys[b, k]`` (not padding),
+    ``key_pos[k] <= queries[q]`` and, in a window ``w``, ``queries[q] - key_pos[k] < w``
+    (transformers' rule); the dtype's lowest value elsewhere."""
+    k = torch.arange(keys.shape[1]) if key_pos is None else key_pos
     causal = k[None, :] <= queries[:, None]
     out = []
     for w in windows:
@@ -172,11 +185,12 @@ def lm_shape(lm: torch.nn.Module) -> LMShape:
 
 
 def programs(lm: torch.nn.Module, max_len: int, batch: int = 1, shape: LMShape | None = None,
-             prompt: int | None = None) -> tuple[tuple, tuple]:
+             prompt: int | None = None, paged: "KVPages | None" = None) -> tuple[tuple, tuple]:
     """The prefill and the decode step of ``lm`` as ``(module, example_args, dynamic_shapes)`` each,
     what :func:`einfuse.compile` and :func:`einfuse.kernels` take; the prefill's prompt length
     dynamic, or ``prompt`` tokens exactly (``compile_lm``'s buckets: 2.7x faster than the dynamic
-    program at 512 tokens, its GEMMs tiled for known rows)."""
+    program at 512 tokens, its GEMMs tiled for known rows); with ``paged``, the decode step
+    attends to the pages that policy chooses and takes each layer's page bounds after the cache."""
     s = shape or lm_shape(lm)
     if max_len < 3:
         raise EinfuseError(f"compile_lm: max_len={max_len}; it must be at least 3 (a 2-token prompt and a step)")
@@ -189,9 +203,17 @@ def programs(lm: torch.nn.Module, max_len: int, batch: int = 1, shape: LMShape |
                None if prompt else {"ids": {1: t}, "pos": {1: t}, "mask": {1: t}})
     n = named_dynamic("L", 2, max_len - 1)
     past = tuple(torch.zeros(4, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
+    spec = tuple({0: n} for _ in past)
+    if paged is not None:
+        pages = max(paged.pages + 1, 2)
+        past += tuple(torch.zeros(pages, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
+        spec += tuple({0: named_dynamic("P", 2, paged.page_count(max_len))} for _ in range(2 * s.layers))
+        past = (torch.zeros(pages * paged.page, *past[0].shape[1:], dtype=s.dtype),) * (2 * s.layers) + past[2 * s.layers:]
+        step = _Step(lm, s.mask_types, s.windows, s.dtype, paged).eval()
+    length = past[0].shape[0] + 1
     decode = (step, (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long),
-                     torch.zeros(m, batch, 1, 1, 5, dtype=s.dtype), *past),
-              {"ids": None, "pos": None, "mask": {4: named_dynamic("L1", 3, max_len)}, "past": tuple({0: n} for _ in past)})
+                     torch.zeros(m, batch, 1, 1, length, dtype=s.dtype), *past),
+              {"ids": None, "pos": None, "mask": {4: named_dynamic("L1", 3, max_len)}, "past": spec})
     return prefill, decode
 
 
@@ -217,34 +239,43 @@ class CompiledLM:
     """A causal LM as its compiled prefill and decode programs over a KV cache held here."""
 
     def __init__(self, prefill: Callable[[int], Any], decode: Any, shape: LMShape, max_len: int, batch: int,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> None:
-        """``prefill(n)`` compiles the prefill program of ``n`` tokens exactly (a bucket's)."""
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
+                 policy: KVPolicy = KVPolicy(), paged_decode: Any = None) -> None:
+        """``prefill(n)`` compiles the prefill program of ``n`` tokens exactly (a bucket's);
+        ``policy`` keeps the cache (:mod:`einfuse.kv`), ``paged_decode`` the decode program over
+        chosen pages of a ``kv-pages`` policy (run once the cache holds more pages than it reads)."""
         from .codegen.runtime import aligned_empty
         self._compile_prefill, self.decode_model, self.shape = prefill, decode, shape
         self.prefill_programs: dict[int, Any] = {}   # bucket -> its compiled prefill
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id   # (generate's defaults)
-        self.max_len, self.batch = max_len, batch
-        self.cache = [aligned_empty((max_len, batch, shape.kv_heads, shape.head_dim), shape.dtype)
-                      for _ in range(2 * shape.layers)]
+        self.max_len, self.batch, self.policy, self.paged_decode = max_len, batch, policy, paged_decode
+        self.rows = policy.rows(max_len)
+        row = (batch, shape.kv_heads, shape.head_dim)
+        self.cache = [aligned_empty((self.rows, *row), shape.dtype) for _ in range(2 * shape.layers)]
+        pages = policy.page_count(max_len) if isinstance(policy, KVPages) else 0
+        self.bounds = [aligned_empty((pages, *row), shape.dtype) for _ in range(2 * shape.layers if pages else 0)]
         self.phases = Phases()
         self.reset()
         self.prefill_program(2)   # (the least bucket now: a model that cannot compile fails here)
 
     @property
     def kv_bytes(self) -> int:
-        """The KV cache's bytes (all of it, preallocated)."""
-        return sum(c.numel() * c.element_size() for c in self.cache)
+        """The KV cache's bytes (all of it, preallocated; with kv-pages, the page bounds too)."""
+        return sum(c.numel() * c.element_size() for c in self.cache + self.bounds)
 
     def reset(self) -> None:
         """Empty the cache (its memory is kept) for a new prompt."""
-        self.length = 0
-        self.valid = torch.zeros(self.batch, self.max_len, dtype=torch.bool)   # slots holding a real token
+        self.length = 0   # (the tokens of the sequence so far, the prompt's padding included)
+        self.valid = torch.zeros(self.batch, self.rows, dtype=torch.bool)   # rows holding a real token
+        self.slot_pos = torch.zeros(self.rows, dtype=torch.long)   # each row's token: its place in the sequence
         self.next_pos = torch.zeros(self.batch, dtype=torch.long)
 
     def crop(self, length: int) -> None:
         """Keep the first ``length`` cached tokens (forget the rest), as transformers' ``crop``."""
         if not 0 < length <= self.length:
             raise EinfuseError(f"crop({length}): the cache holds {self.length} tokens")
+        if self.policy.bounded:
+            raise EinfuseError(f"crop: a {self.policy.name} cache has dropped tokens; it cannot be cropped")
         self.next_pos -= self.length - length
         self.valid[:, length:] = False
         self.length = length
@@ -275,8 +306,8 @@ class CompiledLM:
         keep = torch.cat([torch.zeros(self.batch, pad, dtype=torch.bool), keep], 1)
         pos = (keep.cumsum(1) - 1).masked_fill(~keep, 1)
         out = program.run_trusted(ids, pos, keep)
-        self._store([kv[:, :, pad:] for kv in out[1:]], 0, t)
-        self.valid[:, :t] = keep[:, pad:]
+        kept = self.policy.kept(t)
+        self._store([kv[:, :, pad:][:, :, kept] for kv in out[1:]], kept, keep[:, pad:][:, kept])
         self.next_pos = pos[:, -1] + 1
         self.length = t
         return out[0]
@@ -289,14 +320,17 @@ class CompiledLM:
         n = self.length
         if n == 0:
             raise EinfuseError("decode before prefill: run prefill(ids) (or generate) first")
-        if n >= self.max_len:
+        if n >= self.max_len and not self.policy.bounded:
             raise EinfuseError(f"the KV cache is full: {n} tokens cached, max_len={self.max_len}; "
                                "compile with a larger max_len or reset()")
-        self.valid[:, n] = True
-        past = [c[:n] for c in self.cache]
-        out = self.decode_model.run_trusted(ids, self.next_pos[:, None].clone(),
-                                            self._masks(self.valid[:, :n + 1], torch.tensor([n])), *past)
-        self._store(out[1:], n, 1)
+        rows = min(n, self.rows)
+        keys = torch.cat([self.valid[:, :rows], torch.ones(self.batch, 1, dtype=torch.bool)], 1)
+        masks = self._masks(keys, torch.tensor([n]), torch.cat([self.slot_pos[:rows], torch.tensor([n])]))
+        program, past = self.decode_model, [c[:rows] for c in self.cache]
+        if self.paged_decode is not None and self.policy.page_count(rows) > self.policy.pages:
+            program, past = self.paged_decode, past + [b[:self.policy.page_count(rows)] for b in self.bounds]
+        out = program.run_trusted(ids, self.next_pos[:, None].clone(), masks, *past)
+        self._store(out[1:], [n], torch.ones(self.batch, 1, dtype=torch.bool))
         self.next_pos += 1
         self.length = n + 1
         return out[0]
@@ -315,12 +349,26 @@ class CompiledLM:
             raise InputError("the attention mask must pad on the left (0s, then 1s, ending with a token)")
         return ids, keep
 
-    def _masks(self, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        return additive_masks(keys, queries, self.shape.windows, self.shape.dtype)
+    def _masks(self, keys: torch.Tensor, queries: torch.Tensor, key_pos: torch.Tensor | None = None) -> torch.Tensor:
+        return additive_masks(keys, queries, self.shape.windows, self.shape.dtype, key_pos)
 
-    def _store(self, kv: Sequence[torch.Tensor], start: int, n: int) -> None:
-        for buf, new in zip(self.cache, kv):   # (new: [batch, Hkv, n, D])
-            buf[start:start + n].copy_(new.permute(2, 0, 1, 3))
+    def _store(self, kv: Sequence[torch.Tensor], tokens: Sequence[int], real: torch.Tensor) -> None:
+        """Keep the keys and values ``kv`` (``[batch, Hkv, n, D]`` each) of the sequence's tokens
+        ``tokens`` (``real[b, i]``: token ``i`` of row ``b`` is no padding) in their rows."""
+        slots = [self.policy.slot(n) for n in tokens]
+        first = slots[0] if slots else 0
+        whole = slots == list(range(first, first + len(slots)))
+        for buf, new in zip(self.cache, kv):
+            if whole:
+                buf[first:first + len(slots)].copy_(new.permute(2, 0, 1, 3))
+            else:
+                buf.index_copy_(0, torch.tensor(slots), new.permute(2, 0, 1, 3))
+        self.valid[:, slots] = real
+        self.slot_pos[slots] = torch.tensor(tokens, dtype=torch.long)
+        if self.bounds and slots:
+            for i in range(self.shape.layers):
+                update_bounds(self.bounds[2 * i], self.bounds[2 * i + 1], self.cache[2 * i], min(slots),
+                              max(slots) + 1, self.policy.page)
 
     # ---- generation -----------------------------------------------------------------------------
 
@@ -338,7 +386,7 @@ class CompiledLM:
         pad_token_id = self.pad_token_id if pad_token_id == -1 else pad_token_id
         ids = torch.as_tensor(ids).to(torch.long)
         ids = ids[None] if ids.dim() == 1 else ids
-        if ids.shape[1] + max_new_tokens - 1 > self.max_len:
+        if ids.shape[1] + max_new_tokens - 1 > self.max_len and not self.policy.bounded:
             raise InputError(f"{ids.shape[1]} prompt tokens and {max_new_tokens} new ones need a cache of "
                              f"{ids.shape[1] + max_new_tokens - 1}; this model was compiled with max_len={self.max_len}")
         eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []))
@@ -376,7 +424,7 @@ class CompiledLM:
         what bounds it, beside its measured time), the prefill of ``prompt_len`` tokens' bucket and the
         decode step after ``cached`` ones (default: half the cache), then the last generation's
         phase split."""
-        cached, n = cached or self.max_len // 2, self.bucket(prompt_len)
+        cached, n = min(cached or self.max_len // 2, self.rows), self.bucket(prompt_len)
         prefill_args = (torch.zeros(self.batch, n, dtype=torch.long),) * 2 + (torch.ones(self.batch, n, dtype=torch.bool),)
         decode_args = (torch.zeros(self.batch, 1, dtype=torch.long),) * 2 + \
             (self._masks(torch.ones(self.batch, cached + 1, dtype=torch.bool), torch.tensor([cached])),) + \
@@ -419,10 +467,12 @@ def compile_lm(model: torch.nn.Module, *, max_len: int, batch: int = 1, target: 
     """A Hugging Face causal LM (``*ForCausalLM``) compiled for generation: a prefill program (the
     prompt, up to ``max_len`` tokens) and a decode program (one token per row after up to
     ``max_len - 1`` cached ones) sharing a KV cache of ``max_len`` tokens for ``batch`` rows,
-    each compiled for ``target`` through ``pipeline`` with ``quantize`` (docs/generate.md)."""
+    each compiled for ``target`` through ``pipeline`` with ``quantize`` (docs/generate.md); ``kv``
+    a KV-cache policy (``kv-window{sink=4,window=256}``, ``kv-pages{page=16,budget=1024}``:
+    docs/sparsity.md)."""
     from .api import compile
-    if kv is not None:
-        raise EinfuseError("compile_lm: kv= (KV-cache sparsity) is not built yet; leave it out")
+    policy = parse_kv(kv)
+    policy.check(max_len)
     if not hasattr(model, "config") or not hasattr(model, "generation_config"):
         raise EinfuseError(f"compile_lm takes a Hugging Face causal LM (*ForCausalLM); got {type(model).__name__}")
     model = model.eval()
@@ -430,9 +480,14 @@ def compile_lm(model: torch.nn.Module, *, max_len: int, batch: int = 1, target: 
     options = dict(target=target, pipeline=pipeline, quantize=quantize, cache_dir=cache_dir)
     step, args, dynamic = programs(model, max_len, batch, shape)[1]
     decode = compile(step, args, dynamic_shapes=dynamic, **options)
+    paged = None
+    if isinstance(policy, KVPages) and policy.page_count(max_len - 1) > policy.pages:
+        step, args, dynamic = programs(model, max_len, batch, shape, paged=policy)[1]
+        paged = compile(step, args, dynamic_shapes=dynamic, **options)
 
     def prefill(n: int) -> Any:
         step, args, _ = programs(model, max_len, batch, shape, prompt=n)[0]
         return compile(step, args, **options)
     generation = model.generation_config
-    return CompiledLM(prefill, decode, shape, max_len, batch, generation.eos_token_id, generation.pad_token_id)
+    return CompiledLM(prefill, decode, shape, max_len, batch, generation.eos_token_id, generation.pad_token_id,
+                      policy, paged)

@@ -155,38 +155,44 @@ _ITEM = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\{([^}]*)\})?\s*(?:,|$)")
 
 def parse_pipeline(text: str) -> list[Pass]:
     """``canonicalize,fuse-attention{tile=128}`` as pass objects."""
-    passes, pos, text = [], 0, text.strip()
+    return parse_items(text, REGISTRY, "pass", "pipeline")
+
+
+def parse_items(text: str, registry: Mapping[str, type], noun: str, whole: str) -> list[Any]:
+    """``name{option=value,...},...`` as objects of the dataclasses ``registry`` names (passes, or
+    the KV-cache policies of :mod:`einfuse.kv`), each option converted to its field's type."""
+    items, pos, text = [], 0, text.strip()
     while pos < len(text):
         m = _ITEM.match(text, pos)
         if m is None or m.end() == pos:
-            raise EinfuseError(f"cannot read the pipeline at column {pos + 1}: '{text[pos:]}'")
-        passes.append(_make(m.group(1), m.group(2) or ""))
+            raise EinfuseError(f"cannot read the {whole} at column {pos + 1}: '{text[pos:]}'")
+        items.append(_make(m.group(1), m.group(2) or "", registry, noun))
         pos = m.end()
-    return passes
+    return items
 
 
-def _make(name: str, options: str) -> Pass:
-    if name not in REGISTRY:
-        raise EinfuseError(f"unknown pass '{name}'; available: {', '.join(sorted(REGISTRY))}")
-    cls = REGISTRY[name]
+def _make(name: str, options: str, registry: Mapping[str, type], noun: str) -> Any:
+    if name not in registry:
+        raise EinfuseError(f"unknown {noun} '{name}'; available: {', '.join(sorted(registry))}")
+    cls = registry[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for item in filter(None, (o.strip() for o in options.split(","))):
         key, _, value = item.partition("=")
         key = key.strip().replace("-", "_")
         if key not in fields:
-            raise EinfuseError(f"pass '{name}' has no option '{key}'; options: {', '.join(fields) or 'none'}")
-        kwargs[key] = _convert(name, key, fields[key].type, value.strip())
+            raise EinfuseError(f"{noun} '{name}' has no option '{key}'; options: {', '.join(fields) or 'none'}")
+        kwargs[key] = _convert(f"{noun} '{name}'", key, fields[key].type, value.strip())
     return cls(**kwargs)
 
 
-def _convert(name: str, key: str, kind: object, value: str) -> object:
+def _convert(what: str, key: str, kind: object, value: str) -> object:
     kind = {"int": int, "float": float, "bool": bool, "str": str}.get(str(kind), kind)
     if kind is bool:
         if value.lower() not in ("true", "false", "1", "0"):
-            raise EinfuseError(f"pass '{name}' option '{key}' wants true or false, not '{value}'")
+            raise EinfuseError(f"{what} option '{key}' wants true or false, not '{value}'")
         return value.lower() in ("true", "1")
     try:
         return kind(value)  # type: ignore[operator]
     except (TypeError, ValueError):
-        raise EinfuseError(f"pass '{name}' option '{key}' wants {getattr(kind, '__name__', kind)}, not '{value}'") from None
+        raise EinfuseError(f"{what} option '{key}' wants {getattr(kind, '__name__', kind)}, not '{value}'") from None

@@ -1,0 +1,143 @@
+"""KV-cache policies: which keys a decode step attends to, where each token's keys and values are
+kept, and how the policies are spelled (``kv-window{sink=4,window=256}``).
+
+A policy answers the host's questions (:class:`~einfuse.lm.CompiledLM` asks them): how many
+rows the cache has, which row the ``n``-th token of a sequence goes to, which of a prompt's
+tokens stay, whether the cache can be full. :class:`Dense` keeps every token (no policy).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import EinfuseError
+from ..passes.manager import parse_items
+
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """Every token kept, each in its own row: dense attention (what ``kv=None`` means)."""
+
+    name: ClassVar[str] = "dense"
+
+    def check(self, max_len: int) -> None:
+        """Raise :class:`EinfuseError` if the options do not fit a cache of ``max_len`` tokens."""
+
+    def rows(self, max_len: int) -> int:
+        """The cache's rows (per layer, K and V each)."""
+        return max_len
+
+    def slot(self, n: int) -> int:
+        """The row of the ``n``-th token of a sequence (counted from 0, the prompt's padding too)."""
+        return n
+
+    def kept(self, tokens: int) -> list[int]:
+        """The tokens of a prompt of ``tokens`` that stay in the cache after its prefill."""
+        return list(range(tokens))
+
+    @property
+    def bounded(self) -> bool:
+        """The cache never fills: a generation may go on past ``max_len`` tokens."""
+        return False
+
+    def spelled(self) -> str:
+        """The policy as text (:func:`parse_kv` reads it back)."""
+        options = ",".join(f"{k}={v}" for k, v in vars(self).items())
+        return f"{self.name}{{{options}}}" if options else self.name
+
+
+Dense = KVPolicy
+
+
+@dataclass(frozen=True)
+class KVWindow(KVPolicy):
+    """StreamingLLM's attention sinks and recent window (``mit-han-lab/streaming-llm``'s
+    ``StartRecentKVCache``): a step attends to the first ``sink`` tokens, the ``window`` tokens
+    before it and itself. The cache holds ``sink + window`` rows: the sinks, then a ring that the
+    ``n``-th token enters at ``sink + (n - sink) % window``, where the token ``window`` before it
+    was (which the step at ``n`` no longer sees). Keys keep the positions they were computed at
+    (RoPE applied once, before caching, as transformers caches them): the step at position ``t``
+    sees a sink at its true distance ``t - s``, not re-numbered inside the cache as StreamingLLM's
+    ``pos_shift`` does, so a generation past the model's trained positions gets what the model
+    gives there. A prompt attends densely to itself; its sinks and its last ``window`` tokens stay."""
+
+    name: ClassVar[str] = "kv-window"
+    sink: int = 4
+    window: int = 256
+
+    def check(self, max_len: int) -> None:
+        if self.sink < 0 or self.window < 1:
+            raise EinfuseError(f"{self.spelled()}: sink must be at least 0 and window at least 1")
+        if self.sink + self.window > max_len:
+            raise EinfuseError(f"{self.spelled()}: sink + window = {self.sink + self.window} tokens, more than "
+                               f"max_len={max_len}; compile with a larger max_len or a smaller window")
+
+    def rows(self, max_len: int) -> int:
+        return self.sink + self.window
+
+    def slot(self, n: int) -> int:
+        return n if n < self.sink + self.window else self.sink + (n - self.sink) % self.window
+
+    def kept(self, tokens: int) -> list[int]:
+        return [n for n in range(tokens) if n < self.sink or n >= tokens - self.window]
+
+    @property
+    def bounded(self) -> bool:
+        return True
+
+    def sees(self, query: torch.Tensor, key: torch.Tensor, prompt: int) -> torch.Tensor:
+        """Whether the token at ``query`` sees the one at ``key`` (broadcast; causal), a prompt
+        of ``prompt`` tokens seeing itself densely: the reference this policy is tested against."""
+        kept = (key < self.sink) | (key >= query - self.window) | (query < prompt)
+        return (key <= query) & kept
+
+
+@dataclass(frozen=True)
+class _Paged(KVPolicy):
+    """A policy that reads pages of the cache, chosen per step (:mod:`.pages`)."""
+
+    page: int = 16
+    budget: int = 1024
+
+    def check(self, max_len: int) -> None:
+        if self.page < 1 or self.budget < 1:
+            raise EinfuseError(f"{self.spelled()}: page and budget must be at least 1")
+        if self.budget % self.page:
+            raise EinfuseError(f"{self.spelled()}: the budget ({self.budget} tokens) is not a whole number of "
+                               f"pages of {self.page}")
+
+    @property
+    def pages(self) -> int:
+        """The pages a step reads."""
+        return self.budget // self.page
+
+    def page_count(self, tokens: int) -> int:
+        """The pages ``tokens`` cached tokens fill (the last one in part)."""
+        return math.ceil(tokens / self.page)
+
+
+REGISTRY: dict[str, type[KVPolicy]] = {}
+
+
+def register_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
+    """Class decorator: the policy ``cls.name`` for :func:`parse_kv`."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+register_policy(KVWindow)
+
+
+def parse_kv(spec: str | KVPolicy | None) -> KVPolicy:
+    """The policy ``spec`` spells (``kv-pages{page=16,budget=1024}``); None: dense."""
+    if spec is None:
+        return Dense()
+    if isinstance(spec, KVPolicy):
+        return spec
+    policies = parse_items(spec, REGISTRY, "KV policy", "KV policy")
+    if len(policies) != 1:
+        raise EinfuseError(f"kv={spec!r}: give one KV policy, not {len(policies)}")
+    return policies[0]
