@@ -208,7 +208,8 @@ def programs(lm: torch.nn.Module, max_len: int, batch: int = 1, shape: LMShape |
         pages = max(paged.pages + 1, 2)
         past += tuple(torch.zeros(pages, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
         spec += tuple({0: named_dynamic("P", 2, paged.page_count(max_len))} for _ in range(2 * s.layers))
-        past = (torch.zeros(pages * paged.page, *past[0].shape[1:], dtype=s.dtype),) * (2 * s.layers) + past[2 * s.layers:]
+        past = tuple(torch.zeros(pages * paged.page, *past[0].shape[1:], dtype=s.dtype)   # (distinct: export
+                     for _ in range(2 * s.layers)) + past[2 * s.layers:]                  # merges one tensor's uses)
         step = _Step(lm, s.mask_types, s.windows, s.dtype, paged).eval()
     length = past[0].shape[0] + 1
     decode = (step, (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long),

@@ -5,6 +5,7 @@ elementwise minimum and maximum key (``kmin``, ``kmax`` ``[P, B, Hkv, D]`` per l
 :func:`update_bounds` after every store). A decode step bounds each page's best score from above,
 
     U[b,g,p] = max over the group's query rows r of  sum_d max(q[r,d] * kmin[p,d], q[r,d] * kmax[p,d])
+             = max over r of  (relu(q) kmax^T + min(q, 0) kmin^T)[r, p]   (two products, as the scores')
 
 (Quest's criterion per query head; a GQA group's heads share a key head, so a page is as good as
 the best bound among them), keeps the ``budget / page`` pages of highest ``U`` (``torch.topk``:
@@ -34,10 +35,21 @@ class KVPages(_Paged):
     def chosen(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
         """The pages each key head reads, ``[B, Hkv, budget / page]``, best first, for the query
         rows ``q`` ``[B, Hkv, R, D]`` (a group's heads) and the page bounds ``[P, B, Hkv, D]``."""
-        lo, hi = (x.permute(1, 2, 0, 3)[:, :, None] for x in (kmin, kmax))   # [B, Hkv, 1, P, D]
-        rows = q[:, :, :, None, :]
-        bound = torch.maximum(rows * lo, rows * hi).sum(-1).amax(2)          # [B, Hkv, P]
-        return bound.topk(self.pages, -1).indices
+        # (max(q kmin, q kmax) is q kmax where q >= 0, else q kmin: two products, as the scores' are)
+        high, low = (torch.einsum("pbgd,bgrd->bgpr", bound, part) for bound, part in
+                     ((kmax, q.clamp(min=0)), (kmin, q.clamp(max=0))))
+        return (high + low).amax(-1).topk(self.pages, -1).indices
+
+    def seen(self, q: torch.Tensor, k_past: torch.Tensor, position: int) -> torch.Tensor:
+        n = k_past.shape[0]
+        pages = self.page_count(n)
+        if pages <= self.pages:   # (as the host runs the dense program)
+            return super().seen(q, k_past, position)
+        padded = torch.cat([k_past, k_past[-1:].expand(pages * self.page - n, *k_past.shape[1:])])
+        paged = padded.reshape(pages, self.page, *k_past.shape[1:])
+        chosen = self.chosen(q, paged.amin(1), paged.amax(1))                       # [B, Hkv, S]
+        hit = torch.zeros(*chosen.shape[:2], pages, dtype=torch.bool).scatter_(-1, chosen, True)
+        return hit.repeat_interleave(self.page, -1)[..., :n]
 
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                past: Sequence[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:

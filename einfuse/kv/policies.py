@@ -43,6 +43,12 @@ class KVPolicy:
         """The cache never fills: a generation may go on past ``max_len`` tokens."""
         return False
 
+    def seen(self, q: torch.Tensor, k_past: torch.Tensor, position: int) -> torch.Tensor:
+        """Which cached keys (``k_past`` ``[L, B, Hkv, D]``, tokens ``0..L-1``) the query rows ``q``
+        ``[B, Hkv, R, D]`` of the token at ``position`` attend to: ``[B, Hkv, L]`` (measured by
+        :mod:`.quality`, computed in eager torch)."""
+        return torch.ones(q.shape[0], q.shape[1], k_past.shape[0], dtype=torch.bool)
+
     def spelled(self) -> str:
         """The policy as text (:func:`parse_kv` reads it back)."""
         options = ",".join(f"{k}={v}" for k, v in vars(self).items())
@@ -87,6 +93,11 @@ class KVWindow(KVPolicy):
     @property
     def bounded(self) -> bool:
         return True
+
+    def seen(self, q: torch.Tensor, k_past: torch.Tensor, position: int) -> torch.Tensor:
+        key = torch.arange(k_past.shape[0])
+        kept = (key < self.sink) | (key >= position - self.window)
+        return kept.expand(q.shape[0], q.shape[1], -1)
 
     def sees(self, query: torch.Tensor, key: torch.Tensor, prompt: int) -> torch.Tensor:
         """Whether the token at ``query`` sees the one at ``key`` (broadcast; causal), a prompt
