@@ -28,7 +28,10 @@ def add_parser(sub: Any) -> None:
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--max-len", type=int, help="the KV cache's tokens (default: prompt + new tokens)")
     gen.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized (q4_0, int8, ...)")
-    gen.add_argument("--kv", metavar="SPEC", help="KV-cache sparsity (not built yet)")
+    gen.add_argument("--kv", metavar="SPEC", help="a KV-cache policy: kv-window{sink=4,window=256} or "
+                                                  "kv-pages{page=16,budget=1024} (docs/sparsity.md)")
+    gen.add_argument("--compare-dense", action="store_true", help="with --kv: also compile dense attention and print "
+                     "the policy's error against it (top-1 agreement, KL, attention recall and output error)")
     gen.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.95, seed 0), not greedy")
     gen.add_argument("--target", default="cpu", help="compilation target (default: cpu, the host)")
 
@@ -82,6 +85,8 @@ def generate(args: argparse.Namespace) -> int:
     ids = torch.tensor([codec[0](args.prompt)]) if args.prompt is not None else \
         torch.randint(0, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     max_len = args.max_len or ids.shape[1] + args.new_tokens
+    if args.compare_dense and not args.kv:
+        raise EinfuseError("--compare-dense compares a KV policy with dense attention: give --kv SPEC too")
     start = time.perf_counter()
     lm = compile_lm(model, max_len=max_len, target=args.target, quantize=args.quantize, kv=args.kv)
     print(f"compiled {args.model} (prefill and decode programs) in {time.perf_counter() - start:.1f} s")
@@ -95,4 +100,9 @@ def generate(args: argparse.Namespace) -> int:
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     if codec is not None:
         print("text: " + repr(codec[1](out[0].tolist())))
+    if args.compare_dense:
+        from .kv.quality import compare
+        dense = compile_lm(model, max_len=max(max_len, ids.shape[1] + args.new_tokens), target=args.target,
+                           quantize=args.quantize)   # (a bounded policy's generation may outrun max_len)
+        print(f"{lm.policy.spelled()} " + compare(model, lm, dense, ids, args.new_tokens)[1].text())
     return 0

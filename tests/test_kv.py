@@ -130,3 +130,17 @@ def test_the_quality_report(llama: torch.nn.Module, rng: np.random.Generator) ->
 def test_bad_options_are_clear_errors(llama: torch.nn.Module, kv: str, message: str) -> None:
     with pytest.raises(EinfuseError, match=message.replace("{", r"\{")):
         einfuse.compile_lm(llama, max_len=32, kv=kv)
+
+
+@pytest.mark.slow
+def test_the_generate_command_with_a_policy(capsys: pytest.CaptureFixture) -> None:
+    from einfuse.cli import main
+    assert main(["generate", "llama", "--prompt-len", "6", "--new-tokens", "30", "--max-len", "16",
+                 "--kv", "kv-window{sink=2,window=8}", "--compare-dense"]) == 0   # (past max_len: dense gets 36)
+    assert "kv-window{sink=2,window=8} vs dense over 30 steps" in capsys.readouterr().out
+    assert main(["generate", "llama", "--prompt-len", "6", "--new-tokens", "20", "--max-len", "32",
+                 "--kv", "kv-pages{page=4,budget=8}", "--compare-dense"]) == 0
+    out = capsys.readouterr().out
+    assert "kv-pages{page=4,budget=8} vs dense over 20 steps: top-1 agreement" in out and "recall" in out
+    assert main(["generate", "llama", "--compare-dense"]) == 1
+    assert "give --kv SPEC too" in capsys.readouterr().err
