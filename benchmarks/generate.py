@@ -25,6 +25,7 @@ import torch
 
 import einfuse
 from benchmarks.run import measure
+from einfuse.kv.pages import update_bounds
 from einfuse.targets import host_peaks
 from einfuse.zoo import causal_lm
 
@@ -42,7 +43,10 @@ def fill(lm: Any, cached: int) -> None:
     for c in lm.cache:
         c[:cached].normal_()
     lm.valid[:, :cached] = True
+    lm.slot_pos[:cached] = torch.arange(cached)
     lm.length, lm.next_pos[:] = cached, cached
+    for i in range(len(lm.bounds) // 2):   # (kv-pages: each page's bounds)
+        update_bounds(lm.bounds[2 * i], lm.bounds[2 * i + 1], lm.cache[2 * i], 0, cached, lm.policy.page)
 
 
 def einfuse_step(lm: Any, cached: int) -> Callable[[], Any]:

@@ -205,7 +205,7 @@ def programs(lm: torch.nn.Module, max_len: int, batch: int = 1, shape: LMShape |
     past = tuple(torch.zeros(4, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
     spec = tuple({0: n} for _ in past)
     if paged is not None:
-        pages = max(paged.pages + 1, 2)
+        pages = paged.page_count(paged.budget) + 1   # (the example: one page more than the budget's)
         past += tuple(torch.zeros(pages, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
         spec += tuple({0: named_dynamic("P", 2, paged.page_count(max_len))} for _ in range(2 * s.layers))
         past = tuple(torch.zeros(pages * paged.page, *past[0].shape[1:], dtype=s.dtype)   # (distinct: export
@@ -328,7 +328,7 @@ class CompiledLM:
         keys = torch.cat([self.valid[:, :rows], torch.ones(self.batch, 1, dtype=torch.bool)], 1)
         masks = self._masks(keys, torch.tensor([n]), torch.cat([self.slot_pos[:rows], torch.tensor([n])]))
         program, past = self.decode_model, [c[:rows] for c in self.cache]
-        if self.paged_decode is not None and self.policy.page_count(rows) > self.policy.pages:
+        if self.paged_decode is not None and self.policy.sparse(rows):
             program, past = self.paged_decode, past + [b[:self.policy.page_count(rows)] for b in self.bounds]
         out = program.run_trusted(ids, self.next_pos[:, None].clone(), masks, *past)
         self._store(out[1:], [n], torch.ones(self.batch, 1, dtype=torch.bool))
@@ -482,7 +482,7 @@ def compile_lm(model: torch.nn.Module, *, max_len: int, batch: int = 1, target: 
     step, args, dynamic = programs(model, max_len, batch, shape)[1]
     decode = compile(step, args, dynamic_shapes=dynamic, **options)
     paged = None
-    if isinstance(policy, KVPages) and policy.page_count(max_len - 1) > policy.pages:
+    if isinstance(policy, KVPages) and policy.sparse(max_len - 1):
         step, args, dynamic = programs(model, max_len, batch, shape, paged=policy)[1]
         paged = compile(step, args, dynamic_shapes=dynamic, **options)
 

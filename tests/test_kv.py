@@ -42,7 +42,8 @@ def llama() -> torch.nn.Module:
     return causal_lm("llama")
 
 
-@pytest.mark.parametrize("kv", ["kv-pages{page=4,budget=8}", "kv-window{sink=2,window=8}"])
+@pytest.mark.parametrize("kv", ["kv-pages{page=4,budget=8}", "kv-pages{page=4,budget=12,recent=4}",
+                                "kv-window{sink=2,window=8}"])
 def test_the_compiled_decode_steps_match_the_policy_run_eagerly(llama: torch.nn.Module, kv: str,
                                                                  rng: np.random.Generator) -> None:
     compiled, eager = einfuse.compile_lm(llama, max_len=48, kv=kv), eager_lm(llama, 48, kv)
@@ -120,11 +121,12 @@ def test_the_quality_report(llama: torch.nn.Module, rng: np.random.Generator) ->
 
 @pytest.mark.parametrize("kv,message", [
     ("kv-pages{budget=0}", "page and budget must be at least 1"),
-    ("kv-pages{page=16,budget=100}", "not a whole number of pages of 16"),
+    ("kv-pages{page=16,budget=100}", "the budget's pages \\(100 tokens\\) are not a whole number of pages of 16"),
+    ("kv-pages{budget=64,recent=64}", "recent at least 0 and less than the budget"),
     ("kv-window{window=64}", "more than max_len=32"),
     ("kv-window{sink=-1}", "sink must be at least 0"),
     ("kv-select", "unknown KV policy 'kv-select'; available: kv-pages, kv-window"),
-    ("kv-pages{size=3}", "KV policy 'kv-pages' has no option 'size'; options: page, budget"),
+    ("kv-pages{size=3}", "KV policy 'kv-pages' has no option 'size'; options: page, budget, recent"),
     ("kv-pages,kv-window", "give one KV policy, not 2"),
 ])
 def test_bad_options_are_clear_errors(llama: torch.nn.Module, kv: str, message: str) -> None:

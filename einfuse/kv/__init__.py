@@ -7,9 +7,10 @@ reads. Each is written as pipeline text, ``name{option=value,...}`` (:func:`pars
 - ``kv-window{sink=4,window=W}`` (StreamingLLM; the window part of ALISA's SWA): the first
   ``sink`` tokens and the last ``window`` ones. The cache holds only those (a bounded buffer, the
   window a ring), so its memory is flat for any generation length (:mod:`.policies`).
-- ``kv-pages{page=16,budget=B}`` (Quest): keys in pages of ``page`` tokens, each page's
-  elementwise min and max kept beside the cache; a decode step attends to the ``B / page``
-  pages whose bound on ``q . k`` is highest, reading only their keys and values (:mod:`.pages`).
+- ``kv-pages{page=16,budget=B,recent=R}`` (Quest): keys in pages of ``page`` tokens, each page's
+  elementwise min and max kept beside the cache; a decode step attends to the last ``R`` tokens
+  and the ``(B - R) / page`` pages whose bound on ``q . k`` is highest, reading only their keys
+  and values (:mod:`.pages`).
 
 A policy is applied where the decode step is captured: its attention (transformers' attention
 function, replaced by einfuse's while the step is traced: ``lm.cached_attention``) is written

@@ -17,39 +17,71 @@ the host runs the dense decode program instead, whose result is exact.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
-from .policies import _Paged, register_policy
+from ..errors import EinfuseError
+from .policies import KVPolicy, register_policy
 
 
 @register_policy
 @dataclass(frozen=True)
-class KVPages(_Paged):
-    """``kv-pages{page=16,budget=1024}``: the ``budget / page`` pages of highest bound per step."""
+class KVPages(KVPolicy):
+    """``kv-pages{page=16,budget=1024,recent=0}``: per step, the last ``recent`` tokens and the
+    ``(budget - recent) / page`` pages of highest bound among the pages before them."""
 
     name: ClassVar[str] = "kv-pages"
+    page: int = 16
+    budget: int = 1024
+    recent: int = 0
 
-    def chosen(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-        """The pages each key head reads, ``[B, Hkv, budget / page]``, best first, for the query
-        rows ``q`` ``[B, Hkv, R, D]`` (a group's heads) and the page bounds ``[P, B, Hkv, D]``."""
+    def check(self, max_len: int) -> None:
+        if self.page < 1 or self.budget < 1 or not 0 <= self.recent < self.budget:
+            raise EinfuseError(f"{self.spelled()}: page and budget must be at least 1, recent at least 0 and "
+                               "less than the budget")
+        if (self.budget - self.recent) % self.page:
+            raise EinfuseError(f"{self.spelled()}: the budget's pages ({self.budget - self.recent} tokens) are "
+                               f"not a whole number of pages of {self.page}")
+
+    @property
+    def pages(self) -> int:
+        """The pages a step chooses."""
+        return (self.budget - self.recent) // self.page
+
+    def page_count(self, tokens: int) -> int:
+        """The pages ``tokens`` cached tokens fill (the last one in part)."""
+        return math.ceil(tokens / self.page)
+
+    def sparse(self, tokens: int) -> bool:
+        """A step after ``tokens`` cached ones reads fewer than all of them (else: dense attention)."""
+        return tokens > self.budget
+
+    def chosen(self, q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tokens: Any) -> torch.Tensor:
+        """The pages each key head reads, ``[B, Hkv, pages]``, best first, for the query rows ``q``
+        ``[B, Hkv, R, D]`` (a group's heads), the page bounds ``[P, B, Hkv, D]`` and ``tokens``
+        cached (with ``recent``, a page reaching into the last ``recent`` tokens is not chosen)."""
         # (max(q kmin, q kmax) is q kmax where q >= 0, else q kmin: two products, as the scores' are)
         high, low = (torch.einsum("pbgd,bgrd->bgpr", bound, part) for bound, part in
                      ((kmax, q.clamp(min=0)), (kmin, q.clamp(max=0))))
-        return (high + low).amax(-1).topk(self.pages, -1).indices
+        bound = (high + low).amax(-1)
+        if self.recent:
+            late = (torch.arange(kmin.shape[0]) + 1) * self.page > tokens - self.recent
+            bound = bound.masked_fill(late, float("-inf"))
+        return bound.topk(self.pages, -1).indices
 
     def seen(self, q: torch.Tensor, k_past: torch.Tensor, position: int) -> torch.Tensor:
         n = k_past.shape[0]
         pages = self.page_count(n)
-        if pages <= self.pages:   # (as the host runs the dense program)
+        if not self.sparse(n):   # (as the host runs the dense program)
             return super().seen(q, k_past, position)
         padded = torch.cat([k_past, k_past[-1:].expand(pages * self.page - n, *k_past.shape[1:])])
         paged = padded.reshape(pages, self.page, *k_past.shape[1:])
-        chosen = self.chosen(q, paged.amin(1), paged.amax(1))                       # [B, Hkv, S]
+        chosen = self.chosen(q, paged.amin(1), paged.amax(1), n)                    # [B, Hkv, S]
         hit = torch.zeros(*chosen.shape[:2], pages, dtype=torch.bool).scatter_(-1, chosen, True)
-        return hit.repeat_interleave(self.page, -1)[..., :n]
+        return hit.repeat_interleave(self.page, -1)[..., :n] | (torch.arange(n) >= n - self.recent)
 
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                past: Sequence[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
@@ -59,7 +91,9 @@ class KVPages(_Paged):
         k_past, v_past, kmin, kmax = past
         b, g, r, d = q.shape
         n = k_past.shape[0]
-        tokens = (self.chosen(q, kmin, kmax)[..., None] * self.page + torch.arange(self.page)).reshape(b, g, -1)
+        tokens = (self.chosen(q, kmin, kmax, n)[..., None] * self.page + torch.arange(self.page)).reshape(b, g, -1)
+        if self.recent:
+            tokens = torch.cat([tokens, (n - self.recent + torch.arange(self.recent)).expand(b, g, -1)], -1)
         inside = tokens < n
         tokens = tokens.clamp(max=n - 1)
         j = tokens.shape[-1]

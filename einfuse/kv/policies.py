@@ -7,7 +7,6 @@ tokens stay, whether the cache can be full. :class:`Dense` keeps every token (no
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -104,30 +103,6 @@ class KVWindow(KVPolicy):
         of ``prompt`` tokens seeing itself densely: the reference this policy is tested against."""
         kept = (key < self.sink) | (key >= query - self.window) | (query < prompt)
         return (key <= query) & kept
-
-
-@dataclass(frozen=True)
-class _Paged(KVPolicy):
-    """A policy that reads pages of the cache, chosen per step (:mod:`.pages`)."""
-
-    page: int = 16
-    budget: int = 1024
-
-    def check(self, max_len: int) -> None:
-        if self.page < 1 or self.budget < 1:
-            raise EinfuseError(f"{self.spelled()}: page and budget must be at least 1")
-        if self.budget % self.page:
-            raise EinfuseError(f"{self.spelled()}: the budget ({self.budget} tokens) is not a whole number of "
-                               f"pages of {self.page}")
-
-    @property
-    def pages(self) -> int:
-        """The pages a step reads."""
-        return self.budget // self.page
-
-    def page_count(self, tokens: int) -> int:
-        """The pages ``tokens`` cached tokens fill (the last one in part)."""
-        return math.ceil(tokens / self.page)
 
 
 REGISTRY: dict[str, type[KVPolicy]] = {}

@@ -53,21 +53,27 @@ def compare(model: torch.nn.Module, sparse: Any, dense: Any, ids: torch.Tensor, 
     out = sparse.generate(ids, new_tokens, eos_token_id=None)
     tokens = out[:, ids.shape[1]:]
     got, want = (teacher_forced(lm, ids, tokens[:, :-1]) for lm in (sparse, dense))
-    q = Quality(steps=tokens.shape[1], top1=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
-                kl=float(_kl(want, got).mean()))
+    q = Quality(tokens.shape[1], *agreement(got, want))
     q.recall, q.attention_error = attention_recall(model, out, sparse.policy, queries)
     return out, q
 
 
-def perplexity(lm: Any, text: torch.Tensor, prompt: int) -> float:
-    """The perplexity of ``text[prompt:]`` (a 1-D token sequence) under ``lm`` fed it token by token."""
-    logits = teacher_forced(lm, text[None, :prompt], text[None, prompt:-1])[:, 0]
+def agreement(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(want || got) in nats) of two runs' logits ``[..., vocab]``."""
+    lp, lq = want.log_softmax(-1), got.log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)
+    return float((got.argmax(-1) == want.argmax(-1)).float().mean()), float(kl.mean())
+
+
+def text_logits(lm: Any, text: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The logits ``[len(text) - prompt, vocab]`` predicting ``text[prompt:]`` (a 1-D token
+    sequence), ``lm`` fed the text token by token after a prompt of its first ``prompt``."""
+    return teacher_forced(lm, text[None, :prompt], text[None, prompt:-1])[:, 0]
+
+
+def perplexity(logits: torch.Tensor, text: torch.Tensor, prompt: int) -> float:
+    """The perplexity of ``text[prompt:]`` under the logits :func:`text_logits` gives."""
     return math.exp(float(torch.nn.functional.cross_entropy(logits, text[prompt:])))
-
-
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 def attention_recall(model: torch.nn.Module, seq: torch.Tensor, policy: KVPolicy, queries: int = 8) -> tuple[float, float]:

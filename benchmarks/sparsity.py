@@ -1,0 +1,163 @@
+"""KV-cache policies against dense attention: speed and the quality they cost (issue 21).
+
+    python -m benchmarks.sparsity [--lengths 16384,32768] [--model-cached 16384] [--quality-budget 128]
+                                  [--repeat 10] [--rounds 3] [--skip attention,decode,quality]
+
+1. Decode attention, one layer's heads (batch 1, 16 query heads on 4 key heads of 64, fp32), at
+   each cache length: einfuse's dense decode attention (the decode program's, ``lm.cached_attention``)
+   and ``kv-pages{page=16,budget=1024}`` compiled, beside torch eager's SDPA over the whole cache
+   and the policy's own torch code; the recall (attention mass of the keys read) on these random
+   inputs, the least favourable case for any selection (real keys cluster; see 3).
+2. Decode steps of the zoo's ``llama-1024`` after ``--model-cached`` tokens: ``compile_lm``
+   dense and with ``kv-pages{page=16,budget=1024}`` (the cache filled with random keys: a step's
+   time does not depend on them), ms per token and tokens/s.
+3. Quality on the tiny byte-level LM trained here (``benchmarks.tinylm``) at its full context
+   (1024): held-out text fed token by token after a 128-token prompt; perplexity, its change, top-1
+   agreement and KL against dense, the attention recall and output error, for ``kv-pages`` and
+   ``kv-window`` with a budget of ``--quality-budget`` tokens (1/8 of the context).
+Times are medians over alternating rounds (``benchmarks.run.measure``).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+import einfuse
+from benchmarks.generate import einfuse_step, fill
+from benchmarks.run import measure
+from einfuse.frontends.torch_export import named_dynamic
+from einfuse.kv import KVPages, KVPolicy, parse_kv
+from einfuse.kv.pages import update_bounds
+from einfuse.kv.quality import agreement, attention_recall, perplexity, text_logits
+from einfuse.lm import _StepCache, cached_attention
+from einfuse.zoo import causal_lm
+
+HEADS, KV_HEADS, DIM = 16, 4, 64
+
+
+class DecodeAttention(torch.nn.Module):
+    """One layer's decode attention as the decode program computes it (dense, or ``policy``'s)."""
+
+    layer_idx = 0
+
+    def __init__(self, policy: KVPages | None = None) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                *past: torch.Tensor) -> torch.Tensor:
+        _StepCache.current = _StepCache(past[:2], past[2:], self.policy)
+        try:
+            return cached_attention(self, q, k, v, mask)[0]
+        finally:
+            _StepCache.current = None
+
+
+def attention_inputs(n: int, page: int) -> tuple[tuple, tuple]:
+    """Random ``(q, k, v, mask, k_past, v_past)`` at ``n`` cached tokens, and the page bounds."""
+    q, k, v = torch.randn(1, HEADS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM), torch.randn(1, KV_HEADS, 1, DIM)
+    k_past, v_past = torch.randn(n, 1, KV_HEADS, DIM), torch.randn(n, 1, KV_HEADS, DIM)
+    pages = -(-n // page)
+    kmin, kmax = torch.empty(pages, 1, KV_HEADS, DIM), torch.empty(pages, 1, KV_HEADS, DIM)
+    update_bounds(kmin, kmax, k_past, 0, n, page)
+    return (q, k, v, torch.zeros(1, 1, 1, n + 1), k_past, v_past), (kmin, kmax)
+
+
+def attention_table(lengths: list[int], policy: KVPages, repeat: int, rounds: int) -> None:
+    size = named_dynamic("L", 2, max(lengths))
+    dynamic = {"q": None, "k": None, "v": None, "mask": {3: named_dynamic("L1", 3, max(lengths) + 1)},
+               "past": ({0: size}, {0: size})}
+    dense_args, bounds = attention_inputs(lengths[0], policy.page)
+    dense = einfuse.compile(DecodeAttention(), dense_args, dynamic_shapes=dynamic)
+    dynamic["past"] += ({0: named_dynamic("P", 2, policy.page_count(max(lengths)))},) * 2
+    paged = einfuse.compile(DecodeAttention(policy), dense_args + bounds, dynamic_shapes=dynamic)
+    print(f"decode attention, one layer ({HEADS} heads on {KV_HEADS} KV heads of {DIM}), fp32, "
+          f"{torch.get_num_threads()} threads (ms):")
+    print(f"{'cached':>7} {'einfuse dense':>14} {policy.spelled():>28} {'speedup':>8} {'recall':>7} "
+          f"{'eager SDPA':>11} {'eager policy':>13}")
+    for n in lengths:
+        args, bounds = attention_inputs(n, policy.page)
+        q, k, v, mask, k_past, v_past = args
+        keys, values = (torch.cat([x.permute(1, 2, 0, 3), y], 2) for x, y in ((k_past, k), (v_past, v)))
+        eager_policy = DecodeAttention(policy)
+        runs = {"dense": lambda: dense.run_trusted(*args), "paged": lambda: paged.run_trusted(*args, *bounds),
+                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True),
+                "policy": lambda: eager_policy(*args, *bounds)}
+        with torch.no_grad():
+            t = measure(runs, repeat, rounds)
+        seen = policy.seen(q.reshape(1, KV_HEADS, HEADS // KV_HEADS, DIM), k_past, n)
+        scores = torch.einsum("bgrd,lbgd->bgrl", q.reshape(1, KV_HEADS, -1, DIM), k_past) * DIM ** -0.5
+        recall = float((scores.softmax(-1) * seen[:, :, None]).sum(-1).mean())
+        print(f"{n:>7} {t['dense'] * 1e3:>14.3f} {t['paged'] * 1e3:>28.3f} {t['dense'] / t['paged']:>8.2f} "
+              f"{recall:>7.3f} {t['sdpa'] * 1e3:>11.3f} {t['policy'] * 1e3:>13.3f}", flush=True)
+
+
+def decode_table(cached: int, policy: KVPages, repeat: int, rounds: int) -> None:
+    model = causal_lm("llama-1024")
+    start = time.perf_counter()
+    dense = einfuse.compile_lm(model, max_len=cached + 8)
+    sparse = einfuse.compile_lm(model, max_len=cached + 8, kv=policy.spelled())
+    print(f"\nllama-1024 decode step after {cached} cached tokens, batch 1, fp32 (compiled in "
+          f"{time.perf_counter() - start:.0f} s):")
+    t = measure({"dense": einfuse_step(dense, cached), "sparse": einfuse_step(sparse, cached)}, repeat, rounds)
+    for name, lm in (("dense", dense), (policy.spelled(), sparse)):
+        key = "dense" if lm is dense else "sparse"
+        print(f"  {name:<32} {t[key] * 1e3:8.2f} ms  {1 / t[key]:7.1f} tokens/s  KV {lm.kv_bytes / 2**20:.0f} MiB")
+    print(f"  speedup {t['dense'] / t['sparse']:.2f}x")
+
+
+def quality_table(budget: int, prompt: int = 128) -> None:
+    from benchmarks.tinylm import as_llama, heldout_tokens, load_tinylm
+    tiny, config = load_tinylm()
+    model, context = as_llama(tiny, config), config.context
+    text = heldout_tokens(context * 4)[:context].long()
+    policies = [KVPolicy(), parse_kv(f"kv-pages{{page=16,budget={budget}}}"),
+                parse_kv(f"kv-pages{{page=16,budget={budget},recent={budget // 2}}}"),
+                parse_kv(f"kv-pages{{page=8,budget={budget},recent={budget // 2}}}"),
+                parse_kv(f"kv-window{{sink=4,window={budget - 4}}}")]
+    print(f"\ntiny LM ({config.layers} layers, {config.heads} heads, context {context}): held-out text, "
+          f"{prompt}-token prompt, then {context - prompt} tokens one decode step each; budget {budget} "
+          f"tokens ({budget / context:.3f} of the context)")
+    print(f"{'policy':<30} {'perplexity':>10} {'change':>8} {'top-1':>7} {'KL nats':>9} {'recall':>7} "
+          f"{'attn err':>9} {'ms/step':>8}")
+    dense_logits = None
+    for policy in policies:
+        lm = einfuse.compile_lm(model, max_len=context, kv=policy.spelled() if policy.name != "dense" else None)
+        lm.prefill_program(prompt)   # (compiled before the clock starts)
+        start = time.perf_counter()
+        logits = text_logits(lm, text, prompt)
+        per_step = (time.perf_counter() - start) / (context - prompt) * 1e3
+        ppl = perplexity(logits, text, prompt)
+        dense_logits = logits if dense_logits is None else dense_logits
+        dense_ppl = perplexity(dense_logits, text, prompt)
+        top1, kl = agreement(logits, dense_logits)
+        recall, error = attention_recall(model, text[None], policy, queries=64)
+        print(f"{policy.spelled():<30} {ppl:>10.4f} {100 * (ppl / dense_ppl - 1):>7.2f}% {top1:>7.3f} {kl:>9.5f} "
+              f"{recall:>7.3f} {error:>9.2e} {per_step:>8.3f}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default="16384,32768")
+    p.add_argument("--model-cached", type=int, default=16384)
+    p.add_argument("--budget", type=int, default=1024)
+    p.add_argument("--quality-budget", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--skip", default="", help="comma-separated: attention, decode, quality")
+    a = p.parse_args()
+    skip = set(filter(None, a.skip.split(",")))
+    policy = KVPages(page=16, budget=a.budget)
+    if "attention" not in skip:
+        attention_table([int(n) for n in a.lengths.split(",")], policy, a.repeat, a.rounds)
+    if "decode" not in skip:
+        decode_table(a.model_cached, policy, a.repeat, a.rounds)
+    if "quality" not in skip:
+        quality_table(a.quality_budget)
+
+
+if __name__ == "__main__":
+    main()
