@@ -4,10 +4,10 @@
                                   [--repeat 10] [--rounds 3] [--skip attention,decode,quality]
 
 1. Decode attention, one layer's heads (batch 1, 16 query heads on 4 key heads of 64, fp32), at
-   each cache length: einfuse's dense decode attention (the decode program's, ``lm.cached_attention``)
-   and ``kv-pages{page=16,budget=1024}`` compiled, beside torch eager's SDPA over the whole cache
-   and the policy's own torch code; the recall (attention mass of the keys read) on these random
-   inputs, the least favourable case for any selection (real keys cluster; see 3).
+   each cache length: einfuse's dense decode attention (the decode program's, ``lm.cached_attention``),
+   ``kv-pages{budget=1024}`` and ``kv-select{k=1024}`` compiled, beside torch eager's SDPA over the
+   whole cache; the recall (attention mass of the keys read) on these random inputs, the least
+   favourable case for any selection (real keys cluster; see 3).
 2. Decode steps of the zoo's ``llama-1024`` after ``--model-cached`` tokens: ``compile_lm``
    dense and with ``kv-pages{page=16,budget=1024}`` (the cache filled with random keys: a step's
    time does not depend on them), ms per token and tokens/s.
@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
 
 import torch
 
 import einfuse
-from benchmarks.generate import einfuse_step, fill
+from benchmarks.generate import einfuse_step
 from benchmarks.run import measure
 from einfuse.frontends.torch_export import named_dynamic
-from einfuse.kv import KVPages, KVPolicy, parse_kv
+from einfuse.kv import KVPages, KVPolicy, KVSelect, parse_kv
 from einfuse.kv.pages import update_bounds
 from einfuse.kv.quality import agreement, attention_recall, perplexity, text_logits
 from einfuse.lm import _StepCache, cached_attention
@@ -66,33 +65,39 @@ def attention_inputs(n: int, page: int) -> tuple[tuple, tuple]:
     return (q, k, v, torch.zeros(1, 1, 1, n + 1), k_past, v_past), (kmin, kmax)
 
 
-def attention_table(lengths: list[int], policy: KVPages, repeat: int, rounds: int) -> None:
+def attention_table(lengths: list[int], policies: list[KVPolicy], repeat: int, rounds: int) -> None:
     size = named_dynamic("L", 2, max(lengths))
-    dynamic = {"q": None, "k": None, "v": None, "mask": {3: named_dynamic("L1", 3, max(lengths) + 1)},
-               "past": ({0: size}, {0: size})}
-    dense_args, bounds = attention_inputs(lengths[0], policy.page)
-    dense = einfuse.compile(DecodeAttention(), dense_args, dynamic_shapes=dynamic)
-    dynamic["past"] += ({0: named_dynamic("P", 2, policy.page_count(max(lengths)))},) * 2
-    paged = einfuse.compile(DecodeAttention(policy), dense_args + bounds, dynamic_shapes=dynamic)
+    pages = named_dynamic("P", 2, max(lengths))
+    dense_args, bounds = attention_inputs(lengths[0], 16)
+    compiled = {}
+    for policy in [KVPolicy(), *policies]:
+        dynamic = {"q": None, "k": None, "v": None, "mask": {3: named_dynamic("L1", 3, max(lengths) + 1)},
+                   "past": ({0: size}, {0: size}) + (({0: pages},) * 2 if policy.page_bounds else ())}
+        args = dense_args + (bounds if policy.page_bounds else ())
+        compiled[policy] = einfuse.compile(DecodeAttention(policy if policy.name != "dense" else None), args,
+                                           dynamic_shapes=dynamic)
     print(f"decode attention, one layer ({HEADS} heads on {KV_HEADS} KV heads of {DIM}), fp32, "
-          f"{torch.get_num_threads()} threads (ms):")
-    print(f"{'cached':>7} {'einfuse dense':>14} {policy.spelled():>28} {'speedup':>8} {'recall':>7} "
-          f"{'eager SDPA':>11} {'eager policy':>13}")
+          f"{torch.get_num_threads()} threads: ms (speedup over einfuse dense, recall on random keys); "
+          f"eager SDPA over the whole cache beside")
+    print(f"{'cached':>7} {'einfuse dense':>14} " + " ".join(f"{p.spelled():>40}" for p in policies) + f" {'eager SDPA':>11}")
     for n in lengths:
-        args, bounds = attention_inputs(n, policy.page)
+        args, bounds = attention_inputs(n, 16)
         q, k, v, mask, k_past, v_past = args
         keys, values = (torch.cat([x.permute(1, 2, 0, 3), y], 2) for x, y in ((k_past, k), (v_past, v)))
-        eager_policy = DecodeAttention(policy)
-        runs = {"dense": lambda: dense.run_trusted(*args), "paged": lambda: paged.run_trusted(*args, *bounds),
-                "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True),
-                "policy": lambda: eager_policy(*args, *bounds)}
+        runs = {p.spelled(): (lambda m=m, a=args + (bounds if p.page_bounds else ()): m.run_trusted(*a))
+                for p, m in compiled.items()}
+        runs["sdpa"] = lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
         with torch.no_grad():
             t = measure(runs, repeat, rounds)
-        seen = policy.seen(q.reshape(1, KV_HEADS, HEADS // KV_HEADS, DIM), k_past, n)
-        scores = torch.einsum("bgrd,lbgd->bgrl", q.reshape(1, KV_HEADS, -1, DIM), k_past) * DIM ** -0.5
-        recall = float((scores.softmax(-1) * seen[:, :, None]).sum(-1).mean())
-        print(f"{n:>7} {t['dense'] * 1e3:>14.3f} {t['paged'] * 1e3:>28.3f} {t['dense'] / t['paged']:>8.2f} "
-              f"{recall:>7.3f} {t['sdpa'] * 1e3:>11.3f} {t['policy'] * 1e3:>13.3f}", flush=True)
+        rows = q.reshape(1, KV_HEADS, HEADS // KV_HEADS, DIM)
+        probs = (torch.einsum("bgrd,lbgd->bgrl", rows, k_past) * DIM ** -0.5).softmax(-1)
+        cells = []
+        for p in policies:
+            recall = float((probs * p.seen(rows, k_past, n)[:, :, None]).sum(-1).mean())
+            time_ms, speedup = t[p.spelled()] * 1e3, t["dense"] / t[p.spelled()]
+            cells.append(f"{time_ms:>17.3f} ({speedup:5.2f}x, {recall:5.3f})")
+        print(f"{n:>7} {t['dense'] * 1e3:>14.3f} " + " ".join(f"{c:>40}" for c in cells) + f" {t['sdpa'] * 1e3:>11.3f}",
+              flush=True)
 
 
 def decode_table(cached: int, policy: KVPages, repeat: int, rounds: int) -> None:
@@ -103,7 +108,7 @@ def decode_table(cached: int, policy: KVPages, repeat: int, rounds: int) -> None
     print(f"\nllama-1024 decode step after {cached} cached tokens, batch 1, fp32 (compiled in "
           f"{time.perf_counter() - start:.0f} s):")
     t = measure({"dense": einfuse_step(dense, cached), "sparse": einfuse_step(sparse, cached)}, repeat, rounds)
-    for name, lm in (("dense", dense), (policy.spelled(), sparse)):
+    for name, lm in (("dense", dense), (f"kv-pages{{page={policy.page},budget={policy.budget}}}", sparse)):
         key = "dense" if lm is dense else "sparse"
         print(f"  {name:<32} {t[key] * 1e3:8.2f} ms  {1 / t[key]:7.1f} tokens/s  KV {lm.kv_bytes / 2**20:.0f} MiB")
     print(f"  speedup {t['dense'] / t['sparse']:.2f}x")
@@ -117,6 +122,7 @@ def quality_table(budget: int, prompt: int = 128) -> None:
     policies = [KVPolicy(), parse_kv(f"kv-pages{{page=16,budget={budget}}}"),
                 parse_kv(f"kv-pages{{page=16,budget={budget},recent={budget // 2}}}"),
                 parse_kv(f"kv-pages{{page=8,budget={budget},recent={budget // 2}}}"),
+                parse_kv(f"kv-select{{k={budget - 68},sink=4,recent=64}}"),
                 parse_kv(f"kv-window{{sink=4,window={budget - 4}}}")]
     print(f"\ntiny LM ({config.layers} layers, {config.heads} heads, context {context}): held-out text, "
           f"{prompt}-token prompt, then {context - prompt} tokens one decode step each; budget {budget} "
@@ -152,7 +158,7 @@ def main() -> None:
     skip = set(filter(None, a.skip.split(",")))
     policy = KVPages(page=16, budget=a.budget)
     if "attention" not in skip:
-        attention_table([int(n) for n in a.lengths.split(",")], policy, a.repeat, a.rounds)
+        attention_table([int(n) for n in a.lengths.split(",")], [policy, KVSelect(k=a.budget)], a.repeat, a.rounds)
     if "decode" not in skip:
         decode_table(a.model_cached, policy, a.repeat, a.rounds)
     if "quality" not in skip:

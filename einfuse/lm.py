@@ -33,7 +33,7 @@ from transformers.cache_utils import Cache
 
 from .errors import EinfuseError, InputError
 from .frontends.torch_export import named_dynamic
-from .kv import KVPages, KVPolicy, parse_kv
+from .kv import KVPolicy, parse_kv
 from .kv.pages import update_bounds
 
 
@@ -48,10 +48,10 @@ class _StepCache(Cache):
     current: "_StepCache | None" = None   # (the step being traced: cached_attention's past)
 
     def __init__(self, past: Sequence[torch.Tensor], bounds: Sequence[torch.Tensor] = (),
-                 paged: "KVPages | None" = None) -> None:   # (not Cache.__init__: no layers of its own)
+                 sparse: KVPolicy | None = None) -> None:   # (not Cache.__init__: no layers of its own)
         self.layers, self.layer_class_to_replicate, self.offloading = [], None, False
         self.past, self.new = past, []
-        self.bounds, self.paged = bounds, paged   # (kv-pages: each layer's page bounds, the policy)
+        self.bounds, self.sparse = bounds, sparse   # (a policy's step: the keys it chooses; kv-pages' bounds)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,9 +79,9 @@ def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     g, n = key.shape[1], k_past.shape[0]
     q = query.reshape(b, g, h // g * t, d)
     scale = d ** -0.5 if scaling is None else scaling
-    if cache.paged is not None:   # type: ignore[union-attr]
-        bounds = (cache.bounds[2 * module.layer_idx + i] for i in (0, 1))   # type: ignore[union-attr]
-        out = cache.paged.attend(q, key, value, attention_mask, (k_past, v_past, *bounds), scale, softcap)
+    if cache.sparse is not None:   # type: ignore[union-attr]
+        bounds = cache.bounds[2 * module.layer_idx:2 * module.layer_idx + 2]   # type: ignore[union-attr]
+        out = cache.sparse.attend(q, key, value, attention_mask, (k_past, v_past, *bounds), scale, softcap)
         return out.reshape(b, h, t, d).transpose(1, 2), None
     scores = torch.cat([torch.einsum("lbgd,bgqd->bglq", k_past, q).transpose(-1, -2), q @ key.transpose(-1, -2)], -1)
     scores = scores * scale
@@ -102,15 +102,15 @@ class _Step(torch.nn.Module):
     step takes them made (``[M, B, 1, 1, L + 1]``, :func:`additive_masks`)."""
 
     def __init__(self, lm: torch.nn.Module, mask_types: Sequence[str] | None, windows: Sequence[int | None],
-                 dtype: torch.dtype, paged: "KVPages | None" = None) -> None:
+                 dtype: torch.dtype, sparse: KVPolicy | None = None) -> None:
         super().__init__()
         self.lm, self.mask_types, self.windows, self.dtype = lm, mask_types, tuple(windows), dtype
-        self.paged = paged   # (a decode step over chosen pages: its ``past`` ends with the page bounds)
+        self.sparse = sparse   # (a decode step over the keys a policy chooses; kv-pages': ``past`` ends with the bounds)
         self.keep = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, *past: torch.Tensor) -> tuple:
-        bounds = past[len(past) // 2:] if self.paged else ()
-        cache = _StepCache(past[:len(past) - len(bounds)], bounds, self.paged)
+        bounds = past[len(past) // 2:] if self.sparse and self.sparse.page_bounds else ()
+        cache = _StepCache(past[:len(past) - len(bounds)], bounds, self.sparse)
         if not past:
             mask = additive_masks(mask, torch.arange(ids.shape[1]), self.windows, self.dtype)
         masks = mask[0] if self.mask_types is None else {t: mask[i] for i, t in enumerate(self.mask_types)}
@@ -185,12 +185,12 @@ def lm_shape(lm: torch.nn.Module) -> LMShape:
 
 
 def programs(lm: torch.nn.Module, max_len: int, batch: int = 1, shape: LMShape | None = None,
-             prompt: int | None = None, paged: "KVPages | None" = None) -> tuple[tuple, tuple]:
+             prompt: int | None = None, sparse: KVPolicy | None = None) -> tuple[tuple, tuple]:
     """The prefill and the decode step of ``lm`` as ``(module, example_args, dynamic_shapes)`` each,
     what :func:`einfuse.compile` and :func:`einfuse.kernels` take; the prefill's prompt length
     dynamic, or ``prompt`` tokens exactly (``compile_lm``'s buckets: 2.7x faster than the dynamic
-    program at 512 tokens, its GEMMs tiled for known rows); with ``paged``, the decode step
-    attends to the pages that policy chooses and takes each layer's page bounds after the cache."""
+    program at 512 tokens, its GEMMs tiled for known rows); with ``sparse``, the decode step
+    attends to the keys that policy chooses (kv-pages': taking each layer's page bounds after the cache)."""
     s = shape or lm_shape(lm)
     if max_len < 3:
         raise EinfuseError(f"compile_lm: max_len={max_len}; it must be at least 3 (a 2-token prompt and a step)")
@@ -204,13 +204,14 @@ def programs(lm: torch.nn.Module, max_len: int, batch: int = 1, shape: LMShape |
     n = named_dynamic("L", 2, max_len - 1)
     past = tuple(torch.zeros(4, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
     spec = tuple({0: n} for _ in past)
-    if paged is not None:
-        pages = paged.page_count(paged.budget) + 1   # (the example: one page more than the budget's)
-        past += tuple(torch.zeros(pages, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
-        spec += tuple({0: named_dynamic("P", 2, paged.page_count(max_len))} for _ in range(2 * s.layers))
-        past = tuple(torch.zeros(pages * paged.page, *past[0].shape[1:], dtype=s.dtype)   # (distinct: export
-                     for _ in range(2 * s.layers)) + past[2 * s.layers:]                  # merges one tensor's uses)
-        step = _Step(lm, s.mask_types, s.windows, s.dtype, paged).eval()
+    if sparse is not None:
+        past = tuple(torch.zeros(sparse.example_tokens(), *past[0].shape[1:], dtype=s.dtype)   # (distinct:
+                     for _ in range(2 * s.layers))                                            # export merges one tensor's uses)
+        if sparse.page_bounds:
+            pages = sparse.page_count(sparse.example_tokens())
+            past += tuple(torch.zeros(pages, batch, s.kv_heads, s.head_dim, dtype=s.dtype) for _ in range(2 * s.layers))
+            spec += tuple({0: named_dynamic("P", 2, sparse.page_count(max_len))} for _ in range(2 * s.layers))
+        step = _Step(lm, s.mask_types, s.windows, s.dtype, sparse).eval()
     length = past[0].shape[0] + 1
     decode = (step, (torch.zeros(batch, 1, dtype=torch.long), torch.zeros(batch, 1, dtype=torch.long),
                      torch.zeros(m, batch, 1, 1, length, dtype=s.dtype), *past),
@@ -241,19 +242,19 @@ class CompiledLM:
 
     def __init__(self, prefill: Callable[[int], Any], decode: Any, shape: LMShape, max_len: int, batch: int,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-                 policy: KVPolicy = KVPolicy(), paged_decode: Any = None) -> None:
+                 policy: KVPolicy = KVPolicy(), sparse_decode: Any = None) -> None:
         """``prefill(n)`` compiles the prefill program of ``n`` tokens exactly (a bucket's);
-        ``policy`` keeps the cache (:mod:`einfuse.kv`), ``paged_decode`` the decode program over
-        chosen pages of a ``kv-pages`` policy (run once the cache holds more pages than it reads)."""
+        ``policy`` keeps the cache (:mod:`einfuse.kv`), ``sparse_decode`` the decode program over
+        the keys it chooses (run where ``policy.sparse``: the cache holds more than it reads)."""
         from .codegen.runtime import aligned_empty
         self._compile_prefill, self.decode_model, self.shape = prefill, decode, shape
         self.prefill_programs: dict[int, Any] = {}   # bucket -> its compiled prefill
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id   # (generate's defaults)
-        self.max_len, self.batch, self.policy, self.paged_decode = max_len, batch, policy, paged_decode
+        self.max_len, self.batch, self.policy, self.sparse_decode = max_len, batch, policy, sparse_decode
         self.rows = policy.rows(max_len)
         row = (batch, shape.kv_heads, shape.head_dim)
         self.cache = [aligned_empty((self.rows, *row), shape.dtype) for _ in range(2 * shape.layers)]
-        pages = policy.page_count(max_len) if isinstance(policy, KVPages) else 0
+        pages = policy.page_count(max_len) if policy.page_bounds else 0
         self.bounds = [aligned_empty((pages, *row), shape.dtype) for _ in range(2 * shape.layers if pages else 0)]
         self.phases = Phases()
         self.reset()
@@ -328,8 +329,9 @@ class CompiledLM:
         keys = torch.cat([self.valid[:, :rows], torch.ones(self.batch, 1, dtype=torch.bool)], 1)
         masks = self._masks(keys, torch.tensor([n]), torch.cat([self.slot_pos[:rows], torch.tensor([n])]))
         program, past = self.decode_model, [c[:rows] for c in self.cache]
-        if self.paged_decode is not None and self.policy.sparse(rows):
-            program, past = self.paged_decode, past + [b[:self.policy.page_count(rows)] for b in self.bounds]
+        if self.sparse_decode is not None and self.policy.sparse(rows):
+            program = self.sparse_decode
+            past += [b[:self.policy.page_count(rows)] for b in self.bounds]
         out = program.run_trusted(ids, self.next_pos[:, None].clone(), masks, *past)
         self._store(out[1:], [n], torch.ones(self.batch, 1, dtype=torch.bool))
         self.next_pos += 1
@@ -481,14 +483,14 @@ def compile_lm(model: torch.nn.Module, *, max_len: int, batch: int = 1, target: 
     options = dict(target=target, pipeline=pipeline, quantize=quantize, cache_dir=cache_dir)
     step, args, dynamic = programs(model, max_len, batch, shape)[1]
     decode = compile(step, args, dynamic_shapes=dynamic, **options)
-    paged = None
-    if isinstance(policy, KVPages) and policy.sparse(max_len - 1):
-        step, args, dynamic = programs(model, max_len, batch, shape, paged=policy)[1]
-        paged = compile(step, args, dynamic_shapes=dynamic, **options)
+    sparse = None
+    if policy.sparse(max_len - 1):
+        step, args, dynamic = programs(model, max_len, batch, shape, sparse=policy)[1]
+        sparse = compile(step, args, dynamic_shapes=dynamic, **options)
 
     def prefill(n: int) -> Any:
         step, args, _ = programs(model, max_len, batch, shape, prompt=n)[0]
         return compile(step, args, **options)
     generation = model.generation_config
     return CompiledLM(prefill, decode, shape, max_len, batch, generation.eos_token_id, generation.pad_token_id,
-                      policy, paged)
+                      policy, sparse)

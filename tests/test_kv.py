@@ -32,9 +32,9 @@ class Eager:
 def eager_lm(lm: torch.nn.Module, max_len: int, kv: str) -> CompiledLM:
     """``compile_lm``'s host over eager programs: the policy computed by its own torch code."""
     policy, shape = parse_kv(kv), lm_shape(lm)
-    paged = Eager(programs(lm, max_len, 1, shape, paged=policy)[1]) if isinstance(policy, KVPages) else None
+    sparse = Eager(programs(lm, max_len, 1, shape, sparse=policy)[1]) if policy.sparse(max_len - 1) else None
     return CompiledLM(lambda n: Eager(programs(lm, max_len, 1, shape, prompt=n)[0]),
-                      Eager(programs(lm, max_len, 1, shape)[1]), shape, max_len, 1, policy=policy, paged_decode=paged)
+                      Eager(programs(lm, max_len, 1, shape)[1]), shape, max_len, 1, policy=policy, sparse_decode=sparse)
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,12 @@ def llama() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("kv", ["kv-pages{page=4,budget=8}", "kv-pages{page=4,budget=12,recent=4}",
-                                "kv-window{sink=2,window=8}"])
+                                "kv-select{k=8,sink=2,recent=4}", "kv-window{sink=2,window=8}"])
 def test_the_compiled_decode_steps_match_the_policy_run_eagerly(llama: torch.nn.Module, kv: str,
                                                                  rng: np.random.Generator) -> None:
     compiled, eager = einfuse.compile_lm(llama, max_len=48, kv=kv), eager_lm(llama, 48, kv)
-    if kv.startswith("kv-pages"):
-        assert "select" in [k.kind for k in compiled.paged_decode.kernels]
+    if not kv.startswith("kv-window"):   # (a window's step is the dense one over its rows)
+        assert "select" in [k.kind for k in compiled.sparse_decode.kernels]
     ids, tokens = prompt(rng, 1, 6), prompt(rng, 1, 40)
     got, want = compiled.prefill(ids), eager.prefill(ids)
     assert rel_err(got.numpy(), want.numpy()) < 1e-4
@@ -85,7 +85,8 @@ def test_a_bounded_cache_keeps_its_memory(llama: torch.nn.Module, rng: np.random
         model.crop(3)
 
 
-@pytest.mark.parametrize("kv", ["kv-pages{page=4,budget=48}", "kv-window{sink=4,window=44}"])
+@pytest.mark.parametrize("kv", ["kv-pages{page=4,budget=48}", "kv-window{sink=4,window=44}",
+                                "kv-select{k=40,sink=4,recent=4}"])
 def test_a_budget_covering_the_context_is_dense_attention_exactly(llama: torch.nn.Module, kv: str,
                                                                   rng: np.random.Generator) -> None:
     dense, sparse = einfuse.compile_lm(llama, max_len=48), einfuse.compile_lm(llama, max_len=48, kv=kv)
@@ -125,7 +126,8 @@ def test_the_quality_report(llama: torch.nn.Module, rng: np.random.Generator) ->
     ("kv-pages{budget=64,recent=64}", "recent at least 0 and less than the budget"),
     ("kv-window{window=64}", "more than max_len=32"),
     ("kv-window{sink=-1}", "sink must be at least 0"),
-    ("kv-select", "unknown KV policy 'kv-select'; available: kv-pages, kv-window"),
+    ("kv-route", "unknown KV policy 'kv-route'; available: kv-pages, kv-select, kv-window"),
+    ("kv-select{k=0}", "k must be at least 1"),
     ("kv-pages{size=3}", "KV policy 'kv-pages' has no option 'size'; options: page, budget, recent"),
     ("kv-pages,kv-window", "give one KV policy, not 2"),
 ])

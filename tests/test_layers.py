@@ -18,7 +18,7 @@ import einfuse
 
 ROOT = Path(einfuse.__file__).parent
 LAYERS = [("errors", "cache", "version"), ("ir",), ("targets",), ("frontends", "passes"), ("codegen",),
-          ("api", "zoo", "plot"), ("lm",), ("lm_cli",), ("cli", "dynamo"), ("__main__", "")]
+          ("api", "zoo", "plot"), ("kv",), ("lm",), ("lm_cli",), ("cli", "dynamo"), ("__main__", "")]
 ALLOWED_CYCLES = [{"einfuse.ir.nodes", "einfuse.ir.text"}]
 
 

@@ -28,6 +28,7 @@ class KernelKind:
     name: str
     doc: str            # one line: what a kernel of this kind computes
     loop: bool = False  # built as scheduled TIR by a loop builder (codegen/loop.py), not lowered through TE
+    one_pass: bool = False  # its builder reads each fiber once, whatever pass levels its Einsums take
 
     @property
     def label(self) -> str:
@@ -38,11 +39,11 @@ class KernelKind:
 KINDS: dict[str, KernelKind] = {}
 
 
-def register_kind(name: str, doc: str, *, loop: bool = False) -> KernelKind:
+def register_kind(name: str, doc: str, *, loop: bool = False, one_pass: bool = False) -> KernelKind:
     """Declare the kernel kind ``name`` (see the module docstring for the tables it needs)."""
     if name in KINDS:
         raise ValueError(f"kernel kind '{name}' is declared twice")
-    KINDS[name] = KernelKind(name, doc, loop)
+    KINDS[name] = KernelKind(name, doc, loop, one_pass)
     return KINDS[name]
 
 
@@ -57,7 +58,7 @@ register_kind("int8-dot", "a 4-bit weight's contraction on int8 activations (qua
 register_kind("grouped", "each row times its own expert's weights, H[p,n] = W[G[p],d,n] * X[p,d], run by run of "
               "equal G (a mixture-of-experts FFN, codegen/grouped.py)", loop=True)
 register_kind("select", "the coordinates of each fiber's k largest values in order (torch.topk's indices, "
-              "captured as a rank count), one pass over the fiber (codegen/select.py)", loop=True)
+              "captured as a rank count), one pass over the fiber (codegen/select.py)", loop=True, one_pass=True)
 register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
               loop=True)
 

@@ -11,16 +11,20 @@ reads. Each is written as pipeline text, ``name{option=value,...}`` (:func:`pars
   elementwise min and max kept beside the cache; a decode step attends to the last ``R`` tokens
   and the ``(B - R) / page`` pages whose bound on ``q . k`` is highest, reading only their keys
   and values (:mod:`.pages`).
+- ``kv-select{k=K,sink=4,recent=64}`` (TokenSelect): every cached token scored by the heads' soft
+  vote (the softmax of ``q . k`` per head, summed), the ``K`` best with the sinks and the recent
+  tokens attended to, their values read only (:mod:`.select`).
 
 A policy is applied where the decode step is captured: its attention (transformers' attention
 function, replaced by einfuse's while the step is traced: ``lm.cached_attention``) is written
 over the selected keys, so the decode program's cascade computes the selection (a top-k over
-page bounds: the ``select`` kernel) and the attention over the gathered keys.
+page bounds or votes: the ``select`` kernel) and the attention over the gathered keys.
 :mod:`.quality` measures what a policy costs against dense attention.
 """
 from __future__ import annotations
 
 from .policies import KVPolicy, Dense, KVWindow, parse_kv
 from .pages import KVPages
+from .select import KVSelect
 
-__all__ = ["KVPolicy", "Dense", "KVWindow", "KVPages", "parse_kv"]
+__all__ = ["KVPolicy", "Dense", "KVWindow", "KVPages", "KVSelect", "parse_kv"]

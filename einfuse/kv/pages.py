@@ -34,6 +34,7 @@ class KVPages(KVPolicy):
     ``(budget - recent) / page`` pages of highest bound among the pages before them."""
 
     name: ClassVar[str] = "kv-pages"
+    page_bounds: ClassVar[bool] = True
     page: int = 16
     budget: int = 1024
     recent: int = 0
@@ -83,29 +84,39 @@ class KVPages(KVPolicy):
         hit = torch.zeros(*chosen.shape[:2], pages, dtype=torch.bool).scatter_(-1, chosen, True)
         return hit.repeat_interleave(self.page, -1)[..., :n] | (torch.arange(n) >= n - self.recent)
 
+    def example_tokens(self) -> int:
+        return self.budget + self.page
+
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                past: Sequence[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
-        """One decode step's attention over the chosen pages and its own key: ``q`` ``[B, Hkv, R, D]``,
-        ``key``/``value`` ``[B, Hkv, 1, D]``, the additive ``mask`` ``[B, 1, 1, L + 1]``, ``past`` =
-        (the cached K, V ``[L, B, Hkv, D]``, kmin, kmax); the output ``[B, Hkv, R, D]``."""
         k_past, v_past, kmin, kmax = past
-        b, g, r, d = q.shape
+        b, g, _, _ = q.shape
         n = k_past.shape[0]
         tokens = (self.chosen(q, kmin, kmax, n)[..., None] * self.page + torch.arange(self.page)).reshape(b, g, -1)
         if self.recent:
             tokens = torch.cat([tokens, (n - self.recent + torch.arange(self.recent)).expand(b, g, -1)], -1)
-        inside = tokens < n
-        tokens = tokens.clamp(max=n - 1)
-        j = tokens.shape[-1]
-        at = tokens[..., None].expand(b, g, j, d)
-        keys, values = (torch.gather(x.permute(1, 2, 0, 3), 2, at) for x in (k_past, v_past))
-        scores = torch.cat([q @ keys.transpose(-1, -2), q @ key.transpose(-1, -2)], -1) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        seen = torch.gather(mask[:, 0, 0, :n], 1, tokens.reshape(b, g * j)).reshape(b, g, 1, j)
-        seen = torch.where(inside[:, :, None], seen, torch.finfo(scores.dtype).min)
-        p = (scores + torch.cat([seen, mask[:, None, 0, :, n:].expand(b, g, 1, 1)], -1)).softmax(-1).to(value.dtype)
-        return p[..., :j] @ values + p[..., j:] @ value
+        return attend_tokens(q, key, value, mask, k_past, v_past, tokens, scale, softcap)
+
+
+def attend_tokens(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, k_past: torch.Tensor,
+                  v_past: torch.Tensor, tokens: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """Attention of ``q`` ``[B, Hkv, R, D]`` over the cached tokens ``tokens`` ``[B, Hkv, J]`` (read
+    where they are: gathers of the cache, no copy; one at or past the cache's end masked out) and
+    the step's own key: transformers' eager attention restricted to them (see ``KVPolicy.attend``)."""
+    b, g, _, d = q.shape
+    n = k_past.shape[0]
+    inside = tokens < n
+    tokens = tokens.clamp(max=n - 1)
+    j = tokens.shape[-1]
+    at = tokens[..., None].expand(b, g, j, d)
+    keys, values = (torch.gather(x.permute(1, 2, 0, 3), 2, at) for x in (k_past, v_past))
+    scores = torch.cat([q @ keys.transpose(-1, -2), q @ key.transpose(-1, -2)], -1) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    seen = torch.gather(mask[:, 0, 0, :n], 1, tokens.reshape(b, g * j)).reshape(b, g, 1, j)
+    seen = torch.where(inside[:, :, None], seen, torch.finfo(scores.dtype).min)
+    p = (scores + torch.cat([seen, mask[:, None, 0, :, n:].expand(b, g, 1, 1)], -1)).softmax(-1).to(value.dtype)
+    return p[..., :j] @ values + p[..., j:] @ value
 
 
 def update_bounds(kmin: torch.Tensor, kmax: torch.Tensor, keys: torch.Tensor, start: int, end: int,

@@ -7,8 +7,9 @@ tokens stay, whether the cache can be full. :class:`Dense` keeps every token (no
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -21,6 +22,7 @@ class KVPolicy:
     """Every token kept, each in its own row: dense attention (what ``kv=None`` means)."""
 
     name: ClassVar[str] = "dense"
+    page_bounds: ClassVar[bool] = False   # the decode step takes each layer's page bounds after the cache
 
     def check(self, max_len: int) -> None:
         """Raise :class:`EinfuseError` if the options do not fit a cache of ``max_len`` tokens."""
@@ -42,6 +44,23 @@ class KVPolicy:
         """The cache never fills: a generation may go on past ``max_len`` tokens."""
         return False
 
+    def sparse(self, tokens: int) -> bool:
+        """A step after ``tokens`` cached ones attends to keys it chooses (the sparse decode
+        program, :meth:`attend`), not to all of them (the dense one, exact)."""
+        return False
+
+    def example_tokens(self) -> int:
+        """Cached tokens of the sparse decode program's example (one where :meth:`sparse` holds)."""
+        raise NotImplementedError(f"{self.name} has no sparse decode program")
+
+    def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+               past: Sequence[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
+        """One decode step's attention over the keys this policy chooses and the step's own:
+        ``q`` ``[B, Hkv, R, D]`` (a key head's group of query rows), ``key``/``value`` ``[B, Hkv, 1, D]``,
+        the additive ``mask`` ``[B, 1, 1, L + 1]``, ``past`` = (the cached K, V ``[L, B, Hkv, D]``,
+        then the page bounds where :attr:`page_bounds`); the output ``[B, Hkv, R, D]``."""
+        raise NotImplementedError(f"{self.name} has no sparse decode program")
+
     def seen(self, q: torch.Tensor, k_past: torch.Tensor, position: int) -> torch.Tensor:
         """Which cached keys (``k_past`` ``[L, B, Hkv, D]``, tokens ``0..L-1``) the query rows ``q``
         ``[B, Hkv, R, D]`` of the token at ``position`` attend to: ``[B, Hkv, L]`` (measured by
@@ -50,7 +69,8 @@ class KVPolicy:
 
     def spelled(self) -> str:
         """The policy as text (:func:`parse_kv` reads it back)."""
-        options = ",".join(f"{k}={v}" for k, v in vars(self).items())
+        options = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                           if getattr(self, f.name) != f.default)
         return f"{self.name}{{{options}}}" if options else self.name
 
 

@@ -79,7 +79,7 @@ class GroupKernels(Pass):
         for k in kernels:
             stats[f"kernel:{KINDS[k.kind].label}"] += 1
             stream, levels = stream_levels(c, k)
-            if len(levels) > 1:
+            if len(levels) > 1 and not KINDS[k.kind].one_pass:   # (select: the count's 2 passes are 1 insertion pass)
                 raise CompileError(f"kernel {k.name} fuses Einsums at pass levels {sorted(levels)} along "
                                    f"{','.join(stream)}; FuseMax's legality rule forbids it")
         return replace(c, groups=tuple(kernels))
