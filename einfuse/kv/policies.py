@@ -51,7 +51,7 @@ class KVPolicy:
 
     def example_tokens(self) -> int:
         """Cached tokens of the sparse decode program's example (one where :meth:`sparse` holds)."""
-        raise NotImplementedError(f"{self.name} has no sparse decode program")
+        raise EinfuseError(f"{self.name} has no sparse decode program (its steps attend to every cached key)")
 
     def attend(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                past: Sequence[torch.Tensor], scale: float, softcap: float | None) -> torch.Tensor:
@@ -59,7 +59,7 @@ class KVPolicy:
         ``q`` ``[B, Hkv, R, D]`` (a key head's group of query rows), ``key``/``value`` ``[B, Hkv, 1, D]``,
         the additive ``mask`` ``[B, 1, 1, L + 1]``, ``past`` = (the cached K, V ``[L, B, Hkv, D]``,
         then the page bounds where :attr:`page_bounds`); the output ``[B, Hkv, R, D]``."""
-        raise NotImplementedError(f"{self.name} has no sparse decode program")
+        raise EinfuseError(f"{self.name} has no sparse decode program (its steps attend to every cached key)")
 
     def seen(self, q: torch.Tensor, k_past: torch.Tensor, position: int) -> torch.Tensor:
         """Which cached keys (``k_past`` ``[L, B, Hkv, D]``, tokens ``0..L-1``) the query rows ``q``
