@@ -22,7 +22,7 @@ OUT[r,j] = idx(p) * (RANK[r,p] == idx(j))
 
 
 @pytest.mark.parametrize("before", [">", "<"])
-@pytest.mark.parametrize("p,k", [(40, 5), (7, 7), (300, 64)])
+@pytest.mark.parametrize("p,k", [(40, 5), (7, 7), (300, 64), (2000, 700)])
 def test_the_rank_pair_is_one_select_kernel_equal_to_the_interpreter(before: str, p: int, k: int,
                                                                       rng: np.random.Generator) -> None:
     c = parse(RANKED.format(p=p, k=k, before=before))
