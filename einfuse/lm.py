@@ -423,19 +423,25 @@ class CompiledLM:
     # ---- inspection -----------------------------------------------------------------------------
 
     def report(self, prompt_len: int = 16, cached: int | None = None) -> str:
-        """Both programs' kernel tables (each kernel on the roofline: the cost model's estimate and
+        """The programs' kernel tables (each kernel on the roofline: the cost model's estimate and
         what bounds it, beside its measured time), the prefill of ``prompt_len`` tokens' bucket and the
-        decode step after ``cached`` ones (default: half the cache), then the last generation's
-        phase split."""
+        decode step after ``cached`` ones (default: half the cache; with a KV policy that chooses
+        keys there, its decode program too), then the last generation's phase split."""
         cached, n = min(cached or self.max_len // 2, self.rows), self.bucket(prompt_len)
         prefill_args = (torch.zeros(self.batch, n, dtype=torch.long),) * 2 + (torch.ones(self.batch, n, dtype=torch.bool),)
         decode_args = (torch.zeros(self.batch, 1, dtype=torch.long),) * 2 + \
             (self._masks(torch.ones(self.batch, cached + 1, dtype=torch.bool), torch.tensor([cached])),) + \
             tuple(c[:cached] for c in self.cache)
         lines = [f"prefill program ({n} tokens, the bucket of {prompt_len}):", self.prefill_program(n).report(prefill_args), "",
-                 f"decode program (after {cached} cached tokens):", self.decode_model.report(decode_args), "",
-                 f"KV cache: {self.kv_bytes / 2**20:.1f} MiB ({self.shape.layers} layers x K,V x "
-                 f"[{self.max_len}, {self.batch}, {self.shape.kv_heads}, {self.shape.head_dim}] {self.shape.dtype})"]
+                 f"decode program (after {cached} cached tokens):", self.decode_model.report(decode_args), ""]
+        if self.sparse_decode is not None and self.policy.sparse(cached):
+            bounds = tuple(b[:self.policy.page_count(cached)] for b in self.bounds)
+            lines += [f"{self.policy.spelled()} decode program (after {cached} cached tokens):",
+                      self.sparse_decode.report(decode_args + bounds), ""]
+        lines.append(f"KV cache: {self.kv_bytes / 2**20:.1f} MiB ({self.shape.layers} layers x K,V x "
+                     f"[{self.rows}, {self.batch}, {self.shape.kv_heads}, {self.shape.head_dim}] {self.shape.dtype})"
+                     + (f", page bounds {sum(b.numel() * b.element_size() for b in self.bounds) / 2**20:.1f} MiB"
+                        if self.bounds else ""))
         if self.phases.prompt_tokens:
             lines.append("last generation: " + self.phases.text())
         return "\n".join(lines)

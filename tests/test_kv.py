@@ -115,6 +115,9 @@ def test_the_quality_report(llama: torch.nn.Module, rng: np.random.Generator) ->
     ids = prompt(rng, 1, 8)
     out, q = compare(llama, sparse, dense, ids, 30)
     assert out.shape == (1, 38) and q.steps == 30
+    report = sparse.report(cached=30)
+    head = "kv-pages{page=4,budget=8} decode program (after 30 cached tokens)"
+    assert head in report and "topk" in report.split(head)[1] and "page bounds" in report
     assert 0 <= q.top1 <= 1 and q.kl >= 0 and 0 < q.recall < 1 and q.attention_error > 0
     recall, error = attention_recall(llama, out, parse_kv(None))
     assert recall == pytest.approx(1.0) and error < 1e-6   # (dense reads every key)
