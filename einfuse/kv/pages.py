@@ -11,9 +11,11 @@ elementwise minimum and maximum key (``kmin``, ``kmax`` ``[P, B, Hkv, D]`` per l
 the best bound among them), keeps the ``budget / page`` pages of highest ``U`` (``torch.topk``:
 the decode program's ``select`` kernel) and attends to their tokens and to its own, reading only
 their keys and values (gathers of the cache by token: no copy of it is made). The last page,
-partly filled, may be chosen: its empty rows are masked out. Keys keep their positions (RoPE was
-applied before caching), as in Quest. While the cache holds no more pages than a step reads,
-the host runs the dense decode program instead, whose result is exact.
+partly filled, may be chosen: its empty rows are masked out. With ``recent``, the last ``recent``
+tokens are read too and the pages are chosen among those before them (TokenSelect's ``n_local``;
+Quest alone misses the recent tokens a local model needs: docs/sparsity.md). Keys keep their
+positions (RoPE was applied before caching), as in Quest. While the cache holds no more tokens
+than the budget, the host runs the dense decode program instead, whose result is exact.
 """
 from __future__ import annotations
 
