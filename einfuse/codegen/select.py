@@ -22,7 +22,6 @@ from ..errors import CompileError
 from ..ir import Cascade
 from ..ir.kernels import Kernel
 from ..ir.select import Selection, selection
-from ..targets import Target
 from .lower import SizeVars
 
 
@@ -35,7 +34,7 @@ def kernel_selection(c: Cascade, k: Kernel) -> Selection:
     return found
 
 
-def select_function(c: Cascade, k: Kernel, sizes: SizeVars, target: Target) -> tirx.PrimFunc:
+def select_function(c: Cascade, k: Kernel, sizes: SizeVars) -> tirx.PrimFunc:
     """Kernel ``k`` (of kind ``select``) as a PrimFunc."""
     s = kernel_selection(c, k)
     shape = sizes.shapes(c, k)

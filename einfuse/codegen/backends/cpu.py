@@ -30,7 +30,7 @@ class CPUBackend(TEBackend):
         if k.kind == "grouped":
             return grouped_function(c, k, sizes, self.target)
         if k.kind == "select":
-            return select_function(c, k, sizes, self.target)
+            return select_function(c, k, sizes)
         return LoopBuilder(c, k, sizes, self.target).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:
