@@ -1,7 +1,7 @@
 """KV-cache policies against dense attention: speed and the quality they cost (issue 21).
 
     python -m benchmarks.sparsity [--lengths 16384,32768] [--model-cached 16384] [--quality-budget 128]
-                                  [--repeat 10] [--rounds 3] [--skip attention,decode,quality]
+                                  [--grid 56] [--repeat 10] [--rounds 3] [--skip attention,decode,quality,regions]
 
 1. Decode attention, one layer's heads (batch 1, 16 query heads on 4 key heads of 64, fp32), at
    each cache length: einfuse's dense decode attention (the decode program's, ``lm.cached_attention``),
@@ -15,6 +15,9 @@
    (1024): held-out text fed token by token after a 128-token prompt; perplexity, its change, top-1
    agreement and KL against dense, the attention recall and output error, for ``kv-pages`` and
    ``kv-window`` with a budget of ``--quality-budget`` tokens (1/8 of the context).
+4. ``region-route{regions=7,topk=4}`` (BiFormer) on one encoder attention over a ``--grid``
+   square of tokens (56 x 56: 3136), 8 heads of 32: against einfuse's dense fused attention and
+   eager SDPA, with the routed output's error against dense.
 Times are medians over alternating rounds (``benchmarks.run.measure``).
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import einfuse
 from benchmarks.generate import einfuse_step
 from benchmarks.run import measure
 from einfuse.frontends.torch_export import named_dynamic
-from einfuse.kv import KVPages, KVPolicy, KVSelect, parse_kv
+from einfuse.kv import KVPages, KVPolicy, KVSelect, parse_kv, routed
 from einfuse.kv.pages import update_bounds
 from einfuse.kv.quality import agreement, attention_recall, perplexity, text_logits
 from einfuse.lm import _StepCache, cached_attention
@@ -145,6 +148,36 @@ def quality_table(budget: int, prompt: int = 128) -> None:
               f"{recall:>7.3f} {error:>9.2e} {per_step:>8.3f}", flush=True)
 
 
+class GridAttention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def region_table(side: int, spec: str, repeat: int, rounds: int, width: int = 256, heads: int = 8) -> None:
+    """One encoder attention over a ``side x side`` grid: einfuse's dense (fused) attention, the
+    routed one, eager SDPA; the routed output's error against dense."""
+    q, k, v = (torch.randn(1, heads, side * side, width // heads) for _ in range(3))
+    start = time.perf_counter()
+    dense = einfuse.compile(GridAttention(), (q, k, v))
+    with routed(spec) as route:
+        sparse = einfuse.compile(GridAttention(), (q, k, v))
+    seconds = time.perf_counter() - start
+    runs = {"dense": lambda: dense(q, k, v), "routed": lambda: sparse(q, k, v),
+            "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)}
+    with torch.no_grad():
+        t = measure(runs, repeat, rounds)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        got, eager = sparse(q, k, v), route.attend(q, k, v)
+    error = float((got - want).norm() / want.norm())
+    print(f"\nencoder attention over {side}x{side} tokens ({heads} heads of {width // heads}), fp32, "
+          f"{torch.get_num_threads()} threads (compiled in {seconds:.0f} s):")
+    print(f"  einfuse dense (fused)  {t['dense'] * 1e3:9.2f} ms")
+    print(f"  {route.name}{{regions={route.regions},topk={route.topk}}} {t['routed'] * 1e3:9.2f} ms  "
+          f"{t['dense'] / t['routed']:.2f}x; output relative error vs dense {error:.3f} (random q, k: "
+          f"diffuse attention); vs its eager run {float((got - eager).norm() / eager.norm()):.1e}")
+    print(f"  eager SDPA             {t['sdpa'] * 1e3:9.2f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="16384,32768")
@@ -153,7 +186,8 @@ def main() -> None:
     p.add_argument("--quality-budget", type=int, default=128)
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--skip", default="", help="comma-separated: attention, decode, quality")
+    p.add_argument("--grid", type=int, default=56, help="region-route's grid side (tokens: its square)")
+    p.add_argument("--skip", default="", help="comma-separated: attention, decode, quality, regions")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     policy = KVPages(page=16, budget=a.budget)
@@ -163,6 +197,8 @@ def main() -> None:
         decode_table(a.model_cached, policy, a.repeat, a.rounds)
     if "quality" not in skip:
         quality_table(a.quality_budget)
+    if "regions" not in skip:
+        region_table(a.grid, "region-route{regions=7,topk=4}", a.repeat, a.rounds)
 
 
 if __name__ == "__main__":

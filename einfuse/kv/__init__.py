@@ -19,12 +19,14 @@ A policy is applied where the decode step is captured: its attention (transforme
 function, replaced by einfuse's while the step is traced: ``lm.cached_attention``) is written
 over the selected keys, so the decode program's cascade computes the selection (a top-k over
 page bounds or votes: the ``select`` kernel) and the attention over the gathered keys.
-:mod:`.quality` measures what a policy costs against dense attention.
+:mod:`.quality` measures what a policy costs against dense attention. For encoders and vision
+models, :mod:`.regions` routes attention by region (BiFormer): ``with routed("region-route{...}")``.
 """
 from __future__ import annotations
 
 from .policies import KVPolicy, Dense, KVWindow, parse_kv
 from .pages import KVPages
 from .select import KVSelect
+from .regions import RegionRoute, routed
 
-__all__ = ["KVPolicy", "Dense", "KVWindow", "KVPages", "KVSelect", "parse_kv"]
+__all__ = ["KVPolicy", "Dense", "KVWindow", "KVPages", "KVSelect", "parse_kv", "RegionRoute", "routed"]
