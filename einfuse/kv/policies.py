@@ -7,14 +7,13 @@ tokens stay, whether the cache can be full. :class:`Dense` keeps every token (no
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import torch
 
 from ..errors import EinfuseError
-from ..passes.manager import parse_items
+from ..passes.manager import parse_one, spelled
 
 
 @dataclass(frozen=True)
@@ -69,9 +68,7 @@ class KVPolicy:
 
     def spelled(self) -> str:
         """The policy as text (:func:`parse_kv` reads it back)."""
-        options = ",".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                           if getattr(self, f.name) != f.default)
-        return f"{self.name}{{{options}}}" if options else self.name
+        return spelled(self)
 
 
 Dense = KVPolicy
@@ -143,7 +140,4 @@ def parse_kv(spec: str | KVPolicy | None) -> KVPolicy:
         return Dense()
     if isinstance(spec, KVPolicy):
         return spec
-    policies = parse_items(spec, REGISTRY, "KV policy", "KV policy")
-    if len(policies) != 1:
-        raise EinfuseError(f"kv={spec!r}: give one KV policy, not {len(policies)}")
-    return policies[0]
+    return parse_one(spec, REGISTRY, "KV policy")

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 
 from ..errors import EinfuseError
-from ..passes.manager import parse_items
+from ..passes.manager import parse_one
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,9 @@ def _from_regions(x: torch.Tensor, s: int, side: int) -> torch.Tensor:
 
 def parse_route(spec: str) -> RegionRoute:
     """The routing ``spec`` spells (``region-route{regions=7,topk=4}``), checked."""
-    routes = parse_items(spec, {RegionRoute.name: RegionRoute}, "routing", "routing")
-    if len(routes) != 1:
-        raise EinfuseError(f"{spec!r}: give one routing, not {len(routes)}")
-    routes[0].check()
-    return routes[0]
+    route = parse_one(spec, {RegionRoute.name: RegionRoute}, "routing")
+    route.check()
+    return route
 
 
 @contextlib.contextmanager

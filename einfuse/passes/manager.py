@@ -55,9 +55,15 @@ class Pass(ABC):
 
     def spelled(self) -> str:
         """The pass as pipeline text, with the options that differ from their defaults."""
-        opts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                if getattr(self, f.name) != f.default]
-        return self.name + (f"{{{','.join(opts)}}}" if opts else "")
+        return spelled(self)
+
+
+def spelled(item: Any) -> str:
+    """A dataclass of :func:`parse_items`' kind as text: ``name{option=value,...}``, the options
+    that differ from their defaults."""
+    opts = [f"{f.name}={getattr(item, f.name)}" for f in dataclasses.fields(item)
+            if getattr(item, f.name) != f.default]
+    return item.name + (f"{{{','.join(opts)}}}" if opts else "")
 
 
 REGISTRY: dict[str, type[Pass]] = {}
@@ -169,6 +175,14 @@ def parse_items(text: str, registry: Mapping[str, type], noun: str, whole: str) 
         items.append(_make(m.group(1), m.group(2) or "", registry, noun))
         pos = m.end()
     return items
+
+
+def parse_one(text: str, registry: Mapping[str, type], noun: str) -> Any:
+    """The one item ``text`` spells (:func:`parse_items`), or an error naming how many it has."""
+    items = parse_items(text, registry, noun, noun)
+    if len(items) != 1:
+        raise EinfuseError(f"{text!r}: give one {noun}, not {len(items)}")
+    return items[0]
 
 
 def _make(name: str, options: str, registry: Mapping[str, type], noun: str) -> Any:
