@@ -101,11 +101,11 @@ def cast(x: Any, dtype: str) -> Any:
     if dtype_of(x) == dtype:
         return x
     if dtype == "bool":
-        return _ne(x, tirx.const(0, dtype_of(x)))
+        return nan_ne(x, tirx.const(0, dtype_of(x)))
     return tirx.Cast(dtype, x)
 
 
-def _ne(a: Any, b: Any) -> Any:
+def nan_ne(a: Any, b: Any) -> Any:
     """``a != b``, true where either is ``nan`` as in torch (TIR's float ``!=`` is ordered: false
     there, and TVM's simplifier turns ``!(a == b)`` back into it)."""
     if not dtype_of(a).startswith(("float", "bfloat")):
@@ -309,7 +309,7 @@ _ARITHMETIC: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 _COMPARISONS: dict[str, Callable[[Any, Any], Any]] = {
-    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": tirx.EQ, "ne": _ne,
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": tirx.EQ, "ne": nan_ne,
 }
 
 
@@ -352,14 +352,14 @@ def _mod(ctx: OpContext, a: Any, b: Any) -> Any:
 @lowers("and", "or")
 def _logical(ctx: OpContext, a: Any, b: Any) -> Any:
     join = tirx.And if ctx.op == "and" else tirx.Or
-    return ctx.flag(join(_ne(a, ctx.zero), _ne(b, ctx.zero)))
+    return ctx.flag(join(nan_ne(a, ctx.zero), nan_ne(b, ctx.zero)))
 
 
 @lowers("xor")
 def _xor(ctx: OpContext, a: Any, b: Any) -> Any:
-    return ctx.flag(tirx.NE(cast(_ne(a, ctx.zero), "int8"), cast(_ne(b, ctx.zero), "int8")))  # (NE of bools: fcmp)
+    return ctx.flag(tirx.NE(cast(nan_ne(a, ctx.zero), "int8"), cast(nan_ne(b, ctx.zero), "int8")))  # (NE of bools: fcmp)
 
 
 @lowers("where")
 def _where(ctx: OpContext, c: Any, a: Any, b: Any) -> Any:
-    return tirx.Select(_ne(c, ctx.zero), a, b)
+    return tirx.Select(nan_ne(c, ctx.zero), a, b)

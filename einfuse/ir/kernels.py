@@ -59,6 +59,9 @@ register_kind("grouped", "each row times its own expert's weights, H[p,n] = W[G[
               "equal G (a mixture-of-experts FFN, codegen/grouped.py)", loop=True)
 register_kind("select", "the coordinates of each fiber's k largest values in order (torch.topk's indices, "
               "captured as a rank count), one pass over the fiber (codegen/select.py)", loop=True, one_pass=True)
+register_kind("decode", "a decode step's attention over a long cache: its keys split into chunks across the cores, "
+              "each read once with an online max, merged per row (flash-decoding, codegen/decode.py)",
+              loop=True, one_pass=True)
 register_kind("loop", "a `for` loop (the 1-pass attention) with its initialisations and the Einsum reading its results",
               loop=True)
 

@@ -46,6 +46,7 @@ from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Const, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
 from ..ir.grouped import grouped as grouped_parts
+from ..ir.decode import decode_attentions
 from ..ir.select import selection
 from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
@@ -72,10 +73,11 @@ class GroupKernels(Pass):
     attention: bool = True   # a softmax row group joins the P V reading it (off: one phase each, as on an accelerator)
     grouped: bool = False    # each grouped contraction (ir/grouped.py) one kernel of its kind (a CPU's)
     select: bool = False     # each top-k's coordinates by rank (ir/select.py) one kernel of its kind (a CPU's)
+    decode: bool = False     # each decode attention (ir/decode.py) one kernel of its kind (a CPU's)
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
         stats = ctx.stats
-        kernels = group_kernels(c, self.attention, self.grouped, self.select)
+        kernels = group_kernels(c, self.attention, self.grouped, self.select, self.decode)
         for k in kernels:
             stats[f"kernel:{KINDS[k.kind].label}"] += 1
             stream, levels = stream_levels(c, k)
@@ -85,8 +87,9 @@ class GroupKernels(Pass):
         return replace(c, groups=tuple(kernels))
 
 
-def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False, select: bool = False) -> list[Kernel]:
-    """Kernels in execution order (``attention``, ``grouped``, ``select``: see :class:`GroupKernels`)."""
+def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False, select: bool = False,
+                  decode: bool = False) -> list[Kernel]:
+    """Kernels in execution order (``attention``, ``grouped``, ``select``, ``decode``: see :class:`GroupKernels`)."""
     decls = declarations(c)
     loops = {k.output: k for k in (_loop_kernel(c, s, decls) for s in c.stmts if isinstance(s, Loop))}
     in_loops = {t for k in loops.values() for t in k.internal + (k.output,)}  # (with recomputed temps)
@@ -120,6 +123,7 @@ def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False, sel
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
     kernels = _int8_dots(c, _grouped(c, kernels) if grouped else kernels)
     kernels = _selects(c, kernels, readers) if select else kernels
+    kernels = _decodes(c, kernels) if decode else kernels
     kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
 
@@ -151,6 +155,23 @@ def _selects(c: Cascade, kernels: list[Kernel], readers: dict[str, set[int]]) ->
         if found is not None:
             kernels.remove(count)
             kernels[kernels.index(k)] = replace(k, internal=(count.output,), inputs=count.inputs, kind="select")
+    return kernels
+
+
+def _decodes(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
+    """``kernels`` with each decode attention (:mod:`einfuse.ir.decode`) in float32 one ``decode``
+    kernel: the kernels writing its temps merged into the one writing its output."""
+    decls = declarations(c)
+    for d in decode_attentions(c):
+        members = [k for k in kernels if k.output in d.group]
+        if any(decls[t].dtype != "f32" for t in d.group) or any(set(k.internal) - set(d.group) for k in members):
+            continue
+        inputs = tuple(dict.fromkeys(t for k in members for t in k.inputs if t not in d.group))
+        (last,) = [k for k in members if k.output == d.output]
+        merged = replace(last, writes=tuple(e for e, _ in c.einsums() if e.lhs.tensor == d.output),
+                         internal=tuple(t for t in d.group if t != d.output), inputs=inputs, stages=(),
+                         kind="decode", gathers=any(k.gathers for k in members))
+        kernels = [merged if k is last else k for k in kernels if k not in members or k is last]
     return kernels
 
 

@@ -419,10 +419,17 @@ def _select_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int],
     return combine(m, ops, ops / (m.flops / (2 * m.lanes)), p.moved, 0.0)
 
 
+def _decode_estimate(c: Cascade, kernel: Any, m: Machine, sizes: dict[str, int], p: _Parts) -> Estimate:
+    """A ``decode`` kernel (``codegen/decode.py``): its inputs (the cache) read once from memory,
+    its contractions' FMAs at the FMA rate and its other Einsums' vector operations at half of it."""
+    ops, work = _work(c, m, sizes, p)
+    return combine(m, ops, work, p.moved, 0.0)
+
+
 ESTIMATES: dict[str, Callable[[Cascade, Any, Machine, dict[str, int], _Parts], Estimate]] = {
     "": _tiled_estimate, "epilogue": _tiled_estimate, "dequant": _tiled_estimate, "rows": _streamed_estimate,
     "attention": _streamed_estimate, "loop": _loop_estimate, "int8-dot": _int8_estimate,
-    "grouped": _grouped_estimate, "select": _select_estimate,
+    "grouped": _grouped_estimate, "select": _select_estimate, "decode": _decode_estimate,
 }
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from ...ir import Cascade
 from ...ir.kernels import Kernel
 from ...targets import cost, host_peaks
+from ..decode import decode_function
 from ..grouped import grouped_function
 from ..int8_dot import int8_function
 from ..loop import LoopBuilder
@@ -21,7 +22,7 @@ class CPUBackend(TEBackend):
     """``cpu`` (the host, or a named ISA): LLVM."""
 
     kind = "cpu"
-    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels{grouped=true,select=true}"
+    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels{grouped=true,select=true,decode=true}"
     cached = True
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
@@ -31,6 +32,8 @@ class CPUBackend(TEBackend):
             return grouped_function(c, k, sizes, self.target)
         if k.kind == "select":
             return select_function(c, k, sizes)
+        if k.kind == "decode":
+            return decode_function(c, k, sizes)
         return LoopBuilder(c, k, sizes, self.target).prim_func()
 
     def schedule(self, func: Any, k: Kernel) -> Any:
