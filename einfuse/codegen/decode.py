@@ -74,6 +74,7 @@ class _Decode(KernelBuilder):
                 raise CompileError(f"kernel {k.name}: decode attention over a symbolic {v}")
         self.buffers: dict[str, Any] = {}
         self.local: dict[str, Any] = {}   # row-level temps: one row's values
+        self.rebased: tuple | None = None   # (the row's env, its chunks' rebase factors)
 
     def extent(self, v: str) -> Any:
         return self.rank_size[self.ranks[v]]
@@ -115,9 +116,10 @@ class _Decode(KernelBuilder):
             with T.sblock("root"):
                 ws = (T.decl_buffer([tasks, chunks, inner], "float32", scope="global"),
                       T.decl_buffer([tasks, chunks, inner], "float32", scope="global"),
-                      T.decl_buffer([tasks, chunks, inner, width], "float32", scope="global"))
+                      T.decl_buffer([tasks, chunks, inner, width], "float32", scope="global"),
+                      T.decl_buffer([tasks, chunks, inner], "float32", scope="global"))   # (m, d, n, rebase)
                 with LoopFrame(T.parallel, tasks * chunks) as job:
-                    self.chunk(tirx.floordiv(job, chunks), tirx.floormod(job, chunks), length, ws)
+                    self.chunk(T.bind(tirx.floordiv(job, chunks)), T.bind(tirx.floormod(job, chunks)), length, ws)
                 with LoopFrame(T.parallel, tasks) as task:
                     with LoopFrame(T.serial, inner) as row:
                         env = {**_unravel(task, self.outer, self.extent), **_unravel(row, self.inner, self.extent)}
@@ -130,24 +132,28 @@ class _Decode(KernelBuilder):
         m, den = T.decl_buffer([inner], F32, scope="local"), T.decl_buffer([inner], F32, scope="local")
         num = T.decl_buffer([inner, width], F32, scope="local")
         scores = T.decl_buffer([inner, BLOCK], F32, scope="local")
+        lanes = LANES if self.extent(self.width) % LANES == 0 else 1
+        self.tmp = {"dot": T.decl_buffer([inner, lanes], F32, scope="local"),   # (declared once per task:
+                    "best": T.decl_buffer([1], F32, scope="local"),              # not in the loops)
+                    "p": T.decl_buffer([BLOCK], F32, scope="local"),
+                    "acc": T.decl_buffer([width], F32, scope="local")}
         with LoopFrame(T.serial, inner) as r:
             T.buffer_store(m, const(-math.inf, F32), [r])
             T.buffer_store(den, const(0.0, F32), [r])
             with LoopFrame(T.vectorized, width) as f:
                 T.buffer_store(num, const(0.0, F32), [r, f])
-        start = chunk * CHUNK
-        end = tirx.min(start + CHUNK, length)
-        outer = _unravel(task, self.outer, self.extent)
+        start = T.bind(chunk * CHUNK)
+        end = T.bind(tirx.min(start + CHUNK, length))
+        outer = {v: T.bind(x) for v, x in _unravel(task, self.outer, self.extent).items()}
         with LoopFrame(T.serial, CHUNK // BLOCK) as block:
-            first = start + block * BLOCK
+            first = T.bind(start + block * BLOCK)
             with T.If(first < end):
                 with T.Then():
+                    with LoopFrame(T.serial, BLOCK) as j:
+                        key = T.bind(tirx.min(first + j, length - 1))
+                        self.scores(outer, key, first + j < end, scores, j)
                     with LoopFrame(T.serial, inner) as r:
                         env = {**outer, **_unravel(r, self.inner, self.extent)}
-                        with LoopFrame(T.serial, BLOCK) as j:
-                            at = {**env, self.d.key: tirx.min(first + j, length - 1)}
-                            score = self.score(at)
-                            T.buffer_store(scores, tirx.Select(first + j < end, score, const(-math.inf, F32)), [r, j])
                         self.absorb(env, first, length, (m, den, num, r, scores))
         with LoopFrame(T.serial, inner) as r:
             T.buffer_store(ws[0], m[r], [task, chunk, r])
@@ -155,29 +161,36 @@ class _Decode(KernelBuilder):
             with LoopFrame(T.vectorized, width) as f:
                 T.buffer_store(ws[2], num[r, f], [task, chunk, r, f])
 
-    def score(self, env: dict[str, Any]) -> Any:
-        """``S`` at one row and key: ``QK`` summed from vector multiply-adds over the width, then
-        the element-wise chain as the IR writes it (reading ``QK`` gives that sum)."""
-        width = self.extent(self.width)
-        lanes = LANES if width % LANES == 0 else 1
-        acc = T.decl_buffer([lanes], F32, scope="local")
-        with LoopFrame(T.vectorized, lanes) as v:
-            T.buffer_store(acc, const(0.0, F32), [v])
-        with LoopFrame(T.serial, width // lanes) as step:
+    def scores(self, outer: dict[str, Any], key: Any, inside: Any, scores: Any, j: Any) -> None:
+        """``S`` of every inner row at one key into ``scores[:, j]`` (``-inf`` unless ``inside``
+        the chunk): ``QK`` as vector multiply-adds over the width, the rows' products
+        interleaved (independent chains), summed, then the element-wise chain as the IR writes it
+        (reading ``QK`` gives the sum)."""
+        width, inner = self.extent(self.width), self.count(self.inner)
+        acc = self.tmp["dot"]
+        lanes = int(acc.shape[1])
+        with LoopFrame(T.serial, inner) as r:
             with LoopFrame(T.vectorized, lanes) as v:
-                term = self.expr(self.d.qk.rhs, {**env, self.width: step * lanes + v}, F32)[0]
-                T.buffer_store(acc, acc[v] + term, [v])
-        total = acc[0]
-        for v in range(1, lanes):
-            total = total + acc[v]
-        self.qk_value = T.bind(total)
-        return self.read(self.d.scores, env, F32)[0]
+                T.buffer_store(acc, const(0.0, F32), [r, v])
+        with LoopFrame(T.serial, width // lanes) as step:
+            with LoopFrame(T.unroll, inner) as r:
+                env = {**outer, **_unravel(r, self.inner, self.extent), self.d.key: key}
+                with LoopFrame(T.vectorized, lanes) as v:
+                    term = self.expr(self.d.qk.rhs, {**env, self.width: step * lanes + v}, F32)[0]
+                    T.buffer_store(acc, acc[r, v] + term, [r, v])
+        with LoopFrame(T.serial, inner) as r:
+            total = acc[r, 0]
+            for v in range(1, lanes):
+                total = total + acc[r, v]
+            self.qk_value = T.bind(total)
+            env = {**outer, **_unravel(r, self.inner, self.extent), self.d.key: key}
+            T.buffer_store(scores, tirx.Select(inside, self.read(self.d.scores, env, F32)[0], const(-math.inf, F32)), [r, j])
 
     def absorb(self, env: dict[str, Any], first: Any, length: Any, state: tuple) -> None:
         """Fold one inner row's block of scores into its running ``(m, d, n)``."""
         m, den, num, r, scores = state
         width = self.count(self.values)
-        best = T.decl_buffer([1], F32, scope="local")
+        best = self.tmp["best"]
         T.buffer_store(best, m[r], [0])
         with LoopFrame(T.serial, BLOCK) as j:
             T.buffer_store(best, nan_max(best[0], scores[r, j]), [0])
@@ -186,7 +199,7 @@ class _Decode(KernelBuilder):
             with T.Then():
                 old = T.bind(m[r])
                 keep = T.bind(tirx.Select(_present(old), _exp(old - new), const(0.0, F32)))
-                p = T.decl_buffer([BLOCK], F32, scope="local")
+                p = self.tmp["p"]
                 with LoopFrame(T.vectorized, BLOCK) as j:
                     T.buffer_store(p, _exp(scores[r, j] - new), [j])
                 total = p[0]
@@ -194,13 +207,16 @@ class _Decode(KernelBuilder):
                     total = total + p[j]
                 T.buffer_store(den, den[r] * keep + total, [r])
                 T.buffer_store(m, new, [r])
+                acc = self.tmp["acc"]   # (the row's n over the block)
                 with LoopFrame(T.vectorized, width) as f:
-                    T.buffer_store(num, num[r, f] * keep, [r, f])
-                with LoopFrame(T.serial, BLOCK) as j:
+                    T.buffer_store(acc, num[r, f] * keep, [f])
+                with LoopFrame(T.unroll, BLOCK) as j:
                     at = {**env, self.d.key: tirx.min(first + j, length - 1)}
                     with LoopFrame(T.vectorized, width) as f:
                         value = self.expr(self.d.value, {**at, **_unravel(f, self.values, self.extent)}, F32)[0]
-                        T.buffer_store(num, num[r, f] + p[j] * value, [r, f])
+                        T.buffer_store(acc, acc[f] + p[j] * value, [f])
+                with LoopFrame(T.vectorized, width) as f:
+                    T.buffer_store(num, acc[f], [r, f])
 
     def row(self, env: dict[str, Any], at: tuple, chunks: Any, ws: tuple) -> None:
         """Phase 2 for one row: the group's row-level Einsums in program order."""
@@ -216,22 +232,41 @@ class _Decode(KernelBuilder):
             if e is self.d.maximum:
                 self.fill(e, env, lambda _: self.over_chunks(chunks, lambda c: ws[0][task, c, row], "max"))
             elif e is self.d.den or e is self.d.num:
-                top = self.read(self.d.top, env, F32)[0]
-
-                def rebased(c: Any, x: Any, top: Any = top) -> Any:
-                    m = ws[0][task, c, row]
-                    return tirx.Select(_present(m), x * _exp(m - top), const(0.0, F32))
+                factor = self.factors(env, at, chunks, ws)
                 if e is self.d.den:
-                    self.fill(e, env, lambda _: self.over_chunks(chunks, lambda c: rebased(c, ws[1][task, c, row]), "+"))
+                    self.fill(e, env, lambda _: self.over_chunks(chunks, lambda c: ws[1][task, c, row] * factor(c), "+"))
                 else:
-                    f = self.values
-
-                    def summed(inner: dict[str, Any]) -> Any:
-                        lane = _ravel(inner, f, self.extent)
-                        return self.over_chunks(chunks, lambda c: rebased(c, ws[2][task, c, row, lane]), "+")
-                    self.fill(e, env, summed)
+                    self.merged_num(e, at, chunks, ws[2], factor)
             else:
                 self.fill(e, env, lambda inner, e=e: self.reduced(e, inner))
+
+    def factors(self, env: dict[str, Any], at: tuple, chunks: Any, ws: tuple) -> Any:
+        """Each chunk's rebase on ``TOP``, ``exp(m_c - TOP)`` (0 for a chunk of absent scores), into
+        the workspace once per row; the row's factors as ``factor[c]``."""
+        task, row = at
+        if self.rebased is None or self.rebased[0] is not env:
+            top = T.bind(self.read(self.d.top, env, F32)[0])
+            with LoopFrame(T.serial, chunks) as c:
+                m = ws[0][task, c, row]
+                T.buffer_store(ws[3], tirx.Select(_present(m), _exp(m - top), const(0.0, F32)), [task, c, row])
+            self.rebased = (env, lambda c: ws[3][task, c, row])
+        return self.rebased[1]
+
+    def merged_num(self, e: Einsum, at: tuple, chunks: Any, num: Any, factor: Any) -> None:
+        """``NUM`` of one row: the chunks' ``n`` rebased and summed, a vector of the values at a time."""
+        task, row = at
+        own, buf = lhs_vars(e), self.local[e.lhs.tensor]
+        width = self.count(self.values)
+
+        def place(f: Any) -> list[Any]:
+            values = _unravel(f, self.values, self.extent)
+            return [tirx.const(0, "int64") if v in self.rows else values[v] for v in own]
+        with LoopFrame(T.vectorized, width) as f:
+            T.buffer_store(buf, const(0.0, F32), place(f))
+        with LoopFrame(T.serial, chunks) as c:
+            scale = T.bind(factor(c))
+            with LoopFrame(T.vectorized, width) as f:
+                T.buffer_store(buf, tirx.BufferLoad(buf, place(f)) + num[task, c, row, f] * scale, place(f))
 
     def over_chunks(self, chunks: Any, term: Any, op: str) -> Any:
         acc = T.decl_buffer([1], F32, scope="local")
@@ -286,21 +321,15 @@ def _vars(a: Access) -> set[str]:
 
 
 def _unravel(i: Any, names: list[str], extent: Any) -> dict[str, Any]:
-    """The variables ``names`` (the last fastest) at the ``i``-th of their combinations."""
+    """The variables ``names`` (the last fastest) at the ``i``-th of their combinations (``i``
+    below their count: the first takes what is left, no remainder, so a vector loop over one
+    variable stays a vector of consecutive values)."""
     out = {}
-    for v in reversed(names):
+    for k, v in reversed(list(enumerate(names))):
         n = extent(v)
-        out[v] = tirx.floormod(i, n) if n > 1 else tirx.const(0, "int64")
+        out[v] = tirx.const(0, "int64") if n == 1 else i if k == 0 else tirx.floormod(i, n)
         i = tirx.floordiv(i, n)
     return out
-
-
-def _ravel(env: dict[str, Any], names: list[str], extent: Any) -> Any:
-    """The inverse of :func:`_unravel`: the combination number of ``names``' values in ``env``."""
-    i: Any = tirx.const(0, "int64")
-    for v in names:
-        i = i * extent(v) + env[v]
-    return i
 
 
 def _exp(x: Any) -> Any:

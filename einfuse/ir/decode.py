@@ -29,7 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .nodes import Access, Call, Cascade, Einsum, IConst, IVar
-from .scope import declarations, index_atoms, lhs_vars, reads, reduced_vars
+from .scope import declarations, index_atoms, lhs_vars, reads, reduced_vars, var_ranks
+
+
+LONG = 64   # the fewest keys of a static length worth the kernel (a symbolic length always is)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,12 @@ class DecodeAttention:
 def decode_attentions(c: Cascade) -> list[DecodeAttention]:
     """Every decode attention of ``c`` (see the module docstring)."""
     w = _Writers(c)
-    out = []
+    found: dict[str, DecodeAttention] = {}
     for e, loops in c.einsums():
-        found = None if loops else _from_num(c, w, e)
-        if found is not None:
-            out.append(found)
-    return out
+        d = None if loops else _from_num(w, e)
+        if d is not None:
+            found.setdefault(d.output, d)
+    return list(found.values())
 
 
 class _Writers:
@@ -76,31 +79,34 @@ class _Writers:
                 self.readers.setdefault(a.tensor, []).append(e)
         self.outputs = {t for t, d in self.decls.items() if d.role == "output"}
         self.sizes = {r.name: r.size for r in c.ranks}
+        self.ranks = var_ranks(c)
 
     def one(self, name: str) -> Einsum | None:
         ws = self.writers.get(name, [])
-        ok = len(ws) == 1 and self.decls[name].role == "temp" and not ws[0].populate \
+        ok = len(ws) == 1 and self.decls[name].role in ("temp", "output") and not ws[0].populate \
             and not any(ix.filter or not isinstance(ix.expr, IVar) for ix in ws[0].lhs.indices)
         return ws[0] if ok else None
 
 
-def _from_num(c: Cascade, w: _Writers, num: Einsum) -> DecodeAttention | None:
+def _from_num(w: _Writers, num: Einsum) -> DecodeAttention | None:
     """The decode attention whose ``NUM`` is ``num``, or None."""
     if len(reduced_vars(num)) != 1 or num.reduce is not None or not _call(num.rhs, "mul", 2):
         return None
     (key,) = reduced_vars(num)
+    if isinstance(w.sizes[w.ranks[key]], int) and w.sizes[w.ranks[key]] < LONG:
+        return None
     for e_at, value in (num.rhs.args, num.rhs.args[::-1]):
         exp = w.one(e_at.tensor) if isinstance(e_at, Access) else None
         if exp is None or not isinstance(value, Access) or w.one(value.tensor) is not None \
                 or key not in lhs_vars(exp) or not _call(exp.rhs, "exp", 1):
             continue
-        found = _around(c, w, key, exp, num, value)
+        found = _around(w, key, exp, num, value)
         if found is not None:
             return found
     return None
 
 
-def _around(c: Cascade, w: _Writers, key: str, exp: Einsum, num: Einsum, value: Access) -> DecodeAttention | None:
+def _around(w: _Writers, key: str, exp: Einsum, num: Einsum, value: Access) -> DecodeAttention | None:
     shift, chain = exp.rhs.args[0], {exp.lhs.tensor}
     if isinstance(shift, Access) and w.one(shift.tensor) is not None:
         chain.add(shift.tensor)
@@ -122,10 +128,18 @@ def _around(c: Cascade, w: _Writers, key: str, exp: Einsum, num: Einsum, value: 
         return None
     members, output = group
     keyed = frozenset(t for t in members if key in lhs_vars(w.one(t)))
-    if keyed != chain | links or top.tensor not in members or not _consistent(w, members):
+    rows = members - keyed - {maximum.lhs.tensor, den.lhs.tensor, num.lhs.tensor}
+    if keyed != chain | links or top.tensor not in members or not _consistent(w, members) \
+            or not all(_static(w, w.one(t)) for t in rows):
         return None
     return DecodeAttention(key, qk, maximum, exp, den, num, scores, top, value,
                            tuple(e.lhs.tensor for e in w.order if e.lhs.tensor in members), output, keyed)
+
+
+def _static(w: _Writers, e: Einsum) -> bool:
+    """Whether every variable of ``e`` has a numeric extent (a row-level Einsum: no cache in it)."""
+    ranks = w.ranks
+    return all(isinstance(w.sizes[ranks[v]], int) for v in lhs_vars(e) + reduced_vars(e))
 
 
 def _contraction(w: _Writers, scores: Access, key: str) -> tuple[Einsum, set[str]] | None:

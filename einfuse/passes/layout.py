@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..ir import Access, Call, Cascade, Einsum, IAccess, IBin, IConst, Index, IVar, Loop, Rank, TensorDecl
+from ..ir.decode import decode_attentions
 from ..ir.grouped import Grouped, grouped, panel_columns
 from ..ir.nodes import Expr, TensorRank, walk
 from ..ir import int8_dot
@@ -75,9 +76,11 @@ class MaterializeOperands(Pass):
     """Copy out the contraction operands the target's schedules need plain."""
 
     name = "materialize-operands"
+    decode: bool = False   # leave decode attentions (ir/decode.py) as they are: their kernel reads them in place
 
     def run(self, c: Cascade, ctx: PassContext) -> Cascade:
-        out = _counted(materialize_operands(c, ctx.target.ragged), c, ctx.stats, "materialized")
+        kept = frozenset(t for d in decode_attentions(c) for t in d.group) if self.decode else frozenset()
+        out = _counted(materialize_operands(c, ctx.target.ragged, kept), c, ctx.stats, "materialized")
         return fold_constants(out, ctx.stats)   # (a weight's copy is made now: an LSTM's W[g*H+h,j])
 
 
@@ -275,13 +278,14 @@ def _panel_read(x: Expr, weight: Access, packed: str, nr: int) -> Expr:
     return panel_access(weight, packed, nr) if x == weight else x
 
 
-def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Cascade:
+def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool], kept: frozenset[str] = frozenset()) -> Cascade:
     """``c`` with reads of contractions copied out first where the schedule needs them plain:
     non-plain reads of the contractions whose two innermost output sizes are static and
     ``ragged(rows, cols)`` or whose operands are views of one tensor; and, in every contraction,
     an activation read along the output's innermost variable with that variable not innermost
     (attention's ``K[t,e]`` in ``S[s,t] = Q[s,e] * K[t,e]`` becomes ``K'[e,t]``: the scores are
-    vectorized along ``t``, and packing ``K`` per block of queries was the kernel's main cost)."""
+    vectorized along ``t``, and packing ``K`` per block of queries was the kernel's main cost).
+    The Einsums writing ``kept`` are left as they are."""
     size = {r.name: r.size for r in c.ranks}
     ranks = var_ranks(c)
     decls = declarations(c)
@@ -289,7 +293,7 @@ def materialize_operands(c: Cascade, ragged: Callable[[int, int], bool]) -> Casc
     int8 = int8_dot.written(c)
 
     def operands(s: Einsum, bound: frozenset[str], local: frozenset[str]) -> Einsum:
-        if not reduced_vars(s, bound) or not lhs_vars(s) or s.lhs.tensor in int8:
+        if not reduced_vars(s, bound) or not lhs_vars(s) or s.lhs.tensor in int8 or s.lhs.tensor in kept:
             return s
         views = _ragged_output(s, ranks, size, ragged) or _self_product(s)
         inner = lhs_vars(s)[-1]

@@ -22,7 +22,8 @@ class CPUBackend(TEBackend):
     """``cpu`` (the host, or a named ISA): LLVM."""
 
     kind = "cpu"
-    pipeline = "transpose-weights,pack-weights,materialize-operands,group-kernels{grouped=true,select=true,decode=true}"
+    pipeline = ("transpose-weights,pack-weights,materialize-operands{decode=true},"
+                "group-kernels{grouped=true,select=true,decode=true}")
     cached = True
 
     def loop_function(self, c: Cascade, k: Kernel, sizes: SizeVars) -> Any:
