@@ -153,8 +153,7 @@ def _contraction(w: _Writers, scores: Access, key: str) -> tuple[Einsum, set[str
         links.add(name)
         red = reduced_vars(e)
         if red:
-            ok = len(red) == 1 and e.reduce is None and key in lhs_vars(e) and all(
-                w.one(a.tensor) is None for a in reads(e)) and any(key in _names(a) for a in reads(e))
+            ok = len(red) == 1 and e.reduce is None and key in lhs_vars(e) and any(key in _names(a) for a in reads(e))
             return (e, links) if ok else None
         temps = [a for a in reads(e) if w.one(a.tensor) is not None and key in _names(a)]
         if len(temps) != 1:

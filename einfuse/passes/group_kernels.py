@@ -104,6 +104,8 @@ def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False, sel
               if decls[t].role == "temp" and len(ws) == 1 and _elementwise(ws[0])
               and len(readers.get(t, ())) == 1 and _reads_each_once(einsums[next(iter(readers[t]))], t)}
     inline -= in_loops | {a.tensor for e in einsums if e.lhs.tensor in in_loops for a in reads(e)}
+    decodes = decode_attentions(c) if decode else []
+    inline -= {d.output for d in decodes}   # (its kernel writes it: not inlined into its reader)
     kernels, done = [], set()
     for e in einsums:
         t = e.lhs.tensor
@@ -123,7 +125,7 @@ def group_kernels(c: Cascade, attention: bool = True, grouped: bool = False, sel
         kernels.append(Kernel(t, t, tuple(writes[t]), tuple(members), tuple(external), gathers))
     kernels = _int8_dots(c, _grouped(c, kernels) if grouped else kernels)
     kernels = _selects(c, kernels, readers) if select else kernels
-    kernels = _decodes(c, kernels) if decode else kernels
+    kernels = _decodes(c, kernels, decodes)
     kernels = _absorb(kernels, {t: d.role for t, d in decls.items()}, writes, attention)
     return [replace(k, name=f"k{i}_{k.output}") for i, k in enumerate(kernels)]
 
@@ -158,11 +160,11 @@ def _selects(c: Cascade, kernels: list[Kernel], readers: dict[str, set[int]]) ->
     return kernels
 
 
-def _decodes(c: Cascade, kernels: list[Kernel]) -> list[Kernel]:
+def _decodes(c: Cascade, kernels: list[Kernel], decodes: list) -> list[Kernel]:
     """``kernels`` with each decode attention (:mod:`einfuse.ir.decode`) in float32 one ``decode``
     kernel: the kernels writing its temps merged into the one writing its output."""
     decls = declarations(c)
-    for d in decode_attentions(c):
+    for d in decodes:
         members = [k for k in kernels if k.output in d.group]
         if any(decls[t].dtype != "f32" for t in d.group) or any(set(k.internal) - set(d.group) for k in members):
             continue
