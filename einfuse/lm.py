@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache
 from .errors import EinfuseError, InputError
 from .frontends.torch_export import named_dynamic
 from .kv import KVPolicy, parse_kv
+from .kv.policies import merged_attention
 from .kv.pages import update_bounds
 
 
@@ -76,7 +77,7 @@ def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     cache = _StepCache.current
     k_past, v_past = (cache.past[2 * module.layer_idx + i] for i in (0, 1))   # type: ignore[union-attr]
     b, h, t, d = query.shape
-    g = key.shape[1]
+    g, n = key.shape[1], k_past.shape[0]
     q = query.reshape(b, g, h // g * t, d)
     scale = d ** -0.5 if scaling is None else scaling
     if cache.sparse is not None:   # type: ignore[union-attr]
@@ -84,31 +85,12 @@ def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         out = cache.sparse.attend(q, key, value, attention_mask, (k_past, v_past, *bounds), scale, softcap)
         return out.reshape(b, h, t, d).transpose(1, 2), None
     past = torch.einsum("lbgd,bgqd->bgql", k_past, q)
-    return merged_attention(q, past, v_past.permute(1, 2, 0, 3), key, value, attention_mask, scale, softcap, h, t)
-
-
-def merged_attention(q: torch.Tensor, past: torch.Tensor, v_past: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     mask: torch.Tensor | None, scale: float, softcap: float | None, heads: int,
-                     t: int) -> tuple[torch.Tensor, None]:
-    """transformers' eager attention of ``q`` ``[B, Hkv, R, D]`` over cached keys whose scores
-    ``q k^T`` are ``past`` ``[B, Hkv, R, L]`` (values ``v_past`` ``[B, Hkv, L, D]``, any view of the
-    cache) and the step's own keys and values (``[B, Hkv, T, D]``), written as the merge of the
-    two parts' softmaxes (one max over both, then each part's exponentials and products), so that
-    the cached part is one attention over the cache (the ``decode`` kernel, ir/decode.py)."""
-    b, g, r, d = q.shape
-    now = q @ key.transpose(-1, -2)
-    n = past.shape[-1]
-    parts = [past * scale, now * scale]
-    if softcap is not None:
-        parts = [torch.tanh(s / softcap) * softcap for s in parts]
-    if mask is not None:
-        rows = mask.expand(b, heads, t, n + t).reshape(b, g, r, n + t)
-        parts = [parts[0] + rows[..., :n], parts[1] + rows[..., n:]]
-    top = torch.maximum(parts[0].amax(-1, keepdim=True), parts[1].amax(-1, keepdim=True))
-    e_past, e_now = torch.exp(parts[0] - top), torch.exp(parts[1] - top)
-    total = e_past.sum(-1, keepdim=True) + e_now.sum(-1, keepdim=True)
-    out = (e_past.to(value.dtype) @ v_past + e_now.to(value.dtype) @ value) / total
-    return out.reshape(b, heads, t, d).transpose(1, 2), None
+    masks = None
+    if attention_mask is not None:
+        rows = attention_mask.expand(b, h, t, n + t).reshape(b, g, h // g * t, n + t)
+        masks = (rows[..., :n], rows[..., n:])
+    out = merged_attention(q, past, v_past.permute(1, 2, 0, 3), key, value, masks, scale, softcap)
+    return out.reshape(b, h, t, d).transpose(1, 2), None
 
 
 class _Step(torch.nn.Module):

@@ -3,7 +3,9 @@ flash-decoding, in TIR.
 
 One PrimFunc in two parallel phases:
 
-1. Chunks. The cache's keys are split into chunks of ``CHUNK``; one task per chunk and per
+1. Chunks. The cache's keys are split into chunks of ``CHUNK``; one task per chunk for all the
+   query rows (at most ``ROWS`` of them: a task then reads whole cache rows, every head's, in
+   order: 1.3x faster than a task per head at 16K cached tokens here), or per chunk and per
    combination of the row variables that index the cache (a key/value head: the query rows of
    its group are the task's inner rows, so each cached head is read once for them). A task reads
    its chunk once, a block of ``BLOCK`` keys at a time: each inner row's scores (the ``QK``
@@ -41,6 +43,7 @@ F32 = "float32"
 CHUNK = 256     # keys per task
 BLOCK = 16      # keys scored at once (a vector of them)
 LANES = 8       # the width's vector for the scores' multiply-adds
+ROWS = 16       # at most this many query rows in all: one task per chunk for all of them
 
 
 def kernel_decode(c: Cascade, k: Kernel) -> DecodeAttention:
@@ -65,8 +68,9 @@ class _Decode(KernelBuilder):
         self.writer = {e.lhs.tensor: e for e, _ in c.einsums() if e.lhs.tensor in d.group}
         self.rows = lhs_vars(d.maximum)
         cache_vars = {v for a in (d.value, *[a for a in _reads(d.qk) if d.key in _vars(a)]) for v in _vars(a)}
-        self.outer = [v for v in self.rows if v in cache_vars]
-        self.inner = [v for v in self.rows if v not in cache_vars]
+        together = math.prod(self.extent(v) for v in self.rows) <= ROWS   # (then a task reads whole cache rows)
+        self.outer = [] if together else [v for v in self.rows if v in cache_vars]
+        self.inner = [v for v in self.rows if v not in self.outer]
         self.width = reduced_vars(d.qk)[0]
         self.values = [v for v in lhs_vars(d.num) if v not in self.rows]
         for v in self.outer + self.inner + [self.width] + self.values:

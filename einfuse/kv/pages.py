@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from ..errors import EinfuseError
-from .policies import KVPolicy, register_policy
+from .policies import KVPolicy, merged_attention, register_policy
 
 
 @register_policy
@@ -112,13 +112,10 @@ def attend_tokens(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     j = tokens.shape[-1]
     at = tokens[..., None].expand(b, g, j, d)
     keys, values = (torch.gather(x.permute(1, 2, 0, 3), 2, at) for x in (k_past, v_past))
-    scores = torch.cat([q @ keys.transpose(-1, -2), q @ key.transpose(-1, -2)], -1) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     seen = torch.gather(mask[:, 0, 0, :n], 1, tokens.reshape(b, g * j)).reshape(b, g, 1, j)
-    seen = torch.where(inside[:, :, None], seen, torch.finfo(scores.dtype).min)
-    p = (scores + torch.cat([seen, mask[:, None, 0, :, n:].expand(b, g, 1, 1)], -1)).softmax(-1).to(value.dtype)
-    return p[..., :j] @ values + p[..., j:] @ value
+    seen = torch.where(inside[:, :, None], seen, torch.finfo(q.dtype).min)
+    masks = (seen, mask[:, None, 0, :, n:].expand(b, g, 1, 1))
+    return merged_attention(q, q @ keys.transpose(-1, -2), values, key, value, masks, scale, softcap)
 
 
 def update_bounds(kmin: torch.Tensor, kmax: torch.Tensor, keys: torch.Tensor, start: int, end: int,

@@ -141,3 +141,23 @@ def parse_kv(spec: str | KVPolicy | None) -> KVPolicy:
     if isinstance(spec, KVPolicy):
         return spec
     return parse_one(spec, REGISTRY, "KV policy")
+
+
+def merged_attention(q: torch.Tensor, past: torch.Tensor, v_past: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     masks: tuple[torch.Tensor, torch.Tensor] | None, scale: float,
+                     softcap: float | None) -> torch.Tensor:
+    """transformers' eager attention of ``q`` ``[B, Hkv, R, D]`` over cached keys whose scores
+    ``q k^T`` are ``past`` ``[B, Hkv, R, L]`` (values ``v_past`` ``[B, Hkv, L, D]``, any view of the
+    cache or a gather of it) and the step's own keys and values (``[B, Hkv, T, D]``), each part's
+    additive mask in ``masks``; written as the merge of the two parts' softmaxes (one max over
+    both, then each part's exponentials and products), so that the cached part is one attention
+    over the cache (the ``decode`` kernel, ir/decode.py). The output is ``[B, Hkv, R, D]``."""
+    parts = [past * scale, q @ key.transpose(-1, -2) * scale]
+    if softcap is not None:
+        parts = [torch.tanh(s / softcap) * softcap for s in parts]
+    if masks is not None:
+        parts = [s + m for s, m in zip(parts, masks)]
+    top = torch.maximum(parts[0].amax(-1, keepdim=True), parts[1].amax(-1, keepdim=True))
+    e_past, e_now = torch.exp(parts[0] - top), torch.exp(parts[1] - top)
+    total = e_past.sum(-1, keepdim=True) + e_now.sum(-1, keepdim=True)
+    return (e_past.to(value.dtype) @ v_past + e_now.to(value.dtype) @ value) / total
