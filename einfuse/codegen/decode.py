@@ -34,7 +34,7 @@ from ..errors import CompileError
 from ..ir import Access, Cascade, Einsum
 from ..ir.decode import DecodeAttention, decode_attentions
 from ..ir.kernels import Kernel
-from ..ir.scope import lhs_vars, reduced_vars
+from ..ir.scope import access_vars, lhs_vars, reads, reduced_vars
 from .loop_frames import LoopFrame
 from .lower import KernelBuilder, SizeVars
 from .op_lowering import const, lower_op, nan_max, nan_ne
@@ -67,15 +67,16 @@ class _Decode(KernelBuilder):
         self.d = d
         self.writer = {e.lhs.tensor: e for e, _ in c.einsums() if e.lhs.tensor in d.group}
         self.rows = lhs_vars(d.maximum)
-        cache_vars = {v for a in (d.value, *[a for a in _reads(d.qk) if d.key in _vars(a)]) for v in _vars(a)}
-        together = math.prod(self.extent(v) for v in self.rows) <= ROWS   # (then a task reads whole cache rows)
-        self.outer = [] if together else [v for v in self.rows if v in cache_vars]
-        self.inner = [v for v in self.rows if v not in self.outer]
         self.width = reduced_vars(d.qk)[0]
         self.values = [v for v in lhs_vars(d.num) if v not in self.rows]
-        for v in self.outer + self.inner + [self.width] + self.values:
+        for v in self.rows + [self.width] + self.values:
             if not isinstance(self.extent(v), int):
                 raise CompileError(f"kernel {k.name}: decode attention over a symbolic {v}")
+        cache_vars = {v for a in (d.value, *[a for a in reads(d.qk) if d.key in access_vars(a)]) for v in access_vars(a)}
+        together = self.count(self.rows) <= ROWS   # (then a task reads whole cache rows)
+        self.outer = [] if together else [v for v in self.rows if v in cache_vars]
+        self.inner = [v for v in self.rows if v not in self.outer]
+        self.qk_value: Any = None   # (the current row and key's QK, while its scores are evaluated)
         self.buffers: dict[str, Any] = {}
         self.local: dict[str, Any] = {}   # row-level temps: one row's values
         self.rebased: tuple | None = None   # (the row's env, its chunks' rebase factors)
@@ -312,16 +313,6 @@ class _Decode(KernelBuilder):
             x = self.expr(e.rhs, inner, F32)[0]
             T.buffer_store(acc, nan_max(acc[0], x) if op == "max" else acc[0] + x, [0])
         return acc[0]
-
-
-def _reads(e: Einsum) -> list[Access]:
-    from ..ir.scope import reads
-    return reads(e)
-
-
-def _vars(a: Access) -> set[str]:
-    from ..ir.scope import access_vars
-    return set(access_vars(a))
 
 
 def _unravel(i: Any, names: list[str], extent: Any) -> dict[str, Any]:
