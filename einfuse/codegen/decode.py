@@ -5,7 +5,7 @@ One PrimFunc in two parallel phases:
 
 1. Chunks. The cache's keys are split into chunks of ``CHUNK``; one task per chunk for all the
    query rows (at most ``ROWS`` of them: a task then reads whole cache rows, every head's, in
-   order: 1.3x faster than a task per head at 16K cached tokens here), or per chunk and per
+   order: 1.1-1.4x faster than a task per head at 16K cached tokens here), or per chunk and per
    combination of the row variables that index the cache (a key/value head: the query rows of
    its group are the task's inner rows, so each cached head is read once for them). A task reads
    its chunk once, a block of ``BLOCK`` keys at a time: each inner row's scores (the ``QK``
@@ -18,7 +18,7 @@ One PrimFunc in two parallel phases:
    ``m`` and ``DEN``, ``NUM`` the chunks' sums rebased on ``TOP``: ``sum_c d_c exp(m_c - TOP)``.
 
 A chunk whose keys are all masked by absent (``-inf``) scores leaves ``m = -inf`` and adds nothing
-(its factor is 0, not ``exp(-inf + inf)``); a NaN score reaches ``d``, so the row is NaN, as in eager.
+(its factor is 0, not ``exp(-inf - -inf)``); a NaN score reaches ``d``, so the row is NaN, as in eager.
 """
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ class _Decode(KernelBuilder):
         self.outer = [] if together else [v for v in self.rows if v in cache_vars]
         self.inner = [v for v in self.rows if v not in self.outer]
         self.qk_value: Any = None   # (the current row and key's QK, while its scores are evaluated)
+        self.tmp: dict[str, Any] = {}   # (a task's scratch buffers)
+        self.ones = {v: tirx.const(0, "int64") for v, r in self.ranks.items() if self.rank_size[r] == 1}
         self.buffers: dict[str, Any] = {}
         self.local: dict[str, Any] = {}   # row-level temps: one row's values
         self.rebased: tuple | None = None   # (the row's env, its chunks' rebase factors)
@@ -127,7 +129,8 @@ class _Decode(KernelBuilder):
                     self.chunk(T.bind(tirx.floordiv(job, chunks)), T.bind(tirx.floormod(job, chunks)), length, ws)
                 with LoopFrame(T.parallel, tasks) as task:
                     with LoopFrame(T.serial, inner) as row:
-                        env = {**_unravel(task, self.outer, self.extent), **_unravel(row, self.inner, self.extent)}
+                        env = {**self.ones, **_unravel(task, self.outer, self.extent),
+                               **_unravel(row, self.inner, self.extent)}
                         self.row(env, (task, row), chunks, ws)
         return ib.get()
 
@@ -149,7 +152,7 @@ class _Decode(KernelBuilder):
                 T.buffer_store(num, const(0.0, F32), [r, f])
         start = T.bind(chunk * CHUNK)
         end = T.bind(tirx.min(start + CHUNK, length))
-        outer = {v: T.bind(x) for v, x in _unravel(task, self.outer, self.extent).items()}
+        outer = {**self.ones, **{v: T.bind(x) for v, x in _unravel(task, self.outer, self.extent).items()}}
         with LoopFrame(T.serial, CHUNK // BLOCK) as block:
             first = T.bind(start + block * BLOCK)
             with T.If(first < end):
@@ -319,7 +322,7 @@ def _unravel(i: Any, names: list[str], extent: Any) -> dict[str, Any]:
     """The variables ``names`` (the last fastest) at the ``i``-th of their combinations (``i``
     below their count: the first takes what is left, no remainder, so a vector loop over one
     variable stays a vector of consecutive values)."""
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in reversed(list(enumerate(names))):
         n = extent(v)
         out[v] = tirx.const(0, "int64") if n == 1 else i if k == 0 else tirx.floormod(i, n)

@@ -129,9 +129,11 @@ def _around(w: _Writers, key: str, exp: Einsum, num: Einsum, value: Access) -> D
     members, output = group
     keyed = frozenset(t for t in members if key in lhs_vars(w.one(t)))
     rows = members - keyed - {maximum.lhs.tensor, den.lhs.tensor, num.lhs.tensor}
+    row_vars = set(lhs_vars(maximum)) | {key} | {v for v, r in w.ranks.items() if w.sizes[r] == 1}
     if keyed != chain | links or top.tensor not in members or not _consistent(w, members) \
-            or not all(_static(w, w.one(t)) for t in rows):
-        return None
+            or not all(_static(w, w.one(t)) for t in rows) \
+            or not all(set(lhs_vars(w.one(t))) <= row_vars for t in keyed | {den.lhs.tensor}):
+        return None   # (the chunk loop computes the keyed temps, MAX and DEN at a row and a key)
     return DecodeAttention(key, qk, maximum, exp, den, num, scores, top, value,
                            tuple(e.lhs.tensor for e in w.order if e.lhs.tensor in members), output, keyed)
 
