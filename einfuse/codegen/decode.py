@@ -35,7 +35,7 @@ from ..ir import Access, Cascade, Einsum
 from ..ir.decode import DecodeAttention, decode_attentions
 from ..ir.kernels import Kernel
 from ..ir.scope import access_vars, lhs_vars, reads, reduced_vars
-from .loop_frames import LoopFrame
+from .loop_frames import LoopFrame, unravel
 from .lower import KernelBuilder, SizeVars
 from .op_lowering import const, lower_op, nan_max, nan_ne
 
@@ -319,15 +319,8 @@ class _Decode(KernelBuilder):
 
 
 def _unravel(i: Any, names: list[str], extent: Any) -> dict[str, Any]:
-    """The variables ``names`` (the last fastest) at the ``i``-th of their combinations (``i``
-    below their count: the first takes what is left, no remainder, so a vector loop over one
-    variable stays a vector of consecutive values)."""
-    out: dict[str, Any] = {}
-    for k, v in reversed(list(enumerate(names))):
-        n = extent(v)
-        out[v] = tirx.const(0, "int64") if n == 1 else i if k == 0 else tirx.floormod(i, n)
-        i = tirx.floordiv(i, n)
-    return out
+    """The variables ``names`` (the last fastest) at the ``i``-th of their combinations."""
+    return dict(zip(names, unravel(i, [extent(v) for v in names])))
 
 
 def _exp(x: Any) -> Any:

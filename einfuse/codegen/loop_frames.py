@@ -71,3 +71,15 @@ class Nest:
 
     def __exit__(self, *exc: object) -> None:
         self.stack.__exit__(*exc)
+
+
+def unravel(i: Any, dims: list[Any]) -> list[Any]:
+    """The coordinates over ``dims`` (the last fastest) of the ``i``-th point, ``i`` below their
+    product: the first takes what is left (no remainder, so a vector loop over one dimension stays
+    a vector of consecutive values) and a dimension of one is 0."""
+    at = []
+    for k in range(len(dims) - 1, -1, -1):
+        d = dims[k]
+        at.append(tirx.const(0, "int64") if isinstance(d, int) and d == 1 else i if k == 0 else tirx.floormod(i, d))
+        i = tirx.floordiv(i, d)
+    return at[::-1]

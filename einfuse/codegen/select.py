@@ -22,6 +22,7 @@ from ..errors import CompileError
 from ..ir import Cascade
 from ..ir.kernels import Kernel
 from ..ir.select import Selection, selection
+from .loop_frames import unravel
 from .lower import SizeVars
 
 
@@ -46,7 +47,7 @@ def select_function(c: Cascade, k: Kernel, sizes: SizeVars) -> tirx.PrimFunc:
         args = sizes.arguments(c, k, shape)
         x, out = args[s.x], args[k.output]
         with T.sblock("root"), T.parallel(0, math.prod(outer) if outer else 1) as r:
-            at = _unravel(r, outer)
+            at = unravel(r, outer)
             heap = _Heap(best, x.dtype, s.largest)
             with T.serial(0, length) as p:
                 v = T.bind(x[_place(at, s.axis, p)])
@@ -140,15 +141,6 @@ class _Heap:
 def _inside(i: Any, n: Any) -> Any:
     """``i`` clamped to the places of a heap of ``n`` (reads a condition guards are still made)."""
     return tirx.max(tirx.min(i, n - 1), 0)
-
-
-def _unravel(r: Any, dims: list[Any]) -> list[Any]:
-    """The coordinates of the ``r``-th fiber over ``dims`` (the last fastest)."""
-    at = []
-    for d in reversed(dims):
-        at.append(tirx.floormod(r, d))
-        r = tirx.floordiv(r, d)
-    return at[::-1]
 
 
 def _place(at: list[Any], axis: int, value: Any) -> list[Any]:

@@ -193,7 +193,7 @@ def _row_level(w: _Writers, group: set[str], t: str) -> bool:
 
 def _consistent(w: _Writers, members: set[str]) -> bool:
     """Every access between members names each dimension by its writer's variable (or is of size one)."""
-    return all(_at_own(w, a) for t in members for a in reads(w.one(t)) if a.tensor in members)
+    return all(_row_level(w, members, t) for t in members)
 
 
 def _at_own(w: _Writers, a: Access) -> bool:

@@ -46,7 +46,7 @@ from ..errors import CompileError
 from ..ir import Access, Call, Cascade, Const, Einsum, IAccess, IVar, Loop
 from ..ir.nodes import walk
 from ..ir.grouped import grouped as grouped_parts
-from ..ir.decode import decode_attentions
+from ..ir.decode import DecodeAttention, decode_attentions
 from ..ir.select import selection
 from ..ir.int8_dot import parts
 from ..ir.kernels import KINDS, Kernel, contraction, rows, stream_levels
@@ -160,7 +160,7 @@ def _selects(c: Cascade, kernels: list[Kernel], readers: dict[str, set[int]]) ->
     return kernels
 
 
-def _decodes(c: Cascade, kernels: list[Kernel], decodes: list) -> list[Kernel]:
+def _decodes(c: Cascade, kernels: list[Kernel], decodes: list[DecodeAttention]) -> list[Kernel]:
     """``kernels`` with each decode attention (:mod:`einfuse.ir.decode`) in float32 one ``decode``
     kernel: the kernels writing its temps merged into the one writing its output."""
     decls = declarations(c)
