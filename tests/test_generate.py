@@ -9,6 +9,7 @@ import torch
 
 import einfuse
 from einfuse.errors import EinfuseError, InputError
+from einfuse.targets import host_cpu, int8_isa
 from einfuse.zoo import causal_lm
 from tests.conftest import params, rel_err
 
@@ -60,6 +61,25 @@ def test_logits_match_eager(llama: tuple, rng: np.random.Generator) -> None:
     for i, g in enumerate(got):
         assert rel_err(g, want[4 + i]) < 1e-4, i
     assert model.length == 9
+
+
+@pytest.mark.slow
+def test_int8_compute_reaches_every_projection_of_both_programs(rng: np.random.Generator) -> None:
+    """``compute=int8``: each layer's seven projections on integer dot products in the prefill and
+    the decode program alike (their activations read through a batch of one, the attention output
+    through its reshape), the head too with ``head=true``; logits those of the float compute of the
+    same format but for the activations' rounding (float64 interpreter checks: tests/codegen/test_int8_dot.py)."""
+    lm = causal_lm("llama")
+    model, floats = (einfuse.compile_lm(lm, max_len=32, quantize=f"format=q4_0,head=true{extra}")
+                     for extra in (",compute=int8", ""))
+    expected = 7 * lm.config.num_hidden_layers + 1 if int8_isa(host_cpu()) else 0
+    for program in (model.decode_model, model.prefill_program(5)):
+        assert [k.kind for k in program.kernels].count("int8-dot") == expected
+    ids = prompt(rng, 1, 9)
+    got, want = ([m.prefill(ids[:, :5]).numpy()[0]] + [m.decode(ids[:, i]).numpy()[0] for i in range(5, 9)]
+                 for m in (model, floats))
+    errors = [rel_err(g, w) for g, w in zip(got, want)]
+    assert max(errors) < 0.06, errors
 
 
 def test_a_one_token_prompt(llama: tuple) -> None:

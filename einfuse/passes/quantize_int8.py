@@ -9,8 +9,9 @@ the activations'. The IR it writes and the weight's layout: :mod:`einfuse.ir.int
 the activations' rounding adds an error of about 1/254 of each block's largest value.
 
 For ``q4_0`` and ``int4-gG`` (G a multiple of 32) weights on an x86 CPU with AVX2 or AVX-512 VNNI
-(:func:`einfuse.targets.int8_isa`), read by a contraction ``Y[rows..., n] = X[rows..., k] * W``
-(plain indices, ``k`` innermost in ``X``, ``n`` in ``Y``), static sizes, ``k`` whole blocks and ``n``
+(:func:`einfuse.targets.int8_isa`), read by a contraction ``Y[rows..., n] = X[..] * W`` (``Y``'s
+indices plain, ``n`` last; ``X`` read as ``[rows..., k]`` where its indices allow, else through a copy
+``X_rows[rows..., k]``, as a reshaped attention output is), static sizes, ``k`` whole blocks and ``n``
 whole vectors; any other weight keeps the float contraction, counted as ``int8:<reason>``.
 """
 from __future__ import annotations
@@ -19,10 +20,11 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..ir import Access, Call, Cascade, Einsum, IVar, Rank, parse
+from ..ir import Access, Call, Cascade, Einsum, IConst, Index, IVar, Rank, TensorDecl, TensorRank, parse
 from ..ir.int8_dot import pack
+from ..ir.text import index_text
 from ..ir.quant_formats import FORMATS, Stored
-from ..ir.scope import declarations, fresh_name, var_ranks
+from ..ir.scope import declarations, fresh_name, gathers, index_vars, var_ranks
 from ..targets import Target, int8_isa
 
 FORMATS_INT8 = ("q4_0", "int4-g32", "int4-g64", "int4-g128")
@@ -44,12 +46,12 @@ def refusal(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: St
     x = _operand(c, e, w, out_var)
     if x is None:
         return "operand"
-    size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
-    if not all(isinstance(size[ranks[v]], int) for v in (out_var, _var(x.indices[-1]))):
+    size, ranks, red = {r.name: r.size for r in c.ranks}, var_ranks(c), _reduction(w, out_var)
+    if not all(isinstance(size[ranks[v]], int) for v in (out_var, red)):
         return "dynamic-size"   # (symbolic rows are fine; symbolic channels or reduction are not)
     if size[ranks[out_var]] % lanes(target):
         return "channels"
-    block, k = FORMATS[fmt][0], size[ranks[_var(x.indices[-1])]]
+    block, k = FORMATS[fmt][0], size[ranks[red]]
     return "" if isinstance(k, int) and k % block == 0 else "partial-block"
 
 
@@ -58,17 +60,53 @@ def _var(ix: object) -> str:
 
 
 def _operand(c: Cascade, e: Einsum, w: Access, out_var: str) -> Access | None:
-    """The activations ``X[rows..., k]`` of ``Y[rows..., n] = X * W`` (plain, ``k`` innermost), or None."""
+    """The activations ``X`` of ``Y[rows..., n] = X[..] * W[n, k]`` (``Y`` plain, ``n`` last; ``X``
+    indexed by the rows' variables and ``k`` alone, without filters or gathers), or None."""
     if e.reduce is not None or e.populate or not isinstance(e.rhs, Call) or len(e.rhs.args) != 2:
         return None
     x = next(a for a in e.rhs.args if a != w)
     if not isinstance(x, Access) or declarations(c)[x.tensor].dtype != "f32":
         return None
-    plain = all(isinstance(ix.expr, IVar) and not ix.filter for ix in (*x.indices, *e.lhs.indices))
-    if not plain or len(x.indices) < 2:
+    if not all(isinstance(ix.expr, IVar) and not ix.filter for ix in e.lhs.indices) or len(e.lhs.indices) < 2:
         return None
-    xs, ys = [_var(ix) for ix in x.indices], [_var(ix) for ix in e.lhs.indices]
-    return x if xs[:-1] == ys[:-1] and ys[-1] == out_var and len(set(xs + ys)) == len(xs) + 1 else None
+    ys, red = [_var(ix) for ix in e.lhs.indices], _reduction(w, out_var)
+    used = {v for ix in x.indices for v in index_vars(ix)}
+    simple = not any(ix.filter for ix in x.indices) and not any(True for _ in gathers(x))
+    ok = ys[-1] == out_var and len(set(ys)) == len(ys) and red not in ys and red in used <= {*ys[:-1], red}
+    return x if ok and simple else None
+
+
+def _reduction(w: Access, out_var: str) -> str:
+    return next(_var(ix) for ix in w.indices if _var(ix) != out_var)
+
+
+def _direct(c: Cascade, x: Access, rows: list[str], red: str) -> bool:
+    """Whether the kernel reads ``X`` as it is, flat ``[rows, k]``: ``k`` innermost, the other
+    indices ``Y``'s row variables in their order (dimensions of size one aside: a variable or 0 there)."""
+    decl, size, of = declarations(c)[x.tensor], {r.name: r.size for r in c.ranks}, var_ranks(c)
+    if x.indices[-1].expr != IVar(red) or size[of[red]] != size[decl.ranks[-1].rank] or any(r.iterative for r in decl.ranks):
+        return False
+    lead = []
+    for ix, dim in zip(x.indices[:-1], decl.ranks):
+        if isinstance(ix.expr, IVar) and size[of[ix.expr.name]] == size[dim.rank]:
+            lead.append(ix.expr.name)
+        elif not (ix.expr == IConst(0) and size[dim.rank] == 1):
+            return False
+    return [v for v in lead if size[of[v]] != 1] == [v for v in rows if size[of[v]] != 1]
+
+
+def _copied(c: Cascade, e: Einsum, x: Access, rows: list[str], red: str) -> tuple[Cascade, Einsum, Access]:
+    """``c`` with ``X_rows[rows.., k] = X[..]`` before ``e``, which reads that instead of ``X``
+    (the kernel's flat operand); ``e`` and the new read."""
+    of = var_ranks(c)
+    name = fresh_name(f"{x.tensor}_rows", {t.name for t in c.tensors})
+    plain = Access(name, tuple(Index(IVar(v)) for v in [*rows, red]))
+    copy = Einsum(plain, x, provenance=e.provenance)
+    read = replace(e, rhs=replace(e.rhs, args=tuple(plain if a == x else a for a in e.rhs.args)))
+    decl = TensorDecl(name, tuple(TensorRank(of[v]) for v in [*rows, red]))
+    at = c.stmts.index(e)
+    stmts = c.stmts[:at] + (copy, read) + c.stmts[at + 1:]
+    return replace(c, tensors=c.tensors + (decl,), stmts=stmts), read, plain
 
 
 def integers(stored: Stored, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -89,6 +127,9 @@ def int8_read(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: 
     activations and the weight's integers (:mod:`einfuse.ir.int8_dot`), and the contraction as it is now."""
     x = _operand(c, e, w, out_var)
     assert x is not None, "int8_read of a contraction refusal() refuses"
+    rows, red = [_var(ix) for ix in e.lhs.indices[:-1]], _reduction(w, out_var)
+    if not _direct(c, x, rows, red):
+        c, e, x = _copied(c, e, x, rows, red)
     block, L = FORMATS[fmt][0], lanes(target)
     q, scale, zero = integers(stored, fmt)
     packed, per_block = pack(q, [scale] if zero is None else [scale, zero], block, L)
@@ -130,13 +171,16 @@ def _ranks(c: Cascade, base: str, shape: tuple[int, int], block: int, L: int) ->
 
 def _text(c: Cascade, e: Einsum, x: Access, out_var: str, base: str, arrays: dict, temps: tuple[str, str],
           ranks: list[Rank], new: dict[str, str], block: int, L: int) -> str:
-    """The cascade text of the three Einsums (:mod:`einfuse.ir.int8_dot`'s docstring)."""
+    """The cascade text of the three Einsums (:mod:`einfuse.ir.int8_dot`'s docstring), the
+    temps over ``Y``'s rows, ``X`` read at its own row indices (:func:`_direct`)."""
     amax, xq = temps
     of = var_ranks(c)
-    rows, red = [_var(ix) for ix in x.indices[:-1]], _var(x.indices[-1])
+    rows, red = [_var(ix) for ix in e.lhs.indices[:-1]], _var(x.indices[-1])
     row_ranks = [of[v] for v in rows]
-    used = {*row_ranks, of[red], of[out_var], *new.values()}
+    x_ranks = [d.rank for d in declarations(c)[x.tensor].ranks]
+    used = {*row_ranks, *x_ranks, of[red], of[out_var], *new.values()}
     r, h, b, i = ",".join(rows), block // 2, new["kb"].lower(), new["ki"].lower()
+    at = "".join(index_text(ix) + "," for ix in x.indices[:-1])   # (X's row indices)
     nibble = f"bitand(shr({base}_p[{out_var}//{L},{b},{i}%{h}//4,4*({out_var}%{L})+{i}%4], 4*idx({i}//{h})), 15)"
     per_block = f"[{out_var}//{L},{b},{out_var}%{L}]"
     zero = f"f32({base}_z{per_block})" if "z" in arrays else "8"
@@ -145,13 +189,13 @@ def _text(c: Cascade, e: Einsum, x: Access, out_var: str, base: str, arrays: dic
     return "\n".join([
         f"cascade {base}_int8",
         "rank " + ", ".join(f"{rk.name}={rk.size}" for rk in ranks if rk.name in used),
-        f"tensor {x.tensor}[{','.join(row_ranks + [of[red]])}] input f32",
+        f"tensor {x.tensor}[{','.join(x_ranks)}] input f32",
         f"tensor {base}_p[{new['t']},{new['kb']},{new['j']},{new['byte']}] param u8",
         *[f"tensor {base}_{s}[{new['t']},{new['kb']},{new['lane']}] param {dt}" for s, (_, dt) in arrays.items() if s != "p"],
         f"tensor {amax}[{','.join(row_ranks + [new['kb']])}] output f32",
         f"tensor {xq}[{','.join(row_ranks + [of[red]])}] output i8",
         f"tensor {e.lhs.tensor}[{','.join(row_ranks + [of[out_var]])}] output f32",
-        f"{amax}[{r},{b}] = abs({x.tensor}[{r},{b}*{block}+{i}]) :: reduce[{i}] max",
-        f"{xq}[{r},{red}] = i8(round(f32({x.tensor}[{r},{red}] * f32({inverse}))))",
+        f"{amax}[{r},{b}] = abs({x.tensor}[{at}{b}*{block}+{i}]) :: reduce[{i}] max",
+        f"{xq}[{r},{red}] = i8(round(f32({x.tensor}[{at}{red}] * f32({inverse}))))",
         f"{e.lhs.tensor}[{r},{out_var}] = {xq}[{r},{b}*{block}+{i}] * ({nibble} - {zero}) * {scale}"
         f" * f32({amax}[{r},{b}] / 127)", ""])

@@ -104,6 +104,16 @@ def test_one_compile_with_symbolic_rows_serves_any_count(isa: str | None, tmp_pa
         assert rel_err(compiled(torch.from_numpy(x)).numpy(), want) <= EXACT
 
 
+def test_a_batch_of_one_is_read_where_it_is(isa: str | None, tmp_path: Path, rng: np.random.Generator) -> None:
+    """``[1, rows, k]`` activations (a language model's batch of one): read where they are, no copy."""
+    x = torch.from_numpy(rng.standard_normal((1, 5, 256)).astype(np.float32))
+    compiled = einfuse.compile(linear(), (x,), quantize="format=q4_0,compute=int8", cache_dir=tmp_path, tuning_db=False)
+    assert [k.kind for k in compiled.kernels].count("int8-dot") == (1 if isa else 0)
+    assert not any(t.name.endswith("_rows") for t in compiled.ir.tensors)
+    want = interpret(compiled.ir, {compiled.inputs[0]: x.numpy()})[compiled.outputs[0]]
+    assert rel_err(compiled(x).numpy(), want) <= EXACT
+
+
 def test_a_nan_makes_its_row_nan(isa: str | None, tmp_path: Path, rng: np.random.Generator) -> None:
     model = mlp()
     x = torch.from_numpy(rng.standard_normal((3, 256)).astype(np.float32))

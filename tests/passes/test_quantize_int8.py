@@ -87,6 +87,34 @@ def test_the_ir_computes_the_int8_arithmetic(fmt: str, rng: np.random.Generator)
     assert frobenius_err(got, x @ c.params["W"].T) <= 0.15   # (the format's error and the activations')
 
 
+ACTIVATIONS = """cascade reads
+rank A=1, M=3, K=256, H=8, D=32, N=32
+tensor X[A,M,K] input f32
+tensor Z[A,H,M,D] input f32
+tensor W[N,K] param f32
+tensor V[N,K] param f32
+tensor Y[M,N] output f32
+tensor U[M,N] output f32
+Y[m,n] = X[0,m,k] * W[n,k]
+U[m,n] = Z[0,k//32,m,k%32] * V[n,k]
+"""
+
+
+@pytest.mark.usefixtures("int8_host")
+def test_activations_read_through_a_batch_of_one_or_a_reshape(rng: np.random.Generator) -> None:
+    """A batch of one (``X[0,m,k]``) is read where it is; heads read back as the width
+    (``Z[0,k//32,m,k%32]``, an attention output) are copied to ``[rows, k]`` first."""
+    c = replace(parse(ACTIVATIONS), params={"W": rng.standard_normal((32, 256)), "V": rng.standard_normal((32, 256))})
+    q, stats = int8_pass(c, "q4_0")
+    assert stats["compute:int8"] == 2 and not any(k.startswith("int8:") for k in stats)
+    assert {t.name for t in q.tensors} - {t.name for t in c.tensors} >= {"Z_rows", "X_q", "Z_rows_q"}
+    x, z = (rng.standard_normal(shape).astype(np.float32) for shape in ((1, 3, 256), (1, 8, 3, 32)))
+    got = interpret(q, {"X": x, "Z": z})
+    assert rel_err(got["Y"], reference(x[0], c.params["W"], "q4_0")) <= 1e-12
+    rows = z[0].transpose(1, 0, 2).reshape(3, 256)
+    assert rel_err(got["U"], reference(rows, c.params["V"], "q4_0")) <= 1e-12
+
+
 @pytest.mark.usefixtures("int8_host")
 def test_the_weight_is_stored_in_the_kernels_layout(rng: np.random.Generator) -> None:
     q, _ = int8_pass(linear(rng), "int4-g64")
