@@ -1,7 +1,8 @@
 """Generation with a KV cache against its peers, side by side in one process (issue 20).
 
     python -m benchmarks.generate [--model llama-1024] [--cached 128,2048] [--prefill 512]
-                                  [--quantize q4_0] [--rss-tokens 512] [--repeat 5] [--rounds 3]
+                                  [--quantize q4_0 [--quantize SPEC ...]] [--rss-tokens 512]
+                                  [--repeat 5] [--rounds 3]
 
 One decode step (one token after ``cached`` tokens, batch 1, fp32, the host's threads) of the zoo's
 ``llama-1024`` (width 1024, 8 layers, GQA 16/4, vocabulary 32000: 0.4 GB of weights read per
@@ -11,7 +12,8 @@ does: the PyTorch-recommended compiled path), beside the bandwidth floor: the by
 read (every weight but the embedding table, and the K and V cached) over the host's measured
 copy bandwidth (``einfuse.targets.host_peaks``). Then the prefill of ``--prefill`` tokens by
 ``compile_lm`` against einfuse's plain forward of the model at that length; the decode step with
-``--quantize`` (its logits' error against float32 printed beside); and the process's resident
+each ``--quantize`` (``q4_0``, ``"format=q4_0,head=true,compute=int8"``: its logits' error against
+float32 printed beside; ``--quantize ""`` for none); and the process's resident
 memory after the first and the last of ``--rss-tokens`` generated tokens. Times are medians over
 alternating rounds (``benchmarks.run.measure``); each peer's cache is cropped back after every step.
 """
@@ -165,7 +167,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama-1024")
     parser.add_argument("--cached", default="128,2048")
     parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--quantize", default="q4_0")
+    parser.add_argument("--quantize", action="append", help="a quantize spec (repeatable; default q4_0)")
     parser.add_argument("--rss-tokens", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -180,8 +182,9 @@ def main() -> None:
     decode_table(model, lm, lengths, max_len, opts.repeat, opts.rounds)
     if opts.prefill:
         prefill_table(model, lm, opts.prefill, opts.repeat, opts.rounds)
-    if opts.quantize:
-        quantized_row(model, lm, opts.quantize, max_len, lengths[0], opts.repeat, opts.rounds)
+    for fmt in opts.quantize or ["q4_0"]:
+        if fmt:
+            quantized_row(model, lm, fmt, max_len, lengths[0], opts.repeat, opts.rounds)
     if opts.rss_tokens:
         rss_row(lm, opts.rss_tokens)
 
