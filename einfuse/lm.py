@@ -84,13 +84,24 @@ def cached_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         bounds = cache.bounds[2 * module.layer_idx:2 * module.layer_idx + 2]   # type: ignore[union-attr]
         out = cache.sparse.attend(q, key, value, attention_mask, (k_past, v_past, *bounds), scale, softcap)
         return out.reshape(b, h, t, d).transpose(1, 2), None
-    past = torch.einsum("lbgd,bgqd->bgql", k_past, q)
-    masks = None
     if attention_mask is not None:
-        rows = attention_mask.expand(b, h, t, n + t).reshape(b, g, h // g * t, n + t)
-        masks = (rows[..., :n], rows[..., n:])
-    out = merged_attention(q, past, v_past.permute(1, 2, 0, 3), key, value, masks, scale, softcap)
+        attention_mask = attention_mask.expand(b, h, t, n + t).reshape(b, g, h // g * t, n + t)
+    # (a row at a time: torch's batched product would flatten rows and heads into one variable,
+    # which the decode kernel does not follow; each row's attention is one kernel)
+    rows = [_dense_attention(q[i:i + 1], key[i:i + 1], value[i:i + 1], k_past[:, i:i + 1], v_past[:, i:i + 1],
+                             None if attention_mask is None else attention_mask[i:i + 1], scale, softcap)
+            for i in range(b)]
+    out = rows[0] if b == 1 else torch.cat(rows)
     return out.reshape(b, h, t, d).transpose(1, 2), None
+
+
+def _dense_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_past: torch.Tensor,
+                     v_past: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float | None) -> torch.Tensor:
+    """One row's attention over its cached keys and values (``[L, 1, Hkv, D]``) and its new ones."""
+    n = k_past.shape[0]
+    past = torch.einsum("lbgd,bgqd->bgql", k_past, q)
+    masks = None if mask is None else (mask[..., :n], mask[..., n:])
+    return merged_attention(q, past, v_past.permute(1, 2, 0, 3), key, value, masks, scale, softcap)
 
 
 class _Step(torch.nn.Module):
