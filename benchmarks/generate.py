@@ -1,10 +1,10 @@
 """Generation with a KV cache against its peers, side by side in one process (issue 20).
 
-    python -m benchmarks.generate [--model llama-1024] [--cached 128,2048] [--prefill 512]
+    python -m benchmarks.generate [--model llama-1024] [--batch 1] [--cached 128,2048] [--prefill 512]
                                   [--quantize q4_0 [--quantize SPEC ...]] [--rss-tokens 512]
                                   [--repeat 5] [--rounds 3]
 
-One decode step (one token after ``cached`` tokens, batch 1, fp32, the host's threads) of the zoo's
+One decode step (one token a row after ``cached`` tokens, ``--batch`` rows, fp32, the host's threads) of the zoo's
 ``llama-1024`` (width 1024, 8 layers, GQA 16/4, vocabulary 32000: 0.4 GB of weights read per
 token) by ``einfuse.compile_lm``, by transformers in eager mode (``DynamicCache``, the cache of
 ``generate``) and by transformers' static cache with the step ``torch.compile``d (as gpt-fast
@@ -41,7 +41,7 @@ def rss_bytes() -> int:
 def fill(lm: Any, cached: int) -> None:
     """``lm``'s cache holding ``cached`` random tokens' keys and values."""
     lm.reset()
-    lm.prefill(torch.randint(0, lm.shape.vocab, (1, 2)))
+    lm.prefill(torch.randint(0, lm.shape.vocab, (lm.batch, 2)))
     for c in lm.cache:
         c[:cached].normal_()
     lm.valid[:, :cached] = True
@@ -53,7 +53,7 @@ def fill(lm: Any, cached: int) -> None:
 
 def einfuse_step(lm: Any, cached: int) -> Callable[[], Any]:
     fill(lm, cached)
-    token = torch.tensor([7])
+    token = torch.full((lm.batch,), 7)
 
     def step() -> Any:
         out = lm.decode(token)
@@ -62,15 +62,15 @@ def einfuse_step(lm: Any, cached: int) -> Callable[[], Any]:
     return step
 
 
-def eager_step(model: torch.nn.Module, cached: int) -> Callable[[], Any]:
+def eager_step(model: torch.nn.Module, cached: int, batch: int) -> Callable[[], Any]:
     """transformers' eager forward of one token over a ``DynamicCache`` of ``cached`` tokens."""
     from transformers import DynamicCache
     cfg = model.config
     cache = DynamicCache(config=cfg)
     d = cfg.hidden_size // cfg.num_attention_heads
     for i in range(cfg.num_hidden_layers):
-        cache.update(torch.randn(1, cfg.num_key_value_heads, cached, d), torch.randn(1, cfg.num_key_value_heads, cached, d), i)
-    ids, pos = torch.tensor([[7]]), torch.tensor([[cached]])
+        cache.update(*(torch.randn(batch, cfg.num_key_value_heads, cached, d) for _ in "kv"), i)
+    ids, pos = torch.full((batch, 1), 7), torch.full((batch, 1), cached)
 
     def step() -> Any:
         with torch.no_grad():
@@ -80,12 +80,12 @@ def eager_step(model: torch.nn.Module, cached: int) -> Callable[[], Any]:
     return step
 
 
-def compiled_static_step(model: torch.nn.Module, cached: int, max_len: int) -> tuple[Callable[[], Any], float]:
+def compiled_static_step(model: torch.nn.Module, cached: int, max_len: int, batch: int) -> tuple[Callable[[], Any], float]:
     """transformers' ``StaticCache`` with the decode step ``torch.compile``d (gpt-fast's way); and its compile seconds."""
     from transformers import StaticCache
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
-    ids, pos, where = torch.tensor([[7]]), torch.tensor([[cached]]), torch.tensor([cached])
+    ids, pos, where = torch.full((batch, 1), 7), torch.full((batch, 1), cached), torch.tensor([cached])
 
     def step() -> Any:
         with torch.no_grad():
@@ -100,7 +100,7 @@ def floor_seconds(model: torch.nn.Module, lm: Any, cached: int) -> float:
     """The bytes one decode step must read over the host's copy bandwidth."""
     embed = model.get_input_embeddings().weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
-    kv = 2 * lm.shape.layers * cached * lm.shape.kv_heads * lm.shape.head_dim * lm.shape.dtype.itemsize
+    kv = 2 * lm.shape.layers * lm.batch * cached * lm.shape.kv_heads * lm.shape.head_dim * lm.shape.dtype.itemsize
     return (weights + kv) / host_peaks().bandwidth
 
 
@@ -114,12 +114,12 @@ class LastLogits(torch.nn.Module):
 
 
 def decode_table(model: torch.nn.Module, lm: Any, lengths: list[int], max_len: int, repeat: int, rounds: int) -> None:
-    print(f"decode step, batch 1, fp32, {torch.get_num_threads()} threads (ms per token):")
+    print(f"decode step, batch {lm.batch}, fp32, {torch.get_num_threads()} threads (ms per step):")
     print(f"{'cached':>7} {'floor':>8} {'einfuse':>8} {'x floor':>8} {'hf eager':>9} {'hf static+compile':>18} "
           f"{'eager/einfuse':>14} {'compiled/einfuse':>17}")
     for cached in lengths:
-        static, seconds = compiled_static_step(model, cached, max_len)
-        runs = {"einfuse": einfuse_step(lm, cached), "eager": eager_step(model, cached), "static": static}
+        static, seconds = compiled_static_step(model, cached, max_len, lm.batch)
+        runs = {"einfuse": einfuse_step(lm, cached), "eager": eager_step(model, cached, lm.batch), "static": static}
         t = measure(runs, repeat, rounds)
         floor = floor_seconds(model, lm, cached)
         print(f"{cached:>7} {floor * 1e3:>8.2f} {t['einfuse'] * 1e3:>8.2f} {t['einfuse'] / floor:>8.2f} "
@@ -128,7 +128,7 @@ def decode_table(model: torch.nn.Module, lm: Any, lengths: list[int], max_len: i
 
 
 def prefill_table(model: torch.nn.Module, lm: Any, tokens: int, repeat: int, rounds: int) -> None:
-    ids = torch.randint(0, lm.shape.vocab, (1, tokens))
+    ids = torch.randint(0, lm.shape.vocab, (lm.batch, tokens))
     plain = einfuse.compile(LastLogits(model), (ids,))
     t = measure({"compile_lm prefill": lambda: lm.prefill(ids), "plain forward": lambda: plain(ids)},
                 max(1, repeat // 3), rounds)
@@ -137,10 +137,10 @@ def prefill_table(model: torch.nn.Module, lm: Any, tokens: int, repeat: int, rou
 
 
 def quantized_row(model: torch.nn.Module, lm: Any, fmt: str, max_len: int, cached: int, repeat: int, rounds: int) -> None:
-    q = einfuse.compile_lm(model, max_len=max_len, quantize=fmt)
-    prompt = torch.randint(0, lm.shape.vocab, (1, 32))
+    q = einfuse.compile_lm(model, max_len=max_len, batch=lm.batch, quantize=fmt)
+    prompt = torch.randint(0, lm.shape.vocab, (lm.batch, 32))
     with torch.no_grad():
-        want = model(prompt).logits[0, -1]
+        want = model(prompt).logits[:, -1]
     err = float((q.prefill(prompt) - want).norm() / want.norm())
     t = measure({"fp32": einfuse_step(lm, cached), fmt: einfuse_step(q, cached)}, repeat, rounds)
     print(f"decode step after {cached} tokens with {fmt}: {t[fmt] * 1e3:.2f} ms vs fp32 {t['fp32'] * 1e3:.2f} ms "
@@ -156,7 +156,7 @@ def rss_row(lm: Any, tokens: int) -> None:
 
         def end(self) -> None:
             pass
-    lm.generate(torch.randint(0, lm.shape.vocab, (1, 8)), tokens, eos_token_id=None, streamer=Watch())
+    lm.generate(torch.randint(0, lm.shape.vocab, (lm.batch, 8)), tokens, eos_token_id=None, streamer=Watch())
     first, last = seen[2], seen[-1]   # (seen[0]: the prompt; seen[1]: after prefill, before any decode)
     print(f"RSS after the first decoded token {first / 2**20:.1f} MiB, after {tokens}: {last / 2**20:.1f} MiB "
           f"({(last - first) / first:+.2%})", flush=True)
@@ -165,6 +165,7 @@ def rss_row(lm: Any, tokens: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama-1024")
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded at once (each its own sequence)")
     parser.add_argument("--cached", default="128,2048")
     parser.add_argument("--prefill", type=int, default=512)
     parser.add_argument("--quantize", action="append", help="a quantize spec (repeatable; default q4_0)")
@@ -176,7 +177,7 @@ def main() -> None:
     max_len = max(max(lengths) + 2, opts.prefill, opts.rss_tokens + 8)
     model = causal_lm(opts.model)
     start = time.perf_counter()
-    lm = einfuse.compile_lm(model, max_len=max_len)
+    lm = einfuse.compile_lm(model, max_len=max_len, batch=opts.batch)
     print(f"{opts.model}: compile_lm in {time.perf_counter() - start:.0f} s; KV cache {lm.kv_bytes / 2**20:.0f} MiB "
           f"(max_len {max_len}); host copy bandwidth {host_peaks().bandwidth / 1e9:.1f} GB/s", flush=True)
     decode_table(model, lm, lengths, max_len, opts.repeat, opts.rounds)
