@@ -11,15 +11,19 @@ that cannot be read is reported (a :class:`TuningDatabaseWarning`) and ignored.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import inspect
 import json
+import linecache
 import logging
+import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import tvm
 import tvm_ffi
@@ -267,6 +271,8 @@ def _contexts(todo: list[Task], target: Any, work: str, seed: int) -> list[Any]:
     from tvm.s_tir import meta_schedule as ms
     from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
     from tvm.s_tir.meta_schedule.utils import fork_seed
+    with _frames_without_modules():
+        import tvm.s_tir.tensor_intrin  # noqa: F401  (what TuneContext imports first)
     if logging.getLogger("tvm.s_tir.meta_schedule").level == logging.NOTSET:
         logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     loggers = get_loggers_from_work_dir(work, [t.name for t in todo])
@@ -274,6 +280,26 @@ def _contexts(todo: list[Task], target: Any, work: str, seed: int) -> list[Any]:
                            search_strategy="evolutionary", task_name=t.name, rand_state=state,
                            num_threads="physical", logger=log).clone()
             for t, log, state in zip(todo, loggers, fork_seed(seed, len(todo)))]
+
+
+@contextlib.contextmanager
+def _frames_without_modules() -> Iterator[None]:
+    """Within: ``inspect.stack()`` gives each frame's line without looking up its module. TVMScript
+    takes the stack at each ``@T.prim_func``, and the lookup walks every loaded module: importing
+    MetaSchedule's tensor intrinsics (hundreds of them) took 59 s in a process that had loaded
+    torch and transformers (2,800 modules), 3.9 s so."""
+    def stack(context: int = 1) -> list[inspect.FrameInfo]:
+        frame, frames = sys._getframe(1), []
+        while frame is not None:
+            code, line = frame.f_code, linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+            frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, [line] if line else None, 0))
+            frame = frame.f_back
+        return frames
+    saved, inspect.stack = inspect.stack, stack
+    try:
+        yield
+    finally:
+        inspect.stack = saved
 
 
 def _builder() -> Any:
