@@ -27,7 +27,8 @@ def add_parser(sub: Any) -> None:
     gen.add_argument("--prompt-len", type=int, default=16, help="random prompt tokens where --prompt is not given")
     gen.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     gen.add_argument("--max-len", type=int, help="the KV cache's tokens (default: prompt + new tokens)")
-    gen.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized (q4_0, int8, ...)")
+    gen.add_argument("--quantize", metavar="FORMAT", help="store the weights quantized: a format (q4_0, int8, ...) or "
+                     "the pass's options (format=q4_0,head=true,compute=int8: the fastest decode step on an x86 CPU)")
     gen.add_argument("--kv", metavar="SPEC", help="a KV-cache policy: kv-window{sink=4,window=256} or "
                                                   "kv-pages{page=16,budget=1024} (docs/sparsity.md)")
     gen.add_argument("--compare-dense", action="store_true", help="with --kv: also compile dense attention and print "
