@@ -78,13 +78,13 @@ class Quantize(Pass):
                 stored = searched.stored
             else:
                 stored = quantize_weight(data, self.format)
-            why = "f32" if self.compute == "f32" else refusal(c, e, w, _variables(e, w)[0], self.format, stored, ctx.target)
+            why = "f32" if self.compute == "f32" else refusal(c, e, w, _variables(e, w), self.format, stored, ctx.target)
             if why:
                 c, now[choice.einsum] = quantized_read(c, e, w, stored)
                 if why != "f32":
                     ctx.stats[f"int8:{why}"] += 1
             else:
-                c, now[choice.einsum] = int8_read(c, e, w, _variables(e, w)[0], self.format, stored, ctx.target)
+                c, now[choice.einsum] = int8_read(c, e, w, _variables(e, w), self.format, stored, ctx.target)
                 ctx.stats["compute:int8"] += 1
             ctx.stats[f"quantized:{self.format}"] += 1
         return c

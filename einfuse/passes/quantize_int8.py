@@ -35,18 +35,20 @@ def lanes(target: Target) -> int:
     return 16 if int8_isa(target) == "avx512" else 8
 
 
-def refusal(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: Stored, target: Target) -> str:
-    """Why ``e``'s read of weight ``w`` (``stored`` in ``fmt``) keeps the float contraction, or ``""``."""
+def refusal(c: Cascade, e: Einsum, w: Access, variables: tuple[str, str], fmt: str, stored: Stored,
+            target: Target) -> str:
+    """Why ``e``'s read of weight ``w`` (``stored`` in ``fmt``; ``variables``: its output channel's
+    and reduction's) keeps the float contraction, or ``""``."""
     if fmt not in FORMATS_INT8:
         return "format"
     if int8_isa(target) is None:
         return "target"
     if stored.along_k:
         return "awq"
-    x = _operand(c, e, w, out_var)
-    if x is None:
+    out_var, red = variables
+    if _operand(c, e, w, variables) is None:
         return "operand"
-    size, ranks, red = {r.name: r.size for r in c.ranks}, var_ranks(c), _reduction(w, out_var)
+    size, ranks = {r.name: r.size for r in c.ranks}, var_ranks(c)
     if not all(isinstance(size[ranks[v]], int) for v in (out_var, red)):
         return "dynamic-size"   # (symbolic rows are fine; symbolic channels or reduction are not)
     if size[ranks[out_var]] % lanes(target):
@@ -59,7 +61,7 @@ def _var(ix: object) -> str:
     return ix.expr.name   # type: ignore[attr-defined]
 
 
-def _operand(c: Cascade, e: Einsum, w: Access, out_var: str) -> Access | None:
+def _operand(c: Cascade, e: Einsum, w: Access, variables: tuple[str, str]) -> Access | None:
     """The activations ``X`` of ``Y[rows..., n] = X[..] * W[n, k]`` (``Y`` plain, ``n`` last; ``X``
     indexed by the rows' variables and ``k`` alone, without filters or gathers), or None."""
     if e.reduce is not None or e.populate or not isinstance(e.rhs, Call) or len(e.rhs.args) != 2:
@@ -69,15 +71,11 @@ def _operand(c: Cascade, e: Einsum, w: Access, out_var: str) -> Access | None:
         return None
     if not all(isinstance(ix.expr, IVar) and not ix.filter for ix in e.lhs.indices) or len(e.lhs.indices) < 2:
         return None
-    ys, red = [_var(ix) for ix in e.lhs.indices], _reduction(w, out_var)
+    (out_var, red), ys = variables, [_var(ix) for ix in e.lhs.indices]
     used = {v for ix in x.indices for v in index_vars(ix)}
     simple = not any(ix.filter for ix in x.indices) and not any(True for _ in gathers(x))
     ok = ys[-1] == out_var and len(set(ys)) == len(ys) and red not in ys and red in used <= {*ys[:-1], red}
     return x if ok and simple else None
-
-
-def _reduction(w: Access, out_var: str) -> str:
-    return next(_var(ix) for ix in w.indices if _var(ix) != out_var)
 
 
 def _direct(c: Cascade, x: Access, rows: list[str], red: str) -> bool:
@@ -121,13 +119,13 @@ def integers(stored: Stored, fmt: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return q, stored.arrays["s"][0].T, stored.arrays["z"][0].T
 
 
-def int8_read(c: Cascade, e: Einsum, w: Access, out_var: str, fmt: str, stored: Stored,
+def int8_read(c: Cascade, e: Einsum, w: Access, variables: tuple[str, str], fmt: str, stored: Stored,
               target: Target) -> tuple[Cascade, Einsum]:
     """``c`` with contraction ``e`` (its weight ``w`` stored as ``stored``) computed on int8
     activations and the weight's integers (:mod:`einfuse.ir.int8_dot`), and the contraction as it is now."""
-    x = _operand(c, e, w, out_var)
+    x = _operand(c, e, w, variables)
     assert x is not None, "int8_read of a contraction refusal() refuses"
-    rows, red = [_var(ix) for ix in e.lhs.indices[:-1]], _reduction(w, out_var)
+    (out_var, red), rows = variables, [_var(ix) for ix in e.lhs.indices[:-1]]
     if not _direct(c, x, rows, red):
         c, e, x = _copied(c, e, x, rows, red)
     block, L = FORMATS[fmt][0], lanes(target)
